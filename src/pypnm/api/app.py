@@ -1,0 +1,45 @@
+"""The app factory: one settings object in, the complete FastAPI app out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.gzip import GZipMiddleware
+
+import pypnm
+from pypnm.api import health, web_service
+from pypnm.api.middleware import RequestLogMiddleware
+from pypnm.identity import ProcessIdentity, code_version
+from pypnm.settings import Settings, load_settings
+
+PACKAGE_DIR = Path(pypnm.__file__).resolve().parent
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else load_settings()
+    app = FastAPI(
+        title="PyPNM",
+        version=pypnm.__version__,
+        description="PyPNM web service.",
+    )
+    app.state.settings = settings
+    app.state.identity = ProcessIdentity(version=pypnm.__version__, code_version=code_version(PACKAGE_DIR))
+
+    app.include_router(health.router)
+    app.include_router(web_service.router)
+
+    # Added innermost first: the request log wraps everything, so it sees every answer.
+    app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_minimum_size)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=["GET"],
+            allow_headers=["Authorization", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Reload-Id"],
+        )
+    app.add_middleware(RequestLogMiddleware, access_log=settings.access_log)
+    return app

@@ -1,0 +1,65 @@
+"""Request logging with a request id: one line per request, `X-Request-ID` echoed or made.
+
+A plain ASGI middleware rather than `BaseHTTPMiddleware`, so streaming responses
+pass through untouched and the timing covers the whole response.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("pypnm.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+# Echo a caller's id only when it is short and harmless in a log line and a header.
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(scope: Scope) -> str:
+    """The id of this request: set by RequestLogMiddleware, readable by any inner code."""
+    return str(scope.get("state", {}).get("request_id", "-"))
+
+
+class RequestLogMiddleware:
+    def __init__(self, app: ASGIApp, access_log: bool = True) -> None:
+        self.app = app
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+        request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app fails before it answers
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if self.access_log:
+                client = scope.get("client")
+                logger.info(
+                    "%s %s %d %.1fms client=%s request_id=%s",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                    f"{client[0]}:{client[1]}" if client else "-",
+                    request_id,
+                )

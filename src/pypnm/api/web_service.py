@@ -1,0 +1,84 @@
+"""System Operations: `/pypnm/system/webService/reload` and `/status`.
+
+This file is "the route module" of the seed document: in an unsupervised process the
+reload endpoint touches this very file, so that an auto-reloader watching it
+(`uvicorn pypnm.main:app --reload`) restarts the code. Under the pypnm supervisor the
+endpoint asks the master instead, which also works when this file is read-only; the
+master still watches this file, so scripts that touch it keep working there too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from pypnm.identity import SUPERVISOR_ENV, ProcessIdentity
+from pypnm.supervisor import control
+
+ROUTE_MODULE_FILE = Path(__file__)
+RELOAD_ID_HEADER = "X-Reload-Id"
+
+router = APIRouter(prefix="/pypnm/system/webService", tags=["PyPNM System Web Service"])
+
+
+class ReloadTriggered(BaseModel):
+    status: str = "reload triggered"
+
+
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+async def trigger_reload(request: Request) -> str | None:
+    """Start a reload; return its id when a supervisor tracks it (None when only touched)."""
+    socket_path = os.environ.get(SUPERVISOR_ENV)
+    if socket_path:
+        answer = await control.ask(
+            socket_path, {"cmd": "reload", "source": "http", "request_id": request.state.request_id}
+        )
+        return str(answer["reload_id"])
+    ROUTE_MODULE_FILE.touch()
+    return None
+
+
+@router.get(
+    "/reload",
+    summary="Trigger a reload of the web service",
+    response_model=ReloadTriggered,
+    responses={500: {"model": ErrorDetail, "description": "The reload could not be triggered"}},
+)
+async def reload_web_service(request: Request) -> JSONResponse:
+    """Touch the route module file (unsupervised) or ask the supervisor (supervised) to reload.
+
+    Answers as soon as the reload is triggered. Under the supervisor the `X-Reload-Id`
+    header names the reload; poll `/pypnm/system/webService/status` until
+    `last_reload.id` (or an entry of `reloads`) with that id has an `outcome`.
+    """
+    try:
+        reload_id = await trigger_reload(request)
+    except Exception as exc:  # the contract: any failure becomes the seed's 500
+        raise HTTPException(status_code=500, detail=f"Failed to trigger reload: {exc}") from exc
+    headers = {RELOAD_ID_HEADER: reload_id} if reload_id else None
+    return JSONResponse({"status": "reload triggered"}, headers=headers)
+
+
+@router.get("/status", summary="What is serving now, and how the last reload ended")
+async def web_service_status(request: Request) -> dict[str, Any]:
+    identity: ProcessIdentity = request.app.state.identity
+    status = identity.as_dict()
+    socket_path = os.environ.get(SUPERVISOR_ENV)
+    if socket_path:
+        try:
+            supervisor = await control.ask(socket_path, {"cmd": "status"})
+        except Exception as exc:
+            raise HTTPException(
+                status_code=503,
+                detail=f"The supervisor did not answer ({exc}); retry, or check the pypnm master's log",
+            ) from exc
+        status.update(supervisor)
+    return status

@@ -1,0 +1,49 @@
+"""Who is serving: the process facts that `/status` reports and the master compares.
+
+`code_version` hashes the source files of a package as they are on disk at the
+moment it is called; the app calls it once when it is built, so a running process
+keeps reporting the code it loaded even after the files change under it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SUPERVISOR_ENV = "PYPNM_SUPERVISOR"  # the master's control socket, set for supervised workers
+
+
+def code_version(package_dir: Path) -> str:
+    """A short hash over every `.py` file below `package_dir` (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(package_dir.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(path.relative_to(package_dir).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    version: str
+    code_version: str
+    pid: int = field(default_factory=os.getpid)
+    started_at: str = field(default_factory=utc_now)
+
+    @property
+    def mode(self) -> str:
+        return "supervised" if os.environ.get(SUPERVISOR_ENV) else "unsupervised"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mode": self.mode}

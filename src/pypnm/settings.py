@@ -1,0 +1,214 @@
+"""Every setting of the service, in one pydantic-settings model.
+
+Sources, strongest first: values given by the CLI, environment variables
+`PYPNM_<NAME>`, then an optional TOML file (`--config FILE` or `PYPNM_CONFIG`).
+`load_settings` is the only way in; it turns every problem (unreadable file, bad
+TOML, unknown key, invalid value) into a `SettingsError` whose message is one line
+that names the setting, so the CLI and the reload status can show it as it is.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+ENV_PREFIX = "PYPNM_"
+CONFIG_ENV = "PYPNM_CONFIG"
+
+# Settings the master applies once, when it binds its socket(s) and starts workers.
+# A reload that sees them changed reports that a restart is needed.
+RESTART_ONLY = ("host", "port", "workers", "ssl", "ssl_certfile", "ssl_keyfile")
+
+# Which TOML file the model reads while load_settings runs (pydantic-settings builds
+# its sources inside the constructor, so the path has to travel beside the call).
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("pypnm_config_file", default=None)
+
+
+class SettingsError(ValueError):
+    """A setting or the settings file is unusable; the message is one line for the operator."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # Listening (restart-only)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    ssl: bool = False
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    # Serving
+    log_level: LogLevel = "info"
+    access_log: bool = True
+    cors_origins: list[str] = Field(default_factory=list)
+    cors_allow_credentials: bool = False
+    gzip_minimum_size: int = Field(1000, ge=0)
+
+    # Reloading
+    graceful_timeout: float = Field(30.0, gt=0, le=3600)
+    reload_timeout: float = Field(30.0, gt=0, le=3600)
+    reload_min_interval: float = Field(1.0, ge=0, le=3600)
+    reload_dirs: list[Path] = Field(default_factory=list)
+    reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
+    reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])
+    check_paths: list[str] | None = None
+    preload_modules: list[str] = Field(default_factory=list)
+
+    # Access to System Operations
+    trusted_networks: list[IPNetwork] = Field(
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    )
+    api_tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    api_tokens_file: Path | None = None
+    forwarded_allow_ips: list[IPNetwork] = Field(default_factory=list)
+
+    @field_validator("check_paths")
+    @classmethod
+    def _paths_are_absolute(cls, paths: list[str] | None) -> list[str] | None:
+        for path in paths or []:
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} must start with '/'")
+        return paths
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens_are_usable(cls, tokens: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for label, token in tokens.items():
+            _check_token(label, token.get_secret_value())
+        return tokens
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if "*" in self.cors_origins and self.cors_allow_credentials:
+            raise ValueError("cors_origins may not contain '*' while cors_allow_credentials is true")
+        if self.ssl and not (self.ssl_certfile and self.ssl_keyfile):
+            raise ValueError("ssl needs both ssl_certfile and ssl_keyfile")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_file.get()
+        if path is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=path))
+
+    def tokens(self) -> dict[str, str]:
+        """All bearer tokens, label → secret, from `api_tokens` and `api_tokens_file`."""
+        tokens = {label: secret.get_secret_value() for label, secret in self.api_tokens.items()}
+        if self.api_tokens_file is not None:
+            tokens.update(read_tokens_file(self.api_tokens_file))
+        return tokens
+
+    def restart_only(self) -> dict[str, Any]:
+        """The settings a reload cannot apply, in a form that compares and prints plainly."""
+        return {name: _plain(getattr(self, name)) for name in RESTART_ONLY}
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+def _check_token(label: str, token: str) -> None:
+    if not label or not label.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"token label {label!r} must be letters, digits, '-' or '_'")
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ValueError(f"token {label!r} must be at least 16 characters with no white space")
+
+
+def read_tokens_file(path: Path) -> dict[str, str]:
+    """Read `label:token` lines (blank lines and `#` comments skipped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"api_tokens_file {str(path)!r}: cannot read it ({exc.strerror})") from None
+    tokens: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        label, sep, token = line.partition(":")
+        if not sep:
+            raise SettingsError(f"api_tokens_file {str(path)!r} line {number}: expected 'label:token'")
+        try:
+            _check_token(label.strip(), token.strip())
+        except ValueError as exc:
+            raise SettingsError(f"api_tokens_file {str(path)!r} line {number}: {exc}") from None
+        tokens[label.strip()] = token.strip()
+    return tokens
+
+
+def config_path(config_file: str | os.PathLike[str] | None = None) -> Path | None:
+    """The settings file in force: the explicit one, else `PYPNM_CONFIG`, else none."""
+    chosen = config_file if config_file is not None else os.environ.get(CONFIG_ENV) or None
+    return Path(chosen) if chosen is not None else None
+
+
+def _check_file(path: Path) -> None:
+    # Read it ourselves first: pydantic-settings would silently treat a missing file as empty.
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"config file {str(path)!r}: cannot read it ({exc.strerror})") from None
+    try:
+        tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"config file {str(path)!r}: not valid TOML ({exc})") from None
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings from overrides, the environment and the TOML file, or raise SettingsError."""
+    path = config_path(config_file)
+    if path is not None:
+        _check_file(path)
+    token = _config_file.set(path)
+    try:
+        settings = Settings(**overrides)
+        settings.tokens()  # a broken tokens file is a settings error, found now rather than per request
+        return settings
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc, path)) from None
+    finally:
+        _config_file.reset(token)
+
+
+def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
+    """One line per problem, joined with '; ', each naming the setting and where it can be set."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        name = loc[0] if loc else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            where = f" in {str(path)!r}" if path else ""
+            problems.append(f"unknown setting {name!r}{where}: remove it or check its spelling")
+        elif not name:
+            problems.append(message)
+        else:
+            where = f"{ENV_PREFIX}{name.upper()}" + (f" or {name!r} in {str(path)!r}" if path else "")
+            item = f"[{']['.join(loc[1:])}]" if len(loc) > 1 else ""
+            problems.append(f"invalid setting {name!r}{item} ({where}): {message}")
+    return "; ".join(problems)

@@ -1,0 +1,160 @@
+"""A generation: the workers that run one snapshot of the code, as the master sees them.
+
+A generation is started as a candidate (every worker validated and waiting), then
+told to serve (every worker accepting), and later drained (every worker finishing
+its connections and leaving). Its workers talk to the master over a socketpair each;
+end-of-file on it is how the master learns that a worker is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+from pypnm.identity import utc_now
+from pypnm.supervisor.snapshot import Snapshot
+from pypnm.supervisor.spawner import ForkTemplate
+from pypnm.supervisor.worker import WorkerSpec
+
+logger = logging.getLogger("pypnm.supervisor.generation")
+
+
+class CandidateFailed(Exception):
+    """A worker of a candidate generation could not become ready; the message is the reason."""
+
+
+class WorkerProcess:
+    """One worker process, through its socketpair and its pid."""
+
+    def __init__(self, generation: int, pid: int, channel: socket.socket) -> None:
+        self.generation = generation
+        self.pid = pid
+        self.started_at = utc_now()
+        self.state = "starting"
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.serving: asyncio.Future[None] = loop.create_future()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self._channel = channel
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        reader, self._writer = await asyncio.open_unix_connection(sock=self._channel)
+        try:
+            while line := await reader.readline():
+                self._on_event(json.loads(line))
+        except (ConnectionError, ValueError) as exc:
+            logger.warning("worker pid=%d generation=%d: channel broken: %s", self.pid, self.generation, exc)
+        finally:
+            self.state = "exited"
+            self._writer.close()
+            if not self.ready.done():
+                self.ready.set_exception(CandidateFailed("a worker exited before it was ready (see its log)"))
+            if not self.serving.done():
+                self.serving.set_exception(CandidateFailed("a worker exited before it served"))
+            self.exited.set_result(None)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "ready" and not self.ready.done():
+            self.state = "ready"
+            self.ready.set_result(event)
+        elif kind == "failed" and not self.ready.done():
+            self.ready.set_exception(CandidateFailed(str(event.get("reason", "unknown reason"))))
+        elif kind == "serving" and not self.serving.done():
+            self.state = "serving"
+            self.serving.set_result(None)
+
+    def command(self, cmd: str) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(json.dumps({"cmd": cmd}).encode() + b"\n")
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+    def describe(self, code_version: str) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "generation": self.generation,
+            "code_version": code_version,
+            "started_at": self.started_at,
+            "state": self.state,
+        }
+
+
+class Generation:
+    def __init__(self, number: int, snapshot: Snapshot, spec: WorkerSpec, size: int) -> None:
+        self.number = number
+        self.snapshot = snapshot
+        self.spec = spec
+        self.size = size
+        self.state = "candidate"
+        self.workers: list[WorkerProcess] = []
+
+    @property
+    def code_version(self) -> str:
+        return self.snapshot.code_version
+
+    async def spawn_worker(self, template: ForkTemplate, listeners: list[socket.socket]) -> WorkerProcess:
+        ours, theirs = socket.socketpair()
+        try:
+            pid = await template.spawn(self.spec.to_json(), [theirs.fileno(), *(s.fileno() for s in listeners)])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker = WorkerProcess(self.number, pid, ours)
+        self.workers.append(worker)
+        logger.info("worker spawned pid=%d generation=%d", pid, self.number)
+        return worker
+
+    async def start(self, template: ForkTemplate, listeners: list[socket.socket]) -> list[dict[str, Any]]:
+        """Spawn every worker and wait until all are ready; raises CandidateFailed on the first failure."""
+        for _ in range(self.size):
+            await self.spawn_worker(template, listeners)
+        return list(await asyncio.gather(*(w.ready for w in self.workers)))
+
+    async def serve(self) -> None:
+        for worker in self.workers:
+            worker.command("serve")
+        await asyncio.gather(*(w.serving for w in self.workers))
+        self.state = "serving"
+
+    def live_workers(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if not w.exited.done()]
+
+    def kill(self) -> None:
+        """Discard at once: for candidates, which never served anyone."""
+        self.state = "discarded"
+        for worker in self.live_workers():
+            worker.signal(signal.SIGKILL)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting and finish in-flight requests; True when every worker left in time."""
+        self.state = "draining"
+        workers = self.live_workers()
+        for worker in workers:
+            worker.state = "draining"
+            worker.signal(signal.SIGTERM)
+        if not workers:
+            return True
+        _, late = await asyncio.wait([w.exited for w in workers], timeout=timeout)
+        for worker in workers:
+            if not worker.exited.done():
+                logger.warning(
+                    "worker pid=%d generation=%d did not finish in %.0fs; killing it", worker.pid, self.number, timeout
+                )
+                worker.signal(signal.SIGKILL)
+        if late:
+            await asyncio.wait([w.exited for w in workers], timeout=5)
+        self.state = "gone"
+        return not late

@@ -1,0 +1,435 @@
+"""The master: owns the listening sockets, the generations and the reload state.
+
+One asyncio loop handles everything that can happen to the service: signals
+(SIGHUP reload, SIGTERM/SIGINT graceful stop), reload requests from the control
+channel and the file watcher, and worker exits. Reloads run one at a time in
+`_reloader`; requests that arrive meanwhile collapse into one follow-up, which starts
+no sooner than `reload_min_interval` after the previous one, so a storm of triggers
+builds at most two generations. The master never imports the application: it copies
+and compiles the code (snapshot.py) and leaves importing it to the candidate workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import watchfiles
+
+from pypnm.identity import SUPERVISOR_ENV, utc_now
+from pypnm.logs import set_generation
+from pypnm.settings import CONFIG_ENV, ENV_PREFIX, Settings
+from pypnm.supervisor import control
+from pypnm.supervisor.generation import CandidateFailed, Generation
+from pypnm.supervisor.snapshot import SnapshotError, find_project_sources, take_snapshot
+from pypnm.supervisor.spawner import ForkTemplate, SpawnError
+from pypnm.supervisor.worker import WorkerSpec
+
+logger = logging.getLogger("pypnm.supervisor.master")
+
+DEFAULT_APP = "pypnm.main:app"
+DEFAULT_CHECK_PATHS = ["/health", "/openapi.json"]
+ROUTE_MODULE = "api/web_service.py"  # inside the pypnm package: the seed's "route module file"
+HISTORY = 20
+
+
+@dataclass
+class ReloadRecord:
+    """One reload, from request to outcome; what `/status` and `pypnm reload --wait` read."""
+
+    source: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    requested_at: str = field(default_factory=utc_now)
+    coalesced: int = 0
+    generation: int | None = None
+    outcome: str | None = None  # "succeeded" or "failed"
+    reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_ms: float | None = None
+    _t0: float = field(default=0.0, repr=False)
+
+    def begin(self, generation: int) -> None:
+        self.generation = generation
+        self.started_at = utc_now()
+        self._t0 = time.perf_counter()
+
+    def finish(self, outcome: str, reason: str | None = None) -> None:
+        self.outcome = outcome
+        self.reason = reason
+        self.finished_at = utc_now()
+        self.duration_ms = round((time.perf_counter() - self._t0) * 1000, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def bind_listeners(host: str, port: int) -> list[socket.socket]:
+    """Bind once, before anything else starts; raises OSError with the system's reason."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock.set_inheritable(True)
+    return [sock]
+
+
+def env_value(value: Any) -> str:
+    """A setting's value as pydantic-settings reads it back from an environment variable."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return json.dumps([str(v) for v in value] if isinstance(value, list) else value)
+    return str(value)
+
+
+class Master:
+    def __init__(
+        self,
+        settings: Settings,
+        listeners: list[socket.socket],
+        *,
+        app: str = DEFAULT_APP,
+        config_file: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        watch: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.listeners = listeners
+        self.app = app
+        self.config_file = config_file.resolve() if config_file else None
+        self.overrides = overrides or {}
+        self.watch = watch
+        self.sources = find_project_sources(app)
+        self.route_file = (
+            self.sources["pypnm"] / ROUTE_MODULE if app == DEFAULT_APP else self._module_file(app)
+        )
+        self.template = ForkTemplate(settings.log_level, settings.preload_modules)
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="pypnm-"))  # 0700: the control socket's access control
+        self.control_path = str(self.runtime_dir / "control.sock")
+
+        self.serving: Generation | None = None
+        self.draining: set[Generation] = set()
+        self.state = "idle"  # idle | validating | swapping | draining
+        self.started_at = utc_now()
+        self.history: list[ReloadRecord] = []
+        self.current: ReloadRecord | None = None
+        self.pending: ReloadRecord | None = None
+        self.exit_code = 0
+        self.stopping = False
+        self._next_generation = 1
+        self._last_reload_started = -1e9
+        self._reload_wanted = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ----- life -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            asyncio.run(self._main())
+        finally:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        return self.exit_code
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
+        control_server = await control.serve(self.control_path, self._on_control)
+        await self.template.start()
+
+        first = self.request_reload("start")
+        self._spawn_task(self._reloader())
+        while first.outcome is None and not self._stop.is_set():
+            await asyncio.sleep(0.02)
+        if first.outcome == "failed":
+            logger.error("cannot start: %s", first.reason)
+            self.exit_code = 1
+            self._stop.set()
+        elif first.outcome == "succeeded":
+            host, port = self.listeners[0].getsockname()[:2]
+            scheme = "https" if self.settings.ssl else "http"
+            shown = f"[{host}]" if ":" in host else host
+            logger.info(
+                "serving %s on %s://%s:%d with %d worker(s); reload: GET /pypnm/system/webService/reload, "
+                "SIGHUP to pid %d, or touch %s",
+                self.app, scheme, shown, port, self.settings.workers, os.getpid(), self.route_file,
+            )
+            self._spawn_task(self._watch_files())
+
+        await self._stop.wait()
+        control_server.close()
+        await self._shutdown()
+
+    def _on_stop_signal(self, signum: int) -> None:
+        if self.stopping:
+            logger.warning("%s again: stopping at once", signal.Signals(signum).name)
+            for generation in self._generations():
+                generation.kill()
+            return
+        logger.info("%s: stopping gracefully", signal.Signals(signum).name)
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        for sock in self.listeners:
+            sock.close()  # with the workers' copies closed too, new connections are refused
+        timeout = self.settings.graceful_timeout
+        await asyncio.gather(*(g.drain(timeout) for g in self._generations()))
+        await self.template.stop()
+        logger.info("stopped")
+
+    def _generations(self) -> list[Generation]:
+        return [*([self.serving] if self.serving else []), *self.draining]
+
+    def _spawn_task(self, coroutine: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("supervisor task failed", exc_info=task.exception())
+
+    # ----- reloads --------------------------------------------------------------------------
+
+    def request_reload(self, source: str) -> ReloadRecord:
+        """Queue a reload, or join the one already queued; returns the record that will carry the outcome."""
+        if self.pending is not None:
+            self.pending.coalesced += 1
+            logger.info("reload requested by %s: coalesced into queued reload %s", source, self.pending.id)
+            return self.pending
+        self.pending = ReloadRecord(source=source)
+        logger.info("reload requested by %s: reload %s queued", source, self.pending.id)
+        self._reload_wanted.set()
+        return self.pending
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            while self.pending is not None:
+                delay = self._last_reload_started + self.settings.reload_min_interval - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # triggers arriving now join self.pending
+                record, self.pending = self.pending, None
+                self._last_reload_started = time.monotonic()
+                self.current = record
+                try:
+                    await self._reload(record)
+                finally:
+                    self.current = None
+                    self.history = [*self.history, record][-HISTORY:]
+                    self.state = "draining" if self.draining else "idle"
+
+    async def _reload(self, record: ReloadRecord) -> None:
+        number = self._next_generation
+        self._next_generation += 1
+        record.begin(number)
+        self.state = "validating"
+        logger.info("reload %s: building generation %d", record.id, number)
+        candidate: Generation | None = None
+        try:
+            await self.template.refresh_if_stale()
+            snapshot = take_snapshot(self.sources, self.runtime_dir / f"gen-{number}", self.config_file)
+            candidate = Generation(number, snapshot, self._worker_spec(number, snapshot), self.settings.workers)
+            async with asyncio.timeout(self.settings.reload_timeout):
+                ready = await candidate.start(self.template, self.listeners)
+            record.warnings = self._restart_only_changes(ready)
+            logger.info("reload %s: generation %d validated (code_version %s)", record.id, number,
+                        snapshot.code_version)
+            self.state = "swapping"
+            async with asyncio.timeout(10):
+                await candidate.serve()
+        except (SnapshotError, CandidateFailed, SpawnError, TimeoutError) as exc:
+            reason = str(exc) or "timed out: the candidate was not ready within reload_timeout"
+            if candidate is not None:
+                candidate.kill()
+                candidate.snapshot.remove()
+            record.finish("failed", reason)
+            serving = f"generation {self.serving.number} keeps serving" if self.serving else "nothing serves"
+            logger.error("reload %s failed: generation %d discarded, %s: %s", record.id, number, serving, reason)
+            return
+        except asyncio.CancelledError:
+            if candidate is not None:
+                candidate.kill()
+            raise
+
+        old, self.serving = self.serving, candidate
+        set_generation(number)
+        for warning in record.warnings:
+            logger.warning("reload %s: %s", record.id, warning)
+        for worker in candidate.workers:
+            self._spawn_task(self._supervise(candidate, worker))
+        record.finish("succeeded")
+        logger.info(
+            "reload %s: swapped in %.0fms: generation %d serving%s",
+            record.id, record.duration_ms or 0, number, f", generation {old.number} draining" if old else "",
+        )
+        if old is not None:
+            self._spawn_task(self._drain(old))
+
+    async def _drain(self, generation: Generation) -> None:
+        self.draining.add(generation)
+        if self.state == "idle":
+            self.state = "draining"
+        clean = await generation.drain(self.settings.graceful_timeout)
+        self.draining.discard(generation)
+        generation.snapshot.remove()
+        if self.state == "draining" and not self.draining:
+            self.state = "idle"
+        logger.info("generation %d drained%s", generation.number, "" if clean else " (some workers were killed)")
+
+    def _worker_spec(self, number: int, snapshot: Any) -> WorkerSpec:
+        env = {f"{ENV_PREFIX}{name.upper()}": env_value(value) for name, value in self.overrides.items()}
+        env[SUPERVISOR_ENV] = self.control_path
+        if snapshot.config_file is not None:
+            env[CONFIG_ENV] = str(snapshot.config_file)
+        check_paths = self.settings.check_paths
+        if check_paths is None:
+            check_paths = DEFAULT_CHECK_PATHS if self.app == DEFAULT_APP else []
+        return WorkerSpec(
+            app=self.app,
+            generation=number,
+            snapshot_dir=str(snapshot.directory),
+            packages=snapshot.packages,
+            source_dirs=snapshot.source_dirs,
+            env=env,
+            check_paths=check_paths,
+            log_level=self.settings.log_level,
+            graceful_timeout=self.settings.graceful_timeout,
+            ssl_certfile=str(self.settings.ssl_certfile) if self.settings.ssl else None,
+            ssl_keyfile=str(self.settings.ssl_keyfile) if self.settings.ssl else None,
+        )
+
+    def _restart_only_changes(self, ready_events: list[dict[str, Any]]) -> list[str]:
+        """Name each setting that the new settings change but only a restart can apply."""
+        seen = next((e["restart_only"] for e in ready_events if e.get("restart_only")), None)
+        if not seen:
+            return []
+        running = self.settings.restart_only()
+        return [
+            f"setting {name!r} changed ({running.get(name)!r} -> {value!r}) but needs a restart; "
+            f"still using {running.get(name)!r}"
+            for name, value in seen.items()
+            if name in running and running[name] != value
+        ]
+
+    # ----- workers --------------------------------------------------------------------------
+
+    async def _supervise(self, generation: Generation, worker: Any) -> None:
+        """Replace a serving worker that dies, from its own generation's snapshot."""
+        failures = 0
+        while True:
+            await worker.exited
+            if self.stopping or generation is not self.serving:
+                return
+            logger.warning("worker exited pid=%d generation=%d: replacing it from the same generation",
+                           worker.pid, generation.number)
+            generation.workers.remove(worker)
+            await asyncio.sleep(min(0.1 * 2**failures, 5.0))  # back off when it keeps dying
+            try:
+                worker = await generation.spawn_worker(self.template, self.listeners)
+                async with asyncio.timeout(self.settings.reload_timeout):
+                    await worker.ready
+                    worker.command("serve")
+                    await worker.serving
+                failures = 0
+                logger.info("worker respawned pid=%d generation=%d", worker.pid, generation.number)
+            except (CandidateFailed, SpawnError, TimeoutError) as exc:
+                failures += 1
+                logger.error("cannot respawn a worker of generation %d: %s", generation.number, exc)
+                if worker not in generation.workers:
+                    continue
+                worker.signal(signal.SIGKILL)
+
+    # ----- triggers -------------------------------------------------------------------------
+
+    async def _watch_files(self) -> None:
+        """Reload when the route module file is touched, and with --reload on any watched change."""
+        dirs = [self.route_file.parent]
+        if self.watch:
+            dirs += [Path(p).resolve() for p in self.settings.reload_dirs] or [
+                p if p.is_dir() else p.parent for p in self.sources.values()
+            ]
+            if self.config_file is not None:
+                dirs.append(self.config_file.parent)
+        roots = sorted({d for d in dirs if d.is_dir()})
+        logger.info("watching %s", ", ".join(map(str, roots)))
+        async for changes in watchfiles.awatch(*roots, watch_filter=self._is_trigger, stop_event=self._stop):
+            first = sorted(path for _, path in changes)[0]
+            self.request_reload(f"file change: {first}")
+
+    def _is_trigger(self, change: watchfiles.Change, path: str) -> bool:
+        candidate = Path(path)
+        if candidate == self.route_file or (self.config_file is not None and candidate == self.config_file
+                                            and self.watch):
+            return True
+        if not self.watch or change == watchfiles.Change.deleted and candidate.suffix != ".py":
+            return False
+        parts = candidate.parts
+        if any(fnmatch(part, pattern) for part in parts for pattern in self.settings.reload_excludes):
+            return False
+        return any(fnmatch(candidate.name, pattern) for pattern in self.settings.reload_includes)
+
+    @staticmethod
+    def _module_file(app: str) -> Path:
+        spec = importlib.util.find_spec(app.partition(":")[0])
+        if spec is None or spec.origin is None:
+            raise SnapshotError(f"cannot find the module of {app!r}")
+        return Path(spec.origin).resolve()
+
+    # ----- status ---------------------------------------------------------------------------
+
+    async def _on_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("cmd")
+        if command == "reload":
+            if self.stopping:
+                return {"error": "the service is stopping"}
+            return {"reload_id": self.request_reload(str(request.get("source", "control"))).id}
+        if command == "status":
+            return self.status()
+        return {"error": f"unknown command {command!r}"}
+
+    def status(self) -> dict[str, Any]:
+        records = [*self.history, *([self.current] if self.current else [])]
+        workers = [
+            worker.describe(generation.code_version)
+            for generation in self._generations()
+            for worker in generation.live_workers()
+        ]
+        return {
+            "generation": self.serving.number if self.serving else None,
+            "generation_code_version": self.serving.code_version if self.serving else None,
+            "workers": workers,
+            "reload_state": self.state,
+            "last_reload": self.history[-1].as_dict() if self.history else None,
+            "pending_reload": self.pending.id if self.pending else None,
+            "reloads": [r.as_dict() for r in reversed(records)],
+            "master": {
+                "pid": os.getpid(),
+                "started_at": self.started_at,
+                "app": self.app,
+                "route_module_file": str(self.route_file),
+                "watching_source": self.watch,
+                "template_pid": self.template.pid,
+            },
+        }

@@ -1,0 +1,134 @@
+"""The master's side of the fork template: start it, ask it for workers, renew it when needed.
+
+Third-party packages are imported once, in the template. When they are upgraded on
+disk (pip install -U fastapi), workers forked from the old template would still run
+the old versions, so before each generation the spawner compares the installed
+versions with those the template started with and, if they differ, starts a new
+template and says so in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import logging
+import socket
+import subprocess
+import sys
+from typing import Any
+
+logger = logging.getLogger("pypnm.supervisor.spawner")
+
+# Distributions whose modules the template preloads.
+WATCHED_DISTRIBUTIONS = (
+    "fastapi",
+    "starlette",
+    "pydantic",
+    "pydantic-core",
+    "pydantic-settings",
+    "uvicorn",
+    "httpx",
+    "httptools",
+    "uvloop",
+    "anyio",
+)
+
+
+class SpawnError(RuntimeError):
+    """The template could not fork a worker."""
+
+
+def installed_versions() -> dict[str, str]:
+    versions = {}
+    for name in WATCHED_DISTRIBUTIONS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+class ForkTemplate:
+    def __init__(self, log_level: str, preload: list[str]) -> None:
+        self.log_level = log_level
+        self.preload = preload
+        self.process: subprocess.Popen[bytes] | None = None
+        self.channel: socket.socket | None = None
+        self.versions: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.versions = installed_versions()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pypnm.supervisor.template", str(theirs.fileno()), self.log_level, *self.preload],
+            pass_fds=[theirs.fileno()],
+        )
+        theirs.close()
+        ours.setblocking(False)
+        self.channel = ours
+        hello = await asyncio.wait_for(self._receive(), 60)
+        if not hello.get("ready"):
+            raise SpawnError(f"the fork template did not start: {hello}")
+        logger.info("fork template started pid=%d", self.process.pid)
+
+    async def refresh_if_stale(self) -> None:
+        """Start a new template when third-party packages changed on disk, or when it died."""
+        alive = self.process is not None and self.process.poll() is None
+        now = installed_versions()
+        if alive and now == self.versions:
+            return
+        if alive:
+            changes = ", ".join(
+                f"{name} {self.versions.get(name, '-')} -> {now.get(name, '-')}"
+                for name in sorted(set(now) | set(self.versions))
+                if now.get(name) != self.versions.get(name)
+            )
+            logger.warning(
+                "third-party packages changed (%s): starting a new fork template so new workers load them; "
+                "the master keeps its own imports until pypnm is restarted",
+                changes,
+            )
+        else:
+            logger.warning("fork template is gone; starting a new one")
+        await self.stop()
+        await self.start()
+
+    async def spawn(self, spec_json: str, fds: list[int]) -> int:
+        """Fork a worker with `fds` (its channel, then the listeners); return its pid."""
+        async with self._lock:
+            if self.channel is None:
+                raise SpawnError("the fork template is not running")
+            request = b'{"cmd": "spawn", "spec": ' + spec_json.encode() + b"}"
+            try:
+                socket.send_fds(self.channel, [request], fds)
+                answer = await asyncio.wait_for(self._receive(), 10)
+            except (OSError, TimeoutError) as exc:
+                raise SpawnError(f"the fork template did not answer: {exc}") from exc
+        if "pid" not in answer:
+            raise SpawnError(str(answer.get("error", answer)))
+        return int(answer["pid"])
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self.channel is not None
+        data = await asyncio.get_running_loop().sock_recv(self.channel, 65536)
+        if not data:
+            raise SpawnError("the fork template exited")
+        answer: dict[str, Any] = json.loads(data)
+        return answer
+
+    async def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()  # end-of-file tells the template to exit
+            self.channel = None
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.process.wait), 5)
+            except TimeoutError:
+                self.process.kill()
+                await asyncio.to_thread(self.process.wait)
+            self.process = None

@@ -1,0 +1,372 @@
+"""One worker: a uvicorn server that proves its generation's code works before it accepts.
+
+The order is what makes a reload safe: import the app from the generation's snapshot,
+run lifespan startup, answer smoke requests in-process, tell the master "ready", and
+only when the master says "serve" start accepting on the inherited listening socket.
+uvicorn's own `Server.startup` would accept right after lifespan startup, so
+`GenerationServer` replaces that one step and keeps the rest of uvicorn (main loop,
+signals, graceful shutdown).
+
+Draining is uvicorn's graceful shutdown with one change (`DrainingHttpToolsProtocol`):
+uvicorn closes idle keep-alive connections at once, which races with a client that is
+just sending its next request on them, and drops connections accepted but not yet
+read. Here such a connection may still deliver one request, answered with
+`Connection: close`, and is closed only after it has stayed idle for a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from pypnm.logs import set_generation, setup_logging
+
+logger = logging.getLogger("pypnm.supervisor.worker")
+
+# How long a draining worker keeps an idle connection open for one last request.
+IDLE_DRAIN_GRACE = 2.0
+# How long a worker outlives its master (it finishes what it can, then leaves).
+ORPHAN_GRACE = 1.5
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, sent by the master as JSON; the same for every worker of a generation."""
+
+    app: str
+    generation: int
+    snapshot_dir: str
+    packages: list[str]
+    source_dirs: dict[str, str]  # snapshot path → original path, to report files as the operator knows them
+    env: dict[str, str] = field(default_factory=dict)
+    check_paths: list[str] = field(default_factory=list)
+    log_level: str = "info"
+    graceful_timeout: float = 30.0
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
+
+
+class CandidateError(Exception):
+    """The generation's code or settings cannot serve; the message is the reason the master records."""
+
+
+def describe_exception(exc: BaseException, spec: WorkerSpec) -> str:
+    """A one-line reason: type and message, plus file and line where the error points at code."""
+    if isinstance(exc, SystemExit) and exc.__context__ is not None:
+        exc = exc.__context__  # pypnm.main turns a settings error into SystemExit(2)
+    if isinstance(exc, SyntaxError):
+        where = f" ({exc.filename}, line {exc.lineno})" if exc.filename else ""
+        text = f"{type(exc).__name__}: {exc.msg}{where}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+        frames = traceback.extract_tb(exc.__traceback__)
+        ours = [f for f in frames if f.filename.startswith(spec.snapshot_dir)]
+        if ours:
+            text += f" ({ours[-1].filename}, line {ours[-1].lineno})"
+    for snapshot_path, source_path in spec.source_dirs.items():
+        text = text.replace(snapshot_path, source_path)
+    return text
+
+
+def load_app(spec: WorkerSpec) -> Any:
+    """Import the app from the generation's snapshot, never from modules already in memory.
+
+    The fork template imported third-party modules only; the project's own packages
+    are dropped from `sys.modules` and found again first on `sys.path`, in the snapshot.
+    """
+    for name in list(sys.modules):
+        if any(name == top or name.startswith(top + ".") for top in spec.packages):
+            del sys.modules[name]
+    sys.path.insert(0, spec.snapshot_dir)
+    importlib.invalidate_caches()
+    module_name, _, attr = spec.app.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        app = module
+        for part in (attr or "app").split("."):
+            app = getattr(app, part)
+    except BaseException as exc:
+        raise CandidateError(describe_exception(exc, spec)) from exc
+    return app
+
+
+async def call_in_process(app: Any, path: str, state: dict[str, Any]) -> tuple[int, bytes]:
+    """Send one GET through the ASGI app without a socket, with the lifespan state a real request gets.
+
+    Written here rather than using httpx's ASGITransport because that transport does
+    not pass the lifespan `state`, so an app that keeps resources there would fail.
+    """
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"localhost"), (b"user-agent", b"pypnm-reload-check")],
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 0),
+        "state": dict(state),
+    }
+    status = 0
+    body = bytearray()
+    request_sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # never disconnects while the app answers
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, bytes(body)
+
+
+class DrainingHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a shutdown that lets idle connections finish cleanly."""
+
+    draining = False
+
+    def shutdown(self) -> None:
+        self.draining = True
+        if self.cycle is None or self.cycle.response_complete:
+            self.loop.call_later(IDLE_DRAIN_GRACE, self._close_if_idle)
+        else:
+            self.cycle.keep_alive = False
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self.draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answer with Connection: close, then close
+
+    def _close_if_idle(self) -> None:
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self.transport.close()
+
+
+class MasterChannel:
+    """The worker's end of its socketpair with the master.
+
+    A thread reads it, so that the master's death is noticed even while the event loop
+    is busy: on end-of-file the worker starts a graceful exit and leaves after ORPHAN_GRACE.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.setblocking(True)
+        self._commands: dict[str, Callable[[], None]] = {}
+        self._lock = threading.Lock()
+
+    def send(self, **event: Any) -> None:
+        with self._lock:
+            self.sock.sendall(json.dumps(event).encode() + b"\n")
+
+    def start(self, on_command: Callable[[str], None], on_master_gone: Callable[[], None]) -> None:
+        threading.Thread(target=self._read, args=(on_command, on_master_gone), daemon=True).start()
+
+    def _read(self, on_command: Callable[[str], None], on_master_gone: Callable[[], None]) -> None:
+        buffer = b""
+        while True:
+            try:
+                chunk = self.sock.recv(4096)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                on_command(json.loads(line)["cmd"])
+        logger.warning("master is gone; leaving within %.1fs", ORPHAN_GRACE)
+        on_master_gone()
+        time.sleep(ORPHAN_GRACE)
+        os._exit(1)
+
+
+class GenerationServer(uvicorn.Server):
+    """A uvicorn server whose startup validates, reports, and waits for the master's go."""
+
+    def __init__(
+        self, config: uvicorn.Config, app: Any, spec: WorkerSpec, channel: MasterChannel | None
+    ) -> None:
+        super().__init__(config)
+        self.app = app  # as the project built it, before uvicorn wraps it
+        self.spec = spec
+        self.channel = channel
+        self.failure: str | None = None
+        self._go = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if self.channel is not None:
+            self.channel.start(
+                on_command=lambda cmd: loop.call_soon_threadsafe(self._on_command, cmd),
+                on_master_gone=lambda: loop.call_soon_threadsafe(self._on_master_gone),
+            )
+        self.failure = await self.validate()
+        if self.failure is not None:
+            self._report(event="failed", reason=self.failure)
+            self.should_exit = True
+            return
+        self._report(event="ready", restart_only=self._restart_only_settings())
+        if self.channel is None:
+            self.should_exit = True  # `pypnm check`: validated, nothing to serve
+            await self.lifespan.shutdown()
+            return
+        await self._go.wait()
+        if self.should_exit:
+            await self.lifespan.shutdown()
+            return
+
+        def protocol_factory(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return self.config.http_protocol_class(  # type: ignore[call-arg]
+                config=self.config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
+            )
+
+        self.servers = [
+            await loop.create_server(protocol_factory, sock=sock, ssl=self.config.ssl, backlog=self.config.backlog)
+            for sock in sockets or []
+        ]
+        self.started = True
+        self._report(event="serving")
+        logger.info("generation %d worker serving", self.spec.generation)
+
+    async def validate(self) -> str | None:
+        """Lifespan startup and smoke requests; the reason it cannot serve, or None."""
+        errors = _LastError()
+        logging.getLogger("uvicorn.error").addHandler(errors)
+        try:
+            await self.lifespan.startup()
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(errors)
+        if self.lifespan.should_exit:
+            return f"lifespan startup failed: {errors.text or 'see the worker log'}"
+        for path in self.spec.check_paths:
+            try:
+                status, _ = await asyncio.wait_for(
+                    call_in_process(self.config.loaded_app, path, self.lifespan.state), 10.0
+                )
+            except Exception as exc:
+                reason = f"check GET {path} raised {describe_exception(exc, self.spec)}"
+            else:
+                if 200 <= status < 300:
+                    continue
+                reason = f"check GET {path} answered {status}"
+            await self.lifespan.shutdown()
+            return reason
+        return None
+
+    def _restart_only_settings(self) -> dict[str, Any] | None:
+        """The new code's view of the settings only a restart applies, when the app exposes them."""
+        settings = getattr(getattr(self.app, "state", None), "settings", None)
+        restart_only = getattr(settings, "restart_only", None)
+        return restart_only() if callable(restart_only) else None
+
+    def _report(self, **event: Any) -> None:
+        if self.channel is not None:
+            self.channel.send(**event)
+
+    def _on_command(self, cmd: str) -> None:
+        if cmd == "serve":
+            self._go.set()
+
+    def _on_master_gone(self) -> None:
+        self.should_exit = True
+        self._go.set()
+
+
+class _LastError(logging.Handler):
+    """Keeps the last error uvicorn logs during lifespan startup, to use as the reload's reason."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            self.text = f"{type(exc).__name__}: {exc}"
+        else:
+            self.text = record.getMessage()
+
+
+def make_server(spec: WorkerSpec, channel: MasterChannel | None) -> GenerationServer:
+    """Load the app (raises CandidateError) and wrap it in a GenerationServer."""
+    app = load_app(spec)
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        http=DrainingHttpToolsProtocol,
+        log_config=None,
+        access_log=False,  # pypnm's own middleware writes the request line
+        proxy_headers=False,  # the client address is decided by pypnm's trusted-proxy setting
+        timeout_graceful_shutdown=int(spec.graceful_timeout) or 1,
+        ssl_certfile=spec.ssl_certfile,
+        ssl_keyfile=spec.ssl_keyfile,
+        log_level=spec.log_level if spec.log_level != "trace" else "debug",
+    )
+    try:
+        config.load()
+    except BaseException as exc:
+        raise CandidateError(describe_exception(exc, spec)) from exc
+    return GenerationServer(config, app, spec, channel)
+
+
+def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.socket]) -> int:
+    """The worker's whole life, from fork to exit; returns the exit code."""
+    os.environ.update(spec.env)
+    setup_logging("worker", spec.log_level)
+    set_generation(spec.generation)
+    channel = MasterChannel(channel_sock)
+    try:
+        server = make_server(spec, channel)
+    except CandidateError as exc:
+        logger.error("generation %d cannot serve: %s", spec.generation, exc)
+        channel.send(event="failed", reason=str(exc))
+        return 1
+    server.run(sockets=listeners)
+    return 1 if server.failure else 0
+
+
+def check(spec: WorkerSpec) -> str | None:
+    """Validate a generation in this process exactly as a candidate worker does; the reason or None."""
+    os.environ.update(spec.env)
+    try:
+        server = make_server(spec, None)
+    except CandidateError as exc:
+        return str(exc)
+    server.run(sockets=[])
+    return server.failure
