@@ -41,6 +41,9 @@ class WorkerProcess:
         self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.serving: asyncio.Future[None] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
+        for future in (self.ready, self.serving):
+            # Only the first failure of a candidate is awaited; the others are expected, not lost.
+            future.add_done_callback(_mark_retrieved)
         self._channel = channel
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task = asyncio.create_task(self._read())
@@ -88,6 +91,11 @@ class WorkerProcess:
             "started_at": self.started_at,
             "state": self.state,
         }
+
+
+def _mark_retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class Generation:

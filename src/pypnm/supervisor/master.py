@@ -12,6 +12,7 @@ and compiles the code (snapshot.py) and leaves importing it to the candidate wor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
@@ -33,7 +34,7 @@ from pypnm.identity import SUPERVISOR_ENV, utc_now
 from pypnm.logs import set_generation
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, Settings
 from pypnm.supervisor import control
-from pypnm.supervisor.generation import CandidateFailed, Generation
+from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.snapshot import SnapshotError, find_project_sources, take_snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
 from pypnm.supervisor.worker import WorkerSpec
@@ -62,6 +63,7 @@ class ReloadRecord:
     finished_at: str | None = None
     duration_ms: float | None = None
     _t0: float = field(default=0.0, repr=False)
+    _finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def begin(self, generation: int) -> None:
         self.generation = generation
@@ -73,6 +75,10 @@ class ReloadRecord:
         self.reason = reason
         self.finished_at = utc_now()
         self.duration_ms = round((time.perf_counter() - self._t0) * 1000, 1)
+        self._finished.set()
+
+    async def wait(self) -> None:
+        await self._finished.wait()
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -154,8 +160,9 @@ class Master:
 
         first = self.request_reload("start")
         self._spawn_task(self._reloader())
-        while first.outcome is None and not self._stop.is_set():
-            await asyncio.sleep(0.02)
+        stop_requested = asyncio.create_task(self._stop.wait())
+        await asyncio.wait([asyncio.create_task(first.wait()), stop_requested], return_when=asyncio.FIRST_COMPLETED)
+        stop_requested.cancel()
         if first.outcome == "failed":
             logger.error("cannot start: %s", first.reason)
             self.exit_code = 1
@@ -182,6 +189,7 @@ class Master:
                 generation.kill()
             return
         logger.info("%s: stopping gracefully", signal.Signals(signum).name)
+        self.stopping = True  # before any worker's exit is seen, so none is respawned
         self._stop.set()
 
     async def _shutdown(self) -> None:
@@ -335,7 +343,7 @@ class Master:
 
     # ----- workers --------------------------------------------------------------------------
 
-    async def _supervise(self, generation: Generation, worker: Any) -> None:
+    async def _supervise(self, generation: Generation, worker: WorkerProcess) -> None:
         """Replace a serving worker that dies, from its own generation's snapshot."""
         failures = 0
         while True:
@@ -344,22 +352,23 @@ class Master:
                 return
             logger.warning("worker exited pid=%d generation=%d: replacing it from the same generation",
                            worker.pid, generation.number)
-            generation.workers.remove(worker)
+            with contextlib.suppress(ValueError):
+                generation.workers.remove(worker)
             await asyncio.sleep(min(0.1 * 2**failures, 5.0))  # back off when it keeps dying
             try:
+                await self.template.ensure_running()
                 worker = await generation.spawn_worker(self.template, self.listeners)
                 async with asyncio.timeout(self.settings.reload_timeout):
                     await worker.ready
                     worker.command("serve")
                     await worker.serving
-                failures = 0
-                logger.info("worker respawned pid=%d generation=%d", worker.pid, generation.number)
             except (CandidateFailed, SpawnError, TimeoutError) as exc:
                 failures += 1
                 logger.error("cannot respawn a worker of generation %d: %s", generation.number, exc)
-                if worker not in generation.workers:
-                    continue
-                worker.signal(signal.SIGKILL)
+                worker.signal(signal.SIGKILL)  # its exit brings us round again
+                continue
+            failures = 0
+            logger.info("worker respawned pid=%d generation=%d", worker.pid, generation.number)
 
     # ----- triggers -------------------------------------------------------------------------
 
@@ -383,7 +392,7 @@ class Master:
         if candidate == self.route_file or (self.config_file is not None and candidate == self.config_file
                                             and self.watch):
             return True
-        if not self.watch or change == watchfiles.Change.deleted and candidate.suffix != ".py":
+        if not self.watch or (change == watchfiles.Change.deleted and candidate.suffix != ".py"):
             return False
         parts = candidate.parts
         if any(fnmatch(part, pattern) for part in parts for pattern in self.settings.reload_excludes):

@@ -76,13 +76,22 @@ class ForkTemplate:
             raise SpawnError(f"the fork template did not start: {hello}")
         logger.info("fork template started pid=%d", self.process.pid)
 
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def ensure_running(self) -> None:
+        if not self.is_running():
+            logger.warning("fork template is gone; starting a new one")
+            await self.stop()
+            await self.start()
+
     async def refresh_if_stale(self) -> None:
         """Start a new template when third-party packages changed on disk, or when it died."""
-        alive = self.process is not None and self.process.poll() is None
-        now = installed_versions()
-        if alive and now == self.versions:
+        if not self.is_running():
+            await self.ensure_running()
             return
-        if alive:
+        now = installed_versions()
+        if now != self.versions:
             changes = ", ".join(
                 f"{name} {self.versions.get(name, '-')} -> {now.get(name, '-')}"
                 for name in sorted(set(now) | set(self.versions))
@@ -93,10 +102,8 @@ class ForkTemplate:
                 "the master keeps its own imports until pypnm is restarted",
                 changes,
             )
-        else:
-            logger.warning("fork template is gone; starting a new one")
-        await self.stop()
-        await self.start()
+            await self.stop()
+            await self.start()
 
     async def spawn(self, spec_json: str, fds: list[int]) -> int:
         """Fork a worker with `fds` (its channel, then the listeners); return its pid."""

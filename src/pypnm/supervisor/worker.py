@@ -194,10 +194,10 @@ class MasterChannel:
         with self._lock:
             self.sock.sendall(json.dumps(event).encode() + b"\n")
 
-    def start(self, on_command: Callable[[str], None], on_master_gone: Callable[[], None]) -> None:
+    def start(self, on_command: Callable[[str], object], on_master_gone: Callable[[], object]) -> None:
         threading.Thread(target=self._read, args=(on_command, on_master_gone), daemon=True).start()
 
-    def _read(self, on_command: Callable[[str], None], on_master_gone: Callable[[], None]) -> None:
+    def _read(self, on_command: Callable[[str], object], on_master_gone: Callable[[], object]) -> None:
         buffer = b""
         while True:
             try:
