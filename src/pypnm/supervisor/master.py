@@ -35,7 +35,7 @@ from pypnm.logs import set_generation
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, Settings
 from pypnm.supervisor import control
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
-from pypnm.supervisor.snapshot import SnapshotError, find_project_sources, take_snapshot
+from pypnm.supervisor.snapshot import Compiler, SnapshotError, find_project_sources, take_snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
 from pypnm.supervisor.worker import WorkerSpec
 
@@ -123,6 +123,7 @@ class Master:
             self.sources["pypnm"] / ROUTE_MODULE if app == DEFAULT_APP else self._module_file(app)
         )
         self.template = ForkTemplate(settings.log_level, settings.preload_modules)
+        self.compiler = Compiler()
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="pypnm-"))  # 0700: the control socket's access control
         self.control_path = str(self.runtime_dir / "control.sock")
 
@@ -257,7 +258,9 @@ class Master:
         candidate: Generation | None = None
         try:
             await self.template.refresh_if_stale()
-            snapshot = take_snapshot(self.sources, self.runtime_dir / f"gen-{number}", self.config_file)
+            snapshot = take_snapshot(
+                self.sources, self.runtime_dir / f"gen-{number}", self.config_file, self.compiler
+            )
             candidate = Generation(number, snapshot, self._worker_spec(number, snapshot), self.settings.workers)
             async with asyncio.timeout(self.settings.reload_timeout):
                 ready = await candidate.start(self.template, self.listeners)

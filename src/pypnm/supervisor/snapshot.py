@@ -49,7 +49,10 @@ def find_project_sources(app: str) -> dict[str, Path]:
     return {top: origin.parent if spec.submodule_search_locations else origin}
 
 
-def take_snapshot(sources: dict[str, Path], directory: Path, config_file: Path | None) -> Snapshot:
+def take_snapshot(
+    sources: dict[str, Path], directory: Path, config_file: Path | None, compiler: Compiler | None = None
+) -> Snapshot:
+    compiler = compiler or Compiler()
     directory.mkdir(parents=True)
     source_dirs: dict[str, str] = {}
     digest = hashlib.sha256()
@@ -58,12 +61,12 @@ def take_snapshot(sources: dict[str, Path], directory: Path, config_file: Path |
             if source.is_dir():
                 target = directory / top
                 shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-                _compile_tree(target, source)
+                compiler.compile_tree(target, source)
                 digest.update(code_version(target).encode())
             else:
                 target = directory / source.name
                 shutil.copy2(source, target)
-                _compile(target, source)
+                compiler.compile(target, source)
                 digest.update(target.read_bytes())
             source_dirs[str(target)] = str(source)
         config_copy = None
@@ -82,20 +85,42 @@ def take_snapshot(sources: dict[str, Path], directory: Path, config_file: Path |
     return Snapshot(directory, list(sources), source_dirs, version, config_copy)
 
 
-def _compile_tree(target: Path, source: Path) -> None:
-    for path in sorted(target.rglob("*.py")):
-        _compile(path, source / path.relative_to(target))
+class Compiler:
+    """Compiles snapshot files, reusing the bytecode of files unchanged since an earlier snapshot.
 
+    The bytecode is hash-checked (PEP 552), so it stays valid for a copy whose bytes are
+    the same whatever its mtime: a touched but unchanged file costs no compile.
+    """
 
-def _compile(path: Path, original: Path) -> None:
-    try:
-        py_compile.compile(str(path), dfile=str(original), doraise=True)
-    except py_compile.PyCompileError as exc:
-        error = exc.exc_value
-        if isinstance(error, SyntaxError):
-            raise SnapshotError(
-                f"{type(error).__name__}: {error.msg} ({original}, line {error.lineno})"
-            ) from None
-        raise SnapshotError(f"{exc.exc_type_name}: {error} ({original})") from None
-    except OSError as exc:
-        raise SnapshotError(f"cannot copy {original}: {exc.strerror}") from None
+    MAX_ENTRIES = 4096
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, bytes], bytes] = {}
+
+    def compile_tree(self, target: Path, source: Path) -> None:
+        for path in sorted(target.rglob("*.py")):
+            self.compile(path, source / path.relative_to(target))
+
+    def compile(self, path: Path, original: Path) -> None:
+        try:
+            key = (str(original), hashlib.sha256(path.read_bytes()).digest())
+            cfile = Path(importlib.util.cache_from_source(str(path)))
+            cached = self._cache.get(key)
+            if cached is not None:
+                cfile.parent.mkdir(exist_ok=True)
+                cfile.write_bytes(cached)
+                return
+            py_compile.compile(
+                str(path), cfile=str(cfile), dfile=str(original), doraise=True,
+                invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+            )
+            if len(self._cache) >= self.MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[key] = cfile.read_bytes()
+        except py_compile.PyCompileError as exc:
+            error = exc.exc_value
+            if isinstance(error, SyntaxError):
+                raise SnapshotError(f"{type(error).__name__}: {error.msg} ({original}, line {error.lineno})") from None
+            raise SnapshotError(f"{exc.exc_type_name}: {error} ({original})") from None
+        except OSError as exc:
+            raise SnapshotError(f"cannot copy {original}: {exc.strerror}") from None
