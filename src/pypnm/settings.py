@@ -14,9 +14,9 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,7 +24,18 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+def _network(value: object) -> object:
+    """Parse an address or network (`10.0.0.0/8`, `::1`); host bits are allowed and dropped."""
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or network (like 10.0.0.0/8 or ::1/128)") from None
+    return value
+
+
+IPNetwork = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 ENV_PREFIX = "PYPNM_"
@@ -197,18 +208,21 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
 
 def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
     """One line per problem, joined with '; ', each naming the setting and where it can be set."""
-    problems = []
+    problems: list[str] = []
     for error in exc.errors(include_url=False):
-        loc = [str(part) for part in error["loc"]]
+        # Keep the field name and list positions / table keys; drop pydantic's validator tags.
+        loc = [str(part) for part in error["loc"] if isinstance(part, int) or not any(c in str(part) for c in "[(")]
         name = loc[0] if loc else ""
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             where = f" in {str(path)!r}" if path else ""
-            problems.append(f"unknown setting {name!r}{where}: remove it or check its spelling")
+            problem = f"unknown setting {name!r}{where}: remove it or check its spelling"
         elif not name:
-            problems.append(message)
+            problem = message
         else:
             where = f"{ENV_PREFIX}{name.upper()}" + (f" or {name!r} in {str(path)!r}" if path else "")
             item = f"[{']['.join(loc[1:])}]" if len(loc) > 1 else ""
-            problems.append(f"invalid setting {name!r}{item} ({where}): {message}")
+            problem = f"invalid setting {name!r}{item} ({where}): {message}"
+        if problem not in problems:  # a union type reports one bad value once per member
+            problems.append(problem)
     return "; ".join(problems)

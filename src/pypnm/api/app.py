@@ -10,6 +10,7 @@ from fastapi.middleware.gzip import GZipMiddleware
 
 import pypnm
 from pypnm.api import health, web_service
+from pypnm.api.access import AccessPolicy, SystemOperationsGuard, document_access
 from pypnm.api.middleware import RequestLogMiddleware
 from pypnm.identity import ProcessIdentity, code_version
 from pypnm.settings import Settings, load_settings
@@ -19,6 +20,7 @@ PACKAGE_DIR = Path(pypnm.__file__).resolve().parent
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else load_settings()
+    access = AccessPolicy.from_settings(settings)  # tokens are read here, once (SettingsError if unusable)
     app = FastAPI(
         title="PyPNM",
         version=pypnm.__version__,
@@ -29,9 +31,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(web_service.router)
+    document_access(app)
 
     # Added innermost first: the request log wraps everything, so it sees every answer.
     app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_minimum_size)
+    # Inside CORS (preflights are CORS's; refusals get CORS headers), inside the log (request id).
+    app.add_middleware(SystemOperationsGuard, policy=access)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

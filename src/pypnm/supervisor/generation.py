@@ -40,6 +40,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.serving: asyncio.Future[None] = loop.create_future()
+        self.draining: asyncio.Future[None] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
         for future in (self.ready, self.serving):
             # Only the first failure of a candidate is awaited; the others are expected, not lost.
@@ -62,6 +63,8 @@ class WorkerProcess:
                 self.ready.set_exception(CandidateFailed("a worker exited before it was ready (see its log)"))
             if not self.serving.done():
                 self.serving.set_exception(CandidateFailed("a worker exited before it served"))
+            if not self.draining.done():
+                self.draining.set_result(None)  # gone is as good as not accepting
             self.exited.set_result(None)
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -74,6 +77,8 @@ class WorkerProcess:
         elif kind == "serving" and not self.serving.done():
             self.state = "serving"
             self.serving.set_result(None)
+        elif kind == "draining" and not self.draining.done():
+            self.draining.set_result(None)
 
     def command(self, cmd: str) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -146,14 +151,25 @@ class Generation:
         for worker in self.live_workers():
             worker.signal(signal.SIGKILL)
 
-    async def drain(self, timeout: float) -> bool:
-        """Stop accepting and finish in-flight requests; True when every worker left in time."""
+    async def stop_accepting(self, timeout: float = 2.0) -> None:
+        """Tell every worker to stop accepting and wait until each says it has (or is gone)."""
         self.state = "draining"
         workers = self.live_workers()
         for worker in workers:
             worker.state = "draining"
-            worker.signal(signal.SIGTERM)
+            worker.command("drain")
+        if workers:
+            await asyncio.wait([w.draining for w in workers], timeout=timeout)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting and finish in-flight requests; True when every worker left in time."""
+        if self.state != "draining":
+            await self.stop_accepting()
+        workers = self.live_workers()
+        for worker in workers:
+            worker.signal(signal.SIGTERM)  # uvicorn's graceful shutdown, also for a worker that missed "drain"
         if not workers:
+            self.state = "gone"
             return True
         _, late = await asyncio.wait([w.exited for w in workers], timeout=timeout)
         for worker in workers:

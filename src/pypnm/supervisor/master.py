@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import watchfiles
 
 from pypnm.identity import SUPERVISOR_ENV, utc_now
 from pypnm.logs import set_generation
-from pypnm.settings import CONFIG_ENV, ENV_PREFIX, Settings
+from pypnm.settings import CONFIG_ENV, ENV_PREFIX, Settings, SettingsError
 from pypnm.supervisor import control
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.snapshot import Compiler, SnapshotError, find_project_sources, take_snapshot
@@ -177,11 +178,40 @@ class Master:
                 "SIGHUP to pid %d, or touch %s",
                 self.app, scheme, shown, port, self.settings.workers, os.getpid(), self.route_file,
             )
+            self._log_access()
             self._spawn_task(self._watch_files())
 
         await self._stop.wait()
         control_server.close()
         await self._shutdown()
+
+    def _log_access(self) -> None:
+        """Say once, at start, who may use System Operations (/pypnm/system/...)."""
+        networks = self.settings.trusted_networks
+        try:
+            tokens = len(self.settings.tokens())
+        except SettingsError as exc:
+            tokens = 0
+            logger.warning("%s", exc)
+        logger.info(
+            "System Operations (/pypnm/system/) are open to trusted_networks %s and to %d bearer token(s)",
+            ", ".join(map(str, networks)) or "(none)", tokens,
+        )
+        try:
+            loopback_host = self.settings.host == "localhost" or ipaddress.ip_address(self.settings.host).is_loopback
+        except ValueError:
+            loopback_host = False
+        if not loopback_host and tokens == 0:
+            who = (
+                "no client" if not networks
+                else "only loopback clients" if all(n.is_loopback for n in networks)
+                else "only clients in trusted_networks"
+            )
+            logger.warning(
+                "listening on %s, which is not loopback, with no api token configured: %s can use "
+                "System Operations; set api_tokens or api_tokens_file to let other callers in",
+                self.settings.host, who,
+            )
 
     def _on_stop_signal(self, signum: int) -> None:
         if self.stopping:
@@ -286,6 +316,8 @@ class Master:
 
         old, self.serving = self.serving, candidate
         set_generation(number)
+        if old is not None:
+            await old.stop_accepting()  # from here on only the new generation takes connections
         for warning in record.warnings:
             logger.warning("reload %s: %s", record.id, warning)
         for worker in candidate.workers:
@@ -350,7 +382,9 @@ class Master:
         """Replace a serving worker that dies, from its own generation's snapshot."""
         failures = 0
         while True:
-            await worker.exited
+            # Shielded: cancelling this task (at shutdown) must not cancel the shared future, or
+            # the worker would look exited and the graceful drain would not wait for it.
+            await asyncio.shield(worker.exited)
             if self.stopping or generation is not self.serving:
                 return
             logger.warning("worker exited pid=%d generation=%d: replacing it from the same generation",

@@ -77,6 +77,7 @@ def take_snapshot(
                 raise SnapshotError(f"config file {str(config_file)!r}: cannot read it ({exc.strerror})") from None
             config_copy = directory / "settings.toml"
             config_copy.write_bytes(data)
+            source_dirs[str(config_copy)] = str(config_file)  # reasons name the operator's file
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise

@@ -74,8 +74,9 @@ class CandidateError(Exception):
 def describe_exception(exc: BaseException, spec: WorkerSpec) -> str:
     """A one-line reason: type and message, plus file and line where the error points at code."""
     if isinstance(exc, SystemExit) and exc.__context__ is not None:
-        exc = exc.__context__  # pypnm.main turns a settings error into SystemExit(2)
-    if isinstance(exc, SyntaxError):
+        # pypnm.main turns a settings error into SystemExit(2); its message already says where.
+        text = f"{type(exc.__context__).__name__}: {exc.__context__}"
+    elif isinstance(exc, SyntaxError):
         where = f" ({exc.filename}, line {exc.lineno})" if exc.filename else ""
         text = f"{type(exc).__name__}: {exc.msg}{where}"
     else:
@@ -302,6 +303,14 @@ class GenerationServer(uvicorn.Server):
     def _on_command(self, cmd: str) -> None:
         if cmd == "serve":
             self._go.set()
+        elif cmd == "drain":
+            # Stop accepting now, not at uvicorn's next tick, and say so: the master records
+            # the swap as done only when no old worker takes new connections any more.
+            for server in getattr(self, "servers", []):
+                server.close()
+            self.should_exit = True
+            self._go.set()
+            self._report(event="draining")
 
     def _on_master_gone(self) -> None:
         self.should_exit = True
