@@ -5,7 +5,9 @@ Every wait here is a bounded loop (count and time); nothing is killed by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,18 +88,14 @@ class Service:
         """SIGTERM by PID, then SIGKILL of its process group if it does not leave in time."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
         # Whatever the test did, leave no process of this group behind.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         return self.proc.returncode
 
 
@@ -164,3 +162,61 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+# ----- copies of the code under test (added for the reload and supervisor tests) --------------
+
+APPS = Path(__file__).resolve().parent / "apps"
+_IGNORE_BUILD = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+
+def copy_package(source: Path, parent: Path) -> Path:
+    """Copy a package directory (no bytecode) into `parent`; returns the copy."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copytree(source, parent / source.name, ignore=_IGNORE_BUILD))
+
+
+@pytest.fixture
+def pypnm_copy(tmp_path: Path) -> Path:
+    """A private copy of `src/pypnm`: returns the directory to put on PYTHONPATH (it holds `pypnm/`).
+
+    Tests edit and touch the copy, never the repository's files.
+    """
+    root = tmp_path / "pypnm-copy"
+    copy_package(SRC / "pypnm", root)
+    return root
+
+
+@pytest.fixture
+def marker_app(tmp_path: Path) -> Path:
+    """A copy of `tests/apps/markerpkg` in its own directory: run `--app markerpkg.main:app` from it."""
+    root = tmp_path / "marker-app"
+    copy_package(APPS / "markerpkg", root)
+    return root
+
+
+def rewrite(path: Path, old: str, new: str) -> None:
+    """Replace `old` (which must be there) with `new` in a file; bumps the mtime forward."""
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    before = path.stat().st_mtime_ns
+    path.write_text(text.replace(old, new, 1))
+    if path.stat().st_mtime_ns <= before:  # coarse clocks: make the change visible to mtime checks
+        os.utime(path, ns=(before + 1_000_000, before + 1_000_000))
+
+
+def set_marker(app_dir: Path, marker: str) -> None:
+    path = app_dir / "markerpkg" / "marker.py"
+    text = path.read_text()
+    start = text.index('MARKER = "')
+    end = text.index('"', start + len('MARKER = "'))
+    path.write_text(text[:start] + f'MARKER = "{marker}"' + text[end + 1 :])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`python -m pypnm ARGS` to completion, output captured as text."""
+    return subprocess.run(
+        pypnm_command(*args), env=env or base_env(), cwd=cwd, capture_output=True, text=True,
+        timeout=timeout, stdin=subprocess.DEVNULL,
+    )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import ipaddress
 import json
 import logging
@@ -173,10 +172,10 @@ class Master:
             host, port = self.listeners[0].getsockname()[:2]
             scheme = "https" if self.settings.ssl else "http"
             shown = f"[{host}]" if ":" in host else host
+            endpoint = "GET /pypnm/system/webService/reload, " if self.app == DEFAULT_APP else ""
             logger.info(
-                "serving %s on %s://%s:%d with %d worker(s); reload: GET /pypnm/system/webService/reload, "
-                "SIGHUP to pid %d, or touch %s",
-                self.app, scheme, shown, port, self.settings.workers, os.getpid(), self.route_file,
+                "serving %s on %s://%s:%d with %d worker(s); reload: %sSIGHUP to pid %d, or touch %s",
+                self.app, scheme, shown, port, self.settings.workers, endpoint, os.getpid(), self.route_file,
             )
             self._log_access()
             self._spawn_task(self._watch_files())
@@ -436,12 +435,17 @@ class Master:
             return False
         return any(fnmatch(candidate.name, pattern) for pattern in self.settings.reload_includes)
 
-    @staticmethod
-    def _module_file(app: str) -> Path:
-        spec = importlib.util.find_spec(app.partition(":")[0])
-        if spec is None or spec.origin is None:
-            raise SnapshotError(f"cannot find the module of {app!r}")
-        return Path(spec.origin).resolve()
+    def _module_file(self, app: str) -> Path:
+        """The file of the app's module, found from its top-level source without importing anything.
+
+        (`importlib.util.find_spec("pkg.mod")` would import `pkg` into the master.)
+        """
+        top, *rest = app.partition(":")[0].split(".")
+        path = self.sources[top]
+        if not rest:
+            return path / "__init__.py" if path.is_dir() else path
+        module = path.joinpath(*rest)
+        return module / "__init__.py" if module.is_dir() else module.with_suffix(".py")
 
     # ----- status ---------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""A test app package. Kept import-free: the master locates `markerpkg.main`, which imports this."""

@@ -1,0 +1,53 @@
+"""`markerpkg.main:app`: answers carry the marker and the pid of the worker that answered.
+
+`/supervisor` relays the master's status over its control socket, so tests of a
+non-pypnm `--app` can see generations and worker pids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from fastapi import FastAPI
+
+from markerpkg.marker import MARKER
+from pypnm.identity import SUPERVISOR_ENV
+from pypnm.supervisor import control
+
+app = FastAPI(title="markerpkg")
+_in_flight = 0  # /slow requests this worker is answering now
+
+
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.get("/marker")
+async def marker() -> dict[str, Any]:
+    return {"marker": MARKER, "pid": os.getpid()}
+
+
+@app.get("/slow")
+async def slow(seconds: float = 3.0) -> dict[str, Any]:
+    global _in_flight
+    _in_flight += 1
+    try:
+        await asyncio.sleep(min(seconds, 30.0))
+    finally:
+        _in_flight -= 1
+    return {"marker": MARKER, "pid": os.getpid(), "slept": seconds}
+
+
+@app.get("/in-flight")
+async def in_flight() -> dict[str, int]:
+    return {"slow": _in_flight, "pid": os.getpid()}
+
+
+@app.get("/supervisor")
+async def supervisor() -> dict[str, Any]:
+    status = await control.ask(os.environ[SUPERVISOR_ENV], {"cmd": "status"})
+    status["control_socket"] = os.environ[SUPERVISOR_ENV]  # in the master's runtime directory
+    return status

@@ -1,0 +1,3 @@
+"""What the app answers with; tests rewrite this line in their copy."""
+
+MARKER = "v1"
