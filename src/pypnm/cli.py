@@ -148,9 +148,8 @@ def serve(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     import tempfile
 
-    from pypnm.supervisor.master import DEFAULT_APP, DEFAULT_CHECK_PATHS
+    from pypnm.supervisor.master import generation_spec
     from pypnm.supervisor.snapshot import SnapshotError, find_project_sources, take_snapshot
-    from pypnm.supervisor.worker import WorkerSpec
     from pypnm.supervisor.worker import check as check_generation
 
     try:
@@ -158,29 +157,18 @@ def check(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         return _fail(f"check failed: {exc}", 1)
     sys.path.insert(0, os.getcwd())
-    config_file = config_path(args.config)
     with tempfile.TemporaryDirectory(prefix="pypnm-check-") as runtime:
         try:
-            snapshot = take_snapshot(find_project_sources(args.app), Path(runtime) / "gen", config_file)
+            snapshot = take_snapshot(find_project_sources(args.app), Path(runtime) / "gen", config_path(args.config))
         except SnapshotError as exc:
             return _fail(f"check failed: {exc}", 1)
-        paths = settings.check_paths
-        if paths is None:
-            paths = DEFAULT_CHECK_PATHS if args.app == DEFAULT_APP else []
-        spec = WorkerSpec(
-            app=args.app,
-            generation=0,
-            snapshot_dir=str(snapshot.directory),
-            packages=snapshot.packages,
-            source_dirs=snapshot.source_dirs,
-            env={"PYPNM_CONFIG": str(snapshot.config_file)} if snapshot.config_file else {},
-            check_paths=paths,
-            log_level="warning",
-        )
+        spec = generation_spec(args.app, 0, snapshot, settings, env={})
+        spec.log_level = "warning"
         reason = check_generation(spec)
     if reason is not None:
         return _fail(f"check failed: {reason}", 1)
-    sys.stdout.write(f"ok: {args.app} imports, starts and answers {', '.join(paths) or 'lifespan startup'}\n")
+    paths = ", ".join(spec.check_paths) or "lifespan startup"
+    sys.stdout.write(f"ok: {args.app} imports, starts and answers {paths}\n")
     return 0
 
 

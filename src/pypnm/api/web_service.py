@@ -62,7 +62,8 @@ async def reload_web_service(request: Request) -> JSONResponse:
     try:
         reload_id = await trigger_reload(request)
     except Exception as exc:  # the contract: any failure becomes the seed's 500
-        raise HTTPException(status_code=500, detail=f"Failed to trigger reload: {exc}") from exc
+        reason = str(exc) or type(exc).__name__  # a bare TimeoutError has no message
+        raise HTTPException(status_code=500, detail=f"Failed to trigger reload: {reason}") from exc
     headers = {RELOAD_ID_HEADER: reload_id} if reload_id else None
     return JSONResponse({"status": "reload triggered"}, headers=headers)
 
@@ -78,7 +79,8 @@ async def web_service_status(request: Request) -> dict[str, Any]:
         except Exception as exc:
             raise HTTPException(
                 status_code=503,
-                detail=f"The supervisor did not answer ({exc}); retry, or check the pypnm master's log",
+                detail=f"The supervisor did not answer ({str(exc) or type(exc).__name__}); "
+                "retry, or check the pypnm master's log",
             ) from exc
         status.update(supervisor)
     return status

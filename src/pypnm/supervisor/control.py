@@ -52,8 +52,8 @@ async def serve(path: str, handler: Handler) -> asyncio.Server:
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5.0)
             try:
+                line = await asyncio.wait_for(reader.readline(), 5.0)  # ValueError past MAX_LINE
                 request = json.loads(line)
                 if not isinstance(request, dict):
                     raise ValueError("a request is a JSON object")
@@ -62,7 +62,7 @@ async def serve(path: str, handler: Handler) -> asyncio.Server:
                 answer = {"error": f"bad control request: {exc}"}
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             logger.debug("control connection dropped: %s", exc)
         finally:
             writer.close()

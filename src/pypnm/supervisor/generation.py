@@ -109,7 +109,7 @@ class Generation:
         self.snapshot = snapshot
         self.spec = spec
         self.size = size
-        self.state = "candidate"
+        self.stopped_accepting = False
         self.workers: list[WorkerProcess] = []
 
     @property
@@ -140,20 +140,18 @@ class Generation:
         for worker in self.workers:
             worker.command("serve")
         await asyncio.gather(*(w.serving for w in self.workers))
-        self.state = "serving"
 
     def live_workers(self) -> list[WorkerProcess]:
         return [w for w in self.workers if not w.exited.done()]
 
     def kill(self) -> None:
-        """Discard at once: for candidates, which never served anyone."""
-        self.state = "discarded"
+        """End every worker at once: a discarded candidate, or a second stop signal."""
         for worker in self.live_workers():
             worker.signal(signal.SIGKILL)
 
     async def stop_accepting(self, timeout: float = 2.0) -> None:
         """Tell every worker to stop accepting and wait until each says it has (or is gone)."""
-        self.state = "draining"
+        self.stopped_accepting = True
         workers = self.live_workers()
         for worker in workers:
             worker.state = "draining"
@@ -163,13 +161,12 @@ class Generation:
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting and finish in-flight requests; True when every worker left in time."""
-        if self.state != "draining":
+        if not self.stopped_accepting:
             await self.stop_accepting()
         workers = self.live_workers()
         for worker in workers:
             worker.signal(signal.SIGTERM)  # uvicorn's graceful shutdown, also for a worker that missed "drain"
         if not workers:
-            self.state = "gone"
             return True
         _, late = await asyncio.wait([w.exited for w in workers], timeout=timeout)
         for worker in workers:
@@ -180,5 +177,4 @@ class Generation:
                 worker.signal(signal.SIGKILL)
         if late:
             await asyncio.wait([w.exited for w in workers], timeout=5)
-        self.state = "gone"
         return not late

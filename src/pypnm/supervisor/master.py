@@ -32,10 +32,10 @@ import watchfiles
 
 from pypnm.identity import SUPERVISOR_ENV, utc_now
 from pypnm.logs import set_generation
-from pypnm.settings import CONFIG_ENV, ENV_PREFIX, Settings, SettingsError
+from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor import control
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
-from pypnm.supervisor.snapshot import Compiler, SnapshotError, find_project_sources, take_snapshot
+from pypnm.supervisor.snapshot import Compiler, Snapshot, SnapshotError, find_project_sources, take_snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
 from pypnm.supervisor.worker import WorkerSpec
 
@@ -87,9 +87,7 @@ class ReloadRecord:
 def bind_listeners(host: str, port: int) -> list[socket.socket]:
     """Bind once, before anything else starts; raises OSError with the system's reason."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048)
-    sock.set_inheritable(True)
-    return [sock]
+    return [socket.create_server((host, port), family=family, backlog=2048)]
 
 
 def env_value(value: Any) -> str:
@@ -99,6 +97,31 @@ def env_value(value: Any) -> str:
     if isinstance(value, list | dict):
         return json.dumps([str(v) for v in value] if isinstance(value, list) else value)
     return str(value)
+
+
+def generation_spec(app: str, number: int, snapshot: Snapshot, settings: Settings, env: dict[str, str]) -> WorkerSpec:
+    """What every worker of a generation is told: its app, snapshot, files and checks."""
+    env = dict(env)
+    if snapshot.config_file is not None:
+        env[CONFIG_ENV] = str(snapshot.config_file)
+    if "tokens" in snapshot.files:
+        env[f"{ENV_PREFIX}API_TOKENS_FILE"] = str(snapshot.files["tokens"])
+    check_paths = settings.check_paths
+    if check_paths is None:
+        check_paths = DEFAULT_CHECK_PATHS if app == DEFAULT_APP else []
+    return WorkerSpec(
+        app=app,
+        generation=number,
+        snapshot_dir=str(snapshot.directory),
+        packages=snapshot.packages,
+        source_dirs=snapshot.source_dirs,
+        env=env,
+        check_paths=check_paths,
+        log_level=settings.log_level,
+        graceful_timeout=settings.graceful_timeout,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl else None,
+    )
 
 
 class Master:
@@ -128,8 +151,9 @@ class Master:
         self.control_path = str(self.runtime_dir / "control.sock")
 
         self.serving: Generation | None = None
+        self.candidate: Generation | None = None
         self.draining: set[Generation] = set()
-        self.state = "idle"  # idle | validating | swapping | draining
+        self.phase: str | None = None  # "validating" or "swapping" while a reload runs
         self.started_at = utc_now()
         self.history: list[ReloadRecord] = []
         self.current: ReloadRecord | None = None
@@ -234,7 +258,8 @@ class Master:
         logger.info("stopped")
 
     def _generations(self) -> list[Generation]:
-        return [*([self.serving] if self.serving else []), *self.draining]
+        """Every generation with live workers: candidate, serving, draining."""
+        return [g for g in (self.candidate, self.serving, *self.draining) if g is not None]
 
     def _spawn_task(self, coroutine: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coroutine)
@@ -274,33 +299,51 @@ class Master:
                 try:
                     await self._reload(record)
                 finally:
+                    if record.outcome is None:
+                        record.finish("failed", "interrupted: pypnm is stopping")
                     self.current = None
+                    self.phase = None
                     self.history = [*self.history, record][-HISTORY:]
-                    self.state = "draining" if self.draining else "idle"
+
+    @property
+    def reload_state(self) -> str:
+        return self.phase or ("draining" if self.draining else "idle")
 
     async def _reload(self, record: ReloadRecord) -> None:
         number = self._next_generation
         self._next_generation += 1
         record.begin(number)
-        self.state = "validating"
+        self.phase = "validating"
         logger.info("reload %s: building generation %d", record.id, number)
         candidate: Generation | None = None
+        settings = self.settings
         try:
             await self.template.refresh_if_stale()
             snapshot = take_snapshot(
                 self.sources, self.runtime_dir / f"gen-{number}", self.config_file, self.compiler
             )
-            candidate = Generation(number, snapshot, self._worker_spec(number, snapshot), self.settings.workers)
-            async with asyncio.timeout(self.settings.reload_timeout):
+            settings = self._settings_for(snapshot)
+            candidate = self.candidate = Generation(
+                number, snapshot, self._worker_spec(number, snapshot, settings), self.settings.workers
+            )
+            async with asyncio.timeout(settings.reload_timeout):
                 ready = await candidate.start(self.template, self.listeners)
             record.warnings = self._restart_only_changes(ready)
             logger.info("reload %s: generation %d validated (code_version %s)", record.id, number,
                         snapshot.code_version)
-            self.state = "swapping"
+            self.phase = "swapping"
             async with asyncio.timeout(10):
                 await candidate.serve()
-        except (SnapshotError, CandidateFailed, SpawnError, TimeoutError) as exc:
-            reason = str(exc) or "timed out: the candidate was not ready within reload_timeout"
+        except asyncio.CancelledError:
+            if candidate is not None:
+                candidate.kill()
+            raise
+        except Exception as exc:
+            known = (SnapshotError, CandidateFailed, SpawnError, TimeoutError)
+            if not isinstance(exc, known):
+                logger.exception("reload %s: unexpected error", record.id)
+            reason = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
+            reason = reason or "timed out: the candidate was not ready within reload_timeout"
             if candidate is not None:
                 candidate.kill()
                 candidate.snapshot.remove()
@@ -308,14 +351,14 @@ class Master:
             serving = f"generation {self.serving.number} keeps serving" if self.serving else "nothing serves"
             logger.error("reload %s failed: generation %d discarded, %s: %s", record.id, number, serving, reason)
             return
-        except asyncio.CancelledError:
-            if candidate is not None:
-                candidate.kill()
-            raise
+        finally:
+            self.candidate = None
 
         old, self.serving = self.serving, candidate
+        self.settings = settings
         set_generation(number)
         if old is not None:
+            self.draining.add(old)  # in the same step as the swap: a stop now drains it too
             await old.stop_accepting()  # from here on only the new generation takes connections
         for warning in record.warnings:
             logger.warning("reload %s: %s", record.id, warning)
@@ -330,37 +373,32 @@ class Master:
             self._spawn_task(self._drain(old))
 
     async def _drain(self, generation: Generation) -> None:
-        self.draining.add(generation)
-        if self.state == "idle":
-            self.state = "draining"
         clean = await generation.drain(self.settings.graceful_timeout)
         self.draining.discard(generation)
         generation.snapshot.remove()
-        if self.state == "draining" and not self.draining:
-            self.state = "idle"
         logger.info("generation %d drained%s", generation.number, "" if clean else " (some workers were killed)")
 
-    def _worker_spec(self, number: int, snapshot: Any) -> WorkerSpec:
+    def _settings_for(self, snapshot: Snapshot) -> Settings:
+        """The settings a new generation runs with, as far as the master applies them itself.
+
+        The candidate's own code is the judge of the settings file; when this (older) code
+        cannot read it, the running settings stay in force here and the candidate decides.
+        The tokens file is frozen into the snapshot, so a respawned worker reads the same one.
+        """
+        try:
+            fresh = load_settings(snapshot.config_file, **self.overrides)
+        except SettingsError:
+            return self.settings
+        if fresh.api_tokens_file is not None:
+            snapshot.add_file("tokens", fresh.api_tokens_file)
+        logging.getLogger().setLevel(logging.getLevelName(fresh.log_level.upper()) if fresh.log_level != "trace"
+                                     else 5)
+        return fresh.model_copy(update={name: getattr(self.settings, name) for name in RESTART_ONLY})
+
+    def _worker_spec(self, number: int, snapshot: Snapshot, settings: Settings) -> WorkerSpec:
         env = {f"{ENV_PREFIX}{name.upper()}": env_value(value) for name, value in self.overrides.items()}
         env[SUPERVISOR_ENV] = self.control_path
-        if snapshot.config_file is not None:
-            env[CONFIG_ENV] = str(snapshot.config_file)
-        check_paths = self.settings.check_paths
-        if check_paths is None:
-            check_paths = DEFAULT_CHECK_PATHS if self.app == DEFAULT_APP else []
-        return WorkerSpec(
-            app=self.app,
-            generation=number,
-            snapshot_dir=str(snapshot.directory),
-            packages=snapshot.packages,
-            source_dirs=snapshot.source_dirs,
-            env=env,
-            check_paths=check_paths,
-            log_level=self.settings.log_level,
-            graceful_timeout=self.settings.graceful_timeout,
-            ssl_certfile=str(self.settings.ssl_certfile) if self.settings.ssl else None,
-            ssl_keyfile=str(self.settings.ssl_keyfile) if self.settings.ssl else None,
-        )
+        return generation_spec(self.app, number, snapshot, settings, env)
 
     def _restart_only_changes(self, ready_events: list[dict[str, Any]]) -> list[str]:
         """Name each setting that the new settings change but only a restart can apply."""
@@ -377,33 +415,48 @@ class Master:
 
     # ----- workers --------------------------------------------------------------------------
 
+    def _still_serving(self, generation: Generation) -> bool:
+        return not self.stopping and generation is self.serving
+
     async def _supervise(self, generation: Generation, worker: WorkerProcess) -> None:
-        """Replace a serving worker that dies, from its own generation's snapshot."""
+        """Replace a serving worker that dies, from its own generation's snapshot.
+
+        Each wait is followed by a check that the generation still serves: a reload may
+        swap it out meanwhile, and a replacement must never outlive its generation.
+        """
         failures = 0
         while True:
             # Shielded: cancelling this task (at shutdown) must not cancel the shared future, or
             # the worker would look exited and the graceful drain would not wait for it.
             await asyncio.shield(worker.exited)
-            if self.stopping or generation is not self.serving:
+            if not self._still_serving(generation):
                 return
             logger.warning("worker exited pid=%d generation=%d: replacing it from the same generation",
                            worker.pid, generation.number)
             with contextlib.suppress(ValueError):
                 generation.workers.remove(worker)
             await asyncio.sleep(min(0.1 * 2**failures, 5.0))  # back off when it keeps dying
+            if not self._still_serving(generation):
+                return
+            replacement: WorkerProcess | None = None
             try:
-                await self.template.ensure_running()
-                worker = await generation.spawn_worker(self.template, self.listeners)
+                replacement = await generation.spawn_worker(self.template, self.listeners)
                 async with asyncio.timeout(self.settings.reload_timeout):
-                    await worker.ready
-                    worker.command("serve")
-                    await worker.serving
+                    await replacement.ready
+                    if not self._still_serving(generation):
+                        replacement.signal(signal.SIGKILL)
+                        return
+                    replacement.command("serve")
+                    await replacement.serving
             except (CandidateFailed, SpawnError, TimeoutError) as exc:
                 failures += 1
-                logger.error("cannot respawn a worker of generation %d: %s", generation.number, exc)
-                worker.signal(signal.SIGKILL)  # its exit brings us round again
+                logger.error("cannot respawn a worker of generation %d: %s", generation.number,
+                             str(exc) or type(exc).__name__)
+                if replacement is not None:
+                    replacement.signal(signal.SIGKILL)  # its exit brings us round again
+                    worker = replacement
                 continue
-            failures = 0
+            worker, failures = replacement, 0
             logger.info("worker respawned pid=%d generation=%d", worker.pid, generation.number)
 
     # ----- triggers -------------------------------------------------------------------------
@@ -470,7 +523,7 @@ class Master:
             "generation": self.serving.number if self.serving else None,
             "generation_code_version": self.serving.code_version if self.serving else None,
             "workers": workers,
-            "reload_state": self.state,
+            "reload_state": self.reload_state,
             "last_reload": self.history[-1].as_dict() if self.history else None,
             "pending_reload": self.pending.id if self.pending else None,
             "reloads": [r.as_dict() for r in reversed(records)],

@@ -14,7 +14,7 @@ import hashlib
 import importlib.util
 import py_compile
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pypnm.identity import code_version
@@ -24,13 +24,30 @@ class SnapshotError(Exception):
     """The code or the settings file cannot be frozen; the message is the reload's reason."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Snapshot:
     directory: Path  # first on the workers' sys.path
     packages: list[str]  # top-level names the workers import from here
     source_dirs: dict[str, str]  # copy → original, to name files as the operator knows them
     code_version: str
-    config_file: Path | None  # the copy of the settings file, if there is one
+    files: dict[str, Path] = field(default_factory=dict)  # frozen copies of settings files, by role
+
+    @property
+    def config_file(self) -> Path | None:
+        return self.files.get("settings.toml")
+
+    def add_file(self, role: str, source: Path) -> Path:
+        """Freeze a copy of `source` (a settings file) as `role`; SnapshotError when unreadable."""
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            what = {"settings.toml": "config file", "tokens": "api_tokens_file"}.get(role, role)
+            raise SnapshotError(f"{what} {str(source)!r}: cannot read it ({exc.strerror})") from None
+        copy = self.directory / role
+        copy.write_bytes(data)
+        self.files[role] = copy
+        self.source_dirs[str(copy)] = str(source)  # reasons name the operator's file
+        return copy
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -69,21 +86,18 @@ def take_snapshot(
                 compiler.compile(target, source)
                 digest.update(target.read_bytes())
             source_dirs[str(target)] = str(source)
-        config_copy = None
+        single_package = len(sources) == 1 and next(iter(sources.values())).is_dir()
+        version = code_version(directory / next(iter(sources))) if single_package else digest.hexdigest()[:16]
+        snapshot = Snapshot(directory, list(sources), source_dirs, version)
         if config_file is not None:
-            try:
-                data = config_file.read_bytes()
-            except OSError as exc:
-                raise SnapshotError(f"config file {str(config_file)!r}: cannot read it ({exc.strerror})") from None
-            config_copy = directory / "settings.toml"
-            config_copy.write_bytes(data)
-            source_dirs[str(config_copy)] = str(config_file)  # reasons name the operator's file
+            snapshot.add_file("settings.toml", config_file)
+    except OSError as exc:  # shutil.Error too: a file that vanished or a dangling link mid-copy
+        shutil.rmtree(directory, ignore_errors=True)
+        raise SnapshotError(f"cannot copy the code: {exc}") from None
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    single_package = len(sources) == 1 and next(iter(sources.values())).is_dir()
-    version = code_version(directory / next(iter(sources))) if single_package else digest.hexdigest()[:16]
-    return Snapshot(directory, list(sources), source_dirs, version, config_copy)
+    return snapshot
 
 
 class Compiler:

@@ -67,6 +67,9 @@ class ForkTemplate:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pypnm.supervisor.template", str(theirs.fileno()), self.log_level, *self.preload],
             pass_fds=[theirs.fileno()],
+            # Its own session: a terminal's SIGINT or SIGHUP reaches the master only, which then
+            # stops or reloads the workers in order instead of having them die under it.
+            start_new_session=True,
         )
         theirs.close()
         ours.setblocking(False)
@@ -79,46 +82,47 @@ class ForkTemplate:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    async def ensure_running(self) -> None:
-        if not self.is_running():
-            logger.warning("fork template is gone; starting a new one")
-            await self.stop()
-            await self.start()
-
     async def refresh_if_stale(self) -> None:
         """Start a new template when third-party packages changed on disk, or when it died."""
-        if not self.is_running():
-            await self.ensure_running()
-            return
-        now = installed_versions()
-        if now != self.versions:
-            changes = ", ".join(
-                f"{name} {self.versions.get(name, '-')} -> {now.get(name, '-')}"
-                for name in sorted(set(now) | set(self.versions))
-                if now.get(name) != self.versions.get(name)
-            )
-            logger.warning(
-                "third-party packages changed (%s): starting a new fork template so new workers load them; "
-                "the master keeps its own imports until pypnm is restarted",
-                changes,
-            )
-            await self.stop()
-            await self.start()
+        async with self._lock:
+            now = installed_versions()
+            if self.is_running() and now == self.versions:
+                return
+            if self.is_running():
+                changes = ", ".join(
+                    f"{name} {self.versions.get(name, '-')} -> {now.get(name, '-')}"
+                    for name in sorted(set(now) | set(self.versions))
+                    if now.get(name) != self.versions.get(name)
+                )
+                logger.warning(
+                    "third-party packages changed (%s): starting a new fork template so new workers load them; "
+                    "the master keeps its own imports until pypnm is restarted",
+                    changes,
+                )
+            else:
+                logger.warning("fork template is gone; starting a new one")
+            await self._restart()
 
     async def spawn(self, spec_json: str, fds: list[int]) -> int:
         """Fork a worker with `fds` (its channel, then the listeners); return its pid."""
-        async with self._lock:
-            if self.channel is None:
-                raise SpawnError("the fork template is not running")
+        async with self._lock:  # one request at a time, and never while the template is replaced
+            if not self.is_running():
+                logger.warning("fork template is gone; starting a new one")
+                await self._restart()
+            assert self.channel is not None
             request = b'{"cmd": "spawn", "spec": ' + spec_json.encode() + b"}"
             try:
                 socket.send_fds(self.channel, [request], fds)
                 answer = await asyncio.wait_for(self._receive(), 10)
             except (OSError, TimeoutError) as exc:
-                raise SpawnError(f"the fork template did not answer: {exc}") from exc
+                raise SpawnError(f"the fork template did not answer: {exc or type(exc).__name__}") from exc
         if "pid" not in answer:
             raise SpawnError(str(answer.get("error", answer)))
         return int(answer["pid"])
+
+    async def _restart(self) -> None:
+        await self.stop()
+        await self.start()
 
     async def _receive(self) -> dict[str, Any]:
         assert self.channel is not None

@@ -11,9 +11,9 @@ Protocol (a Unix socketpair with the master): the master sends
 `{"cmd": "spawn", "spec": {...}}` with file descriptors [worker channel, listeners...];
 the template answers `{"pid": N}` (or `{"error": "..."}`). At start it sends
 `{"ready": true}` once its modules are imported. End-of-file means the master is gone:
-the template exits. It ignores SIGINT (the master decides when it stops) and lets the
-kernel reap its children (SIGCHLD ignored); the master learns of a worker's exit from
-the worker's own socketpair.
+the template exits. It runs in a session of its own (so a terminal's signals reach only
+the master) and lets the kernel reap its children (SIGCHLD ignored); the master learns
+of a worker's exit from the worker's own socketpair.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def fork_worker(channel: socket.socket, request: dict[str, object], fds: list[in
     try:
         channel.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for fd in fds:
+            os.set_inheritable(fd, False)  # SCM_RIGHTS fds arrive inheritable; the app's children must not get them
         spec = worker.WorkerSpec.from_json(json.dumps(request["spec"]))
         worker_channel = socket.socket(fileno=fds[0])
         listeners = [socket.socket(fileno=fd) for fd in fds[1:]]
@@ -103,7 +104,6 @@ def serve(channel: socket.socket) -> None:
 def main() -> None:
     channel_fd, log_level, *extra = sys.argv[1:]
     setup_logging("template", log_level)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     preload([*PRELOADED, *extra])
     serve(socket.socket(fileno=int(channel_fd)))
