@@ -93,11 +93,19 @@ def take_snapshot(
             snapshot.add_file("settings.toml", config_file)
     except OSError as exc:  # shutil.Error too: a file that vanished or a dangling link mid-copy
         shutil.rmtree(directory, ignore_errors=True)
-        raise SnapshotError(f"cannot copy the code: {exc}") from None
+        raise SnapshotError(_copy_problem(exc)) from None
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return snapshot
+
+
+def _copy_problem(exc: OSError) -> str:
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        source, _target, why = exc.args[0][0]
+        more = f" (and {len(exc.args[0]) - 1} more)" if len(exc.args[0]) > 1 else ""
+        return f"cannot copy the code: {source}: {str(why).split(': ', 1)[0]}{more}"
+    return f"cannot copy the code: {exc.filename or ''}: {exc.strerror or exc}"
 
 
 class Compiler:
