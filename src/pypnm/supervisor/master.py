@@ -5,7 +5,7 @@ One asyncio loop handles everything that can happen to the service: signals
 channel and the file watcher, and worker exits. Reloads run one at a time in
 `_reloader`; requests that arrive meanwhile collapse into one follow-up, which starts
 no sooner than `reload_min_interval` after the previous one, so a storm of triggers
-builds at most two generations. The master never imports the application: it copies
+within that interval builds at most two generations. The master never imports the application: it copies
 and compiles the code (snapshot.py) and leaves importing it to the candidate workers.
 """
 
@@ -507,7 +507,10 @@ class Master:
         if command == "reload":
             if self.stopping:
                 return {"error": "the service is stopping"}
-            return {"reload_id": self.request_reload(str(request.get("source", "control"))).id}
+            source = str(request.get("source", "control"))
+            if request.get("request_id"):
+                source += f" (request {request['request_id']})"  # ties the master's log to the access log
+            return {"reload_id": self.request_reload(source).id}
         if command == "status":
             return self.status()
         return {"error": f"unknown command {command!r}"}
