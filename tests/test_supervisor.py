@@ -132,7 +132,7 @@ def test_reload_by_endpoint_serves_new_code(start_service: StartService, pypnm_c
     after = wait_serving_alone(service, 2)
     assert_new_generation(before, after, code_changed=True)
     assert after["last_reload"]["id"] == response.headers["x-reload-id"]
-    assert after["last_reload"]["source"] == "http"
+    assert after["last_reload"]["source"] == f"http (request {response.headers['x-request-id']})"
     assert after["version"] == "0.1.0+edited"
     assert after["code_version"] == after["generation_code_version"]
     assert after["pid"] in worker_pids(after)
