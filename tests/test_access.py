@@ -124,7 +124,7 @@ def http_reload_ids(service: Service, settle: bool = False) -> set[str]:
     if settle:
         wait_until(idle, timeout=30.0, interval=0.1)
     status = service.status()
-    ids = {r["id"] for r in status["reloads"] if r["source"] == "http"}
+    ids = {r["id"] for r in status["reloads"] if r["source"].startswith("http (request ")}
     return ids | ({status["pending_reload"]} if status["pending_reload"] else set())
 
 

@@ -213,7 +213,7 @@ def test_supervised_reload_answers_exact_body_with_reload_id(start_service: Call
     reload_id = response.headers["x-reload-id"]
     record = wait_until(lambda: reload_record(service, reload_id), timeout=30)
     assert record["outcome"] == "succeeded", record
-    assert record["source"] == "http"
+    assert record["source"] == f"http (request {response.headers['x-request-id']})"
     # The outcome is recorded once the old generation stopped accepting: a new connection reaches the new one.
     after = service.status()
     assert after["pid"] != before["pid"]
