@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"serve": serve, "reload": reload, "status": status, "check": check}
     try:
         return handlers[args.command](args)
+    except _Unanswered as exc:
+        return _fail(str(exc), exc.code)
     except KeyboardInterrupt:
         return 130
 
@@ -203,14 +205,27 @@ def _detail(response: httpx.Response) -> str:
         return response.text.strip()
 
 
+class _Unanswered(Exception):
+    """The service could not be reached (exit 2) or refused the request (exit 1)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _get(client: httpx.Client, path: str, what: str) -> httpx.Response:
+    try:
+        response = client.get(path)
+    except httpx.HTTPError as exc:
+        raise _Unanswered(f"cannot reach {client.base_url}: {exc}", 2) from None
+    if response.status_code != 200:
+        raise _Unanswered(f"{what} refused ({response.status_code}): {_detail(response)}", 1)
+    return response
+
+
 def reload(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        try:
-            response = client.get("/pypnm/system/webService/reload")
-        except httpx.HTTPError as exc:
-            return _fail(f"cannot reach {client.base_url}: {exc}")
-        if response.status_code != 200:
-            return _fail(f"reload refused ({response.status_code}): {_detail(response)}", 1)
+        response = _get(client, "/pypnm/system/webService/reload", "reload")
         reload_id = response.headers.get("X-Reload-Id")
         if not args.wait:
             sys.stdout.write(f"reload triggered{f' (id {reload_id})' if reload_id else ''}\n")
@@ -246,13 +261,7 @@ def _wait_for(client: httpx.Client, reload_id: str, timeout: float) -> int:
 
 def status(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        try:
-            response = client.get("/pypnm/system/webService/status")
-        except httpx.HTTPError as exc:
-            return _fail(f"cannot reach {client.base_url}: {exc}")
-    if response.status_code != 200:
-        return _fail(f"status refused ({response.status_code}): {_detail(response)}", 1)
-    info = response.json()
+        info = _get(client, "/pypnm/system/webService/status", "status").json()
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return 0
