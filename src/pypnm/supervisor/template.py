@@ -40,8 +40,11 @@ PRELOADED = (
     "pydantic",
     "pydantic_settings",
     "starlette.routing",
+    "pydantic.v1",  # fastapi imports it lazily when it builds the first route
     "uvicorn",
     "uvicorn.lifespan.on",
+    "uvicorn.protocols.http.auto",  # uvicorn.Config.load() imports these two in every worker
+    "uvicorn.protocols.websockets.auto",
     "httptools",
     "uvloop",
     "httpx",

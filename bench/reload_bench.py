@@ -1,0 +1,936 @@
+"""Reload benchmark: uvicorn --reload vs uvicorn --workers 2 + SIGHUP vs pypnm serve --workers 2.
+
+Each server serves the same small app (bench/app.py, copied into a scratch directory)
+under an open-loop load of keep-alive and fresh-connection requests. The benchmark
+rewrites the app's MARKER before every reload and triggers it the way that server
+offers, then reads from the responses when new code answered first and when every
+response came from new code, what failed and how latency behaved. See bench/README.md.
+
+    python bench/reload_bench.py                       # all three servers, 20 reloads each
+    python bench/reload_bench.py --only pypnm --reloads 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BENCH_DIR = Path(__file__).resolve().parent
+APP_SOURCE = BENCH_DIR / "app.py"
+PACKAGE = "benchpkg"  # the scratch package every server imports: benchpkg/__init__.py re-exports app.py's app
+APP_SPEC = f"{PACKAGE}:app"
+MARKER_LINE = re.compile(r'^MARKER = "[^"\n]*"', re.MULTILINE)
+HOST = "127.0.0.1"  # the only address this benchmark ever talks to
+
+BASELINE = "uvicorn-workers"
+SERVER_NAMES = ("uvicorn-reload", "uvicorn-workers", "pypnm")
+
+REQUEST_TIMEOUT = 5.0  # a request without an answer by then (from when it was sent) counts as a "timeout"
+SLOW_SECONDS = 2.0
+SLOW_TIMEOUT = 15.0
+WINDOW = 1.0  # the reload window: [trigger, trigger + WINDOW)
+RUN_LENGTH = 20  # "all on new code" needs at least this many new-code responses after the last old one
+MAX_IN_FLIGHT = 1000
+# The keep-alive client pools at most this many connections, as a real client or proxy does; requests beyond
+# wait for a free one (the wait counts in their latency). Without a bound, a server that stalls for a second
+# makes the client open hundreds of connections, and the client itself, not the server, becomes the bottleneck.
+KEEPALIVE_CONNECTIONS = 10
+FRESH_CONNECTIONS = 200  # new connections in flight at once (each request opens and closes its own)
+STARTUP_TIMEOUT = 40.0
+CONVERGE_TIMEOUT = 15.0
+BROKEN_SECONDS = 3.0
+SETTLED = 0.1  # pacing: a reload is over when no request is older than this and new code answers
+
+# ----- the servers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    name: str
+    title: str
+    trigger: str  # "file": writing the file is the trigger; "hup": SIGHUP to the process we started
+    args: Callable[[int], list[str]]
+    broken_pattern: str  # what its log says when it meets the broken code (for the report)
+
+
+def _uvicorn(*extra: str) -> Callable[[int], list[str]]:
+    def args(port: int) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", APP_SPEC, "--host", HOST, "--port", str(port), "--no-access-log",
+                *extra]
+    return args
+
+
+def _pypnm(port: int) -> list[str]:
+    return [sys.executable, "-m", "pypnm", "serve", "--host", HOST, "--port", str(port), "--workers", "2",
+            "--app", APP_SPEC, "--no-access-log"]
+
+
+SERVERS = {
+    "uvicorn-reload": ServerKind(
+        "uvicorn-reload", "uvicorn --reload (1 process, file change is the trigger)", "file", _uvicorn("--reload"),
+        r"SyntaxError|Error loading ASGI app",
+    ),
+    "uvicorn-workers": ServerKind(
+        "uvicorn-workers", "uvicorn --workers 2, kill -HUP <master>", "hup", _uvicorn("--workers", "2"),
+        r"SyntaxError|not ready in time|aborting the restart",
+    ),
+    "pypnm": ServerKind(
+        "pypnm", "pypnm serve --workers 2, kill -HUP <master>", "hup", _pypnm,
+        r"reload \w+ failed",
+    ),
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for servers: no PYPNM_* settings, no proxies, no stale bytecode, unbuffered logs."""
+    env = {
+        key: value for key, value in os.environ.items()
+        if not key.startswith("PYPNM_") and key.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+        and key != "PYTHONPATH"
+    }
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # two versions of app.py may share size and mtime second
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class AppCopy:
+    """The scratch package a server imports; every write is atomic (write a dotfile, rename it over)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.package = root / PACKAGE
+        self.package.mkdir(parents=True)
+        self.template = APP_SOURCE.read_text()
+        if not MARKER_LINE.search(self.template):
+            raise SystemExit(f"{APP_SOURCE}: no line 'MARKER = \"...\"' to rewrite")
+        # __init__.py is pypnm's "route module file" (the one its master watches); app.py is what changes,
+        # so SIGHUP is pypnm's only trigger here, as it is uvicorn --workers' (see README.md).
+        (self.package / "__init__.py").write_text('from .app import app\n\n__all__ = ["app"]\n')
+        self.write("r000")
+
+    def write(self, marker: str, *, broken: bool = False) -> None:
+        source = MARKER_LINE.sub(f'MARKER = "{marker}"', self.template, count=1)
+        if broken:
+            source += "\n\ndef broken(:  # a syntax error, written by reload_bench.py\n    pass\n"
+        scratch = self.package / ".app.py.tmp"
+        scratch.write_text(source)
+        os.replace(scratch, self.package / "app.py")
+
+
+class Server:
+    def __init__(self, kind: ServerKind, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.base_url = f"http://{HOST}:{self.port}"
+        self.app = AppCopy(workdir)
+        self.log_path = workdir / "server.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            kind.args(self.port), cwd=workdir, env={**clean_env(), **(extra_env or {})}, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, marker: str) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        with httpx.Client(base_url=self.base_url, timeout=2.0, trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.kind.name} exited with {self.process.returncode}; see {self.log_path}")
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    response = client.get("/")
+                    if response.status_code == 200 and response.json().get("code") == marker:
+                        return
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.kind.name} did not answer within {STARTUP_TIMEOUT:.0f}s; see {self.log_path}")
+
+    def trigger(self) -> None:
+        if self.kind.trigger == "hup":
+            os.kill(self.pid, signal.SIGHUP)
+
+    def stop(self) -> None:
+        """SIGTERM to the process we started, then SIGKILL to its whole process group (ours alone)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # start_new_session=True: the group id is our child's pid
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        self._log.close()
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines()
+
+
+# ----- the load ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Sample:
+    kind: str  # "keepalive", "fresh" or "slow"
+    sent: float  # monotonic time the request was due (open loop: latency counts any client-side delay)
+    done: float
+    status: int | None
+    marker: str | None
+    error: str | None  # failure kind, None when the request got a 2xx with a marker
+
+    @property
+    def latency(self) -> float:
+        return self.done - self.sent
+
+
+def failure_kind(exc: BaseException) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "protocol-error"
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    codes = {getattr(e, "errno", None) for e in chain}
+    text = " ".join(repr(e) for e in chain).lower()
+    if isinstance(exc, httpx.ConnectError):
+        return "refused" if errno.ECONNREFUSED in codes or "refused" in text else "connect-error"
+    if codes & {errno.ECONNRESET, errno.EPIPE} or "reset" in text or "broken pipe" in text:
+        return "reset"
+    if isinstance(exc, httpx.ReadError | httpx.WriteError):
+        return "read-write-error"
+    return type(exc).__name__
+
+
+class LoadGenerator:
+    """Open-loop load from its own thread and event loop: request k is due at t0 + k/rate, alternating
+    between a keep-alive client and a client that opens a new connection per request."""
+
+    def __init__(self, base_url: str, rate: float) -> None:
+        self.base_url = base_url
+        self.rate = rate
+        self.samples: list[Sample] = []  # appended by the load thread only; read by the controller
+        self._pending: dict[int, float] = {}  # scheduled requests without an answer yet: id -> due time
+        self._pending_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the load generator did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=SLOW_TIMEOUT + 5)
+
+    def oldest_pending(self, since: float) -> float | None:
+        """Due time of the oldest request due at or after `since` that still waits for its answer."""
+        with self._pending_lock:
+            return min((due for due in self._pending.values() if due >= since), default=None)
+
+    def probe(self, path: str) -> concurrent.futures.Future[Sample]:
+        """One extra request (on a new connection) outside the schedule."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(
+            self._one("slow", self._clients["fresh"], path, time.monotonic(), SLOW_TIMEOUT), self._loop
+        )
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        common: dict[str, Any] = {"base_url": self.base_url, "trust_env": False, "timeout": REQUEST_TIMEOUT}
+        async with (
+            httpx.AsyncClient(limits=httpx.Limits(max_connections=KEEPALIVE_CONNECTIONS,
+                                                  max_keepalive_connections=KEEPALIVE_CONNECTIONS), **common)
+            as keepalive,
+            httpx.AsyncClient(limits=httpx.Limits(max_connections=FRESH_CONNECTIONS, max_keepalive_connections=0),
+                              headers={"Connection": "close"}, **common) as fresh,
+        ):
+            self._clients = {"keepalive": keepalive, "fresh": fresh}
+            self._ready.set()
+            tasks: set[asyncio.Task[None]] = set()
+            start = time.monotonic()
+            k = 0
+            while not self._stop.is_set():
+                due = start + k / self.rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), delay)
+                    continue
+                kind = "keepalive" if k % 2 == 0 else "fresh"
+                k += 1
+                if len(tasks) >= MAX_IN_FLIGHT:
+                    self.samples.append(Sample(kind, due, time.monotonic(), None, None, "client-overload"))
+                    continue
+                task = asyncio.create_task(self._record(kind, self._clients[kind], due))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT + 2)
+            for task in tasks:
+                task.cancel()
+
+    async def _record(self, kind: str, client: httpx.AsyncClient, due: float) -> None:
+        key = id(asyncio.current_task())
+        with self._pending_lock:
+            self._pending[key] = due
+        try:
+            self.samples.append(await self._one(kind, client, "/", due, REQUEST_TIMEOUT))
+        finally:
+            with self._pending_lock:
+                del self._pending[key]
+
+    @staticmethod
+    async def _one(kind: str, client: httpx.AsyncClient, path: str, due: float, timeout: float) -> Sample:
+        try:
+            async with asyncio.timeout(timeout):  # one deadline for the whole request, pool wait included
+                response = await client.get(path)
+                body = response.content
+        except TimeoutError:
+            return Sample(kind, due, time.monotonic(), None, None, "timeout")
+        except Exception as exc:
+            return Sample(kind, due, time.monotonic(), None, None, failure_kind(exc))
+        done = time.monotonic()
+        if response.status_code >= 500:
+            return Sample(kind, due, done, response.status_code, None, "5xx")
+        if response.status_code != 200:
+            return Sample(kind, due, done, response.status_code, None, f"http-{response.status_code}")
+        try:
+            marker = str(json.loads(body)["code"])
+        except (ValueError, KeyError, TypeError):
+            return Sample(kind, due, done, response.status_code, None, "bad-body")
+        return Sample(kind, due, done, response.status_code, marker, None)
+
+
+# ----- one server's run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    kind: str  # "reload", "inflight", "broken" or "fix"
+    marker: str  # the marker of the code written for this round
+    old_marker: str
+    written: float  # monotonic: the new file is in place
+    trigger: float  # monotonic: the trigger (== written when the write is the trigger)
+    trigger_wall: float  # time.time() at the trigger, to line up with server logs
+    converged: float | None = None  # when the controller saw a run of new-code responses (pacing only)
+    slow: Sample | None = None
+
+
+@dataclass
+class RunData:
+    kind: ServerKind
+    rate: float
+    quiet: tuple[float, float]
+    rounds: list[Round]
+    samples: list[Sample]
+    log_lines: list[str]
+    elapsed: float
+    load: tuple[float, float]  # 1-minute load average before the server started and after it stopped
+
+
+def converged(samples: Sequence[Sample], since: float, marker: str, oldest_pending: float | None) -> bool:
+    """Online check used only to pace the rounds: the newest RUN_LENGTH+ answers (both kinds) are new code,
+    and every request sent after the trigger more than SETTLED s ago has its answer (it might yet be old code)."""
+    recent = sorted((s for s in samples if s.kind != "slow" and s.sent >= since), key=lambda s: s.done)
+    run: list[Sample] = []
+    for sample in reversed(recent):
+        if sample.marker != marker:
+            break
+        run.append(sample)
+    return (
+        len(run) >= RUN_LENGTH
+        and run[0].done - run[-1].done >= 0.2
+        and {s.kind for s in run} == {"keepalive", "fresh"}
+        and (oldest_pending is None or time.monotonic() - oldest_pending < SETTLED)
+    )
+
+
+class Bench:
+    def __init__(self, kind: ServerKind, args: argparse.Namespace, workdir: Path) -> None:
+        self.kind = kind
+        self.args = args
+        self.workdir = workdir
+        self.rounds: list[Round] = []
+        self.version = 0
+        self.current = "r000"
+
+    def log(self, message: str) -> None:
+        sys.stderr.write(f"[{self.kind.name}] {message}\n")
+        sys.stderr.flush()
+
+    def run(self) -> RunData:
+        began = time.monotonic()
+        load_before = os.getloadavg()[0]
+        settings = dict(self.args.pypnm_setting) if self.kind.name == "pypnm" else {}
+        server = Server(self.kind, self.workdir, {f"PYPNM_{name.upper()}": value for name, value in settings.items()})
+        load: LoadGenerator | None = None
+        try:
+            self.log(f"starting on port {server.port} (pid {server.pid}): {' '.join(self.kind.args(server.port)[1:])}")
+            server.wait_ready("r000")
+            time.sleep(1.5)  # let every worker come up
+            load = LoadGenerator(server.base_url, self.args.rate)
+            load.start()
+            time.sleep(1.0)  # warm the clients' connections
+            quiet_start = time.monotonic()
+            time.sleep(self.args.quiet)
+            quiet = (quiet_start, time.monotonic())
+            self.log(f"quiet phase done; {self.args.reloads} reloads follow")
+            for number in range(1, self.args.reloads + 1):
+                self._reload_round(server, load, "reload")
+                last = self.rounds[-1]
+                shown = f"{last.converged - last.trigger:.3f}s" if last.converged else "NOT converged"
+                self.log(f"reload {number}/{self.args.reloads}: all new code after {shown}")
+            if not self.args.no_inflight:
+                self._inflight_round(server, load)
+            if not self.args.no_broken:
+                self._broken_rounds(server, load)
+            time.sleep(0.5)
+        finally:
+            if load is not None:
+                load.stop()
+            server.stop()
+        samples = list(load.samples) if load else []
+        if self.args.keep:
+            self._dump(samples)
+        return RunData(self.kind, self.args.rate, quiet, self.rounds, samples, server.log_lines(),
+                       time.monotonic() - began, (load_before, os.getloadavg()[0]))
+
+    def _dump(self, samples: list[Sample]) -> None:
+        """Raw data next to the server log, for a closer look (--keep); times in seconds from the first trigger."""
+        zero = self.rounds[0].trigger if self.rounds else 0.0
+        with (self.workdir / "samples.csv").open("w") as out:
+            out.write("kind,sent,done,latency_ms,status,marker,error\n")
+            for s in sorted(samples, key=lambda s: s.sent):
+                out.write(f"{s.kind},{s.sent - zero:.4f},{s.done - zero:.4f},{s.latency * 1000:.2f},"
+                          f"{s.status or ''},{s.marker or ''},{s.error or ''}\n")
+        rounds = [{"kind": r.kind, "marker": r.marker, "old_marker": r.old_marker, "trigger": r.trigger - zero,
+                   "trigger_wall": r.trigger_wall} for r in self.rounds]
+        (self.workdir / "rounds.json").write_text(json.dumps(rounds, indent=1))
+
+    def _next_marker(self) -> str:
+        self.version += 1
+        return f"r{self.version:03d}"
+
+    def _trigger(self, server: Server, kind: str, *, broken: bool = False) -> Round:
+        marker = "broken" if broken else self._next_marker()
+        server.app.write(marker, broken=broken)
+        written = time.monotonic()  # for uvicorn --reload this is the trigger
+        record = Round(kind, marker, self.current, written, written, time.time())
+        if server.kind.trigger == "hup":
+            record.trigger, record.trigger_wall = time.monotonic(), time.time()
+            server.trigger()
+        if not broken:
+            self.current = marker
+        self.rounds.append(record)
+        return record
+
+    def _wait_converged(self, load: LoadGenerator, record: Round, timeout: float) -> None:
+        deadline = record.trigger + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            if converged(load.samples[-400:], record.trigger, record.marker, load.oldest_pending(record.trigger)):
+                record.converged = time.monotonic()
+                return
+
+    def _pace(self, record: Round) -> None:
+        """Next trigger no sooner than --spacing after this one, and 0.3 s after new code took over."""
+        until = record.trigger + self.args.spacing
+        if record.converged is not None:
+            until = max(until, record.converged + 0.3)
+        time.sleep(max(0.0, until - time.monotonic()))
+
+    def _reload_round(self, server: Server, load: LoadGenerator, kind: str) -> Round:
+        record = self._trigger(server, kind)
+        self._wait_converged(load, record, CONVERGE_TIMEOUT)
+        self._pace(record)
+        return record
+
+    def _inflight_round(self, server: Server, load: LoadGenerator) -> None:
+        slow = load.probe(f"/slow?s={SLOW_SECONDS:g}")
+        time.sleep(0.3)  # the slow request is being served when the reload starts
+        record = self._trigger(server, "inflight")
+        self._wait_converged(load, record, CONVERGE_TIMEOUT)
+        try:
+            record.slow = slow.result(timeout=SLOW_TIMEOUT + 2)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            record.slow = None
+        self._pace(record)
+        self.log(f"in-flight round: slow request -> {record.slow}")
+
+    def _broken_rounds(self, server: Server, load: LoadGenerator) -> None:
+        self._trigger(server, "broken", broken=True)
+        time.sleep(BROKEN_SECONDS)
+        self.log("broken-code round: writing the fix")
+        fix = self._trigger(server, "fix")
+        self._wait_converged(load, fix, 20.0)
+        self._pace(fix)
+
+
+# ----- analysis ------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, math.ceil(q / 100 * len(ordered)) - 1)
+    return ordered[rank]
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+@dataclass
+class RoundResult:
+    kind: str
+    marker: str
+    first_new: float | None  # trigger -> first response from new code (its completion)
+    all_new: float | None  # trigger -> first response after which every answer is new code
+    window_max: float | None  # worst latency of a request sent in [trigger, trigger + WINDOW)
+    sent: int
+    failures: dict[str, int]
+    old_answers: int  # answers from old code, among requests sent after the trigger
+
+
+@dataclass
+class Report:
+    name: str
+    title: str
+    elapsed: float
+    load: tuple[float, float]
+    sent: int
+    failed: dict[str, int]
+    failed_by_phase: dict[str, dict[str, int]]
+    rounds: list[RoundResult]
+    steady_p50: float | None  # steady: every request sent outside the reload windows (quiet phase + between them)
+    steady_p99: float | None
+    quiet_p99: float | None
+    window_p99: float | None
+    outside_p99: float | None
+    window_max: float | None
+    inflight: dict[str, Any] | None
+    broken: dict[str, Any] | None
+    phases: dict[str, float | None] = field(default_factory=dict)
+    phase_count: int = 0
+
+    def reload_rounds(self) -> list[RoundResult]:
+        return [r for r in self.rounds if r.kind == "reload"]
+
+    @property
+    def first_new(self) -> float | None:
+        return median(r.first_new for r in self.reload_rounds())
+
+    @property
+    def all_new(self) -> float | None:
+        return median(r.all_new for r in self.reload_rounds())
+
+
+def analyse_round(record: Round, end: float, samples: Sequence[Sample]) -> RoundResult:
+    mine = sorted((s for s in samples if s.kind != "slow" and record.trigger <= s.sent < end), key=lambda s: s.done)
+    new = [s for s in mine if s.marker == record.marker]
+    first_new = new[0].done - record.trigger if new else None
+    last_other = max((i for i, s in enumerate(mine) if s.marker != record.marker), default=-1)
+    tail = mine[last_other + 1:]
+    all_new = tail[0].done - record.trigger if len(tail) >= RUN_LENGTH else None
+    window = [s.latency for s in mine if s.sent < record.trigger + WINDOW]
+    return RoundResult(
+        kind=record.kind,
+        marker=record.marker,
+        first_new=first_new,
+        all_new=all_new,
+        window_max=max(window) if window else None,
+        sent=len(mine),
+        failures=dict(Counter(s.error for s in mine if s.error)),
+        old_answers=sum(1 for s in mine if s.marker == record.old_marker),
+    )
+
+
+def analyse(data: RunData) -> Report:
+    normal = [s for s in data.samples if s.kind != "slow"]
+    rounds = data.rounds
+    ends = [r.trigger for r in rounds[1:]] + [math.inf]
+    results = [analyse_round(r, end, normal) for r, end in zip(rounds, ends, strict=True)]
+
+    reload_rounds = [r for r in rounds if r.kind == "reload"]
+    in_window = [s for s in normal
+                 if any(r.trigger <= s.sent < r.trigger + WINDOW for r in reload_rounds)]
+    reload_span = (reload_rounds[0].trigger, ends[len(reload_rounds) - 1]) if reload_rounds else (0.0, 0.0)
+    outside = [s for s in normal if reload_span[0] <= s.sent < reload_span[1]
+               and not any(r.trigger <= s.sent < r.trigger + WINDOW for r in reload_rounds)]
+    quiet = [s for s in normal if data.quiet[0] <= s.sent < data.quiet[1]]
+
+    def phase(sample: Sample) -> str:
+        if sample.sent < (rounds[0].trigger if rounds else math.inf):
+            return "quiet"
+        current = max((r for r in rounds if r.trigger <= sample.sent), key=lambda r: r.trigger)
+        return {"reload": "reloads", "inflight": "in-flight", "broken": "broken+fix", "fix": "broken+fix"}[current.kind]
+
+    failed_by_phase: dict[str, Counter[str]] = {}
+    for sample in data.samples:
+        if sample.error:
+            failed_by_phase.setdefault(phase(sample) if sample.kind != "slow" else "slow request", Counter())[
+                sample.error] += 1
+    failed = Counter[str]()
+    for counts in failed_by_phase.values():
+        failed.update(counts)
+
+    report = Report(
+        name=data.kind.name,
+        title=data.kind.title,
+        elapsed=data.elapsed,
+        load=data.load,
+        sent=len(data.samples),
+        failed=dict(failed),
+        failed_by_phase={name: dict(c) for name, c in failed_by_phase.items()},
+        rounds=results,
+        steady_p50=percentile([s.latency for s in quiet + outside if not s.error], 50),
+        steady_p99=percentile([s.latency for s in quiet + outside], 99),
+        quiet_p99=percentile([s.latency for s in quiet], 99),
+        window_p99=percentile([s.latency for s in in_window], 99),
+        outside_p99=percentile([s.latency for s in outside], 99),
+        window_max=median(r.window_max for r in results if r.kind == "reload"),
+        inflight=_inflight(data, results),
+        broken=_broken(data, results),
+    )
+    if data.kind.name == "pypnm":
+        report.phases, report.phase_count = pypnm_phases(data.log_lines, data.rounds)
+    return report
+
+
+def _inflight(data: RunData, results: list[RoundResult]) -> dict[str, Any] | None:
+    found = [(r, res) for r, res in zip(data.rounds, results, strict=True) if r.kind == "inflight"]
+    if not found:
+        return None
+    record, result = found[0]
+    slow = record.slow
+    info: dict[str, Any] = {"all_new": result.all_new, "first_new": result.first_new}
+    if slow is None:
+        info.update(completed=False, outcome="no answer within the benchmark's bound")
+        return info
+    info.update(
+        completed=slow.error is None,
+        outcome=slow.error or f"{slow.status} code {slow.marker}"
+        + (" (old code)" if slow.marker == record.old_marker else ""),
+        latency=slow.latency,
+    )
+    others = [s for s in data.samples if s.kind != "slow" and slow.sent <= s.sent <= slow.done]
+    info.update(
+        others=len(others),
+        others_failed=sum(1 for s in others if s.error),
+        others_max=max((s.latency for s in others), default=None),
+        others_p99=percentile([s.latency for s in others], 99),
+    )
+    return info
+
+
+def _broken(data: RunData, results: list[RoundResult]) -> dict[str, Any] | None:
+    pairs = list(zip(data.rounds, results, strict=True))
+    broken = next(((r, res) for r, res in pairs if r.kind == "broken"), None)
+    fix = next(((r, res) for r, res in pairs if r.kind == "fix"), None)
+    if broken is None or fix is None:
+        return None
+    record, result = broken
+    during = [s for s in data.samples if s.kind != "slow" and record.trigger <= s.sent < fix[0].trigger]
+    report_lines = [line for line in data.log_lines if re.search(data.kind.broken_pattern, line)]
+    return {
+        "sent": len(during),
+        "old_code": sum(1 for s in during if s.marker == record.old_marker),
+        "waited_for_fix": sum(1 for s in during if s.marker is not None and s.marker != record.old_marker),
+        "max_latency": max((s.latency for s in during), default=None),
+        "failures": result.failures,
+        "server_said": report_lines[0].split("] ", 1)[-1].strip()[:240] if report_lines else None,
+        "fix_first_new": fix[1].first_new,
+        "fix_all_new": fix[1].all_new,
+        "fix_failures": fix[1].failures,
+        "old_marker": record.old_marker,
+    }
+
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ \[(\w+) pid=\d+ gen=\S+\] \S+: (.*)$")
+PHASE_NAMES = (
+    ("SIGHUP -> queued", "hup", "queued"),
+    ("queued -> building", "queued", "building"),
+    ("building -> workers spawned", "building", "spawned"),
+    ("spawned -> validated", "spawned", "validated"),
+    ("validated -> swapped", "validated", "swapped"),
+    ("SIGHUP -> swapped", "hup", "swapped"),
+    ("swapped -> old generation drained", "swapped", "drained"),
+)
+
+
+def pypnm_phases(lines: list[str], rounds: list[Round]) -> tuple[dict[str, float | None], int]:
+    """Median duration of each reload phase, from the master's millisecond timestamps."""
+    events: dict[int, dict[str, float]] = {}
+    queued: dict[str, float] = {}
+    generation_of: dict[str, int] = {}
+    for line in lines:
+        match = LOG_LINE.match(line)
+        if not match:
+            continue
+        stamp = datetime.fromisoformat(match.group(1) + "+00:00").timestamp()
+        message = match.group(3)
+        if found := re.match(r"reload requested by SIGHUP: reload (\w+) queued", message):
+            queued[found.group(1)] = stamp
+        elif found := re.match(r"reload (\w+): building generation (\d+)", message):
+            number = int(found.group(2))
+            generation_of[found.group(1)] = number
+            events.setdefault(number, {})["building"] = stamp
+            if found.group(1) in queued:
+                events[number]["queued"] = queued[found.group(1)]
+        elif found := re.match(r"worker spawned pid=\d+ generation=(\d+)", message):
+            events.setdefault(int(found.group(1)), {})["spawned"] = stamp  # the last one wins
+        elif found := re.match(r"reload \w+: generation (\d+) validated", message):
+            events.setdefault(int(found.group(1)), {})["validated"] = stamp
+        elif found := re.match(r"reload \w+: swapped in \d+ms: generation (\d+) serving", message):
+            events.setdefault(int(found.group(1)), {})["swapped"] = stamp
+        elif found := re.match(r"generation (\d+) drained", message):
+            # the old generation's drain ends the reload that replaced it
+            events.setdefault(int(found.group(1)) + 1, {})["drained"] = stamp
+    hups = sorted(r.trigger_wall for r in rounds if r.kind == "reload")
+    for marks in events.values():
+        if "queued" in marks:
+            before = [t for t in hups if t <= marks["queued"] + 0.002]  # log stamps are truncated to ms
+            if before and marks["queued"] - before[-1] < 1.0:
+                marks["hup"] = before[-1]
+    # Only the benchmark's normal reloads (generation 1 is the start, the special rounds come last).
+    wanted = [events[n] for n in sorted(events) if n >= 2][: len(hups)]
+    phases: dict[str, float | None] = {}
+    for label, start, end in PHASE_NAMES:
+        phases[label] = median(m[end] - m[start] for m in wanted if start in m and end in m)
+    return phases, len(wanted)
+
+
+# ----- printing ------------------------------------------------------------------------------------
+
+
+def secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
+
+
+def msecs(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}ms"
+
+
+def kinds(counts: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items())) or "none"
+
+
+def spread(values: list[float | None]) -> str:
+    present = sorted(v for v in values if v is not None)
+    missing = len(values) - len(present)
+    if not present:
+        return "-"
+    text = f"median {secs(statistics.median(present))}  p90 {secs(percentile(present, 90))}  " \
+           f"min {secs(present[0])}  max {secs(present[-1])}"
+    return text + (f"  ({missing} never converged)" if missing else "")
+
+
+def print_report(report: Report) -> None:
+    reloads = report.reload_rounds()
+    out = [
+        "",
+        f"=== {report.name}: {report.title} ===",
+        f"run: {report.elapsed:.0f}s, {report.sent} requests, {sum(report.failed.values())} failed; "
+        f"machine: {os.cpu_count()} CPUs, load average {report.load[0]:.2f} before, {report.load[1]:.2f} after",
+        f"reloads: {len(reloads)}" + "".join(
+            f" + {name}" for name, present in (("in-flight round", report.inflight), ("broken-code round and its fix",
+                                                                                      report.broken)) if present),
+        f"  trigger -> first response from new code: {spread([r.first_new for r in reloads])}",
+        f"  trigger -> all responses from new code:  {spread([r.all_new for r in reloads])}",
+        f"  worst latency in a reload window:        {spread([r.window_max for r in reloads])}",
+        f"  answers from old code after the trigger: {sum(r.old_answers for r in reloads)} of "
+        f"{sum(r.sent for r in reloads)}",
+        f"latency: steady (outside reload windows) p50 {msecs(report.steady_p50)} p99 {msecs(report.steady_p99)} "
+        f"[quiet phase p99 {msecs(report.quiet_p99)}, between windows p99 {msecs(report.outside_p99)}]; "
+        f"reload windows p99 {msecs(report.window_p99)}",
+    ]
+    if report.window_p99 and report.steady_p99:
+        out.append(f"  window p99 / steady p99 = {report.window_p99 / report.steady_p99:.2f}x")
+    out.append(f"failed requests: {kinds(report.failed)}")
+    for phase, counts in sorted(report.failed_by_phase.items()):
+        out.append(f"  during {phase}: {kinds(counts)}")
+    if report.inflight:
+        info = report.inflight
+        out.append(
+            f"in-flight {SLOW_SECONDS:g}s request across a reload: {info['outcome']}"
+            + (f" after {secs(info.get('latency'))}" if info.get("latency") is not None else "")
+        )
+        if "others" in info:
+            out.append(
+                f"  other requests meanwhile: {info['others']} sent, {info['others_failed']} failed, "
+                f"p99 {msecs(info['others_p99'])}, max {msecs(info['others_max'])}; "
+                f"trigger -> all new {secs(info['all_new'])}"
+            )
+    if report.broken:
+        info = report.broken
+        out.append(
+            f"broken code for {BROKEN_SECONDS:g}s: of {info['sent']} requests sent, {info['old_code']} answered by "
+            f"the old code {info['old_marker']}, {info['waited_for_fix']} only after the fix; "
+            f"failed: {kinds(info['failures'])}; max latency {msecs(info['max_latency'])}"
+        )
+        out.append(f"  server log: {info['server_said'] or '(nothing matching)'}")
+        out.append(
+            f"  after the fix: trigger -> first new {secs(info['fix_first_new'])}, -> all new "
+            f"{secs(info['fix_all_new'])}; failed: {kinds(info['fix_failures'])}"
+        )
+    if report.phases:
+        out.append(f"pypnm reload phases from the master's log (median of {report.phase_count} reloads):")
+        for label, value in report.phases.items():
+            out.append(f"  {label:<36} {msecs(value)}")
+        swapped = report.phases.get("SIGHUP -> swapped")
+        if swapped is not None and report.all_new is not None:
+            tail = report.all_new - swapped
+            out.append(f"  {'swapped -> last old-code answer':<36} {msecs(tail)} (from the client's side)")
+    print("\n".join(out))
+
+
+def print_summary(reports: list[Report]) -> None:
+    print("\n=== summary (medians over the reloads; steady = outside reload windows) ===")
+    header = f"{'server':<16} {'->first new':>11} {'->all new':>10} {'failed':>7} {'win p99':>9} " \
+             f"{'steady p99':>10} {'win/steady':>10} {'in-flight stall':>15} {'broken code':>12}"
+    print(header)
+    for r in reports:
+        shown = f"{r.window_p99 / r.steady_p99:.2f}x" if r.window_p99 and r.steady_p99 else "-"
+        stall = msecs(r.inflight.get("others_max")) if r.inflight else "-"
+        broken = "-"
+        if r.broken:
+            broken = "kept serving" if r.broken["old_code"] == r.broken["sent"] else "down"
+        print(f"{r.name:<16} {secs(r.first_new):>11} {secs(r.all_new):>10} {sum(r.failed.values()):>7} "
+              f"{msecs(r.window_p99):>9} {msecs(r.steady_p99):>10} {shown:>10} {stall:>15} {broken:>12}")
+    base = next((r for r in reports if r.name == BASELINE), None)
+    if base is not None and base.all_new:
+        print()
+        for r in reports:
+            if r is base or r.all_new is None:
+                continue
+            print(f"{r.name} trigger->all: {secs(r.all_new)} = {r.all_new / base.all_new:.2f}x {BASELINE} "
+                  f"({secs(base.all_new)})")
+    pypnm = next((r for r in reports if r.name == "pypnm"), None)
+    if pypnm is not None:
+        print("\npypnm targets:")
+        failed = sum(pypnm.failed.values())
+        print(f"  0 failed requests:              {failed} failed  -> {'MET' if failed == 0 else 'MISSED'}")
+        if pypnm.window_p99 and pypnm.steady_p99:
+            ratio = pypnm.window_p99 / pypnm.steady_p99
+            print(f"  window p99 <= 1.5x steady p99:  {ratio:.2f}x -> {'MET' if ratio <= 1.5 else 'MISSED'}")
+        if base is not None and base.all_new and pypnm.all_new is not None:
+            ratio = pypnm.all_new / base.all_new
+            print(f"  trigger->all <= 0.25x {BASELINE}: {ratio:.2f}x -> {'MET' if ratio <= 0.25 else 'MISSED'}")
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[a-z_]+", name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a lower-case setting name, got {text!r}")
+    return name, value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--reloads", type=int, default=20, help="normal reloads per server (default 20)")
+    parser.add_argument("--rate", type=float, default=150.0,
+                        help="requests per second in total, half keep-alive, half fresh connections (default 150)")
+    parser.add_argument("--only", action="append", choices=SERVER_NAMES, help="run only this server (repeatable)")
+    parser.add_argument("--spacing", type=float, default=1.5, help="minimum seconds between triggers (default 1.5)")
+    parser.add_argument("--quiet", type=float, default=8.0,
+                        help="seconds of load without reloads before the first one (default 8)")
+    parser.add_argument("--no-inflight", action="store_true", help="skip the in-flight slow request round")
+    parser.add_argument("--no-broken", action="store_true", help="skip the broken-code round")
+    parser.add_argument("--pypnm-setting", action="append", type=_setting, default=[], metavar="NAME=VALUE",
+                        help="a pypnm setting for the pypnm server, passed as PYPNM_NAME (repeatable), "
+                        "e.g. 'preload_modules=[\"pydantic.v1\"]'")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory with the server logs")
+    args = parser.parse_args(argv)
+    if not 1 <= args.reloads <= 200:
+        parser.error("--reloads must be between 1 and 200")
+    if not 10 <= args.rate <= 1000:
+        parser.error("--rate must be between 10 and 1000")
+    if not 1.0 <= args.spacing <= 30:
+        parser.error("--spacing must be between 1 and 30 (pypnm coalesces triggers within 1 s)")
+    if not 1.0 <= args.quiet <= 120:
+        parser.error("--quiet must be between 1 and 120")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [n for n in SERVER_NAMES if not args.only or n in args.only]
+    if os.getloadavg()[0] > 0.5:
+        sys.stderr.write(f"warning: load average {os.getloadavg()[0]:.2f} before the run: other work on this "
+                         "machine will show up in the latencies\n")
+    scratch = Path(tempfile.mkdtemp(prefix="pypnm-reload-bench-"))
+    reports: list[Report] = []
+    try:
+        for name in names:
+            try:
+                data = Bench(SERVERS[name], args, scratch / name).run()
+            except RuntimeError as exc:
+                print(f"\n=== {name}: could not run: {exc} ===")
+                continue
+            report = analyse(data)
+            reports.append(report)
+            print_report(report)
+            sys.stdout.flush()
+        print_summary(reports)
+        if args.json:
+            args.json.write_text(json.dumps([asdict(r) for r in reports], indent=2, default=str))
+    finally:
+        if args.keep:
+            sys.stderr.write(f"server logs kept in {scratch}\n")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
