@@ -171,6 +171,9 @@ class Master:
     def run(self) -> int:
         try:
             asyncio.run(self._main())
+        except (SpawnError, TimeoutError, OSError) as exc:  # the fork template or control socket could not start
+            logger.error("cannot start: %s", str(exc) or type(exc).__name__)
+            self.exit_code = 1
         finally:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         return self.exit_code
