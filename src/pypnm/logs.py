@@ -39,9 +39,14 @@ class _UTCFormatter(logging.Formatter):
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
+def set_level(level: str) -> None:
+    """Apply a `log_level` setting to every logger of this process (`trace` is uvicorn's level 5)."""
+    numeric = logging.getLevelName(level.upper()) if level != "trace" else 5
+    logging.getLogger().setLevel(numeric if isinstance(numeric, int) else logging.INFO)
+
+
 def setup_logging(role: str, level: str = "info") -> None:
     """Send all logging (ours and uvicorn's) to stderr, one line per event."""
-    numeric = logging.getLevelName(level.upper()) if level != "trace" else 5
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ProcessContext(role))
     handler.setFormatter(
@@ -49,7 +54,7 @@ def setup_logging(role: str, level: str = "info") -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
+    set_level(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         # uvicorn's own handlers would print a second, differently shaped line.
         logging.getLogger(name).handlers[:] = []

@@ -31,11 +31,18 @@ from typing import Any
 import watchfiles
 
 from pypnm.identity import SUPERVISOR_ENV, utc_now
-from pypnm.logs import set_generation
+from pypnm.logs import set_generation, set_level
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor import control
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
-from pypnm.supervisor.snapshot import Compiler, Snapshot, SnapshotError, find_project_sources, take_snapshot
+from pypnm.supervisor.snapshot import (
+    TOKENS_FILE,
+    Compiler,
+    Snapshot,
+    SnapshotError,
+    find_project_sources,
+    take_snapshot,
+)
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
 from pypnm.supervisor.worker import WorkerSpec
 
@@ -104,8 +111,8 @@ def generation_spec(app: str, number: int, snapshot: Snapshot, settings: Setting
     env = dict(env)
     if snapshot.config_file is not None:
         env[CONFIG_ENV] = str(snapshot.config_file)
-    if "tokens" in snapshot.files:
-        env[f"{ENV_PREFIX}API_TOKENS_FILE"] = str(snapshot.files["tokens"])
+    if TOKENS_FILE in snapshot.files:
+        env[f"{ENV_PREFIX}API_TOKENS_FILE"] = str(snapshot.files[TOKENS_FILE])
     check_paths = settings.check_paths
     if check_paths is None:
         check_paths = DEFAULT_CHECK_PATHS if app == DEFAULT_APP else []
@@ -188,9 +195,10 @@ class Master:
 
         first = self.request_reload("start")
         self._spawn_task(self._reloader())
-        stop_requested = asyncio.create_task(self._stop.wait())
-        await asyncio.wait([asyncio.create_task(first.wait()), stop_requested], return_when=asyncio.FIRST_COMPLETED)
-        stop_requested.cancel()
+        waits = [asyncio.create_task(first.wait()), asyncio.create_task(self._stop.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
         if first.outcome == "failed":
             logger.error("cannot start: %s", first.reason)
             self.exit_code = 1
@@ -393,9 +401,8 @@ class Master:
         except SettingsError:
             return self.settings
         if fresh.api_tokens_file is not None:
-            snapshot.add_file("tokens", fresh.api_tokens_file)
-        logging.getLogger().setLevel(logging.getLevelName(fresh.log_level.upper()) if fresh.log_level != "trace"
-                                     else 5)
+            snapshot.add_file(TOKENS_FILE, fresh.api_tokens_file)
+        set_level(fresh.log_level)
         return fresh.model_copy(update={name: getattr(self.settings, name) for name in RESTART_ONLY})
 
     def _worker_spec(self, number: int, snapshot: Snapshot, settings: Settings) -> WorkerSpec:

@@ -19,6 +19,11 @@ from pathlib import Path
 
 from pypnm.identity import code_version
 
+# The settings files a snapshot freezes, by the name of their copy, and how an operator calls them.
+CONFIG_FILE = "settings.toml"
+TOKENS_FILE = "tokens"
+_FILE_SETTING = {CONFIG_FILE: "config file", TOKENS_FILE: "api_tokens_file"}
+
 
 class SnapshotError(Exception):
     """The code or the settings file cannot be frozen; the message is the reload's reason."""
@@ -34,14 +39,14 @@ class Snapshot:
 
     @property
     def config_file(self) -> Path | None:
-        return self.files.get("settings.toml")
+        return self.files.get(CONFIG_FILE)
 
     def add_file(self, role: str, source: Path) -> Path:
         """Freeze a copy of `source` (a settings file) as `role`; SnapshotError when unreadable."""
         try:
             data = source.read_bytes()
         except OSError as exc:
-            what = {"settings.toml": "config file", "tokens": "api_tokens_file"}.get(role, role)
+            what = _FILE_SETTING.get(role, role)
             raise SnapshotError(f"{what} {str(source)!r}: cannot read it ({exc.strerror})") from None
         copy = self.directory / role
         copy.write_bytes(data)
@@ -90,7 +95,7 @@ def take_snapshot(
         version = code_version(directory / next(iter(sources))) if single_package else digest.hexdigest()[:16]
         snapshot = Snapshot(directory, list(sources), source_dirs, version)
         if config_file is not None:
-            snapshot.add_file("settings.toml", config_file)
+            snapshot.add_file(CONFIG_FILE, config_file)
     except OSError as exc:  # shutil.Error too: a file that vanished or a dangling link mid-copy
         shutil.rmtree(directory, ignore_errors=True)
         raise SnapshotError(_copy_problem(exc)) from None

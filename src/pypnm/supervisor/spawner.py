@@ -99,15 +99,12 @@ class ForkTemplate:
                     "the master keeps its own imports until pypnm is restarted",
                     changes,
                 )
-            else:
-                logger.warning("fork template is gone; starting a new one")
             await self._restart()
 
     async def spawn(self, spec_json: str, fds: list[int]) -> int:
         """Fork a worker with `fds` (its channel, then the listeners); return its pid."""
         async with self._lock:  # one request at a time, and never while the template is replaced
             if not self.is_running():
-                logger.warning("fork template is gone; starting a new one")
                 await self._restart()
             assert self.channel is not None
             request = b'{"cmd": "spawn", "spec": ' + spec_json.encode() + b"}"
@@ -121,6 +118,8 @@ class ForkTemplate:
         return int(answer["pid"])
 
     async def _restart(self) -> None:
+        if not self.is_running():
+            logger.warning("fork template is gone; starting a new one")
         await self.stop()
         await self.start()
 
