@@ -3,13 +3,19 @@
 Flags of `serve` follow upstream PyPNM's launcher, so `pypnm --port 8080 --reload`
 works as before; every problem with the input ends in one line on stderr and a
 non-zero exit code (2 for flags and settings), never a traceback.
+
+The HTTP sub-commands carry a bearer token, so they check the server's TLS certificate
+against the system trust store (or `--cacert`), and refuse to send a token over plain
+http:// to anything but loopback; both checks happen before a connection is opened.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -22,6 +28,7 @@ from pypnm.settings import Settings, SettingsError, config_path, load_settings
 
 COMMANDS = ("serve", "reload", "status", "check")
 TOKEN_ENV = "PYPNM_TOKEN"
+CACERT_ENV = "PYPNM_CACERT"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +80,16 @@ def _config_flag(parser: argparse.ArgumentParser) -> None:
 def _url_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="base URL of the service (default: from the settings, else 127.0.0.1:8000)")
     parser.add_argument("--token", help=f"bearer token for System Operations (default: ${TOKEN_ENV})")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument(
+        "--cacert", type=Path,
+        help=f"CA certificates (PEM) to check the server against instead of the system's (default: ${CACERT_ENV})",
+    )
+    tls.add_argument("--insecure", action="store_true", help="do not check the server's TLS certificate (unsafe)")
+    parser.add_argument(
+        "--allow-http-token", action="store_true",
+        help="send the token over plain http:// to a host that is not loopback (readable on the way)",
+    )
     _config_flag(parser)
 
 
@@ -192,10 +209,57 @@ def _base_url(args: argparse.Namespace) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":  # httpx lower-cases the host; the name is loopback by RFC 6761
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
+    except ValueError:
+        return False  # any other name may resolve anywhere
+
+
+def _refuse_http_token(url: httpx.URL, token: str | None, allow_http_token: bool) -> str | None:
+    """Why the token must not go to `url`, or None: plain http:// is readable by anyone on the path."""
+    if not token or url.scheme != "http" or allow_http_token or _is_loopback(url.host):
+        return None
+    return (
+        f"refusing to send the token over plain http:// to {url.host}, where anyone on the way can read it: "
+        "use https://, or pass --allow-http-token if the network is trusted"
+    )
+
+
+def _tls_verify(args: argparse.Namespace) -> ssl.SSLContext | bool:
+    if args.insecure:
+        sys.stderr.write("pypnm: warning: --insecure: the server's certificate is not checked, "
+                         "so whoever answers gets the token\n")
+        return False
+    cacert = args.cacert or os.environ.get(CACERT_ENV)
+    try:
+        # ssl's default context, not httpx's default (certifi's bundle): it reads the system trust
+        # store (OpenSSL's default paths, which also honour SSL_CERT_FILE and SSL_CERT_DIR), so a
+        # private CA that the administrator installed on the machine is trusted as curl trusts it.
+        # A --cacert file replaces the system store, as curl's does.
+        return ssl.create_default_context(cafile=str(cacert) if cacert else None)
+    except OSError as exc:  # ssl.SSLError is an OSError: a file that is no PEM certificate
+        source = "--cacert" if args.cacert else CACERT_ENV
+        raise _Unanswered(f"cannot use {source} {cacert}: {exc.strerror or exc}", 2) from None
+
+
 def _client(args: argparse.Namespace) -> httpx.Client:
+    base_url = _base_url(args)
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        raise _Unanswered(f"--url {base_url}: {exc}", 2) from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise _Unanswered(f"--url {base_url}: give it as http://HOST:PORT or https://HOST:PORT", 2)
     token = args.token or os.environ.get(TOKEN_ENV)
+    # Decided before the client exists, so a refused token cannot leave by any code path.
+    refusal = _refuse_http_token(url, token, args.allow_http_token)
+    if refusal:
+        raise _Unanswered(refusal, 2)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=_base_url(args), headers=headers, timeout=10.0, verify=False)
+    return httpx.Client(base_url=base_url, headers=headers, timeout=10.0, verify=_tls_verify(args))
 
 
 def _detail(response: httpx.Response) -> str:
@@ -217,10 +281,28 @@ def _get(client: httpx.Client, path: str, what: str) -> httpx.Response:
     try:
         response = client.get(path)
     except httpx.HTTPError as exc:
+        certificate = _certificate_problem(exc)
+        if certificate:
+            raise _Unanswered(
+                f"{client.base_url}: certificate verify failed: {certificate} (nothing was sent; for a private CA "
+                f"pass --cacert FILE or set {CACERT_ENV})", 2,
+            ) from None
         raise _Unanswered(f"cannot reach {client.base_url}: {exc}", 2) from None
     if response.status_code != 200:
         raise _Unanswered(f"{what} refused ({response.status_code}): {_detail(response)}", 1)
     return response
+
+
+def _certificate_problem(exc: BaseException) -> str | None:
+    """OpenSSL's reason when `exc` comes from a certificate that failed verification (httpx wraps it twice)."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # the chain is httpx -> httpcore -> ssl; bounded against cycles
+        if cause is None:
+            return None
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return str(cause.verify_message or cause.reason or cause)
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def reload(args: argparse.Namespace) -> int:
