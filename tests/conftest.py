@@ -164,6 +164,25 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def raw_http(port: int, request_line: bytes, header_lines: list[bytes]) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request written byte for byte to 127.0.0.1 (any header, any byte): status, headers, body."""
+    request = b"".join([request_line, b"\r\n", *(line + b"\r\n" for line in header_lines),
+                        b"Connection: close\r\n\r\n"])
+    chunks: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+        sock.sendall(request)
+        deadline = time.monotonic() + 10.0
+        for _ in range(1000):
+            chunk = sock.recv(65536)
+            if not chunk or time.monotonic() > deadline:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split(" ", 2)[1]), headers, body
+
+
 # ----- copies of the code under test (added for the reload and supervisor tests) --------------
 
 APPS = Path(__file__).resolve().parent / "apps"

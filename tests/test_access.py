@@ -102,10 +102,12 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 @pytest.fixture(scope="module")
 def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """Behind "proxies" at 127.0.0.3 and 127.0.0.4; trusts 127.0.0.1 and 10.1.2.0/24; no token."""
+    """Behind "proxies" at 127.0.0.3 and 127.0.0.4 that pass on Host pypnm.example.net; trusts 127.0.0.1 and
+    10.1.2.0/24; no token."""
     env = base_env(
         PYPNM_TRUSTED_NETWORKS='["127.0.0.1/32", "10.1.2.0/24"]',
         PYPNM_FORWARDED_ALLOW_IPS='["127.0.0.3/32", "127.0.0.4/32"]',
+        PYPNM_ALLOWED_HOSTS='["pypnm.example.net"]',  # the public name the proxy passes on in Host
     )
     with serving(tmp_path_factory.mktemp("proxied"), env) as service:
         yield service
@@ -308,8 +310,8 @@ def test_forwarded_proto_from_proxy_decides_own_origin(proxied: Service) -> None
 AUDIT_LINE = re.compile(
     r"^(?P<stamp>\S+) (?P<level>INFO|WARNING) \[worker pid=\d+ gen=\d+\] pypnm\.audit: "
     r"time=(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) client=(?P<client>\S+) peer=(?P<peer>\S+) "
-    r"token=(?P<token>\S+) request_id=(?P<request_id>\S+) method=(?P<method>[A-Z]+) route=(?P<route>\S+) "
-    r"status=(?P<status>\d{3}) outcome=(?P<outcome>\S+)$"
+    r"host=(?P<host>\S+) token=(?P<token>\S+) request_id=(?P<request_id>\S+) method=(?P<method>[A-Z]+) "
+    r"route=(?P<route>\S+) status=(?P<status>\d{3}) outcome=(?P<outcome>\S+)$"
 )
 
 
@@ -340,6 +342,7 @@ def test_every_system_operations_call_writes_one_audit_line(guarded: Service) ->
         fields = match.groupdict()
         assert {k: fields[k] for k in expected} == expected
         assert (fields["client"], fields["peer"], fields["method"], fields["route"]) == (address, address, "GET", path)
+        assert fields["host"] == f"127.0.0.1:{guarded.port}"
     with client_from("127.0.0.2", base_url=guarded.base_url) as client:
         request_id = "audit-health-" + secrets.token_hex(4)
         client.get("/health", headers={"X-Request-ID": request_id})
@@ -504,7 +507,9 @@ def test_websocket_under_the_prefix_is_closed_for_untrusted_clients() -> None:
         return {"type": "websocket.connect"}
 
     guard = access.SystemOperationsGuard(inner, policy)
-    scope = {"type": "websocket", "path": "/pypnm/system/ws", "headers": [], "client": ("127.0.0.2", 1)}
+    # A Host that names the service: a trusted client without one is refused too (DNS rebinding rule).
+    headers = [(b"host", b"127.0.0.1:8000")]
+    scope = {"type": "websocket", "path": "/pypnm/system/ws", "headers": headers, "client": ("127.0.0.2", 1)}
     asyncio.run(guard(scope, receive, send))
     assert reached == [] and sent == [{"type": "websocket.close", "code": 1008}]
     asyncio.run(guard({**scope, "client": ("127.0.0.1", 1)}, receive, send))

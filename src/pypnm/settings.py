@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -89,6 +90,9 @@ class Settings(BaseSettings):
     api_tokens: dict[str, SecretStr] = Field(default_factory=dict)
     api_tokens_file: Path | None = None
     forwarded_allow_ips: list[IPNetwork] = Field(default_factory=list)
+    # Host names (or `*.domain` patterns, or addresses) that name this service, besides loopback and
+    # the address it listens on: a request admitted by its address must carry one (DNS rebinding).
+    allowed_hosts: list[str] = Field(default_factory=list)
 
     @field_validator("check_paths")
     @classmethod
@@ -97,6 +101,11 @@ class Settings(BaseSettings):
             if not path.startswith("/"):
                 raise ValueError(f"{path!r} must start with '/'")
         return paths
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_are_names(cls, hosts: list[str]) -> list[str]:
+        return [_host_pattern(host) for host in hosts]
 
     @field_validator("api_tokens")
     @classmethod
@@ -137,6 +146,45 @@ class Settings(BaseSettings):
     def restart_only(self) -> dict[str, Any]:
         """The settings a reload cannot apply, in a form that compares and prints plainly."""
         return {name: _plain(getattr(self, name)) for name in RESTART_ONLY}
+
+
+_HOST_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?:{_HOST_LABEL}\.)*{_HOST_LABEL}")
+
+
+def canonical_host(text: str) -> str | None:
+    """A host name or IP address in one spelling, or None if it is neither.
+
+    Names: lower case, without the trailing dot. Addresses: as `ipaddress` prints them,
+    IPv6 with or without brackets, an IPv4-mapped IPv6 address as the IPv4 one.
+    """
+    text = text.strip().lower()
+    bracketed = text.startswith("[") and text.endswith("]")
+    try:
+        address = ipaddress.ip_address(text[1:-1] if bracketed else text)
+    except ValueError:
+        name = text.removesuffix(".")
+        return name if not bracketed and len(name) <= 253 and _HOST_NAME.fullmatch(name) else None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return None if bracketed and address.version == 4 else str(address)
+
+
+def is_host_name(host: str) -> bool:
+    """Whether a canonical host (from `canonical_host`) is a name rather than an IP address."""
+    return ":" not in host and not host.replace(".", "").isdigit()
+
+
+def _host_pattern(value: str) -> str:
+    """An `allowed_hosts` entry: a host name, an IP address, or `*.` and a domain (any name under it)."""
+    wildcard = value.strip().startswith("*.")
+    host = canonical_host(value.strip()[2:] if wildcard else value)
+    if host is None or (wildcard and not is_host_name(host)):
+        raise ValueError(
+            f"{value!r} is not a host name, an IP address or a '*.domain' pattern "
+            "(no scheme, port or path; like pypnm.example.net or *.example.net)"
+        )
+    return f"*.{host}" if wildcard else host
 
 
 def _plain(value: Any) -> Any:

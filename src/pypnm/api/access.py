@@ -19,7 +19,16 @@ docs and `/openapi.json` are not affected):
    with each of them with `hmac.compare_digest` (same length, constant time, no early
    exit).
 3. Without an `Authorization` header, the client address must be in
-   `trusted_networks` (default loopback only); otherwise 403.
+   `trusted_networks` (default loopback only); otherwise 403. Such a request, admitted
+   by its address, must also carry one `Host` header that names this service, with any
+   port: `localhost`, a loopback address (127.x, `[::1]`), the address the connection
+   came in on (`scope["server"]`) or the `host` setting (unless it is a wildcard such
+   as 0.0.0.0), or a name in `allowed_hosts` (`*.example.net` matches any name under
+   example.net). Otherwise 403, as for a missing, repeated or malformed `Host`. This
+   closes DNS rebinding: a page whose host name an attacker re-points at 127.0.0.1 is
+   same-origin with the service as far as the browser knows, so rule 1 lets it through,
+   but its requests carry the attacker's name in `Host`. A token-bearing request is not
+   checked: a rebinding page has no token.
 
 The client address is the TCP peer (`scope["client"]`; the workers run uvicorn with
 `proxy_headers=False`). Only when the peer is in `forwarded_allow_ips` (default: none)
@@ -29,16 +38,16 @@ the last proxy we trust were written by whoever sent the request and can be forg
 If every entry is an allowed proxy the left-most one is the client; an entry that is
 not an IP address makes the client unknown (never trusted by address). From such a
 peer `X-Forwarded-Proto` also decides the scheme used to recognise the service's own
-`Origin`; the proxy must pass the original `Host` header.
-
-Not covered here: DNS rebinding. A page whose host name an attacker re-points at
-127.0.0.1 is same-origin with the service as far as the browser knows (its `Host` is
-the attacker's name), so a reload can still be triggered that way, blind; checking
-`Host` against a list of the service's own names would close it.
+`Origin`. The proxy must pass the original `Host` header (the name the browser used),
+which both the `Origin` rule and the `Host` rule read; `X-Forwarded-Host` is never read.
+Behind a proxy the public name therefore goes in `allowed_hosts`. A proxy that sends
+its own upstream address as `Host` instead makes every proxied request look addressed
+to loopback, and the `Host` rule then protects nothing behind it.
 
 Every request under the prefix writes one audit line to the `pypnm.audit` logger:
-time, client, peer, token label (never the token), request id, method, route, status
-and outcome. Secrets never reach a log line or a response.
+time, client, peer, Host, token label (never the token), request id, method, route,
+status and outcome; the values a client controls go through `log_field`. Secrets never
+reach a log line or a response.
 
 Why a pure ASGI middleware rather than a dependency on the System Operations router:
 the audit line needs the status actually sent (including the route's own 500 and
@@ -71,7 +80,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pypnm.api.middleware import request_id_of
 from pypnm.identity import utc_now
-from pypnm.settings import IPNetwork, Settings
+from pypnm.logs import log_field
+from pypnm.settings import IPNetwork, Settings, canonical_host, is_host_name
 
 audit_logger = logging.getLogger("pypnm.audit")
 
@@ -91,6 +101,12 @@ BAD_TOKEN_DETAIL = (
     "(PYPNM_TRUSTED_NETWORKS) without an Authorization header"
 )
 MALFORMED_TOKEN_DETAIL = "Malformed Authorization header: expected a single 'Bearer <token>'; " + HOW_TO_GET_A_TOKEN
+UNKNOWN_HOST_DETAIL = (
+    "{what}: a request admitted by its address (trusted_networks, no token) must be addressed to this service "
+    "by localhost, a loopback address, the address the service listens on, or a name listed in allowed_hosts "
+    "(PYPNM_ALLOWED_HOSTS), as a guard against DNS rebinding; add the name to allowed_hosts, or "
+    + HOW_TO_GET_A_TOKEN
+)
 CROSS_SITE_DETAIL = (
     "Cross-site request refused: System Operations accept browser requests only from the service's own "
     "pages or from an origin listed in cors_origins (PYPNM_CORS_ORIGINS); call them with curl or "
@@ -99,7 +115,7 @@ CROSS_SITE_DETAIL = (
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SAFE_SITES = frozenset({"same-origin", "none"})
-_PLAIN_FIELD = re.compile(r"[A-Za-z0-9._:/\[\]%@+-]{1,200}")
+_HOST_HEADER = re.compile(r"(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::\d{0,5})?")
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,7 @@ class Decision:
     outcome: str  # "allowed:trusted-network", "allowed:token", "denied:<why>"
     client: str
     peer: str
+    host: str  # the Host header(s) as received, for the audit line
     token_label: str | None = None
     status: int = 200
     detail: str = ""
@@ -123,11 +140,17 @@ class AccessPolicy:
     forwarded_allow_ips: tuple[IPNetwork, ...]
     allowed_origins: frozenset[str]
     token_digests: tuple[tuple[str, bytes], ...]  # (label, SHA-256 of the token)
+    own_hosts: frozenset[str] = frozenset()  # canonical hosts (see canonical_host) that name the service
+    own_domains: tuple[str, ...] = ()  # ".example.net" for each "*.example.net" in allowed_hosts
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AccessPolicy:
         """Raises SettingsError when `api_tokens_file` cannot be read or parsed."""
         origins = (normalize_origin(origin) for origin in settings.cors_origins if origin != "*")
+        own_hosts = {"localhost", *(host for host in settings.allowed_hosts if not host.startswith("*."))}
+        bound = canonical_host(settings.host)
+        if bound is not None and (is_host_name(bound) or not ipaddress.ip_address(bound).is_unspecified):
+            own_hosts.add(bound)  # the host setting, unless it is a wildcard such as 0.0.0.0
         return cls(
             trusted_networks=tuple(settings.trusted_networks),
             forwarded_allow_ips=tuple(settings.forwarded_allow_ips),
@@ -135,6 +158,8 @@ class AccessPolicy:
             token_digests=tuple(
                 (label, hashlib.sha256(token.encode("utf-8")).digest()) for label, token in settings.tokens().items()
             ),
+            own_hosts=frozenset(own_hosts),
+            own_domains=tuple(host[1:] for host in settings.allowed_hosts if host.startswith("*.")),
         )
 
     # ----- the client's address ---------------------------------------------------------------
@@ -166,9 +191,11 @@ class AccessPolicy:
         client = self.client_address(peer, headers.get("x-forwarded-for", []))
         shown_client = str(client) if client is not None else "unknown"
         shown_peer = str(peer) if peer is not None else str(peer_text or "unknown")
+        hosts = headers.get("host", [])
+        shown_host = ", ".join(hosts) if hosts else "-"
 
         def deny(outcome: str, status: int, detail: str) -> Decision:
-            return Decision(False, outcome, shown_client, shown_peer, status=status, detail=detail)
+            return Decision(False, outcome, shown_client, shown_peer, shown_host, status=status, detail=detail)
 
         if self._is_cross_site(scope, headers, from_proxy=self.is_proxy(peer)):
             return deny("denied:cross-site", 403, CROSS_SITE_DETAIL)
@@ -180,11 +207,26 @@ class AccessPolicy:
             label = self.token_label(token)
             if label is None:
                 return deny("denied:bad-token", 401, BAD_TOKEN_DETAIL)
-            return Decision(True, "allowed:token", shown_client, shown_peer, token_label=label)
-        if self.is_trusted(client):
-            return Decision(True, "allowed:trusted-network", shown_client, shown_peer)
-        where = shown_client if client is not None else "an address that could not be determined"
-        return deny("denied:untrusted-client", 403, UNTRUSTED_DETAIL.format(client=where))
+            return Decision(True, "allowed:token", shown_client, shown_peer, shown_host, token_label=label)
+        if not self.is_trusted(client):
+            where = shown_client if client is not None else "an address that could not be determined"
+            return deny("denied:untrusted-client", 403, UNTRUSTED_DETAIL.format(client=where))
+        if len(hosts) != 1 or not self.names_this_service(hosts[0], scope):
+            return deny("denied:unknown-host", 403, UNKNOWN_HOST_DETAIL.format(what=_describe_hosts(hosts)))
+        return Decision(True, "allowed:trusted-network", shown_client, shown_peer, shown_host)
+
+    def names_this_service(self, host_header: str, scope: Scope) -> bool:
+        """Whether a `Host` header value (any port) is loopback, the server's own address or an allowed host."""
+        match = _HOST_HEADER.fullmatch(host_header.strip())
+        host = canonical_host(match["host"]) if match is not None else None
+        if host is None:
+            return False
+        if is_host_name(host):
+            return host in self.own_hosts or any(host.endswith(domain) for domain in self.own_domains)
+        address = ipaddress.ip_address(host)
+        server = scope.get("server") or ("", None)  # (the address the connection came in on, port)
+        own_address = not address.is_unspecified and address == parse_ip(str(server[0]))
+        return address.is_loopback or host in self.own_hosts or own_address
 
     def token_label(self, token: bytes) -> str | None:
         """The label of the configured token equal to `token`, compared in constant time."""
@@ -269,6 +311,15 @@ def _headers(scope: Scope) -> dict[str, list[str]]:
     return headers
 
 
+def _describe_hosts(hosts: list[str]) -> str:
+    """How the refusal detail names the Host header(s) received."""
+    if not hosts:
+        return "No Host header"
+    if len(hosts) > 1:
+        return f"{len(hosts)} Host headers ({', '.join(json.dumps(host[:100]) for host in hosts)}), one expected"
+    return f"Host {json.dumps(hosts[0][:100])} is not a name of this service"
+
+
 def _bearer_token(values: list[str]) -> bytes | None:
     """The token of a single `Authorization: Bearer <token>` header, or None if malformed."""
     if len(values) != 1:
@@ -290,24 +341,20 @@ def is_system_operation(scope: Scope) -> bool:
     return path == SYSTEM_PREFIX or path.startswith(SYSTEM_PREFIX + "/")
 
 
-def _field(value: str) -> str:
-    """A value safe in a one-line `key=value` log: plain as it is, else JSON-quoted (escapes included)."""
-    return value if _PLAIN_FIELD.fullmatch(value) else json.dumps(value[:200])
-
-
 def audit(decision: Decision, scope: Scope, status: int) -> None:
     """Write the audit line of one System Operations request."""
     level = logging.INFO if decision.allowed else logging.WARNING
     audit_logger.log(
         level,
-        "time=%s client=%s peer=%s token=%s request_id=%s method=%s route=%s status=%d outcome=%s",
+        "time=%s client=%s peer=%s host=%s token=%s request_id=%s method=%s route=%s status=%d outcome=%s",
         utc_now(),
-        _field(decision.client),
-        _field(decision.peer),
+        log_field(decision.client),
+        log_field(decision.peer),
+        log_field(decision.host),
         decision.token_label or "-",
-        _field(request_id_of(scope)),
-        _field(str(scope.get("method", "WEBSOCKET"))),
-        _field(str(scope.get("path", ""))),
+        log_field(request_id_of(scope)),
+        log_field(str(scope.get("method", "WEBSOCKET"))),
+        log_field(str(scope.get("path", ""))),
         status,
         decision.outcome,
     )
@@ -386,7 +433,7 @@ def _add_access_rules(schema: dict[str, Any]) -> None:
             operation["security"] = [{}, {BEARER_SCHEME: []}]  # {}: open to trusted_networks without a token
             responses = operation.setdefault("responses", {})
             responses.setdefault("401", _error("Invalid or malformed bearer token"))
-            responses.setdefault("403", _error("Untrusted client without a token, or a cross-site request"))
+            responses.setdefault("403", _error("Untrusted client or Host without a token, or a cross-site request"))
 
 
 def _operations(operations: dict[str, Any]) -> Iterable[dict[str, Any]]:

@@ -1,7 +1,9 @@
 """Request logging with a request id: one line per request, `X-Request-ID` echoed or made.
 
 A plain ASGI middleware rather than `BaseHTTPMiddleware`, so streaming responses
-pass through untouched and the timing covers the whole response.
+pass through untouched and the timing covers the whole response. The values a client
+controls (method, path, client address, request id) are written with `log_field`, so a
+path such as `/x%0a<a fake line>` stays one quoted field on one line.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pypnm.logs import log_field
 
 logger = logging.getLogger("pypnm.access")
 
@@ -56,10 +60,10 @@ class RequestLogMiddleware:
                 client = scope.get("client")
                 logger.info(
                     "%s %s %d %.1fms client=%s request_id=%s",
-                    scope["method"],
-                    scope["path"],
+                    log_field(scope["method"]),
+                    log_field(scope["path"]),
                     status,
                     (time.perf_counter() - started) * 1000,
-                    f"{client[0]}:{client[1]}" if client else "-",
-                    request_id,
+                    log_field(f"{client[0]}:{client[1]}") if client else "-",
+                    log_field(request_id),
                 )
