@@ -558,6 +558,13 @@ class Master:
             source = str(request.get("source", "control"))
             if request.get("request_id"):
                 source += f" (request {request['request_id']})"  # ties the master's log to the access log
+            late = control.expired_by(request)
+            if late is not None:
+                # The caller has already answered its client "not started" (the master was not
+                # answering, e.g. stopped); starting it now would make a retry reload twice.
+                logger.warning("reload requested by %s dropped: its caller gave up (read %.1fs after its "
+                               "deadline; the master was not answering); nothing was started", source, late)
+                return {"error": "the request expired before the supervisor read it; nothing was started"}
             return {"reload_id": self.request_reload(source).id}
         if command == "status":
             return self.status()
