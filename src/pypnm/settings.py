@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     graceful_timeout: float = Field(30.0, gt=0, le=3600)
     reload_timeout: float = Field(30.0, gt=0, le=3600)
     reload_min_interval: float = Field(1.0, ge=0, le=3600)
+    # Old generations allowed to drain at once; a swap beyond it closes the oldest one's connections now,
+    # so long-lived responses (streams) cannot pile up processes. At least 1: a swap never cuts its own old one.
+    max_draining_generations: int = Field(2, ge=1, le=64)
     reload_dirs: list[Path] = Field(default_factory=list)
     reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])

@@ -22,6 +22,9 @@ from pypnm.supervisor import control
 
 ROUTE_MODULE_FILE = Path(__file__)
 RELOAD_ID_HEADER = "X-Reload-Id"
+# How long the endpoint waits for the master to take a reload request. The master drops a
+# request it reads after that (control.py), so a 500 after this wait means "not started".
+RELOAD_CONTROL_TIMEOUT = 5.0
 
 router = APIRouter(prefix="/pypnm/system/webService", tags=["PyPNM System Web Service"])
 
@@ -39,7 +42,9 @@ async def trigger_reload(request: Request) -> str | None:
     socket_path = os.environ.get(SUPERVISOR_ENV)
     if socket_path:
         answer = await control.ask(
-            socket_path, {"cmd": "reload", "source": "http", "request_id": request.state.request_id}
+            socket_path,
+            {"cmd": "reload", "source": "http", "request_id": request.state.request_id},
+            timeout=RELOAD_CONTROL_TIMEOUT,
         )
         return str(answer["reload_id"])
     ROUTE_MODULE_FILE.touch()
@@ -61,6 +66,12 @@ async def reload_web_service(request: Request) -> JSONResponse:
     """
     try:
         reload_id = await trigger_reload(request)
+    except control.ControlTimeout as exc:
+        raise HTTPException(
+            status_code=500,
+            detail=f"Failed to trigger reload: {exc}; the reload was not started (the supervisor drops a "
+            "request it reads too late); retry, or check the pypnm master's log",
+        ) from exc
     except Exception as exc:  # the contract: any failure becomes the seed's 500
         reason = str(exc) or type(exc).__name__  # a bare TimeoutError has no message
         raise HTTPException(status_code=500, detail=f"Failed to trigger reload: {reason}") from exc

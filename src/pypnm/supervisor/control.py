@@ -6,6 +6,15 @@ the socket through the `PYPNM_SUPERVISOR` environment variable. A Unix socket in
 so the HTTP side decides who may ask and the channel just carries the request.
 The wire format is deliberately tiny, because a worker running new code must keep
 talking to a master that is still running the code it was started with.
+
+Every request carries a `deadline`: the moment its caller stops waiting for the answer,
+on the system-wide CLOCK_MONOTONIC. Both ends are on one machine (a Unix socket) and in
+one time namespace (the workers descend from the master), so their readings of that clock
+compare, and unlike wall-clock time it does not jump when the clock is set. A handler
+with side effects (a reload) drops a request read after its deadline: its caller has
+already reported failure, so acting on it would be a surprise. The deadline falls
+ANSWER_MARGIN before the caller's timeout, so an answer sent just before it still arrives
+in time. A master that predates the field ignores it; a request without it never expires.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,24 +31,52 @@ logger = logging.getLogger("pypnm.supervisor.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_LINE = 64 * 1024
+# Time kept between a request's deadline and its caller's timeout, for the answer's way back.
+ANSWER_MARGIN = 0.5
 
 
 class ControlError(RuntimeError):
     """The master refused the request or could not be asked."""
 
 
+class ControlTimeout(ControlError):
+    """The master did not answer in time; a request with side effects that it reads later is dropped."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the supervisor did not answer within {timeout:g}s")
+        self.timeout = timeout
+
+
+def clock() -> float:
+    """Seconds on CLOCK_MONOTONIC: the same clock in every process of the machine (see the module doc)."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def expired_by(request: dict[str, Any]) -> float | None:
+    """How many seconds past its deadline the request is, or None while its caller still waits (or set none)."""
+    deadline = request.get("deadline")
+    if not isinstance(deadline, int | float) or isinstance(deadline, bool):
+        return None
+    late = clock() - deadline
+    return late if late > 0 else None
+
+
 async def ask(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """Send one request to the master and return its answer."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
-        try:
-            writer.write(json.dumps(request).encode() + b"\n")
-            await writer.drain()
-            line = await reader.readline()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+    """Send one request to the master and return its answer; ControlTimeout after `timeout` seconds."""
+    request = {**request, "deadline": clock() + max(timeout - ANSWER_MARGIN, timeout / 2)}
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
+            try:
+                writer.write(json.dumps(request).encode() + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except TimeoutError:
+        raise ControlTimeout(timeout) from None
     if not line:
         raise ControlError("the supervisor closed the control channel without answering")
     answer: dict[str, Any] = json.loads(line)

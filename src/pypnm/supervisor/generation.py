@@ -3,7 +3,8 @@
 A generation is started as a candidate (every worker validated and waiting), then
 told to serve (every worker accepting), and later drained (every worker finishing
 its connections and leaving). Its workers talk to the master over a socketpair each;
-end-of-file on it is how the master learns that a worker is gone.
+end-of-file on it is how the master learns that a worker is gone. A draining generation
+can also be closed early (`close_now`): its workers cut what they still have open.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from pypnm.identity import utc_now
@@ -24,9 +26,23 @@ from pypnm.supervisor.worker import WorkerSpec
 
 logger = logging.getLogger("pypnm.supervisor.generation")
 
+# How long the workers of a generation closed early get to report, cut their connections and exit
+# (their lifespan shutdown included) before they are killed.
+CLOSE_GRACE = 3.0
+
 
 class CandidateFailed(Exception):
     """A worker of a candidate generation could not become ready; the message is the reason."""
+
+
+@dataclass
+class Closed:
+    """What a generation closed early still had: summed over the workers that reported it."""
+
+    connections: int = 0
+    requests: int = 0
+    unreported: int = 0  # workers that did not say (they are killed after the grace period)
+    killed: int = 0
 
 
 class WorkerProcess:
@@ -41,6 +57,8 @@ class WorkerProcess:
         self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.serving: asyncio.Future[None] = loop.create_future()
         self.draining: asyncio.Future[None] = loop.create_future()
+        # What the worker still had open when told to "close": {"connections": n, "requests": m}, or None if gone.
+        self.closing: asyncio.Future[dict[str, Any] | None] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
         for future in (self.ready, self.serving):
             # Only the first failure of a candidate is awaited; the others are expected, not lost.
@@ -65,6 +83,8 @@ class WorkerProcess:
                 self.serving.set_exception(CandidateFailed("a worker exited before it served"))
             if not self.draining.done():
                 self.draining.set_result(None)  # gone is as good as not accepting
+            if not self.closing.done():
+                self.closing.set_result(None)
             self.exited.set_result(None)
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -79,6 +99,8 @@ class WorkerProcess:
             self.serving.set_result(None)
         elif kind == "draining" and not self.draining.done():
             self.draining.set_result(None)
+        elif kind == "closing" and not self.closing.done():
+            self.closing.set_result(event)
 
     def command(self, cmd: str) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -110,6 +132,7 @@ class Generation:
         self.spec = spec
         self.size = size
         self.stopped_accepting = False
+        self.closed_early = False  # stopped before its drain ended: no longer counts against max_draining_generations
         self.workers: list[WorkerProcess] = []
 
     @property
@@ -158,6 +181,38 @@ class Generation:
             worker.command("drain")
         if workers:
             await asyncio.wait([w.draining for w in workers], timeout=timeout)
+
+    async def close_now(self, grace: float = CLOSE_GRACE) -> Closed:
+        """End a draining generation now: each worker cuts its connections and requests and exits.
+
+        Each worker first reports what it still had open; one that does not report and leave
+        within `grace` is killed (its connections are then counted as unknown).
+        """
+        self.closed_early = True
+        workers = self.live_workers()
+        for worker in workers:
+            worker.state = "closing"
+            worker.command("close")
+        closed = Closed()
+        if not workers:
+            return closed
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await asyncio.wait([w.closing for w in workers], timeout=grace)
+        await asyncio.wait([w.exited for w in workers], timeout=max(deadline - loop.time(), 0.1))
+        for worker in workers:
+            report = worker.closing.result() if worker.closing.done() else None
+            if report is not None:
+                closed.connections += int(report.get("connections", 0))
+                closed.requests += int(report.get("requests", 0))
+            elif not worker.exited.done():
+                closed.unreported += 1
+            if not worker.exited.done():
+                closed.killed += 1
+                worker.signal(signal.SIGKILL)
+        if closed.killed:
+            await asyncio.wait([w.exited for w in workers], timeout=5)
+        return closed
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting and finish in-flight requests; True when every worker left in time."""

@@ -7,6 +7,10 @@ channel and the file watcher, and worker exits. Reloads run one at a time in
 no sooner than `reload_min_interval` after the previous one, so a storm of triggers
 within that interval builds at most two generations. The master never imports the application: it copies
 and compiles the code (snapshot.py) and leaves importing it to the candidate workers.
+
+At most `max_draining_generations` old generations drain at once: a swap beyond that closes
+the oldest one early, and the next candidate is forked only once it is gone, so the service
+never runs more than `workers * (2 + max_draining_generations)` workers.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pypnm.identity import SUPERVISOR_ENV, utc_now
 from pypnm.logs import set_generation, set_level
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor import control
-from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
+from pypnm.supervisor.generation import CLOSE_GRACE, CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.snapshot import (
     TOKENS_FILE,
     Compiler,
@@ -160,6 +164,7 @@ class Master:
         self.serving: Generation | None = None
         self.candidate: Generation | None = None
         self.draining: set[Generation] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # generations being closed early (_close_early)
         self.phase: str | None = None  # "validating" or "swapping" while a reload runs
         self.started_at = utc_now()
         self.history: list[ReloadRecord] = []
@@ -334,6 +339,7 @@ class Master:
                 self.sources, self.runtime_dir / f"gen-{number}", self.config_file, self.compiler
             )
             settings = self._settings_for(snapshot)
+            await self._closing_done()  # generations closed early leave before the candidate's workers are forked
             candidate = self.candidate = Generation(
                 number, snapshot, self._worker_spec(number, snapshot, settings), self.settings.workers
             )
@@ -369,6 +375,7 @@ class Master:
         self.settings = settings
         set_generation(number)
         if old is not None:
+            self._make_room_to_drain(record)
             self.draining.add(old)  # in the same step as the swap: a stop now drains it too
             await old.stop_accepting()  # from here on only the new generation takes connections
         for warning in record.warnings:
@@ -387,7 +394,38 @@ class Master:
         clean = await generation.drain(self.settings.graceful_timeout)
         self.draining.discard(generation)
         generation.snapshot.remove()
-        logger.info("generation %d drained%s", generation.number, "" if clean else " (some workers were killed)")
+        if not generation.closed_early:  # _close_early says how that one ended
+            logger.info("generation %d drained%s", generation.number, "" if clean else " (some workers were killed)")
+
+    def _make_room_to_drain(self, record: ReloadRecord) -> None:
+        """Close the oldest draining generations early so that one more may drain."""
+        cap = self.settings.max_draining_generations
+        draining = sorted((g for g in self.draining if not g.closed_early and g.live_workers()),
+                          key=lambda g: g.number)
+        for generation in draining[: max(len(draining) - cap + 1, 0)]:
+            generation.closed_early = True  # counted out now, before its task runs
+            task = self._spawn_task(self._close_early(generation, record, len(draining)))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _close_early(self, generation: Generation, record: ReloadRecord, draining: int) -> None:
+        closed = await generation.close_now()
+        killed = (
+            f"; killed {closed.killed} worker(s) that did not leave within {CLOSE_GRACE:g}s"
+            + (f" ({closed.unreported} did not report what they had open)" if closed.unreported else "")
+            if closed.killed else ""
+        )
+        logger.warning(
+            "reload %s: generation %d stopped early (%d draining, max_draining_generations=%d): "
+            "closing %d connection(s), %d request(s) still in progress%s",
+            record.id, generation.number, draining, self.settings.max_draining_generations,
+            closed.connections, closed.requests, killed,
+        )
+
+    async def _closing_done(self) -> None:
+        """Wait until the generations being closed early are gone (close_now is bounded)."""
+        if self._closing:
+            await asyncio.wait(self._closing)
 
     def _settings_for(self, snapshot: Snapshot) -> Settings:
         """The settings a new generation runs with, as far as the master applies them itself.
@@ -520,6 +558,13 @@ class Master:
             source = str(request.get("source", "control"))
             if request.get("request_id"):
                 source += f" (request {request['request_id']})"  # ties the master's log to the access log
+            late = control.expired_by(request)
+            if late is not None:
+                # The caller has already answered its client "not started" (the master was not
+                # answering, e.g. stopped); starting it now would make a retry reload twice.
+                logger.warning("reload requested by %s dropped: its caller gave up (read %.1fs after its "
+                               "deadline; the master was not answering); nothing was started", source, late)
+                return {"error": "the request expired before the supervisor read it; nothing was started"}
             return {"reload_id": self.request_reload(source).id}
         if command == "status":
             return self.status()

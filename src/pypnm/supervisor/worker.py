@@ -12,6 +12,8 @@ uvicorn closes idle keep-alive connections at once, which races with a client th
 just sending its next request on them, and drops connections accepted but not yet
 read. Here such a connection may still deliver one request, answered with
 `Connection: close`, and is closed only after it has stayed idle for a grace period.
+A draining worker told to "close" (its generation is over `max_draining_generations`)
+reports what it still has open, cuts it, and leaves without waiting for it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ logger = logging.getLogger("pypnm.supervisor.worker")
 IDLE_DRAIN_GRACE = 2.0
 # How long a worker outlives its master (it finishes what it can, then leaves).
 ORPHAN_GRACE = 1.5
+# How long, after a "close", a request whose connection was cut gets to notice and end by itself
+# (a streaming response does at once) before it is cancelled (and logged, one line each).
+CLOSE_REQUEST_GRACE = 1.0
 
 
 @dataclass
@@ -311,10 +316,52 @@ class GenerationServer(uvicorn.Server):
             self.should_exit = True
             self._go.set()
             self._report(event="draining")
+        elif cmd == "close":
+            self._close_now()
+
+    def _close_now(self) -> None:
+        """End a draining worker now: too many generations drain (max_draining_generations).
+
+        Reports first how many connections and requests it still had (the master logs them),
+        then aborts those connections; requests that do not end on the disconnect are cancelled
+        after CLOSE_REQUEST_GRACE. uvicorn's graceful shutdown then finds nothing left to wait
+        for, and the app's lifespan shutdown still runs. Aborting rather than closing: a client
+        that stopped reading must not hold the exit up.
+        """
+        connections = list(self.server_state.connections)
+        requests = [task for task in self.server_state.tasks if not task.done()]
+        self._report(event="closing", connections=len(connections), requests=len(requests))
+        for server in getattr(self, "servers", []):
+            server.close()
+        for connection in connections:
+            connection.transport.abort()
+        asyncio.get_running_loop().call_later(CLOSE_REQUEST_GRACE, self._cancel_requests)
+        self.should_exit = True
+        self._go.set()
+
+    def _cancel_requests(self) -> None:
+        tasks = list(self.server_state.tasks)
+        if tasks:
+            logging.getLogger("uvicorn.error").addFilter(_CancelledRequest())
+        for task in tasks:
+            task.cancel()
 
     def _on_master_gone(self) -> None:
         self.should_exit = True
         self._go.set()
+
+
+class _CancelledRequest(logging.Filter):
+    """uvicorn logs a cancelled request with its whole traceback; after a "close" one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            record.msg, record.args, record.exc_info = (
+                "request cancelled: its connection was closed (generation stopped early) and it did not end "
+                "within %.1fs", (CLOSE_REQUEST_GRACE,), None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class _LastError(logging.Handler):

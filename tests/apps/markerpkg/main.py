@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 
 from markerpkg.marker import MARKER
 from pypnm.identity import SUPERVISOR_ENV
@@ -39,6 +41,19 @@ async def slow(seconds: float = 3.0) -> dict[str, Any]:
     finally:
         _in_flight -= 1
     return {"marker": MARKER, "pid": os.getpid(), "slept": seconds}
+
+
+@app.get("/stream")
+async def stream(seconds: float = 60.0) -> StreamingResponse:
+    """A long-lived response (like SSE): the worker's pid and generation's marker first, then a dot every 0.5 s."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield f"{os.getpid()} {MARKER}\n".encode()
+        for _ in range(int(min(seconds, 60.0) / 0.5)):
+            await asyncio.sleep(0.5)
+            yield b".\n"
+
+    return StreamingResponse(chunks(), media_type="text/plain")
 
 
 @app.get("/in-flight")
