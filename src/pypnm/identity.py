@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 SUPERVISOR_ENV = "PYPNM_SUPERVISOR"  # the master's control socket, set for supervised workers
+# Key of the dict a supervised worker puts into the ASGI lifespan state, which every request's
+# scope["state"] copies: {"generation": int, "stopping": bool}. A plain dict, because the worker
+# (supervisor code, fixed at start) and the app (reloaded code) may be different versions.
+WORKER_STATE_KEY = "pypnm_worker"
 
 
 def code_version(package_dir: Path) -> str:

@@ -11,6 +11,7 @@ from fastapi.middleware.gzip import GZipMiddleware
 import pypnm
 from pypnm.api import health, web_service
 from pypnm.api.access import AccessPolicy, SystemOperationsGuard, document_access
+from pypnm.api.docs import add_offline_docs
 from pypnm.api.middleware import RequestLogMiddleware
 from pypnm.identity import ProcessIdentity, code_version
 from pypnm.settings import Settings, load_settings
@@ -25,6 +26,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="PyPNM",
         version=pypnm.__version__,
         description="PyPNM web service.",
+        docs_url=None,  # FastAPI's pages load their assets from CDNs; add_offline_docs serves them locally
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.identity = ProcessIdentity(version=pypnm.__version__, code_version=code_version(PACKAGE_DIR))
@@ -32,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(web_service.router)
     document_access(app)
+    add_offline_docs(app)
 
     # Added innermost first: the request log wraps everything, so it sees every answer.
     app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_minimum_size)

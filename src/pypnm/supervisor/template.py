@@ -37,6 +37,9 @@ PRELOADED = (
     "fastapi.middleware.cors",
     "fastapi.middleware.gzip",
     "fastapi.openapi.utils",
+    "fastapi.openapi.docs",  # the offline /docs and /redoc (pypnm.api.docs)
+    "fastapi.staticfiles",
+    "fastapi_offline",
     "pydantic",
     "pydantic_settings",
     "starlette.routing",

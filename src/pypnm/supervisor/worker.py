@@ -30,11 +30,13 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from types import FrameType
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from pypnm.identity import WORKER_STATE_KEY
 from pypnm.logs import set_generation, setup_logging
 
 logger = logging.getLogger("pypnm.supervisor.worker")
@@ -234,6 +236,8 @@ class GenerationServer(uvicorn.Server):
         self.channel = channel
         self.failure: str | None = None
         self._go = asyncio.Event()
+        # Read by the app's /health and /ready through the lifespan state (see pypnm.identity).
+        self.worker_state: dict[str, Any] = {"generation": spec.generation, "stopping": False}
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -242,6 +246,7 @@ class GenerationServer(uvicorn.Server):
                 on_command=lambda cmd: loop.call_soon_threadsafe(self._on_command, cmd),
                 on_master_gone=lambda: loop.call_soon_threadsafe(self._on_master_gone),
             )
+        self.lifespan.state[WORKER_STATE_KEY] = self.worker_state
         self.failure = await self.validate()
         if self.failure is not None:
             self._report(event="failed", reason=self.failure)
@@ -313,6 +318,7 @@ class GenerationServer(uvicorn.Server):
             # the swap as done only when no old worker takes new connections any more.
             for server in getattr(self, "servers", []):
                 server.close()
+            self.worker_state["stopping"] = True
             self.should_exit = True
             self._go.set()
             self._report(event="draining")
@@ -347,8 +353,14 @@ class GenerationServer(uvicorn.Server):
             task.cancel()
 
     def _on_master_gone(self) -> None:
+        self.worker_state["stopping"] = True
         self.should_exit = True
         self._go.set()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """SIGTERM/SIGINT straight to the worker: /ready says so while uvicorn shuts down."""
+        self.worker_state["stopping"] = True
+        super().handle_exit(sig, frame)
 
 
 class _CancelledRequest(logging.Filter):
