@@ -126,14 +126,27 @@ def test_headers_adding_up_past_the_head_limit_get_431(start_service: StartServi
     assert "limit_request_header_size" in detail and "65536 bytes" in detail, detail
 
 
-def test_a_64_mb_header_is_cut_off_early_and_the_worker_stays_small(start_service: StartService) -> None:
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        pytest.param(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ", id="header"),
+        pytest.param(  # trailer fields after the last chunk of a body are buffered like headers
+            b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Big: ",
+            id="chunked-trailer",
+        ),
+    ],
+)
+def test_a_64_mb_field_is_cut_off_early_and_the_worker_stays_small(
+    start_service: StartService, prefix: bytes
+) -> None:
     service = serve(start_service)
     worker = service.status()["pid"]
     peak_before = memory_kib(worker, "VmHWM")
     chunk = b"a" * (64 * KiB)
     sent = 0
     with connect(service) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        sock.sendall(prefix)
         try:
             for _ in range(64 * MiB // len(chunk)):
                 sock.sendall(chunk)
@@ -142,7 +155,7 @@ def test_a_64_mb_header_is_cut_off_early_and_the_worker_stays_small(start_servic
             pytest.fail(f"the server stopped reading after {sent} bytes but did not close the connection")
         except OSError:
             pass  # reset or broken pipe: the server closed the connection, as it should
-    assert sent < 16 * MiB, f"the server took {sent} bytes of a single header before closing"
+    assert sent < 16 * MiB, f"the server took {sent} bytes of a single field before closing"
     growth_kib = memory_kib(worker, "VmHWM") - peak_before
     assert growth_kib < 16 * 1024, f"the worker's peak RSS grew by {growth_kib} KiB"
     response = service.get("/health")
@@ -161,6 +174,12 @@ def test_heads_under_the_limits_keep_alive_and_pipelining_still_work(start_servi
         sock.sendall(request("/health") + request("/nothing-here"))
         assert read_response(sock, received)[0] == 200
         assert read_response(sock, received)[0] == 404
+        # A chunked body of 3000 small chunks (not a head: no limit applies), then one more request.
+        chunks = b"".join(b"40\r\n" + b"f" * 64 + b"\r\n" for _ in range(3000))
+        sock.sendall(b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + chunks + b"0\r\n\r\n" + request())
+        assert read_response(sock, received)[0] == 405
+        assert read_response(sock, received)[0] == 200
     reload = service.get(RELOAD_PATH)
     assert reload.status_code == 200 and reload.content == b'{"status":"reload triggered"}'
 

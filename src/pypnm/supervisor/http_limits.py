@@ -18,6 +18,8 @@ ends; the rest is uvicorn's. The head is fed to the parser in pieces that end at
 lines (where a head may end), so the parser itself says exactly where each head ends
 and the next one begins; a body is fed whole. The one inexact case is a request
 pipelined behind a body in the same read: its bytes in that read are not counted.
+The trailer fields of a chunked body, which httptools buffers like headers, are held to
+the head's total size too (counted per read, after parsing: at most one read more).
 
 A refused connection answers, half-closes, and discards what the client still sends for
 a moment (bounded in bytes and time) before closing: closing with unread data would reset
@@ -58,6 +60,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_size: int | None = 0  # bytes of the head read so far; None while a head is not being read
         self._line_size = 0  # bytes of the head's current, unfinished line
         self._head_timer: asyncio.TimerHandle | None = None
+        self._trailer_size: int | None = None  # bytes after a chunk header with no chunk data yet (trailers)
+        self._chunk_events = 0  # chunk headers, chunk data and chunk ends seen: tells a trailer-only read
         self._refused = False
         self._discarded = 0
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -90,7 +94,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return  # a bad request (400) or an upgrade: uvicorn does not read on either
             start = end
         if start < len(data):
-            super().data_received(data[start:] if start else data)
+            rest = data[start:] if start else data
+            trailer, events = self._trailer_size, self._chunk_events
+            super().data_received(rest)
+            if trailer is not None and events == self._chunk_events and not self.transport.is_closing():
+                self._count_trailer(trailer + len(rest))
 
     def _head_piece_end(self, data: bytes, start: int) -> int | None:
         """Where the next piece of the head to feed ends: after a short line, where the head may end.
@@ -132,7 +140,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._head_size = 0  # what follows is the next request's head
         self._line_size = 0
+        self._trailer_size = None
         super().on_message_complete()
+
+    def on_chunk_header(self) -> None:
+        self._chunk_events += 1
+        self._trailer_size = 0  # what follows is the chunk's data or, after the last chunk, trailer fields
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_events += 1
+        self._trailer_size = None
+        super().on_body(body)
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_events += 1
+        self._trailer_size = None
+
+    def _count_trailer(self, size: int) -> None:
+        self._trailer_size = size
+        if size > self.limits.header_size:
+            # The request is already with the app, which may be answering: no 431 can be sent any more.
+            logger.warning(
+                "closed the connection from %s: chunked trailer fields over limit_request_header_size (%d bytes)",
+                self._peer(), self.limits.header_size,
+            )
+            self.transport.close()
 
     # ----- the deadline ----------------------------------------------------------------------
 
