@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     cors_allow_credentials: bool = False
     gzip_minimum_size: int = Field(1000, ge=0)
 
+    # HTTP limits, per worker (a reload applies them to the new generation)
+    limit_request_line_size: int = Field(16384, ge=256, le=1 << 24)  # one line of a request head: 431 beyond
+    limit_request_header_size: int = Field(65536, ge=256, le=1 << 26)  # the request line and all headers: 431
+    timeout_request_header: float = Field(10.0, gt=0, le=3600)  # seconds to send a request head, else closed
+    # Open connections a worker serves; requests on more get 503. Below the usual 1024 open files per process.
+    limit_concurrency: int = Field(1000, ge=1, le=1_000_000)
+
     # Reloading
     graceful_timeout: float = Field(30.0, gt=0, le=3600)
     reload_timeout: float = Field(30.0, gt=0, le=3600)
@@ -123,6 +130,12 @@ class Settings(BaseSettings):
             raise ValueError("cors_origins may not contain '*' while cors_allow_credentials is true")
         if self.ssl and not (self.ssl_certfile and self.ssl_keyfile):
             raise ValueError("ssl needs both ssl_certfile and ssl_keyfile")
+        return self
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if self.limit_request_line_size > self.limit_request_header_size:
+            raise ValueError("limit_request_line_size may not be larger than limit_request_header_size")
         return self
 
     @classmethod

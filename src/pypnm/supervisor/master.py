@@ -132,6 +132,10 @@ def generation_spec(app: str, number: int, snapshot: Snapshot, settings: Setting
         graceful_timeout=settings.graceful_timeout,
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl else None,
+        limit_request_line_size=settings.limit_request_line_size,
+        limit_request_header_size=settings.limit_request_header_size,
+        timeout_request_header=settings.timeout_request_header,
+        limit_concurrency=settings.limit_concurrency,
     )
 
 

@@ -14,6 +14,7 @@ read. Here such a connection may still deliver one request, answered with
 `Connection: close`, and is closed only after it has stayed idle for a grace period.
 A draining worker told to "close" (its generation is over `max_draining_generations`)
 reports what it still has open, cuts it, and leaves without waiting for it.
+The size and time limits on request heads come from `LimitedHttpToolsProtocol`.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from pypnm.identity import WORKER_STATE_KEY
 from pypnm.logs import set_generation, setup_logging
+from pypnm.supervisor.http_limits import HeadLimits, LimitedHttpToolsProtocol
 
 logger = logging.getLogger("pypnm.supervisor.worker")
 
@@ -65,6 +66,10 @@ class WorkerSpec:
     graceful_timeout: float = 30.0
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    limit_request_line_size: int = 16384
+    limit_request_header_size: int = 65536
+    timeout_request_header: float = 10.0
+    limit_concurrency: int = 1000
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -163,7 +168,7 @@ async def call_in_process(app: Any, path: str, state: dict[str, Any]) -> tuple[i
     return status, bytes(body)
 
 
-class DrainingHttpToolsProtocol(HttpToolsProtocol):
+class DrainingHttpToolsProtocol(LimitedHttpToolsProtocol):
     """uvicorn's httptools protocol, with a shutdown that lets idle connections finish cleanly."""
 
     draining = False
@@ -238,6 +243,9 @@ class GenerationServer(uvicorn.Server):
         self._go = asyncio.Event()
         # Read by the app's /health and /ready through the lifespan state (see pypnm.identity).
         self.worker_state: dict[str, Any] = {"generation": spec.generation, "stopping": False}
+        self.head_limits = HeadLimits(
+            spec.limit_request_line_size, spec.limit_request_header_size, spec.timeout_request_header
+        )
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -263,8 +271,9 @@ class GenerationServer(uvicorn.Server):
             return
 
         def protocol_factory(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
-            return self.config.http_protocol_class(  # type: ignore[call-arg]
-                config=self.config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
+            return DrainingHttpToolsProtocol(
+                config=self.config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop,
+                limits=self.head_limits,
             )
 
         self.servers = [
@@ -402,6 +411,9 @@ def make_server(spec: WorkerSpec, channel: MasterChannel | None) -> GenerationSe
         access_log=False,  # pypnm's own middleware writes the request line
         proxy_headers=False,  # the client address is decided by pypnm's trusted-proxy setting
         timeout_graceful_shutdown=int(spec.graceful_timeout) or 1,
+        # uvicorn answers 503 once the open connections, the requesting one included, reach its
+        # limit; one more makes limit_concurrency the number of connections that are served.
+        limit_concurrency=spec.limit_concurrency + 1,
         ssl_certfile=spec.ssl_certfile,
         ssl_keyfile=spec.ssl_keyfile,
         log_level=spec.log_level if spec.log_level != "trace" else "debug",
