@@ -7,19 +7,34 @@ non-zero exit code (2 for flags and settings), never a traceback.
 The HTTP sub-commands carry a bearer token, so they check the server's TLS certificate
 against the system trust store (or `--cacert`), and refuse to send a token over plain
 http:// to anything but loopback; both checks happen before a connection is opened.
+
+They talk to one instance or to a fleet (`--url` repeated, `--targets FILE`, `--dns NAME:PORT`):
+`reload` then rolls through the instances, waiting for each outcome and starting no other after
+a failure, and `status` prints one row per instance. The progress of a waited-for reload is one
+status line redrawn after a carriage return on a terminal, and nothing but outcome lines
+elsewhere; this is hand-written rather than taken from a progress library because it is a single
+line of plain text that any terminal (even TERM=dumb) shows correctly, where the libraries bring
+escape sequences and a dependency for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
+import shutil
+import socket
 import ssl
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import httpx
 
@@ -29,6 +44,9 @@ from pypnm.settings import Settings, SettingsError, config_path, load_settings
 COMMANDS = ("serve", "reload", "status", "check")
 TOKEN_ENV = "PYPNM_TOKEN"
 CACERT_ENV = "PYPNM_CACERT"
+RELOAD_PATH = "/pypnm/system/webService/reload"
+STATUS_PATH = "/pypnm/system/webService/status"
+STATUS_CONCURRENCY = 8  # instances `pypnm status` asks at once: a large fleet answers in seconds, not minutes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,12 +76,19 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--app", default="pypnm.main:app", help="ASGI app as module:attribute")
     _config_flag(serve)
 
-    reload = commands.add_parser("reload", help="reload a running service over HTTP")
+    reload = commands.add_parser("reload", help="reload running services over HTTP, one instance after another")
     _url_flags(reload)
-    reload.add_argument("--wait", action="store_true", help="wait for the outcome: exit 0 succeeded, 1 failed")
-    reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    reload.add_argument(
+        "--wait", action="store_true",
+        help="wait for the outcome: exit 0 succeeded, 1 failed (always, with several instances)",
+    )
+    reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each instance (default 60)")
+    reload.add_argument(
+        "--parallel", type=_positive_int, default=1, metavar="N",
+        help="reload up to N instances at once; none is started after a failure (default 1)",
+    )
 
-    status = commands.add_parser("status", help="show what a running service serves")
+    status = commands.add_parser("status", help="show what running services serve")
     _url_flags(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
@@ -77,8 +102,29 @@ def _config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file (default: $PYPNM_CONFIG)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _url_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="base URL of the service (default: from the settings, else 127.0.0.1:8000)")
+    parser.add_argument(
+        "--url", action="append",
+        help="base URL of an instance (repeatable; default: from the settings, else 127.0.0.1:8000)",
+    )
+    parser.add_argument(
+        "--targets", action="append", type=Path, metavar="FILE",
+        help="file of instance URLs, one a line (blank lines and # comments skipped; repeatable)",
+    )
+    parser.add_argument(
+        "--dns", action="append", metavar="[https://]NAME:PORT",
+        help="every address NAME resolves to, as of a headless Service (http:// unless given; repeatable)",
+    )
     parser.add_argument("--token", help=f"bearer token for System Operations (default: ${TOKEN_ENV})")
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument(
@@ -195,8 +241,7 @@ def check(args: argparse.Namespace) -> int:
 
 
 def _base_url(args: argparse.Namespace) -> str:
-    if args.url:
-        return str(args.url).rstrip("/")
+    """The instance of the settings, when no instance is named."""
     try:
         settings: Settings | None = load_settings(args.config)
     except SettingsError:
@@ -245,21 +290,113 @@ def _tls_verify(args: argparse.Namespace) -> ssl.SSLContext | bool:
         raise _Unanswered(f"cannot use {source} {cacert}: {exc.strerror or exc}", 2) from None
 
 
-def _client(args: argparse.Namespace) -> httpx.Client:
-    base_url = _base_url(args)
-    try:
-        url = httpx.URL(base_url)
-    except httpx.InvalidURL as exc:
-        raise _Unanswered(f"--url {base_url}: {exc}", 2) from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise _Unanswered(f"--url {base_url}: give it as http://HOST:PORT or https://HOST:PORT", 2)
+def _client(args: argparse.Namespace, target: _Target, verify: ssl.SSLContext | bool) -> httpx.Client:
+    url = httpx.URL(target.url)  # checked by _targets
     token = args.token or os.environ.get(TOKEN_ENV)
     # Decided before the client exists, so a refused token cannot leave by any code path.
     refusal = _refuse_http_token(url, token, args.allow_http_token)
     if refusal:
         raise _Unanswered(refusal, 2)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=base_url, headers=headers, timeout=10.0, verify=_tls_verify(args))
+    hooks: dict[str, list[Callable[[httpx.Request], None]]] = {}
+    if target.name is not None:
+        headers["Host"] = target.host_header or target.name
+        server_name = target.name
+
+        def name_the_server(request: httpx.Request) -> None:
+            # The URL holds one address of the name: TLS must still ask for (SNI) and verify the
+            # certificate of the name, which is what a certificate for a Service carries.
+            request.extensions["sni_hostname"] = server_name
+
+        hooks["request"] = [name_the_server]
+    return httpx.Client(base_url=target.url, headers=headers, timeout=10.0, verify=verify, event_hooks=hooks)
+
+
+# ----- targets: the instances an HTTP sub-command talks to ---------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One instance: the base URL connected to and, when found by --dns, the name it was found under."""
+
+    url: str
+    name: str | None = None  # --dns: the certificate must name it (the URL holds an address)
+    host_header: str | None = None  # --dns: NAME[:PORT] as given, sent as Host as a request to the name would
+
+
+def _several(args: argparse.Namespace) -> bool:
+    """Fleet mode: instances from a list or a name, each reported by its URL; a reload rolls through them."""
+    return bool(args.targets or args.dns or len(args.url or []) > 1)
+
+
+def _targets(args: argparse.Namespace) -> list[_Target]:
+    """Every instance named by --url, --targets and --dns, in that order, each once; all checked before any is used."""
+    found = [_Target(_checked_url(url, "--url")) for url in args.url or []]
+    for path in args.targets or []:
+        found += _read_targets(path)
+    for spec in args.dns or []:
+        found += _resolve(spec)
+    if not _several(args) and not found:
+        found = [_Target(_checked_url(_base_url(args), "--url"))]
+    if not found:
+        raise _Unanswered("no instance to talk to: the --targets files and --dns names gave none", 2)
+    return list(dict.fromkeys(found))
+
+
+def _checked_url(text: str, where: str) -> str:
+    base_url = text.strip().rstrip("/")
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        raise _Unanswered(f"{where} {base_url}: {exc}", 2) from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise _Unanswered(f"{where} {base_url}: give it as http://HOST:PORT or https://HOST:PORT", 2)
+    return base_url
+
+
+def _read_targets(path: Path) -> list[_Target]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _Unanswered(f"--targets {path}: {reason}", 2) from None
+    return [
+        _Target(_checked_url(line, f"--targets {path} line {number}:"))
+        for number, line in enumerate(lines, 1)
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+
+def _resolve(spec: str) -> list[_Target]:
+    """One target per address NAME resolves to, in address order, so that two runs roll in the same order.
+
+    That is what a Kubernetes headless Service's name gives: every ready pod's address.
+    """
+    has_scheme = "://" in spec
+    usage = f"--dns {spec}: give it as NAME:PORT, or https://NAME:PORT for instances serving HTTPS"
+    try:
+        url = httpx.URL(spec if has_scheme else f"http://{spec}")
+    except httpx.InvalidURL:
+        raise _Unanswered(usage, 2) from None
+    if url.scheme not in ("http", "https") or not url.host or url.raw_path not in (b"", b"/") or (
+        url.port is None and not has_scheme
+    ):
+        raise _Unanswered(usage, 2)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        found = socket.getaddrinfo(url.host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _Unanswered(f"--dns {spec}: cannot resolve {url.host}: {reason}", 2) from None
+    addresses = sorted(
+        {ipaddress.ip_address(str(info[4][0])) for info in found}, key=lambda address: (address.version, address)
+    )
+    targets = []
+    for address in addresses:
+        host = f"[{address}]" if address.version == 6 else str(address)
+        base_url = _checked_url(f"{url.scheme}://{host}:{port}", f"--dns {spec}:")
+        targets.append(_Target(base_url, name=url.host, host_header=url.netloc.decode("ascii")))
+    return targets
 
 
 def _detail(response: httpx.Response) -> str:
@@ -306,49 +443,272 @@ def _certificate_problem(exc: BaseException) -> str | None:
 
 
 def reload(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        response = _get(client, "/pypnm/system/webService/reload", "reload")
-        reload_id = response.headers.get("X-Reload-Id")
+    targets = _targets(args)
+    verify = _tls_verify(args)
+    if _several(args):
+        return _rolling_reload(args, targets, verify)
+    with _client(args, targets[0], verify) as client:
+        reload_id = _get(client, RELOAD_PATH, "reload").headers.get("X-Reload-Id")
         if not args.wait:
             sys.stdout.write(f"reload triggered{f' (id {reload_id})' if reload_id else ''}\n")
             return 0
         if not reload_id:
-            return _fail("the service does not track reloads (it runs without the pypnm supervisor)")
-        return _wait_for(client, reload_id, args.timeout)
-
-
-def _wait_for(client: httpx.Client, reload_id: str, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+            return _fail(_UNTRACKED)
+        console = _Console(sys.stdout)
         try:
-            response = client.get("/pypnm/system/webService/status")
-            if response.status_code == 200:
-                record = next((r for r in response.json().get("reloads", []) if r["id"] == reload_id), None)
-                if record and record.get("outcome") == "succeeded":
-                    sys.stdout.write(
-                        f"reload {reload_id} succeeded: generation {record['generation']} serving "
-                        f"({record['duration_ms']:.0f} ms)\n"
-                    )
-                    for warning in record.get("warnings", []):
-                        sys.stdout.write(f"warning: {warning}\n")
-                    return 0
-                if record and record.get("outcome") == "failed":
-                    sys.stdout.write(f"reload {reload_id} failed: {record['reason']}\n")
-                    return 1
+            outcome = _await_outcome(
+                client, reload_id, args.timeout, lambda text: console.progress("", text), threading.Event()
+            )
+        finally:
+            console.finish("")  # the status line goes before anything else is written, stderr included
+    console.finish("", [outcome.message, *outcome.warnings])
+    return outcome.code
+
+
+_UNTRACKED = "the service does not track reloads (it runs without the pypnm supervisor)"
+
+
+@dataclass
+class _Outcome:
+    """How one instance's reload ended, as the exit code it alone would give and the line that says it."""
+
+    code: int
+    message: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _await_outcome(
+    client: httpx.Client, reload_id: str, timeout: float, show: Callable[[str], None], stop: threading.Event
+) -> _Outcome:
+    """Poll the status until the reload has an outcome; `show` gets each phase seen on the way.
+
+    Raises _Unanswered when the status is refused, when no outcome comes within `timeout`,
+    and when `stop` is set (the command was interrupted).
+    """
+    began = time.monotonic()
+    deadline = began + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            response: httpx.Response | None = client.get(STATUS_PATH)
         except httpx.HTTPError:
-            pass  # the service may be busy swapping; keep asking until the deadline
-        time.sleep(0.1)
-    return _fail(f"reload {reload_id} had no outcome within {timeout:.0f}s")
+            response = None  # the service may be busy swapping; keep asking until the deadline
+        if response is not None and response.status_code in (401, 403):
+            raise _Unanswered(f"status refused ({response.status_code}): {_detail(response)}", 1)
+        info = _json_object(response) if response is not None and response.status_code == 200 else None
+        if info is not None:
+            record = next((r for r in info.get("reloads", []) if r.get("id") == reload_id), None)
+            if record is not None and record.get("outcome"):
+                return _ended(reload_id, record)
+            show(_phase(reload_id, info, record, time.monotonic() - began))
+        stop.wait(0.1)
+    if stop.is_set():
+        raise _Unanswered(f"reload {reload_id}: interrupted before its outcome", 130)
+    raise _Unanswered(f"reload {reload_id} had no outcome within {timeout:.0f}s", 2)
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _phase(reload_id: str, info: dict[str, Any], record: dict[str, Any] | None, elapsed: float) -> str:
+    """The progress line: queued -> validating -> swapping, with the generation and the time so far."""
+    if record is None or not record.get("started_at"):
+        return f"reload {reload_id}: queued ({elapsed:.1f} s)"  # behind another reload, or its minimum interval
+    state = info.get("reload_state") or "validating"
+    done = f"validating {record['validated_ms']:.0f} ms -> " if record.get("validated_ms") is not None else ""
+    return f"reload {reload_id}: {done}{state} generation {record.get('generation')} ({elapsed:.1f} s)"
+
+
+def _ended(reload_id: str, record: dict[str, Any]) -> _Outcome:
+    if record["outcome"] != "succeeded":
+        return _Outcome(1, f"reload {reload_id} {record['outcome']}: {record.get('reason')}")
+    total = record.get("duration_ms") or 0.0
+    validated = record.get("validated_ms")
+    # The phases go last: scripts that read "succeeded: generation N serving" keep working.
+    phases = f": validating {validated:.0f} ms, swapping {total - validated:.0f} ms" if validated is not None else ""
+    serving = f"generation {record.get('generation')} serving ({total:.0f} ms{phases})"
+    warnings = [f"warning: {warning}" for warning in record.get("warnings", [])]
+    return _Outcome(0, f"reload {reload_id} succeeded: {serving}", warnings)
+
+
+class _Console:
+    """Lines that stay, and on a terminal one status line of what is in progress, redrawn in place.
+
+    The status line is rewritten after a carriage return and padded with spaces over the previous
+    one (no escape sequences), and cut to the terminal's width so that it never wraps. When stdout
+    is not a terminal only the lines that stay are written: one per outcome.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._live = stream.isatty()
+        self._lock = threading.Lock()  # reloads in parallel report from their threads
+        self._in_progress: dict[str, str] = {}  # status text by instance
+        self._drawn = 0  # characters of the status line on the screen
+
+    def progress(self, key: str, text: str) -> None:
+        if not self._live:
+            return
+        with self._lock:
+            self._in_progress[key] = text
+            self._draw()
+
+    def finish(self, key: str, lines: list[str] | None = None) -> None:
+        """`key` is no longer in progress; write `lines` for good."""
+        with self._lock:
+            self._in_progress.pop(key, None)
+            if self._drawn:
+                self._stream.write("\r" + " " * self._drawn + "\r")
+                self._drawn = 0
+            for line in lines or []:
+                self._stream.write(line + "\n")
+            if self._in_progress:
+                self._draw()
+            self._stream.flush()
+
+    def _draw(self) -> None:
+        text = " | ".join(self._in_progress.values())
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        if len(text) > width:
+            text = text[: width - 3] + "..."
+        self._stream.write("\r" + text.ljust(self._drawn))
+        self._drawn = len(text)
+        self._stream.flush()
+
+
+# ----- rolling reload across instances -------------------------------------------------------------
+
+
+def _rolling_reload(args: argparse.Namespace, targets: list[_Target], verify: ssl.SSLContext | bool) -> int:
+    """Reload the instances in order, at most --parallel at once, starting none after the first failure.
+
+    Reloads in flight when one fails still run to their outcome, and are reported.
+    """
+    console = _Console(sys.stdout)
+    stop = threading.Event()
+    outcomes: dict[str, _Outcome] = {}  # by URL, in the order they ended
+    with contextlib.ExitStack() as stack:
+        # Every client first: a URL or a token refusal that would stop the roll stops it before it starts.
+        clients = {target.url: stack.enter_context(_client(args, target, verify)) for target in targets}
+        waiting = list(clients)
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=args.parallel, thread_name_prefix="reload"))
+        running: dict[Future[_Outcome], str] = {}
+        try:
+            while waiting or running:
+                failed = any(outcome.code for outcome in outcomes.values())
+                while waiting and len(running) < args.parallel and not failed:
+                    url = waiting.pop(0)
+                    future = pool.submit(_reload_instance, clients[url], url, args.timeout, console, stop)
+                    running[future] = url
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    url = running.pop(future)
+                    outcome = outcomes[url] = future.result()
+                    console.finish(url, [f"{url}: {line}" for line in (outcome.message, *outcome.warnings)])
+        except KeyboardInterrupt:
+            stop.set()  # the threads stop polling; the pool then joins them
+            raise
+    sys.stdout.write(_roll_summary(list(clients), outcomes, waiting))
+    codes = {outcome.code for outcome in outcomes.values()}
+    return 1 if 1 in codes else max(codes, default=0)
+
+
+def _reload_instance(
+    client: httpx.Client, url: str, timeout: float, console: _Console, stop: threading.Event
+) -> _Outcome:
+    try:
+        reload_id = _get(client, RELOAD_PATH, "reload").headers.get("X-Reload-Id")
+        if not reload_id:
+            return _Outcome(2, _UNTRACKED)
+        return _await_outcome(client, reload_id, timeout, lambda text: console.progress(url, f"{url}: {text}"), stop)
+    except _Unanswered as exc:
+        return _Outcome(exc.code, str(exc))
+
+
+def _roll_summary(urls: list[str], outcomes: dict[str, _Outcome], not_attempted: list[str]) -> str:
+    reloaded = [url for url in urls if url in outcomes and outcomes[url].code == 0]
+    failed = [url for url, outcome in outcomes.items() if outcome.code]
+    if failed:
+        head = f"rolling reload stopped at {failed[0]}: {outcomes[failed[0]].message}"
+    else:
+        head = f"rolling reload done: {len(reloaded)} of {len(urls)} instances reloaded"
+    lines = [head]
+    for label, group in (("reloaded", reloaded), ("failed", failed), ("not attempted", not_attempted)):
+        lines.append(f"{label} ({len(group)}): {', '.join(group) or '-'}")
+    return "\n".join(lines) + "\n"
+
+
+# ----- status ----------------------------------------------------------------------------------------
 
 
 def status(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        info = _get(client, "/pypnm/system/webService/status", "status").json()
+    targets = _targets(args)
+    verify = _tls_verify(args)
+    if _several(args):
+        return _fleet_status(args, targets, verify)
+    with _client(args, targets[0], verify) as client:
+        info = _get(client, STATUS_PATH, "status").json()
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return 0
     sys.stdout.write(_format_status(info))
     return 0
+
+
+def _fleet_status(args: argparse.Namespace, targets: list[_Target], verify: ssl.SSLContext | bool) -> int:
+    """One row (or JSON object) per instance; an instance that does not answer is a row saying why."""
+    with contextlib.ExitStack() as stack:
+        clients = [(target.url, stack.enter_context(_client(args, target, verify))) for target in targets]
+        with ThreadPoolExecutor(max_workers=min(STATUS_CONCURRENCY, len(clients))) as pool:
+            answers = list(pool.map(lambda entry: _instance_status(*entry), clients))
+    if args.json:
+        listed = [{"url": url, **info} if info is not None else {"url": url, "error": str(error)}
+                  for url, info, error in answers]
+        sys.stdout.write(json.dumps(listed, indent=2) + "\n")
+    else:
+        sys.stdout.write(_status_table(answers))
+    codes = {error.code for _, _, error in answers if error is not None}
+    return 1 if 1 in codes else max(codes, default=0)
+
+
+def _instance_status(url: str, client: httpx.Client) -> tuple[str, dict[str, Any] | None, _Unanswered | None]:
+    try:
+        info = _json_object(_get(client, STATUS_PATH, "status"))
+    except _Unanswered as exc:
+        return url, None, exc
+    if info is None:
+        return url, None, _Unanswered("status answered with something that is not a JSON object", 2)
+    return url, info, None
+
+
+def _status_table(answers: list[tuple[str, dict[str, Any] | None, _Unanswered | None]]) -> str:
+    rows = [("INSTANCE", "GENERATION", "CODE_VERSION", "LAST_RELOAD", "WORKERS", "STATE")]
+    for url, info, error in answers:
+        if info is None:
+            rows.append((url, "-", "-", "-", "-", f"error: {error}"))
+            continue
+        supervised = info.get("mode") == "supervised"
+        last = info.get("last_reload") or {}
+        serving = [worker for worker in info.get("workers", []) if worker.get("state") == "serving"]
+        rows.append((
+            url,
+            str(info.get("generation") or "-"),
+            str(info.get("generation_code_version") or info.get("code_version") or "-"),
+            str(last.get("outcome") or "-"),
+            str(len(serving)) if supervised else "-",
+            str(info.get("reload_state") if supervised else info.get("mode")),
+        ))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] + "\n"
+        for row in rows
+    )
 
 
 def _format_status(info: dict[str, Any]) -> str:

@@ -73,6 +73,7 @@ class ReloadRecord:
     started_at: str | None = None
     finished_at: str | None = None
     duration_ms: float | None = None
+    validated_ms: float | None = None  # start -> candidate validated; the rest of duration_ms is the swap
     _t0: float = field(default=0.0, repr=False)
     _finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -80,6 +81,9 @@ class ReloadRecord:
         self.generation = generation
         self.started_at = utc_now()
         self._t0 = time.perf_counter()
+
+    def validated(self) -> None:
+        self.validated_ms = round((time.perf_counter() - self._t0) * 1000, 1)
 
     def finish(self, outcome: str, reason: str | None = None) -> None:
         self.outcome = outcome
@@ -350,6 +354,7 @@ class Master:
             async with asyncio.timeout(settings.reload_timeout):
                 ready = await candidate.start(self.template, self.listeners)
             record.warnings = self._restart_only_changes(ready)
+            record.validated()
             logger.info("reload %s: generation %d validated (code_version %s)", record.id, number,
                         snapshot.code_version)
             self.phase = "swapping"
