@@ -157,7 +157,7 @@ def check(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:
-        return _fail(f"check failed: {exc}", 1)
+        return _fail(f"check failed: {exc}")  # exit 2 like every settings error; 1 is for the app
     sys.path.insert(0, os.getcwd())
     with tempfile.TemporaryDirectory(prefix="pypnm-check-") as runtime:
         try:
