@@ -61,7 +61,7 @@ CONFIG_ENV = "PYPNM_CONFIG"
 
 # Settings the master applies once, when it binds its socket(s) and starts workers.
 # A reload that sees them changed reports that a restart is needed.
-RESTART_ONLY = ("host", "port", "workers", "ssl", "ssl_certfile", "ssl_keyfile")
+RESTART_ONLY = ("host", "port", "workers", "ssl", "ssl_certfile", "ssl_keyfile", "runtime_dir")
 
 # Which TOML file the model reads while load_settings runs (pydantic-settings builds
 # its sources inside the constructor, so the path has to travel beside the call).
@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])
     check_paths: list[str] | None = None
     preload_modules: list[str] = Field(default_factory=list)
+    # Parent of the master's private runtime directory (control socket, snapshots); restart only.
+    # None: $RUNTIME_DIRECTORY (systemd), else the temporary directory.
+    runtime_dir: Path | None = None
 
     # Access to System Operations
     trusted_networks: list[IPNetwork] = Field(

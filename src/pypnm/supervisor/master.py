@@ -17,10 +17,8 @@ import ipaddress
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from pypnm.logs import set_generation, set_level
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor import control
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
+from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import (
     TOKENS_FILE,
     Compiler,
@@ -152,10 +151,13 @@ class Master:
         self.route_file = (
             self.sources["pypnm"] / ROUTE_MODULE if app == DEFAULT_APP else self._module_file(app)
         )
-        self.template = ForkTemplate(settings.log_level, settings.preload_modules)
         self.compiler = Compiler()
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="pypnm-"))  # 0700: the control socket's access control
+        # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
+        self.runtime = RuntimeDir.create(settings.runtime_dir)
+        self.runtime_dir = self.runtime.path
         self.control_path = str(self.runtime_dir / "control.sock")
+        self.template = ForkTemplate(settings.log_level, settings.preload_modules, self.runtime)
+        logger.info("runtime directory %s", self.runtime_dir)
 
         self.serving: Generation | None = None
         self.candidate: Generation | None = None
@@ -182,7 +184,7 @@ class Master:
             logger.error("cannot start: %s", str(exc) or type(exc).__name__)
             self.exit_code = 1
         finally:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self.runtime.remove()
         return self.exit_code
 
     async def _main(self) -> None:

@@ -34,6 +34,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from pypnm.logs import set_generation, setup_logging
+from pypnm.supervisor import runtime
 
 logger = logging.getLogger("pypnm.supervisor.worker")
 
@@ -214,6 +215,7 @@ class MasterChannel:
         logger.warning("master is gone; leaving within %.1fs", ORPHAN_GRACE)
         on_master_gone()
         time.sleep(ORPHAN_GRACE)
+        runtime.leave()  # the last process of a dead master removes its runtime directory
         os._exit(1)
 
 
