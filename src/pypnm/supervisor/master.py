@@ -39,7 +39,7 @@ from pypnm.supervisor.snapshot import (
     Compiler,
     Snapshot,
     SnapshotError,
-    find_project_sources,
+    SourceLocator,
     take_snapshot,
 )
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
@@ -147,10 +147,10 @@ class Master:
         self.config_file = config_file.resolve() if config_file else None
         self.overrides = overrides or {}
         self.watch = watch
-        self.sources = find_project_sources(app)
-        self.route_file = (
-            self.sources["pypnm"] / ROUTE_MODULE if app == DEFAULT_APP else self._module_file(app)
-        )
+        self.locator = SourceLocator(app)
+        self.sources = self.locator.find()
+        self.route_file = self._route_file()
+        self._watch_again: asyncio.Event | None = None  # set when the sources move: watch the new place
         self.compiler = Compiler()
         # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
         self.runtime = RuntimeDir.create(settings.runtime_dir)
@@ -261,6 +261,8 @@ class Master:
 
     async def _shutdown(self) -> None:
         self.stopping = True
+        if self._watch_again is not None:
+            self._watch_again.set()  # the watcher's thread ends at its next step, not at its 5 s timeout
         for task in list(self._tasks):
             task.cancel()
         for sock in self.listeners:
@@ -332,6 +334,7 @@ class Master:
         settings = self.settings
         try:
             await self.template.refresh_if_stale()
+            self._follow_sources(await asyncio.to_thread(self.locator.find))
             snapshot = take_snapshot(
                 self.sources, self.runtime_dir / f"gen-{number}", self.config_file, self.compiler
             )
@@ -474,19 +477,44 @@ class Master:
     # ----- triggers -------------------------------------------------------------------------
 
     async def _watch_files(self) -> None:
-        """Reload when the route module file is touched, and with --reload on any watched change."""
-        dirs = [self.route_file.parent]
-        if self.watch:
-            dirs += [Path(p).resolve() for p in self.settings.reload_dirs] or [
-                p if p.is_dir() else p.parent for p in self.sources.values()
-            ]
-            if self.config_file is not None:
-                dirs.append(self.config_file.parent)
-        roots = sorted({d for d in dirs if d.is_dir()})
-        logger.info("watching %s", ", ".join(map(str, roots)))
-        async for changes in watchfiles.awatch(*roots, watch_filter=self._is_trigger, stop_event=self._stop):
-            first = sorted(path for _, path in changes)[0]
-            self.request_reload(f"file change: {first}")
+        """Reload when the route module file is touched, and with --reload on any watched change.
+
+        Runs until shutdown; starts over on the new place when the sources move.
+        """
+        while not self.stopping:
+            self._watch_again = asyncio.Event()
+            dirs = [self.route_file.parent]
+            if self.watch:
+                dirs += [Path(p).resolve() for p in self.settings.reload_dirs] or [
+                    p if p.is_dir() else p.parent for p in self.sources.values()
+                ]
+                if self.config_file is not None:
+                    dirs.append(self.config_file.parent)
+            roots = sorted({d for d in dirs if d.is_dir()})
+            logger.info("watching %s", ", ".join(map(str, roots)))
+            async for changes in watchfiles.awatch(
+                *roots, watch_filter=self._is_trigger, stop_event=self._watch_again
+            ):
+                first = sorted(path for _, path in changes)[0]
+                self.request_reload(f"file change: {first}")
+
+    def _follow_sources(self, sources: dict[str, Path]) -> None:
+        """After a reinstall the project may be somewhere else: build from there and watch there."""
+        if sources == self.sources:
+            return
+        moved = ", ".join(f"{self.sources.get(top)} -> {path}" for top, path in sources.items())
+        logger.warning("the project's sources moved (reinstalled?): %s; reloads copy them from there now", moved)
+        self.sources = sources
+        route_file = self._route_file()
+        if route_file != self.route_file:
+            logger.info("the route module file is now %s", route_file)
+            self.route_file = route_file
+        if self._watch_again is not None:
+            self._watch_again.set()
+
+    def _route_file(self) -> Path:
+        """The file whose touch triggers a reload: the seed's route module, or the module of --app."""
+        return self.sources["pypnm"] / ROUTE_MODULE if self.app == DEFAULT_APP else self._module_file(self.app)
 
     def _is_trigger(self, change: watchfiles.Change, path: str) -> bool:
         candidate = Path(path)
