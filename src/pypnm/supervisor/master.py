@@ -90,6 +90,15 @@ class ReloadRecord:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """Which directory is at a path now (device, inode); None when there is none."""
+    try:
+        st = directory.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def bind_listeners(host: str, port: int) -> list[socket.socket]:
     """Bind once, before anything else starts; raises OSError with the system's reason."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -151,6 +160,7 @@ class Master:
         self.sources = self.locator.find()
         self.route_file = self._route_file()
         self._watch_again: asyncio.Event | None = None  # set when the sources move: watch the new place
+        self._watched: dict[Path, tuple[int, int] | None] = {}  # each watched directory's identity
         self.compiler = Compiler()
         # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
         self.runtime = RuntimeDir.create(settings.runtime_dir)
@@ -479,7 +489,8 @@ class Master:
     async def _watch_files(self) -> None:
         """Reload when the route module file is touched, and with --reload on any watched change.
 
-        Runs until shutdown; starts over on the new place when the sources move.
+        Runs until shutdown; starts over when a reload finds the sources moved or their
+        directories replaced (`_follow_sources`).
         """
         while not self.stopping:
             self._watch_again = asyncio.Event()
@@ -490,8 +501,12 @@ class Master:
                 ]
                 if self.config_file is not None:
                     dirs.append(self.config_file.parent)
+            self._watched = {d: _identity(d) for d in dirs}
             roots = sorted({d for d in dirs if d.is_dir()})
-            logger.info("watching %s", ", ".join(map(str, roots)))
+            logger.info("watching %s", ", ".join(map(str, roots)) or "nothing (the directories are missing)")
+            if not roots:
+                await self._watch_again.wait()
+                continue
             async for changes in watchfiles.awatch(
                 *roots, watch_filter=self._is_trigger, stop_event=self._watch_again
             ):
@@ -499,16 +514,22 @@ class Master:
                 self.request_reload(f"file change: {first}")
 
     def _follow_sources(self, sources: dict[str, Path]) -> None:
-        """After a reinstall the project may be somewhere else: build from there and watch there."""
-        if sources == self.sources:
+        """After a reinstall: build from where the project is now, and watch what is there now.
+
+        pip replaces a package's directories even when it installs to the same place, and a
+        watch on the old directories would see nothing any more, so those are watched anew too.
+        """
+        replaced = any(_identity(d) != identity for d, identity in self._watched.items())
+        if sources != self.sources:
+            moved = ", ".join(f"{self.sources.get(top)} -> {path}" for top, path in sources.items())
+            logger.warning("the project's sources moved (reinstalled?): %s; reloads copy them from there now", moved)
+            self.sources = sources
+            route_file = self._route_file()
+            if route_file != self.route_file:
+                logger.info("the route module file is now %s", route_file)
+                self.route_file = route_file
+        elif not replaced:
             return
-        moved = ", ".join(f"{self.sources.get(top)} -> {path}" for top, path in sources.items())
-        logger.warning("the project's sources moved (reinstalled?): %s; reloads copy them from there now", moved)
-        self.sources = sources
-        route_file = self._route_file()
-        if route_file != self.route_file:
-            logger.info("the route module file is now %s", route_file)
-            self.route_file = route_file
         if self._watch_again is not None:
             self._watch_again.set()
 
