@@ -8,10 +8,11 @@ import socket
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import Service, base_env, free_port, pid_alive, pypnm_command, run_cli, wait_until
+from conftest import RELOAD_PATH, Service, base_env, free_port, pid_alive, pypnm_command, run_cli, wait_until
 from test_cli import assert_one_line_error
 
 StartService = Callable[..., Service]
@@ -140,3 +141,29 @@ def test_an_unusable_runtime_directory_is_one_line_and_exit_2(tmp_path: Path, va
         line = assert_one_line_error(result, 2, str(parent), variable, why)
         assert "cannot create the runtime directory" in line
         assert not parent.exists()  # a missing parent is reported, not created
+
+
+def test_a_runtime_directory_that_refuses_a_snapshot_fails_that_reload_in_one_line(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    parent = tmp_path / "run"
+    parent.mkdir()
+    service = serve(start_service, PYPNM_RUNTIME_DIR=str(parent), PYPNM_RELOAD_MIN_INTERVAL="0")
+    (runtime,) = runtime_dirs(parent)
+    blocked = runtime / "gen-2"  # where the next generation's snapshot goes: a file in the way
+    blocked.write_text("")
+
+    def reload() -> dict[str, Any]:
+        response = service.get(RELOAD_PATH)
+        assert response.status_code == 200, response.text
+        reload_id = response.headers["X-Reload-Id"]
+        return dict(wait_until(
+            lambda: next((r for r in service.status()["reloads"] if r["id"] == reload_id and r["outcome"]), None),
+            timeout=30,
+        ))
+
+    failed = reload()
+    assert failed["outcome"] == "failed"
+    assert failed["reason"] == f"cannot write the snapshot in the runtime directory: {blocked}: File exists"
+    assert "Traceback" not in service.output()
+    assert reload()["outcome"] == "succeeded"  # the next generation number is free

@@ -55,7 +55,10 @@ class Snapshot:
             what = _FILE_SETTING.get(role, role)
             raise SnapshotError(f"{what} {str(source)!r}: cannot read it ({exc.strerror})") from None
         copy = self.directory / role
-        copy.write_bytes(data)
+        try:
+            copy.write_bytes(data)
+        except OSError as exc:
+            raise SnapshotError(_write_problem(exc)) from None
         self.files[role] = copy
         self.source_dirs[str(copy)] = str(source)  # reasons name the operator's file
         return copy
@@ -160,7 +163,10 @@ def take_snapshot(
     sources: dict[str, Path], directory: Path, config_file: Path | None, compiler: Compiler | None = None
 ) -> Snapshot:
     compiler = compiler or Compiler()
-    directory.mkdir(parents=True)
+    try:
+        directory.mkdir(parents=True)
+    except OSError as exc:
+        raise SnapshotError(_write_problem(exc)) from None
     source_dirs: dict[str, str] = {}
     digest = hashlib.sha256()
     try:
@@ -188,6 +194,11 @@ def take_snapshot(
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return snapshot
+
+
+def _write_problem(exc: OSError) -> str:
+    """The runtime directory refuses a write (read-only or full file system, something in the way)."""
+    return f"cannot write the snapshot in the runtime directory: {exc.filename or ''}: {exc.strerror or exc}"
 
 
 def _copy_problem(exc: OSError) -> str:
