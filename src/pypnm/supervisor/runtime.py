@@ -20,6 +20,9 @@ is alive, and the kernel drops it when the last one exits, however it exits. So:
   Directories of earlier pypnm versions have no lock file; they count as abandoned when
   their control socket refuses connections (nobody listens on it any more).
 
+Whoever removes a directory holds its lock meanwhile and deletes the lock file last, so a
+removal cut short (the process killed half-way) is finished by the next sweep.
+
 Hand-written because `tempfile` knows nothing of an owner's life, and the lock has to
 travel through the fork template into the workers.
 """
@@ -34,6 +37,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from pathlib import Path
 
 logger = logging.getLogger("pypnm.supervisor.runtime")
@@ -46,6 +50,8 @@ SETTING_ENV = "PYPNM_RUNTIME_DIR"
 
 # In the fork template and the workers it forks: the inherited lock (descriptor, directory).
 _held: tuple[int, Path] | None = None
+# A worker may leave from two threads (its master channel's reader and its main thread).
+_leaving = threading.Lock()
 
 
 class RuntimeDirError(Exception):
@@ -88,7 +94,7 @@ class RuntimeDir:
         return cls(path, lock_fd)
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        _remove_lock_last(self.path)
         with contextlib.suppress(OSError):
             os.close(self.lock_fd)
 
@@ -146,10 +152,27 @@ def _remove_if_unlocked(directory: Path) -> bool:
         os.close(fd)
         return False  # a process of that master is alive
     try:
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove_lock_last(directory)
     finally:
         os.close(fd)
     return not directory.exists()
+
+
+def _remove_lock_last(directory: Path) -> None:
+    """Remove the directory with its lock file last, so an interrupted removal is finished by the next sweep."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.unlink(directory / LOCK_FILE)
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
 
 
 def _remove_if_nobody_listens(directory: Path) -> bool:
@@ -189,11 +212,14 @@ def leave() -> None:
     While the master lives it holds the lock, so this removes nothing: safe on every exit path.
     """
     global _held
-    if _held is None:
-        return
-    lock_fd, directory = _held
-    _held = None
-    with contextlib.suppress(OSError):
-        os.close(lock_fd)
-    if _remove_if_unlocked(directory):
-        logger.info("removed the runtime directory %s: the master is gone and this was its last process", directory)
+    with _leaving:  # held throughout: a second caller must not exit the process half-way through a removal
+        if _held is None:
+            return
+        lock_fd, directory = _held
+        _held = None
+        with contextlib.suppress(OSError):
+            os.close(lock_fd)
+        if _remove_if_unlocked(directory):
+            logger.info(
+                "removed the runtime directory %s: the master is gone and this was its last process", directory
+            )
