@@ -113,7 +113,7 @@ def test_check_fails_on_a_bad_config_value(tmp_path: Path) -> None:
     config = tmp_path / "settings.toml"
     config.write_text("gzip_minimum_size = -5\n")
     result = run_cli("check", "--config", str(config), cwd=tmp_path, timeout=60)
-    line = assert_one_line_error(result, 1, "check failed", "'gzip_minimum_size'")
+    line = assert_one_line_error(result, 2, "check failed", "'gzip_minimum_size'")  # 2: settings, as `pypnm`
     assert result.stdout == ""
     assert line.startswith("pypnm: check failed: ")
 

@@ -222,7 +222,7 @@ def test_pypnm_check_validates_a_settings_file_offline(tmp_path: Path) -> None:
         )
 
     failed = check(bad)
-    assert failed.returncode == 1, failed.stderr
+    assert failed.returncode == 2, failed.stderr  # a settings error, as `pypnm` says it
     assert failed.stderr.startswith("pypnm: check failed: invalid setting 'trusted_networks'[0]")
     assert str(bad) in failed.stderr
     passed = check(good)

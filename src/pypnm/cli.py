@@ -184,6 +184,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def serve(args: argparse.Namespace) -> int:
     from pypnm.logs import setup_logging
     from pypnm.supervisor.master import Master, bind_listeners
+    from pypnm.supervisor.runtime import RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError
 
     overrides = _serve_overrides(args)
@@ -202,7 +203,7 @@ def serve(args: argparse.Namespace) -> int:
             settings, listeners, app=args.app, config_file=config_path(args.config), overrides=overrides,
             watch=args.reload,
         )
-    except SnapshotError as exc:
+    except (SnapshotError, RuntimeDirError) as exc:
         return _fail(str(exc))
     return master.run()
 
@@ -211,25 +212,30 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    import tempfile
-
     from pypnm.supervisor.master import generation_spec
+    from pypnm.supervisor.runtime import RuntimeDir, RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError, find_project_sources, take_snapshot
     from pypnm.supervisor.worker import check as check_generation
 
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:
-        return _fail(f"check failed: {exc}", 1)
+        return _fail(f"check failed: {exc}")  # exit 2 like every settings error; 1 is for the app
     sys.path.insert(0, os.getcwd())
-    with tempfile.TemporaryDirectory(prefix="pypnm-check-") as runtime:
+    try:
+        runtime = RuntimeDir.create(settings.runtime_dir)  # where the master would put it, swept the same way
+    except RuntimeDirError as exc:
+        return _fail(f"check failed: {exc}")
+    try:
         try:
-            snapshot = take_snapshot(find_project_sources(args.app), Path(runtime) / "gen", config_path(args.config))
+            snapshot = take_snapshot(find_project_sources(args.app), runtime.path / "gen", config_path(args.config))
         except SnapshotError as exc:
             return _fail(f"check failed: {exc}", 1)
         spec = generation_spec(args.app, 0, snapshot, settings, env={})
         spec.log_level = "warning"
         reason = check_generation(spec)
+    finally:
+        runtime.remove()
     if reason is not None:
         return _fail(f"check failed: {reason}", 1)
     paths = ", ".join(spec.check_paths) or "lifespan startup"

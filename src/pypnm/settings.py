@@ -5,19 +5,37 @@ Sources, strongest first: values given by the CLI, environment variables
 `load_settings` is the only way in; it turns every problem (unreadable file, bad
 TOML, unknown key, invalid value) into a `SettingsError` whose message is one line
 that names the setting, so the CLI and the reload status can show it as it is.
+
+Lists and tables arrive from the environment as text. pydantic-settings would decode
+them as JSON only, and a value such as `127.0.0.1/32` would end in its own exception
+rather than a validation error; so decoding is switched off (`enable_decoding=False`)
+and `_list_or_table_from_text` reads the text instead: JSON when it starts with `[` or
+`{`, else the comma form people type (`a,b`; tables `label:value,label2:value2`). Its
+errors are validation errors, which name the setting like every other.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextvars
 import ipaddress
+import json
 import os
 import re
 import tomllib
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -44,7 +62,7 @@ CONFIG_ENV = "PYPNM_CONFIG"
 
 # Settings the master applies once, when it binds its socket(s) and starts workers.
 # A reload that sees them changed reports that a restart is needed.
-RESTART_ONLY = ("host", "port", "workers", "ssl", "ssl_certfile", "ssl_keyfile")
+RESTART_ONLY = ("host", "port", "workers", "ssl", "ssl_certfile", "ssl_keyfile", "runtime_dir")
 
 # Which TOML file the model reads while load_settings runs (pydantic-settings builds
 # its sources inside the constructor, so the path has to travel beside the call).
@@ -56,7 +74,10 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+    # enable_decoding=False: lists and tables given as text are read by _list_or_table_from_text.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, enable_decoding=False
+    )
 
     # Listening (restart-only)
     host: str = "127.0.0.1"
@@ -92,6 +113,9 @@ class Settings(BaseSettings):
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])
     check_paths: list[str] | None = None
     preload_modules: list[str] = Field(default_factory=list)
+    # Parent of the master's private runtime directory (control socket, snapshots); restart only.
+    # None: $RUNTIME_DIRECTORY (systemd), else the temporary directory.
+    runtime_dir: Path | None = None
 
     # Access to System Operations
     trusted_networks: list[IPNetwork] = Field(
@@ -103,6 +127,15 @@ class Settings(BaseSettings):
     # Host names (or `*.domain` patterns, or addresses) that name this service, besides loopback and
     # the address it listens on: a request admitted by its address must carry one (DNS rebinding).
     allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _list_or_table_from_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """A list or table setting given as text (every environment variable is): JSON or the comma form."""
+        if not isinstance(value, str) or info.field_name is None:
+            return value
+        kind = _container_kind(cls.model_fields[info.field_name].annotation)
+        return value if kind is None else parse_text(value, kind)
 
     @field_validator("check_paths")
     @classmethod
@@ -201,6 +234,49 @@ def _host_pattern(value: str) -> str:
             "(no scheme, port or path; like pypnm.example.net or *.example.net)"
         )
     return f"*.{host}" if wildcard else host
+
+
+def _container_kind(annotation: Any) -> Literal["list", "table"] | None:
+    """Whether a setting's type is a list (also inside `| None`), a table, or neither."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        kinds = {_container_kind(arg) for arg in get_args(annotation)} - {None}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin in (list, tuple, set, frozenset, collections.abc.Sequence):
+        return "list"
+    if origin in (dict, collections.abc.Mapping):
+        return "table"
+    return None
+
+
+def parse_text(text: str, kind: Literal["list", "table"]) -> Any:
+    """Read a list or table written as text; ValueError (never naming a value: it may be a token) if it is not one.
+
+    `[...]`/`{...}` is JSON. Otherwise items are separated by commas, white space around
+    them is dropped and empty items are skipped (so an empty text is an empty list); a
+    table's items are `label:value`, split at the first colon (labels hold no colon, values may).
+    """
+    stripped = text.strip()
+    if stripped.startswith(("[", "{")):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            form = "a,b" if kind == "list" else "label:value,label2:value2"
+            raise ValueError(
+                f"not valid JSON ({exc.msg} at character {exc.pos + 1}); write {form} or valid JSON"
+            ) from None
+    items = [item.strip() for item in stripped.split(",") if item.strip()]
+    if kind == "list":
+        return items
+    table: dict[str, str] = {}
+    for number, item in enumerate(items, start=1):
+        label, sep, value = item.partition(":")
+        if not sep or not label.strip():
+            raise ValueError(
+                f"item {number} is not 'label:value'; write label:value,label2:value2 or a JSON object"
+            )
+        table[label.strip()] = value.strip()
+    return table
 
 
 def _plain(value: Any) -> Any:

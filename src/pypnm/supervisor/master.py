@@ -21,10 +21,8 @@ import ipaddress
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,12 +37,13 @@ from pypnm.logs import set_generation, set_level
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor import control
 from pypnm.supervisor.generation import CLOSE_GRACE, CandidateFailed, Generation, WorkerProcess
+from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import (
     TOKENS_FILE,
     Compiler,
     Snapshot,
     SnapshotError,
-    find_project_sources,
+    SourceLocator,
     take_snapshot,
 )
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
@@ -97,6 +96,15 @@ class ReloadRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """Which directory is at a path now (device, inode); None when there is none."""
+    try:
+        st = directory.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def bind_listeners(host: str, port: int) -> list[socket.socket]:
@@ -160,14 +168,18 @@ class Master:
         self.config_file = config_file.resolve() if config_file else None
         self.overrides = overrides or {}
         self.watch = watch
-        self.sources = find_project_sources(app)
-        self.route_file = (
-            self.sources["pypnm"] / ROUTE_MODULE if app == DEFAULT_APP else self._module_file(app)
-        )
-        self.template = ForkTemplate(settings.log_level, settings.preload_modules)
+        self.locator = SourceLocator(app)
+        self.sources = self.locator.find()
+        self.route_file = self._route_file()
+        self._watch_again: asyncio.Event | None = None  # set when the sources move: watch the new place
+        self._watched: dict[Path, tuple[int, int] | None] = {}  # each watched directory's identity
         self.compiler = Compiler()
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="pypnm-"))  # 0700: the control socket's access control
+        # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
+        self.runtime = RuntimeDir.create(settings.runtime_dir)
+        self.runtime_dir = self.runtime.path
         self.control_path = str(self.runtime_dir / "control.sock")
+        self.template = ForkTemplate(settings.log_level, settings.preload_modules, self.runtime)
+        logger.info("runtime directory %s", self.runtime_dir)
 
         self.serving: Generation | None = None
         self.candidate: Generation | None = None
@@ -195,7 +207,7 @@ class Master:
             logger.error("cannot start: %s", str(exc) or type(exc).__name__)
             self.exit_code = 1
         finally:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self.runtime.remove()
         return self.exit_code
 
     async def _main(self) -> None:
@@ -272,6 +284,8 @@ class Master:
 
     async def _shutdown(self) -> None:
         self.stopping = True
+        if self._watch_again is not None:
+            self._watch_again.set()  # the watcher's thread ends at its next step, not at its 5 s timeout
         for task in list(self._tasks):
             task.cancel()
         for sock in self.listeners:
@@ -343,6 +357,7 @@ class Master:
         settings = self.settings
         try:
             await self.template.refresh_if_stale()
+            self._follow_sources(await asyncio.to_thread(self.locator.find))
             snapshot = take_snapshot(
                 self.sources, self.runtime_dir / f"gen-{number}", self.config_file, self.compiler
             )
@@ -519,19 +534,55 @@ class Master:
     # ----- triggers -------------------------------------------------------------------------
 
     async def _watch_files(self) -> None:
-        """Reload when the route module file is touched, and with --reload on any watched change."""
-        dirs = [self.route_file.parent]
-        if self.watch:
-            dirs += [Path(p).resolve() for p in self.settings.reload_dirs] or [
-                p if p.is_dir() else p.parent for p in self.sources.values()
-            ]
-            if self.config_file is not None:
-                dirs.append(self.config_file.parent)
-        roots = sorted({d for d in dirs if d.is_dir()})
-        logger.info("watching %s", ", ".join(map(str, roots)))
-        async for changes in watchfiles.awatch(*roots, watch_filter=self._is_trigger, stop_event=self._stop):
-            first = sorted(path for _, path in changes)[0]
-            self.request_reload(f"file change: {first}")
+        """Reload when the route module file is touched, and with --reload on any watched change.
+
+        Runs until shutdown; starts over when a reload finds the sources moved or their
+        directories replaced (`_follow_sources`).
+        """
+        while not self.stopping:
+            self._watch_again = asyncio.Event()
+            dirs = [self.route_file.parent]
+            if self.watch:
+                dirs += [Path(p).resolve() for p in self.settings.reload_dirs] or [
+                    p if p.is_dir() else p.parent for p in self.sources.values()
+                ]
+                if self.config_file is not None:
+                    dirs.append(self.config_file.parent)
+            self._watched = {d: _identity(d) for d in dirs}
+            roots = sorted({d for d in dirs if d.is_dir()})
+            logger.info("watching %s", ", ".join(map(str, roots)) or "nothing (the directories are missing)")
+            if not roots:
+                await self._watch_again.wait()
+                continue
+            async for changes in watchfiles.awatch(
+                *roots, watch_filter=self._is_trigger, stop_event=self._watch_again
+            ):
+                first = sorted(path for _, path in changes)[0]
+                self.request_reload(f"file change: {first}")
+
+    def _follow_sources(self, sources: dict[str, Path]) -> None:
+        """After a reinstall: build from where the project is now, and watch what is there now.
+
+        pip replaces a package's directories even when it installs to the same place, and a
+        watch on the old directories would see nothing any more, so those are watched anew too.
+        """
+        replaced = any(_identity(d) != identity for d, identity in self._watched.items())
+        if sources != self.sources:
+            moved = ", ".join(f"{self.sources.get(top)} -> {path}" for top, path in sources.items())
+            logger.warning("the project's sources moved (reinstalled?): %s; reloads copy them from there now", moved)
+            self.sources = sources
+            route_file = self._route_file()
+            if route_file != self.route_file:
+                logger.info("the route module file is now %s", route_file)
+                self.route_file = route_file
+        elif not replaced:
+            return
+        if self._watch_again is not None:
+            self._watch_again.set()
+
+    def _route_file(self) -> Path:
+        """The file whose touch triggers a reload: the seed's route module, or the module of --app."""
+        return self.sources["pypnm"] / ROUTE_MODULE if self.app == DEFAULT_APP else self._module_file(self.app)
 
     def _is_trigger(self, change: watchfiles.Change, path: str) -> bool:
         candidate = Path(path)

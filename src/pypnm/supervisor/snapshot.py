@@ -5,15 +5,21 @@ whatever is on disk by then, and a candidate must not import a tree that an edit
 or a deploy is still half-way through writing. Copying the project's own packages
 (not third-party ones) costs milliseconds. Compiling the copy here, in the master,
 finds syntax errors before any worker starts and saves each worker the compile.
-The master only reads and compiles these files; it never imports them.
+The master only reads and compiles these files; it never imports them. Where the
+project's sources are is asked again before each snapshot (`SourceLocator`), so a reload
+after a reinstall copies the newly installed code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import os
 import py_compile
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +55,10 @@ class Snapshot:
             what = _FILE_SETTING.get(role, role)
             raise SnapshotError(f"{what} {str(source)!r}: cannot read it ({exc.strerror})") from None
         copy = self.directory / role
-        copy.write_bytes(data)
+        try:
+            copy.write_bytes(data)
+        except OSError as exc:
+            raise SnapshotError(_write_problem(exc)) from None
         self.files[role] = copy
         self.source_dirs[str(copy)] = str(source)  # reasons name the operator's file
         return copy
@@ -58,24 +67,106 @@ class Snapshot:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def find_project_sources(app: str) -> dict[str, Path]:
-    """The top-level package or module of `module:attr`, located without importing it."""
-    top = app.partition(":")[0].split(".")[0]
+# Run by a fresh interpreter (in the master's directory and environment): where would a new
+# process import the top-level module from? It stamps its sys.path *before* looking, so a change
+# made while it looks shows up as a changed stamp next time.
+_LOCATE = """
+import importlib.util, json, os, sys
+sys.path.insert(0, os.getcwd())
+def stamp(entry):
     try:
-        spec = importlib.util.find_spec(top)
-    except (ImportError, ValueError) as exc:
-        raise SnapshotError(f"cannot locate {top!r}: {exc}") from None
-    if spec is None or spec.origin is None:
+        return os.stat(entry or ".").st_mtime_ns
+    except OSError:
+        return None
+answer = {"path": sys.path, "stamp": [stamp(entry) for entry in sys.path]}
+try:
+    spec = importlib.util.find_spec(sys.argv[1])
+except (ImportError, ValueError) as exc:
+    answer["error"] = str(exc) or type(exc).__name__
+else:
+    if spec is not None and spec.origin is not None:
+        answer["origin"] = spec.origin
+        answer["package"] = spec.submodule_search_locations is not None
+print(json.dumps(answer))
+"""
+_LOCATE_TIMEOUT = 30.0
+
+
+def _stamp(path: list[str]) -> list[int | None]:
+    """What an install or uninstall changes: the modification times of the directories on sys.path."""
+    stamps: list[int | None] = []
+    for entry in path:
+        try:
+            stamps.append(os.stat(entry or ".").st_mtime_ns)
+        except OSError:
+            stamps.append(None)
+    return stamps
+
+
+def _locate(top: str) -> tuple[Path, list[str], list[int | None]]:
+    """Ask a fresh interpreter; returns (the package directory or module file, its sys.path, their stamps)."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _LOCATE, top], capture_output=True, text=True, timeout=_LOCATE_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        lines = result.stdout.strip().splitlines()
+        answer = json.loads(lines[-1]) if lines else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        raise SnapshotError(f"cannot locate {top!r}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(answer, dict) or "path" not in answer:
+        stderr = result.stderr.strip().splitlines()
+        raise SnapshotError(f"cannot locate {top!r}: {stderr[-1] if stderr else f'exit {result.returncode}'}")
+    if "error" in answer:
+        raise SnapshotError(f"cannot locate {top!r}: {answer['error']}")
+    if "origin" not in answer:
         raise SnapshotError(f"cannot find module {top!r}: check --app and the directory pypnm runs in")
-    origin = Path(spec.origin).resolve()
-    return {top: origin.parent if spec.submodule_search_locations else origin}
+    origin = Path(answer["origin"]).resolve()
+    return (origin.parent if answer["package"] else origin), answer["path"], answer["stamp"]
+
+
+def find_project_sources(app: str) -> dict[str, Path]:
+    """The top-level package or module of `module:attr`, where a new process would import it now.
+
+    Asked of a fresh interpreter rather than of this process: `importlib.util.find_spec`
+    here answers from this process's `sys.modules` and its `sys.path` as `.pth` files made
+    it at start, so after a reinstall (another version, editable <-> wheel) it names the
+    old place. Nothing of the project is imported, here or there.
+    """
+    top = app.partition(":")[0].split(".")[0]
+    return {top: _locate(top)[0]}
+
+
+class SourceLocator:
+    """The master's `find_project_sources`, asked again only when an install may have changed the answer.
+
+    Any install or uninstall adds or removes entries in a directory on sys.path (its
+    site-packages, or the directory an editable install points at), which changes that
+    directory's modification time. While those times and the sources found last are as
+    they were, the last answer stands, so an ordinary reload costs no extra process.
+    """
+
+    def __init__(self, app: str) -> None:
+        self.top = app.partition(":")[0].split(".")[0]
+        self._found: Path | None = None
+        self._path: list[str] = []
+        self._stamp: list[int | None] = []
+
+    def find(self) -> dict[str, Path]:
+        """SnapshotError when the project cannot be found (e.g. half-way through an install)."""
+        if self._found is None or not self._found.exists() or _stamp(self._path) != self._stamp:
+            self._found, self._path, self._stamp = _locate(self.top)
+        return {self.top: self._found}
 
 
 def take_snapshot(
     sources: dict[str, Path], directory: Path, config_file: Path | None, compiler: Compiler | None = None
 ) -> Snapshot:
     compiler = compiler or Compiler()
-    directory.mkdir(parents=True)
+    try:
+        directory.mkdir(parents=True)
+    except OSError as exc:
+        raise SnapshotError(_write_problem(exc)) from None
     source_dirs: dict[str, str] = {}
     digest = hashlib.sha256()
     try:
@@ -103,6 +194,11 @@ def take_snapshot(
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return snapshot
+
+
+def _write_problem(exc: OSError) -> str:
+    """The runtime directory refuses a write (read-only or full file system, something in the way)."""
+    return f"cannot write the snapshot in the runtime directory: {exc.filename or ''}: {exc.strerror or exc}"
 
 
 def _copy_problem(exc: OSError) -> str:

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from typing import Any
 
+from pypnm.supervisor.runtime import RuntimeDir
+
 logger = logging.getLogger("pypnm.supervisor.spawner")
 
 # Distributions whose modules the template preloads.
@@ -49,9 +51,10 @@ def installed_versions() -> dict[str, str]:
 
 
 class ForkTemplate:
-    def __init__(self, log_level: str, preload: list[str]) -> None:
+    def __init__(self, log_level: str, preload: list[str], runtime: RuntimeDir) -> None:
         self.log_level = log_level
         self.preload = preload
+        self.runtime = runtime  # its lock goes to the template and, by fork, to every worker
         self.process: subprocess.Popen[bytes] | None = None
         self.channel: socket.socket | None = None
         self.versions: dict[str, str] = {}
@@ -64,9 +67,13 @@ class ForkTemplate:
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.versions = installed_versions()
+        lock = self.runtime.lock_fd
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pypnm.supervisor.template", str(theirs.fileno()), self.log_level, *self.preload],
-            pass_fds=[theirs.fileno()],
+            [
+                sys.executable, "-m", "pypnm.supervisor.template",
+                str(theirs.fileno()), str(lock), str(self.runtime.path), self.log_level, *self.preload,
+            ],
+            pass_fds=[theirs.fileno(), lock],
             # Its own session: a terminal's SIGINT or SIGHUP reaches the master only, which then
             # stops or reloads the workers in order instead of having them die under it.
             start_new_session=True,

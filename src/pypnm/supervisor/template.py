@@ -13,7 +13,9 @@ the template answers `{"pid": N}` (or `{"error": "..."}`). At start it sends
 `{"ready": true}` once its modules are imported. End-of-file means the master is gone:
 the template exits. It runs in a session of its own (so a terminal's signals reach only
 the master) and lets the kernel reap its children (SIGCHLD ignored); the master learns
-of a worker's exit from the worker's own socketpair.
+of a worker's exit from the worker's own socketpair. It holds the master's runtime
+directory lock, which its workers inherit by fork; whichever of them leaves last after
+the master died removes that directory (runtime.py).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from pypnm.logs import setup_logging
-from pypnm.supervisor import worker
+from pypnm.supervisor import runtime, worker
 
 logger = logging.getLogger("pypnm.supervisor.template")
 
@@ -80,6 +83,7 @@ def fork_worker(channel: socket.socket, request: dict[str, object], fds: list[in
     except BaseException:
         logger.exception("worker failed")
     finally:
+        runtime.leave()  # the last process of a dead master removes its runtime directory
         logging.shutdown()
         os._exit(code)
 
@@ -108,11 +112,15 @@ def serve(channel: socket.socket) -> None:
 
 
 def main() -> None:
-    channel_fd, log_level, *extra = sys.argv[1:]
+    channel_fd, lock_fd, runtime_dir, log_level, *extra = sys.argv[1:]
+    runtime.adopt(int(lock_fd), Path(runtime_dir))
     setup_logging("template", log_level)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    preload([*PRELOADED, *extra])
-    serve(socket.socket(fileno=int(channel_fd)))
+    try:
+        preload([*PRELOADED, *extra])
+        serve(socket.socket(fileno=int(channel_fd)))
+    finally:
+        runtime.leave()
 
 
 if __name__ == "__main__":

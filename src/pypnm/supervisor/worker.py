@@ -38,6 +38,7 @@ import uvicorn
 
 from pypnm.identity import WORKER_STATE_KEY
 from pypnm.logs import set_generation, setup_logging
+from pypnm.supervisor import runtime
 from pypnm.supervisor.http_limits import HeadLimits, LimitedHttpToolsProtocol
 
 logger = logging.getLogger("pypnm.supervisor.worker")
@@ -226,6 +227,7 @@ class MasterChannel:
         logger.warning("master is gone; leaving within %.1fs", ORPHAN_GRACE)
         on_master_gone()
         time.sleep(ORPHAN_GRACE)
+        runtime.leave()  # the last process of a dead master removes its runtime directory
         os._exit(1)
 
 
