@@ -159,7 +159,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Instance]]:
             with log.open("wb") as output:
                 proc = subprocess.Popen(
                     pypnm_command("serve", "--host", address, "--port", str(port), "--graceful-timeout", "5"),
-                    cwd=copy, env=base_env(PYTHONPATH=str(copy), PYPNM_RELOAD_MIN_INTERVAL="0"),
+                    # The fleet's name is one of the service's names (as a headless Service's is), so
+                    # the DNS-rebinding guard admits requests addressed to it from trusted addresses.
+                    cwd=copy, env=base_env(PYTHONPATH=str(copy), PYPNM_RELOAD_MIN_INTERVAL="0",
+                                           PYPNM_ALLOWED_HOSTS=FLEET_NAME),
                     stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 )
             service = Service(proc, port, log)
