@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -231,8 +232,7 @@ def check(args: argparse.Namespace) -> int:
             snapshot = take_snapshot(find_project_sources(args.app), runtime.path / "gen", config_path(args.config))
         except SnapshotError as exc:
             return _fail(f"check failed: {exc}", 1)
-        spec = generation_spec(args.app, 0, snapshot, settings, env={})
-        spec.log_level = "warning"
+        spec = dataclasses.replace(generation_spec(args.app, 0, snapshot, settings, env={}), log_level="warning")
         reason = check_generation(spec)
     finally:
         runtime.remove()

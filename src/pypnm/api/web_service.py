@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from pypnm.identity import SUPERVISOR_ENV, ProcessIdentity
 from pypnm.supervisor import control
+from pypnm.supervisor.protocol import ReloadAccepted, ReloadRequest, StatusAnswer, StatusRequest
 
 ROUTE_MODULE_FILE = Path(__file__)
 RELOAD_ID_HEADER = "X-Reload-Id"
@@ -42,11 +43,12 @@ async def trigger_reload(request: Request) -> str | None:
     socket_path = os.environ.get(SUPERVISOR_ENV)
     if socket_path:
         answer = await control.ask(
-            socket_path,
-            {"cmd": "reload", "source": "http", "request_id": request.state.request_id},
+            socket_path, ReloadRequest(source="http", request_id=request.state.request_id),
             timeout=RELOAD_CONTROL_TIMEOUT,
         )
-        return str(answer["reload_id"])
+        if not isinstance(answer, ReloadAccepted):
+            raise control.ControlError(f"the supervisor answered {type(answer).__name__} to a reload request")
+        return answer.reload_id
     ROUTE_MODULE_FILE.touch()
     return None
 
@@ -86,12 +88,14 @@ async def web_service_status(request: Request) -> dict[str, Any]:
     socket_path = os.environ.get(SUPERVISOR_ENV)
     if socket_path:
         try:
-            supervisor = await control.ask(socket_path, {"cmd": "status"})
+            supervisor = await control.ask(socket_path, StatusRequest())
+            if not isinstance(supervisor, StatusAnswer):
+                raise control.ControlError(f"it answered {type(supervisor).__name__} to a status request")
         except Exception as exc:
             raise HTTPException(
                 status_code=503,
                 detail=f"The supervisor did not answer ({str(exc) or type(exc).__name__}); "
                 "retry, or check the pypnm master's log",
             ) from exc
-        status.update(supervisor)
+        status.update(supervisor.status)
     return status

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -20,9 +19,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from pypnm.identity import utc_now
+from pypnm.supervisor import protocol
+from pypnm.supervisor.protocol import (
+    Close,
+    StartAccepting,
+    StopAccepting,
+    WorkerAccepting,
+    WorkerClosing,
+    WorkerCommand,
+    WorkerFailed,
+    WorkerReady,
+    WorkerSpec,
+    WorkerStoppedAccepting,
+)
 from pypnm.supervisor.snapshot import Snapshot
 from pypnm.supervisor.spawner import ForkTemplate
-from pypnm.supervisor.worker import WorkerSpec
 
 logger = logging.getLogger("pypnm.supervisor.generation")
 
@@ -54,11 +65,11 @@ class WorkerProcess:
         self.started_at = utc_now()
         self.state = "starting"
         loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.ready: asyncio.Future[WorkerReady] = loop.create_future()
         self.serving: asyncio.Future[None] = loop.create_future()
         self.draining: asyncio.Future[None] = loop.create_future()
-        # What the worker still had open when told to "close": {"connections": n, "requests": m}, or None if gone.
-        self.closing: asyncio.Future[dict[str, Any] | None] = loop.create_future()
+        # What the worker still had open when told to close, or None if it left without saying.
+        self.closing: asyncio.Future[WorkerClosing | None] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
         for future in (self.ready, self.serving):
             # Only the first failure of a candidate is awaited; the others are expected, not lost.
@@ -71,8 +82,8 @@ class WorkerProcess:
         reader, self._writer = await asyncio.open_unix_connection(sock=self._channel)
         try:
             while line := await reader.readline():
-                self._on_event(json.loads(line))
-        except (ConnectionError, ValueError) as exc:
+                self._on_event(protocol.decode_worker(line))
+        except (ConnectionError, ValueError) as exc:  # ProtocolError is a ValueError
             logger.warning("worker pid=%d generation=%d: channel broken: %s", self.pid, self.generation, exc)
         finally:
             self.state = "exited"
@@ -87,24 +98,23 @@ class WorkerProcess:
                 self.closing.set_result(None)
             self.exited.set_result(None)
 
-    def _on_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "ready" and not self.ready.done():
+    def _on_event(self, event: protocol.WorkerMessage) -> None:
+        if isinstance(event, WorkerReady) and not self.ready.done():
             self.state = "ready"
             self.ready.set_result(event)
-        elif kind == "failed" and not self.ready.done():
-            self.ready.set_exception(CandidateFailed(str(event.get("reason", "unknown reason"))))
-        elif kind == "serving" and not self.serving.done():
+        elif isinstance(event, WorkerFailed) and not self.ready.done():
+            self.ready.set_exception(CandidateFailed(event.reason))
+        elif isinstance(event, WorkerAccepting) and not self.serving.done():
             self.state = "serving"
             self.serving.set_result(None)
-        elif kind == "draining" and not self.draining.done():
+        elif isinstance(event, WorkerStoppedAccepting) and not self.draining.done():
             self.draining.set_result(None)
-        elif kind == "closing" and not self.closing.done():
+        elif isinstance(event, WorkerClosing) and not self.closing.done():
             self.closing.set_result(event)
 
-    def command(self, cmd: str) -> None:
+    def command(self, command: WorkerCommand) -> None:
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(json.dumps({"cmd": cmd}).encode() + b"\n")
+            self._writer.write(protocol.encode_worker(command))
 
     def signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -142,7 +152,7 @@ class Generation:
     async def spawn_worker(self, template: ForkTemplate, listeners: list[socket.socket]) -> WorkerProcess:
         ours, theirs = socket.socketpair()
         try:
-            pid = await template.spawn(self.spec.to_json(), [theirs.fileno(), *(s.fileno() for s in listeners)])
+            pid = await template.spawn(self.spec, [theirs.fileno(), *(s.fileno() for s in listeners)])
         except BaseException:
             ours.close()
             raise
@@ -153,7 +163,7 @@ class Generation:
         logger.info("worker spawned pid=%d generation=%d", pid, self.number)
         return worker
 
-    async def start(self, template: ForkTemplate, listeners: list[socket.socket]) -> list[dict[str, Any]]:
+    async def start(self, template: ForkTemplate, listeners: list[socket.socket]) -> list[WorkerReady]:
         """Spawn every worker and wait until all are ready; raises CandidateFailed on the first failure."""
         for _ in range(self.size):
             await self.spawn_worker(template, listeners)
@@ -161,7 +171,7 @@ class Generation:
 
     async def serve(self) -> None:
         for worker in self.workers:
-            worker.command("serve")
+            worker.command(StartAccepting())
         await asyncio.gather(*(w.serving for w in self.workers))
 
     def live_workers(self) -> list[WorkerProcess]:
@@ -178,7 +188,7 @@ class Generation:
         workers = self.live_workers()
         for worker in workers:
             worker.state = "draining"
-            worker.command("drain")
+            worker.command(StopAccepting())
         if workers:
             await asyncio.wait([w.draining for w in workers], timeout=timeout)
 
@@ -192,7 +202,7 @@ class Generation:
         workers = self.live_workers()
         for worker in workers:
             worker.state = "closing"
-            worker.command("close")
+            worker.command(Close())
         closed = Closed()
         if not workers:
             return closed
@@ -203,8 +213,8 @@ class Generation:
         for worker in workers:
             report = worker.closing.result() if worker.closing.done() else None
             if report is not None:
-                closed.connections += int(report.get("connections", 0))
-                closed.requests += int(report.get("requests", 0))
+                closed.connections += report.connections
+                closed.requests += report.requests
             elif not worker.exited.done():
                 closed.unreported += 1
             if not worker.exited.done():

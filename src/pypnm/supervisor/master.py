@@ -37,6 +37,17 @@ from pypnm.logs import set_generation, set_level
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor import control
 from pypnm.supervisor.generation import CLOSE_GRACE, CandidateFailed, Generation, WorkerProcess
+from pypnm.supervisor.protocol import (
+    ControlAnswer,
+    ControlRequest,
+    Refused,
+    ReloadAccepted,
+    ReloadRequest,
+    StartAccepting,
+    StatusAnswer,
+    WorkerReady,
+    WorkerSpec,
+)
 from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import (
     TOKENS_FILE,
@@ -47,7 +58,6 @@ from pypnm.supervisor.snapshot import (
     take_snapshot,
 )
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
-from pypnm.supervisor.worker import WorkerSpec
 
 logger = logging.getLogger("pypnm.supervisor.master")
 
@@ -472,9 +482,9 @@ class Master:
         env[SUPERVISOR_ENV] = self.control_path
         return generation_spec(self.app, number, snapshot, settings, env)
 
-    def _restart_only_changes(self, ready_events: list[dict[str, Any]]) -> list[str]:
+    def _restart_only_changes(self, ready_events: list[WorkerReady]) -> list[str]:
         """Name each setting that the new settings change but only a restart can apply."""
-        seen = next((e["restart_only"] for e in ready_events if e.get("restart_only")), None)
+        seen = next((e.restart_only for e in ready_events if e.restart_only), None)
         if not seen:
             return []
         running = self.settings.restart_only()
@@ -518,7 +528,7 @@ class Master:
                     if not self._still_serving(generation):
                         replacement.signal(signal.SIGKILL)
                         return
-                    replacement.command("serve")
+                    replacement.command(StartAccepting())
                     await replacement.serving
             except (CandidateFailed, SpawnError, TimeoutError) as exc:
                 failures += 1
@@ -610,25 +620,22 @@ class Master:
 
     # ----- status ---------------------------------------------------------------------------
 
-    async def _on_control(self, request: dict[str, Any]) -> dict[str, Any]:
-        command = request.get("cmd")
-        if command == "reload":
+    async def _on_control(self, request: ControlRequest) -> ControlAnswer:
+        if isinstance(request, ReloadRequest):
             if self.stopping:
-                return {"error": "the service is stopping"}
-            source = str(request.get("source", "control"))
-            if request.get("request_id"):
-                source += f" (request {request['request_id']})"  # ties the master's log to the access log
-            late = control.expired_by(request)
+                return Refused("the service is stopping")
+            source = request.source
+            if request.request_id:
+                source += f" (request {request.request_id})"  # ties the master's log to the access log
+            late = control.expired_by(request.deadline)
             if late is not None:
                 # The caller has already answered its client "not started" (the master was not
                 # answering, e.g. stopped); starting it now would make a retry reload twice.
                 logger.warning("reload requested by %s dropped: its caller gave up (read %.1fs after its "
                                "deadline; the master was not answering); nothing was started", source, late)
-                return {"error": "the request expired before the supervisor read it; nothing was started"}
-            return {"reload_id": self.request_reload(source).id}
-        if command == "status":
-            return self.status()
-        return {"error": f"unknown command {command!r}"}
+                return Refused("the request expired before the supervisor read it; nothing was started")
+            return ReloadAccepted(self.request_reload(source).id)
+        return StatusAnswer(self.status())
 
     def status(self) -> dict[str, Any]:
         records = [*self.history, *([self.current] if self.current else [])]

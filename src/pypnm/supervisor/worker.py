@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import logging
 import os
 import socket
@@ -30,7 +29,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -38,8 +36,21 @@ import uvicorn
 
 from pypnm.identity import WORKER_STATE_KEY
 from pypnm.logs import set_generation, setup_logging
-from pypnm.supervisor import runtime
+from pypnm.supervisor import protocol, runtime
 from pypnm.supervisor.http_limits import HeadLimits, LimitedHttpToolsProtocol
+from pypnm.supervisor.protocol import (
+    Close,
+    StartAccepting,
+    StopAccepting,
+    WorkerAccepting,
+    WorkerClosing,
+    WorkerCommand,
+    WorkerEvent,
+    WorkerFailed,
+    WorkerReady,
+    WorkerSpec,
+    WorkerStoppedAccepting,
+)
 
 logger = logging.getLogger("pypnm.supervisor.worker")
 
@@ -50,34 +61,6 @@ ORPHAN_GRACE = 1.5
 # How long, after a "close", a request whose connection was cut gets to notice and end by itself
 # (a streaming response does at once) before it is cancelled (and logged, one line each).
 CLOSE_REQUEST_GRACE = 1.0
-
-
-@dataclass
-class WorkerSpec:
-    """Everything a worker needs, sent by the master as JSON; the same for every worker of a generation."""
-
-    app: str
-    generation: int
-    snapshot_dir: str
-    packages: list[str]
-    source_dirs: dict[str, str]  # snapshot path → original path, to report files as the operator knows them
-    env: dict[str, str] = field(default_factory=dict)
-    check_paths: list[str] = field(default_factory=list)
-    log_level: str = "info"
-    graceful_timeout: float = 30.0
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    limit_request_line_size: int = 16384
-    limit_request_header_size: int = 65536
-    timeout_request_header: float = 10.0
-    limit_concurrency: int = 1000
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSpec:
-        return cls(**json.loads(text))
 
 
 class CandidateError(Exception):
@@ -201,17 +184,16 @@ class MasterChannel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.sock.setblocking(True)
-        self._commands: dict[str, Callable[[], None]] = {}
         self._lock = threading.Lock()
 
-    def send(self, **event: Any) -> None:
+    def send(self, event: WorkerEvent) -> None:
         with self._lock:
-            self.sock.sendall(json.dumps(event).encode() + b"\n")
+            self.sock.sendall(protocol.encode_worker(event))
 
-    def start(self, on_command: Callable[[str], object], on_master_gone: Callable[[], object]) -> None:
+    def start(self, on_command: Callable[[WorkerCommand], object], on_master_gone: Callable[[], object]) -> None:
         threading.Thread(target=self._read, args=(on_command, on_master_gone), daemon=True).start()
 
-    def _read(self, on_command: Callable[[str], object], on_master_gone: Callable[[], object]) -> None:
+    def _read(self, on_command: Callable[[WorkerCommand], object], on_master_gone: Callable[[], object]) -> None:
         buffer = b""
         while True:
             try:
@@ -223,7 +205,13 @@ class MasterChannel:
             buffer += chunk
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                on_command(json.loads(line)["cmd"])
+                try:
+                    message = protocol.decode_worker(line)
+                except protocol.ProtocolError as exc:  # e.g. a master of another pypnm version
+                    logger.error("ignoring a message from the master: %s", exc)
+                    continue
+                if isinstance(message, StartAccepting | StopAccepting | Close):
+                    on_command(message)
         logger.warning("master is gone; leaving within %.1fs", ORPHAN_GRACE)
         on_master_gone()
         time.sleep(ORPHAN_GRACE)
@@ -253,16 +241,16 @@ class GenerationServer(uvicorn.Server):
         loop = asyncio.get_running_loop()
         if self.channel is not None:
             self.channel.start(
-                on_command=lambda cmd: loop.call_soon_threadsafe(self._on_command, cmd),
+                on_command=lambda command: loop.call_soon_threadsafe(self._on_command, command),
                 on_master_gone=lambda: loop.call_soon_threadsafe(self._on_master_gone),
             )
         self.lifespan.state[WORKER_STATE_KEY] = self.worker_state
         self.failure = await self.validate()
         if self.failure is not None:
-            self._report(event="failed", reason=self.failure)
+            self._report(WorkerFailed(self.failure))
             self.should_exit = True
             return
-        self._report(event="ready", restart_only=self._restart_only_settings())
+        self._report(WorkerReady(self._restart_only_settings()))
         if self.channel is None:
             self.should_exit = True  # `pypnm check`: validated, nothing to serve
             await self.lifespan.shutdown()
@@ -283,7 +271,7 @@ class GenerationServer(uvicorn.Server):
             for sock in sockets or []
         ]
         self.started = True
-        self._report(event="serving")
+        self._report(WorkerAccepting())
         logger.info("generation %d worker serving", self.spec.generation)
 
     async def validate(self) -> str | None:
@@ -317,14 +305,14 @@ class GenerationServer(uvicorn.Server):
         restart_only = getattr(settings, "restart_only", None)
         return restart_only() if callable(restart_only) else None
 
-    def _report(self, **event: Any) -> None:
+    def _report(self, event: WorkerEvent) -> None:
         if self.channel is not None:
-            self.channel.send(**event)
+            self.channel.send(event)
 
-    def _on_command(self, cmd: str) -> None:
-        if cmd == "serve":
+    def _on_command(self, command: WorkerCommand) -> None:
+        if isinstance(command, StartAccepting):
             self._go.set()
-        elif cmd == "drain":
+        elif isinstance(command, StopAccepting):
             # Stop accepting now, not at uvicorn's next tick, and say so: the master records
             # the swap as done only when no old worker takes new connections any more.
             for server in getattr(self, "servers", []):
@@ -332,8 +320,8 @@ class GenerationServer(uvicorn.Server):
             self.worker_state["stopping"] = True
             self.should_exit = True
             self._go.set()
-            self._report(event="draining")
-        elif cmd == "close":
+            self._report(WorkerStoppedAccepting())
+        elif isinstance(command, Close):
             self._close_now()
 
     def _close_now(self) -> None:
@@ -347,7 +335,7 @@ class GenerationServer(uvicorn.Server):
         """
         connections = list(self.server_state.connections)
         requests = [task for task in self.server_state.tasks if not task.done()]
-        self._report(event="closing", connections=len(connections), requests=len(requests))
+        self._report(WorkerClosing(len(connections), len(requests)))
         for server in getattr(self, "servers", []):
             server.close()
         for connection in connections:
@@ -437,7 +425,7 @@ def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.so
         server = make_server(spec, channel)
     except CandidateError as exc:
         logger.error("generation %d cannot serve: %s", spec.generation, exc)
-        channel.send(event="failed", reason=str(exc))
+        channel.send(WorkerFailed(str(exc)))
         return 1
     server.run(sockets=listeners)
     return 1 if server.failure else 0
