@@ -18,8 +18,8 @@ from pypnm.supervisor.protocol import (
     Refused,
     ReloadAccepted,
     ReloadRequest,
-    SpawnRefused,
     Spawned,
+    SpawnRefused,
     SpawnRequest,
     StartAccepting,
     StatusAnswer,
@@ -170,7 +170,7 @@ def test_garbage_raises_one_protocol_error(decode: Any, wire: bytes, problem: st
 
 
 def test_a_protocol_error_names_its_channel() -> None:
-    with pytest.raises(ProtocolError, match="^control channel: ") as caught:
+    with pytest.raises(ProtocolError, match=r"^control channel: ") as caught:
         protocol.decode_control(b"nope")
     assert caught.value.channel == "control"
 

@@ -213,7 +213,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    from pypnm.supervisor.master import generation_spec
+    from pypnm.supervisor.build import generation_spec
     from pypnm.supervisor.runtime import RuntimeDir, RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError, find_project_sources, take_snapshot
     from pypnm.supervisor.worker import check as check_generation

@@ -20,12 +20,10 @@ from pydantic import BaseModel
 from pypnm.identity import SUPERVISOR_ENV, ProcessIdentity
 from pypnm.supervisor import control
 from pypnm.supervisor.protocol import ReloadAccepted, ReloadRequest, StatusAnswer, StatusRequest
+from pypnm.supervisor.timeouts import CONTROL_ASK
 
 ROUTE_MODULE_FILE = Path(__file__)
 RELOAD_ID_HEADER = "X-Reload-Id"
-# How long the endpoint waits for the master to take a reload request. The master drops a
-# request it reads after that (control.py), so a 500 after this wait means "not started".
-RELOAD_CONTROL_TIMEOUT = 5.0
 
 router = APIRouter(prefix="/pypnm/system/webService", tags=["PyPNM System Web Service"])
 
@@ -44,7 +42,7 @@ async def trigger_reload(request: Request) -> str | None:
     if socket_path:
         answer = await control.ask(
             socket_path, ReloadRequest(source="http", request_id=request.state.request_id),
-            timeout=RELOAD_CONTROL_TIMEOUT,
+            timeout=CONTROL_ASK,  # the master drops a request it reads later: a 500 after it means "not started"
         )
         if not isinstance(answer, ReloadAccepted):
             raise control.ControlError(f"the supervisor answered {type(answer).__name__} to a reload request")

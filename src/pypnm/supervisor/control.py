@@ -28,12 +28,11 @@ from collections.abc import Awaitable, Callable
 
 from pypnm.supervisor import protocol
 from pypnm.supervisor.protocol import ControlAnswer, ControlRequest, Refused, ReloadAccepted, StatusAnswer
+from pypnm.supervisor.timeouts import ANSWER_MARGIN, CONTROL_ASK, CONTROL_READ
 
 logger = logging.getLogger("pypnm.supervisor.control")
 
 Handler = Callable[[ControlRequest], Awaitable[ControlAnswer]]
-# Time kept between a request's deadline and its caller's timeout, for the answer's way back.
-ANSWER_MARGIN = 0.5
 
 
 class ControlError(RuntimeError):
@@ -61,7 +60,7 @@ def expired_by(deadline: float | None, now: float | None = None) -> float | None
     return late if late > 0 else None
 
 
-async def ask(path: str, request: ControlRequest, timeout: float = 5.0) -> ReloadAccepted | StatusAnswer:
+async def ask(path: str, request: ControlRequest, timeout: float = CONTROL_ASK) -> ReloadAccepted | StatusAnswer:
     """Send one request to the master and return its answer; ControlTimeout after `timeout` seconds."""
     request = dataclasses.replace(request, deadline=clock() + max(timeout - ANSWER_MARGIN, timeout / 2))
     try:
@@ -90,13 +89,13 @@ async def ask(path: str, request: ControlRequest, timeout: float = 5.0) -> Reloa
     return answer
 
 
-async def serve(path: str, handler: Handler) -> asyncio.Server:
+async def listen(path: str, handler: Handler) -> asyncio.Server:
     """Answer requests on `path` with `handler` until the returned server is closed."""
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                line = await asyncio.wait_for(reader.readline(), 5.0)  # ValueError past MAX_MESSAGE
+                line = await asyncio.wait_for(reader.readline(), CONTROL_READ)  # ValueError past MAX_MESSAGE
                 request = protocol.decode_control(line)  # ProtocolError is a ValueError
                 if not isinstance(request, ControlRequest):
                     raise ValueError(f"expected a request, got {request}")

@@ -20,6 +20,7 @@ import sys
 from pypnm.supervisor import protocol
 from pypnm.supervisor.protocol import Spawned, SpawnRefused, SpawnRequest, TemplateHello, WorkerSpec
 from pypnm.supervisor.runtime import RuntimeDir
+from pypnm.supervisor.timeouts import SPAWN_ANSWER, TEMPLATE_START, TEMPLATE_STOP
 
 logger = logging.getLogger("pypnm.supervisor.spawner")
 
@@ -81,7 +82,7 @@ class ForkTemplate:
         theirs.close()
         ours.setblocking(False)
         self.channel = ours
-        hello = await asyncio.wait_for(self._receive(), 60)
+        hello = await asyncio.wait_for(self._receive(), TEMPLATE_START)
         if not isinstance(hello, TemplateHello):
             raise SpawnError(f"the fork template did not start: {hello}")
         logger.info("fork template started pid=%d", self.process.pid)
@@ -116,7 +117,7 @@ class ForkTemplate:
             assert self.channel is not None
             try:
                 socket.send_fds(self.channel, [protocol.encode_template(SpawnRequest(spec))], fds)
-                answer = await asyncio.wait_for(self._receive(), 10)
+                answer = await asyncio.wait_for(self._receive(), SPAWN_ANSWER)
             except (OSError, TimeoutError) as exc:
                 raise SpawnError(f"the fork template did not answer: {exc or type(exc).__name__}") from exc
         if isinstance(answer, SpawnRefused):
@@ -147,7 +148,7 @@ class ForkTemplate:
             self.channel = None
         if self.process is not None:
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.process.wait), 5)
+                await asyncio.wait_for(asyncio.to_thread(self.process.wait), TEMPLATE_STOP)
             except TimeoutError:
                 self.process.kill()
                 await asyncio.to_thread(self.process.wait)

@@ -51,16 +51,10 @@ from pypnm.supervisor.protocol import (
     WorkerSpec,
     WorkerStoppedAccepting,
 )
+from pypnm.supervisor.timeouts import CHECK_REQUEST, CLOSE_REQUEST_GRACE, IDLE_DRAIN_GRACE, ORPHAN_GRACE
 
 logger = logging.getLogger("pypnm.supervisor.worker")
 
-# How long a draining worker keeps an idle connection open for one last request.
-IDLE_DRAIN_GRACE = 2.0
-# How long a worker outlives its master (it finishes what it can, then leaves).
-ORPHAN_GRACE = 1.5
-# How long, after a "close", a request whose connection was cut gets to notice and end by itself
-# (a streaming response does at once) before it is cancelled (and logged, one line each).
-CLOSE_REQUEST_GRACE = 1.0
 
 
 class CandidateError(Exception):
@@ -287,7 +281,7 @@ class GenerationServer(uvicorn.Server):
         for path in self.spec.check_paths:
             try:
                 status, _ = await asyncio.wait_for(
-                    call_in_process(self.config.loaded_app, path, self.lifespan.state), 10.0
+                    call_in_process(self.config.loaded_app, path, self.lifespan.state), CHECK_REQUEST
                 )
             except Exception as exc:
                 reason = f"check GET {path} raised {describe_exception(exc, self.spec)}"
