@@ -2,7 +2,7 @@
 
 The order is what makes a reload safe: import the app from the generation's snapshot,
 run lifespan startup, answer smoke requests in-process, tell the master "ready", and
-only when the master says "serve" start accepting on the inherited listening socket.
+only when the master says so (StartAccepting) start accepting on the inherited listening socket.
 uvicorn's own `Server.startup` would accept right after lifespan startup, so
 `GenerationServer` replaces that one step and keeps the rest of uvicorn (main loop,
 signals, graceful shutdown).
@@ -12,7 +12,7 @@ uvicorn closes idle keep-alive connections at once, which races with a client th
 just sending its next request on them, and drops connections accepted but not yet
 read. Here such a connection may still deliver one request, answered with
 `Connection: close`, and is closed only after it has stayed idle for a grace period.
-A draining worker told to "close" (its generation is over `max_draining_generations`)
+A draining worker told to close (its generation is over `max_draining_generations`)
 reports what it still has open, cuts it, and leaves without waiting for it.
 The size and time limits on request heads come from `LimitedHttpToolsProtocol`.
 """
@@ -57,8 +57,12 @@ logger = logging.getLogger("pypnm.supervisor.worker")
 
 
 
-class CandidateError(Exception):
-    """The generation's code or settings cannot serve; the message is the reason the master records."""
+class AppLoadError(Exception):
+    """The app cannot be imported or configured in this worker; the message is the one-line reason.
+
+    The worker reports it to the master as WorkerFailed, which the master turns into its own
+    CandidateFailed (generation.py) and records as the reload's reason.
+    """
 
 
 def describe_exception(exc: BaseException, spec: WorkerSpec) -> str:
@@ -98,7 +102,7 @@ def load_app(spec: WorkerSpec) -> Any:
         for part in (attr or "app").split("."):
             app = getattr(app, part)
     except BaseException as exc:
-        raise CandidateError(describe_exception(exc, spec)) from exc
+        raise AppLoadError(describe_exception(exc, spec)) from exc
     return app
 
 
@@ -385,7 +389,7 @@ class _LastError(logging.Handler):
 
 
 def make_server(spec: WorkerSpec, channel: MasterChannel | None) -> GenerationServer:
-    """Load the app (raises CandidateError) and wrap it in a GenerationServer."""
+    """Load the app (raises AppLoadError) and wrap it in a GenerationServer."""
     app = load_app(spec)
     config = uvicorn.Config(
         app,
@@ -405,7 +409,7 @@ def make_server(spec: WorkerSpec, channel: MasterChannel | None) -> GenerationSe
     try:
         config.load()
     except BaseException as exc:
-        raise CandidateError(describe_exception(exc, spec)) from exc
+        raise AppLoadError(describe_exception(exc, spec)) from exc
     return GenerationServer(config, app, spec, channel)
 
 
@@ -417,7 +421,7 @@ def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.so
     channel = MasterChannel(channel_sock)
     try:
         server = make_server(spec, channel)
-    except CandidateError as exc:
+    except AppLoadError as exc:
         logger.error("generation %d cannot serve: %s", spec.generation, exc)
         channel.send(WorkerFailed(str(exc)))
         return 1
@@ -430,7 +434,7 @@ def check(spec: WorkerSpec) -> str | None:
     os.environ.update(spec.env)
     try:
         server = make_server(spec, None)
-    except CandidateError as exc:
+    except AppLoadError as exc:
         return str(exc)
     server.run(sockets=[])
     return server.failure
