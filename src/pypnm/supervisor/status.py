@@ -24,12 +24,12 @@ logger = logging.getLogger("pypnm.supervisor.master")
 ReloadState = ReloadPhase | Literal["idle", "draining"]
 
 
-def reload_state(queue: ReloadQueue, generations: Generations) -> ReloadState:
+def reload_state(queue: ReloadQueue, draining: bool) -> ReloadState:
     """The running reload's phase; else "draining" while an old generation drains; else "idle"."""
     phase = queue.current.phase if queue.current else None
     if phase is not None:
         return phase
-    return "draining" if generations.draining else "idle"
+    return "draining" if draining else "idle"
 
 
 def status_view(
@@ -51,7 +51,7 @@ def status_view(
             for generation in generations.all()
             for worker in generation.live_workers()
         ],
-        "reload_state": reload_state(queue, generations),
+        "reload_state": reload_state(queue, bool(generations.draining)),
         "last_reload": queue.history[-1].as_dict() if queue.history else None,
         "pending_reload": queue.pending.id if queue.pending else None,
         "reloads": [r.as_dict() for r in reversed(queue.records())],
