@@ -143,8 +143,20 @@ async def test_a_worker_that_leaves_early_fails_every_wait_and_resolves_the_rest
 async def test_a_garbled_channel_is_a_gone_worker() -> None:
     worker, fake = worker_pair()
     fake.sock.send(b"this is not a message\n")
-    await worker.exited  # the master stops trusting the channel: the worker counts as gone
+    await worker.exited  # the master stops trusting the channel: the worker counts as gone (and is killed)
     assert state(worker) == WorkerState.EXITED
+    with pytest.raises(CandidateFailed, match="cannot talk to a worker: worker channel: not JSON"):
+        await worker.ready
+    fake.leave()
+
+
+@in_loop
+async def test_a_worker_of_an_incompatible_version_fails_its_bring_up_clearly() -> None:
+    worker, fake = worker_pair()
+    fake.sock.send(b'{"event": "ready", "v": 99}\n')  # a pypnm from the future
+    with pytest.raises(CandidateFailed, match=r"protocol version 99.*incompatible pypnm versions"):
+        await worker.ready
+    await worker.exited
     fake.leave()
 
 

@@ -97,8 +97,15 @@ class WorkerProcess:
         try:
             while line := await reader.readline():
                 self._on_event(protocol.decode_worker(line))
-        except (ConnectionError, ValueError) as exc:  # ProtocolError is a ValueError
+        except ConnectionError as exc:
             logger.warning("worker pid=%d generation=%d: channel broken: %s", self.pid, self.generation, exc)
+        except ValueError as exc:  # a ProtocolError, or a line past the reader's limit
+            # A worker the master cannot understand (another pypnm version, a garbled channel)
+            # must not run on unsupervised: it is killed, and the reason is its bring-up's failure.
+            logger.error("worker pid=%d generation=%d: %s; killing it", self.pid, self.generation, exc)
+            if not self.ready.done():
+                self.ready.set_exception(CandidateFailed(f"cannot talk to a worker: {exc}"))
+            self.signal(signal.SIGKILL)
         finally:
             self.state = WorkerState.EXITED
             self._writer.close()

@@ -47,6 +47,9 @@ CHECK_REQUEST = 10.0
 IDLE_DRAIN_GRACE = 2.0
 # How long a worker outlives its master: it finishes what it can in this time, then leaves.
 ORPHAN_GRACE = 1.5
+# How long a connection refused for its request head (431, 408) may go on sending, its bytes
+# discarded, before it is closed: closing at once would reset it before the client read the answer.
+LINGER = 1.0
 # How long, after a "close", a request whose connection was cut gets to notice and end by itself
 # (a streaming response does at once) before it is cancelled (and logged, one line each).
 CLOSE_REQUEST_GRACE = 1.0
