@@ -48,6 +48,12 @@ def bind_listeners(host: str, port: int) -> list[socket.socket]:
 
 
 class Master:
+    """Holds the units together and conducts each reload (`_reload`); the state lives in the units.
+
+    `queue` (reloads), `generations` (which serves, which drain), `files` (the watch and where the
+    sources are), `template` (the fork template), `settings` (the serving generation's).
+    """
+
     def __init__(
         self,
         settings: Settings,
