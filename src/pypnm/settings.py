@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])
     check_paths: list[str] | None = None
+    # Reload when the content of the settings file (--config) or of api_tokens_file changes, however
+    # it is replaced (a Kubernetes ConfigMap or Secret volume swaps a `..data` symlink); see config_watch.py.
+    watch_config: bool = True
     preload_modules: list[str] = Field(default_factory=list)
     # Parent of the master's private runtime directory (control socket, snapshots); restart only.
     # None: $RUNTIME_DIRECTORY (systemd), else the temporary directory.

@@ -36,6 +36,7 @@ from pypnm.identity import SUPERVISOR_ENV, utc_now
 from pypnm.logs import set_generation, set_level
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor import control
+from pypnm.supervisor.config_watch import ConfigWatch, as_given
 from pypnm.supervisor.generation import CLOSE_GRACE, CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import (
@@ -165,7 +166,9 @@ class Master:
         self.settings = settings
         self.listeners = listeners
         self.app = app
-        self.config_file = config_file.resolve() if config_file else None
+        # config_watch hook: the settings file's path as given, symlinks kept, so that each reload
+        # reads it through them (a path resolved once breaks when a ConfigMap update deletes its target).
+        self.config_file = as_given(config_file) if config_file else None
         self.overrides = overrides or {}
         self.watch = watch
         self.locator = SourceLocator(app)
@@ -197,6 +200,8 @@ class Master:
         self._reload_wanted = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # config_watch hook: reloads when the content of the settings file or the tokens file changes.
+        self.config_watch = ConfigWatch(self.config_file, self.request_reload, always=watch)
 
     # ----- life -----------------------------------------------------------------------------
 
@@ -239,6 +244,7 @@ class Master:
             )
             self._log_access()
             self._spawn_task(self._watch_files())
+            self._spawn_task(self.config_watch.run(self._stop))  # config_watch hook: watch the settings files
 
         await self._stop.wait()
         control_server.close()
@@ -362,6 +368,7 @@ class Master:
                 self.sources, self.runtime_dir / f"gen-{number}", self.config_file, self.compiler
             )
             settings = self._settings_for(snapshot)
+            self.config_watch.read_by_reload(snapshot, settings)  # config_watch hook: the content now known
             await self._closing_done()  # generations closed early leave before the candidate's workers are forked
             candidate = self.candidate = Generation(
                 number, snapshot, self._worker_spec(number, snapshot, settings), self.settings.workers
@@ -546,8 +553,7 @@ class Master:
                 dirs += [Path(p).resolve() for p in self.settings.reload_dirs] or [
                     p if p.is_dir() else p.parent for p in self.sources.values()
                 ]
-                if self.config_file is not None:
-                    dirs.append(self.config_file.parent)
+                # config_watch hook: the settings file is watched by self.config_watch, not here.
             self._watched = {d: _identity(d) for d in dirs}
             roots = sorted({d for d in dirs if d.is_dir()})
             logger.info("watching %s", ", ".join(map(str, roots)) or "nothing (the directories are missing)")
@@ -586,8 +592,7 @@ class Master:
 
     def _is_trigger(self, change: watchfiles.Change, path: str) -> bool:
         candidate = Path(path)
-        if candidate == self.route_file or (self.config_file is not None and candidate == self.config_file
-                                            and self.watch):
+        if candidate == self.route_file:  # config_watch hook: the settings file is config_watch's
             return True
         if not self.watch or (change == watchfiles.Change.deleted and candidate.suffix != ".py"):
             return False
@@ -651,6 +656,7 @@ class Master:
                 "app": self.app,
                 "route_module_file": str(self.route_file),
                 "watching_source": self.watch,
+                "watching_config": self.config_watch.watched(),  # config_watch hook
                 "template_pid": self.template.pid,
             },
         }
