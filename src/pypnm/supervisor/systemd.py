@@ -8,8 +8,9 @@ Notifications (sd_notify(3)): when `NOTIFY_SOCKET` is set, `Notifier` sends data
 - `STOPPING=1` when the master starts to stop (nothing after it: systemd ignores a READY=1 then);
 - `WATCHDOG=1` every `WATCHDOG_USEC`/2 when `WATCHDOG_USEC` is set (and `WATCHDOG_PID` is unset or
   the master's pid), from a task on the master's event loop: a loop that hangs stops the pings, and
-  systemd then restarts the service. The pings end with `STOPPING=1`: systemd stops the watchdog
-  when the unit leaves its running states, and `TimeoutStopSec=` bounds the stop instead.
+  systemd stops the service (and starts it again with Restart=on-failure). The pings end with
+  `STOPPING=1`: systemd stops the watchdog when the unit leaves its running states, and
+  `TimeoutStopSec=` bounds the stop instead.
 
 Reloads under `Type=notify-reload`: on `systemctl reload` systemd notes the monotonic time, sends
 SIGHUP and waits for a `RELOADING=1` whose `MONOTONIC_USEC` is not older than that time, then for
@@ -28,9 +29,10 @@ when a reload *starts* (after `reload_min_interval`), not when it is queued, so:
   service is ready; `STATUS=` says that the reload failed and why (`systemctl status`, the journal).
   systemd itself counts it as a finished reload: `pypnm reload --wait` reports the outcome.
 
-A datagram of `PIPE_BUF` (4096) bytes or more, or one with a NUL byte or invalid UTF-8 in `STATUS=`,
-is dropped by systemd as a whole; a reload's `READY=1` must never be lost that way, so `STATUS=` is
-one line of at most `STATUS_MAX_BYTES`.
+A reload's `READY=1` must never be lost, or systemd waits until its timeout and fails the reload:
+systemd drops a whole datagram of `PIPE_BUF` (4096) bytes or more, or with invalid UTF-8 in `STATUS=`,
+so `STATUS=` is one line of at most `STATUS_MAX_BYTES`; and when the receiver's queue is full, state
+changes wait and are sent in order from a timer rather than dropped (`Notifier`).
 
 Socket activation (sd_listen_fds(3)): with `LISTEN_PID` equal to the master's pid and `LISTEN_FDS=N`,
 `activated_listeners` takes fds 3..3+N-1 (names from `LISTEN_FDNAMES`) as the listening sockets,
@@ -46,7 +48,8 @@ Unix socket, documented by systemd as stable and meant to be implemented without
 `systemd-python` and `cysystemd` wrap libsystemd (a C extension to build or a native wheel) for
 what is a `sendto`; `sdnotify` (last release 2017) and `systemd-watchdog` cover notifications only,
 with no `MONOTONIC_USEC` for `RELOADING=1` and no socket activation, which would still be written
-here, and none of them bounds the datagram for systemd's size limit.
+here. And a plain blocking send on the master's event loop would let a receiver that reads late
+hold up the whole supervisor; here state changes wait in a queue instead, and pings are dropped.
 """
 
 from __future__ import annotations
