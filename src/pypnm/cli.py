@@ -183,6 +183,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def serve(args: argparse.Namespace) -> int:
     from pypnm.logs import setup_logging
+    from pypnm.supervisor import systemd
     from pypnm.supervisor.master import Master, bind_listeners
     from pypnm.supervisor.runtime import RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError
@@ -194,14 +195,22 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     setup_logging("master", settings.log_level)
     sys.path.insert(0, os.getcwd())  # find --app modules where uvicorn would, without importing them
+    # systemd hook (pypnm.supervisor.systemd): take NOTIFY_SOCKET, WATCHDOG_* and LISTEN_* out of the
+    # environment before any process is started, and serve on the sockets systemd passed, if any.
+    notifier = systemd.take_notifier()
     try:
-        listeners = bind_listeners(settings.host, settings.port)
+        activated = systemd.activated_listeners()
+    except systemd.ActivationError as exc:
+        return _fail(str(exc))
+    try:
+        # With sockets from systemd the host and port settings are informational: nothing is bound here.
+        listeners = activated or bind_listeners(settings.host, settings.port)
     except OSError as exc:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
     try:
         master = Master(
             settings, listeners, app=args.app, config_file=config_path(args.config), overrides=overrides,
-            watch=args.reload,
+            watch=args.reload, notifier=notifier,
         )
     except (SnapshotError, RuntimeDirError) as exc:
         return _fail(str(exc))

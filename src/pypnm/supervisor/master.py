@@ -48,6 +48,7 @@ from pypnm.supervisor.snapshot import (
     take_snapshot,
 )
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
+from pypnm.supervisor.systemd import Notifier
 from pypnm.supervisor.worker import WorkerSpec
 
 logger = logging.getLogger("pypnm.supervisor.master")
@@ -162,8 +163,10 @@ class Master:
         config_file: Path | None = None,
         overrides: dict[str, Any] | None = None,
         watch: bool = False,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
+        self.systemd = notifier or Notifier()  # systemd hook: sd_notify (a no-op without NOTIFY_SOCKET)
         self.listeners = listeners
         self.app = app
         # config_watch hook: the settings file's path as given, symlinks kept, so that each reload
@@ -220,6 +223,7 @@ class Master:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
+        self.systemd.start_watchdog()  # systemd hook: WATCHDOG=1 from this loop, so a hung loop stops them
         control_server = await control.serve(self.control_path, self._on_control)
         await self.template.start()
 
@@ -247,6 +251,7 @@ class Master:
             self._spawn_task(self.config_watch.run(self._stop))  # config_watch hook: watch the settings files
 
         await self._stop.wait()
+        self.systemd.stopping(self.serving.number if self.serving else None)  # systemd hook: STOPPING=1
         control_server.close()
         await self._shutdown()
 
@@ -340,6 +345,9 @@ class Master:
                 record, self.pending = self.pending, None
                 self._last_reload_started = time.monotonic()
                 self.current = record
+                # systemd hook: RELOADING=1 when a reload starts, never when it is queued: a SIGHUP that
+                # joined this record was received before now, as Type=notify-reload needs (systemd.py).
+                self.systemd.reload_started(record, self.serving.number if self.serving else None)
                 try:
                     await self._reload(record)
                 finally:
@@ -348,6 +356,8 @@ class Master:
                     self.current = None
                     self.phase = None
                     self.history = [*self.history, record][-HISTORY:]
+                    # systemd hook: READY=1 with the outcome (the first one, after the start, with MAINPID=)
+                    self.systemd.reload_finished(record, self.serving.number if self.serving else None)
 
     @property
     def reload_state(self) -> str:
