@@ -33,11 +33,12 @@ from typing import Any
 import watchfiles
 
 from pypnm.identity import SUPERVISOR_ENV, utc_now
-from pypnm.logs import set_generation, set_level
+from pypnm.logs import set_generation, set_level, set_reload_id_source
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor import control
 from pypnm.supervisor.config_watch import ConfigWatch, as_given
 from pypnm.supervisor.generation import CLOSE_GRACE, CandidateFailed, Generation, WorkerProcess
+from pypnm.supervisor.logfile import reopen_log_files
 from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import (
     TOKENS_FILE,
@@ -224,6 +225,11 @@ class Master:
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
         self.systemd.start_watchdog()  # systemd hook: WATCHDOG=1 from this loop, so a hung loop stops them
+        # Hooks for logs.py / logfile.py (issue 9.3): JSON lines carry the running reload's id; SIGUSR1
+        # reopens the log file here and is passed on to the fork template and every live worker.
+        set_reload_id_source(lambda: self.current.id if self.current else None)
+        loop.add_signal_handler(signal.SIGUSR1, reopen_log_files, lambda: [
+            self.template.pid, *(w.pid for g in self._generations() for w in g.live_workers())])
         control_server = await control.serve(self.control_path, self._on_control)
         await self.template.start()
 
