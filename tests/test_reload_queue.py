@@ -173,3 +173,50 @@ async def test_reload_state_follows_the_running_reload() -> None:
     record.finish(ReloadOutcome.SUCCEEDED)
     queue.done(record)
     assert reload_state(queue, draining=True) == "draining"
+
+
+
+@in_loop
+async def test_run_tells_each_reload_s_start_when_taken_and_its_end_once_recorded() -> None:
+    """on_start/on_finish carry systemd's RELOADING=1 and READY=1: a reload is told as started when
+    it is taken from the queue, never when queued (so every trigger that joined it came before),
+    and as finished once its outcome is in the history, an interrupted one's too."""
+    queue, fake = make_queue(min_interval=5.0)
+    told: list[tuple[str, str, int, list[str]]] = []  # (event, reload id, coalesced then, history ids then)
+    queued: list[ReloadRecord] = []
+    running_ids: list[str | None] = []
+    second_runs = asyncio.Event()
+
+    def tell(event: str) -> Callable[[ReloadRecord], None]:
+        return lambda record: told.append((event, record.id, record.coalesced, [r.id for r in queue.history]))
+
+    async def reload(record: ReloadRecord) -> None:
+        running_ids.append(queue.current_id())
+        record.begin(len(running_ids))
+        if len(running_ids) == 1:
+            queued.append(queue.request("SIGHUP"))  # arrives while the first runs: queued, not started
+            assert [event for event, *_ in told] == ["start"]
+            record.finish(ReloadOutcome.SUCCEEDED)
+            return
+        second_runs.set()
+        await asyncio.Event().wait()  # runs until the master stops (cancelled)
+
+    first = queue.request("start")
+    fake.during_sleep = lambda: queue.request("http")  # joins the follow-up while min_interval passes
+    runner = asyncio.create_task(queue.run(reload, on_start=tell("start"), on_finish=tell("finish")))
+    await asyncio.wait_for(second_runs.wait(), 5)
+    [second] = queued
+    assert running_ids == [first.id, second.id] and queue.current_id() == second.id
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+
+    assert queue.current_id() is None
+    assert told == [
+        ("start", first.id, 0, []),
+        ("finish", first.id, 0, [first.id]),
+        ("start", second.id, 1, [first.id]),  # after the wait: the "http" trigger had joined it
+        ("finish", second.id, 1, [first.id, second.id]),
+    ]
+    assert first.outcome == "succeeded" and fake.slept == [pytest.approx(5.0)]
+    assert second.outcome == "failed" and second.reason == "interrupted: pypnm is stopping"

@@ -76,7 +76,8 @@ def configured(tmp_path: Path, start_service: Callable[..., Service]) -> Callabl
         config.write_text(text)
         service = start_service(
             pypnm_command("--port", "{port}", "--config", str(config)),
-            env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0", **env),
+            # These tests reload by hand; the settings-file watch (test_config_watch.py) would add reloads of its own.
+            env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false", **env),
         )
         return service, config
 

@@ -9,7 +9,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
 
 import pypnm
-from pypnm.api import health, web_service
+from pypnm.api import health, system_log, web_service
 from pypnm.api.access import AccessPolicy, SystemOperationsGuard, document_access
 from pypnm.api.docs import add_offline_docs
 from pypnm.api.middleware import RequestLogMiddleware
@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(web_service.router)
+    app.include_router(system_log.router)  # GET /pypnm/system/log/download
     document_access(app)
     add_offline_docs(app)
 

@@ -62,6 +62,13 @@ class Generations:
         """Every generation with live workers: candidate, serving, draining."""
         return [g for g in (self.candidate, self.serving, *self.draining) if g is not None]
 
+    def serving_number(self) -> int | None:
+        return self.serving.number if self.serving else None
+
+    def child_pids(self) -> list[int | None]:
+        """The fork template's pid (None while it is down) and every live worker's: the master passes SIGUSR1 on."""
+        return [self.template.pid, *(worker.pid for generation in self.all() for worker in generation.live_workers())]
+
     # ----- a reload -----------------------------------------------------------------------------
 
     async def validate(self, number: int, snapshot: Snapshot, spec: WorkerSpec, timeout: float) -> list[WorkerReady]:

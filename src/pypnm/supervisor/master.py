@@ -2,13 +2,13 @@
 
 One asyncio loop handles everything that can happen to the service. A reload, top to bottom:
 
-    trigger  signals, file changes or the control channel (triggers.py)
+    trigger  signals, file changes or the control channel (triggers.py), settings files' content (config_watch.py)
     queue    coalesced into one running and one queued reload (reloads.py)
     build    snapshot of the code and settings file, the spec its workers run (snapshot.py, build.py)
     validate the candidate generation is brought up and checked (lifecycle.py, generation.py)
     swap     it accepts, the master applies its settings, the old generation stops accepting
     drain    the old generation finishes its requests and leaves
-    record   the outcome, in the reload's record; /status shows it (status.py)
+    record   the outcome, in the reload's record; /status shows it (status.py), systemd hears it (systemd.py)
 
 The master never imports the application: it copies and compiles the code and leaves
 importing it to the candidate workers, so it can always load new code. The protocol its
@@ -26,16 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from pypnm.identity import utc_now
-from pypnm.logs import set_generation, set_level
+from pypnm.logs import set_generation, set_level, set_reload_id_source
 from pypnm.settings import Settings
 from pypnm.supervisor import build, control, status
 from pypnm.supervisor.build import DEFAULT_APP
+from pypnm.supervisor.config_watch import ConfigWatch, as_given
 from pypnm.supervisor.generation import CandidateFailed
 from pypnm.supervisor.lifecycle import Generations
 from pypnm.supervisor.reloads import ReloadOutcome, ReloadQueue, ReloadRecord
 from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import Compiler, Snapshot, SnapshotError, SourceLocator, take_snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
+from pypnm.supervisor.systemd import Notifier
 from pypnm.supervisor.triggers import FileWatch, control_handler, install_signals
 
 logger = logging.getLogger("pypnm.supervisor.master")
@@ -51,7 +53,8 @@ class Master:
     """Holds the units together and conducts each reload (`_reload`); the state lives in the units.
 
     `queue` (reloads), `generations` (which serves, which drain), `files` (the watch and where the
-    sources are), `template` (the fork template), `settings` (the serving generation's).
+    sources are), `config_watch` (the settings files' content), `template` (the fork template),
+    `systemd` (sd_notify), `settings` (the serving generation's).
     """
 
     def __init__(
@@ -63,11 +66,13 @@ class Master:
         config_file: Path | None = None,
         overrides: dict[str, Any] | None = None,
         watch: bool = False,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings  # the serving generation's, as far as the master applies them
+        self.systemd = notifier or Notifier()  # a no-op without NOTIFY_SOCKET
         self.listeners = listeners
         self.app = app
-        self.config_file = config_file.resolve() if config_file else None
+        self.config_file = as_given(config_file) if config_file else None  # symlinks kept: see config_watch.py
         self.overrides = overrides or {}
         self.locator = SourceLocator(app)
         self.compiler = Compiler()
@@ -81,8 +86,8 @@ class Master:
         self.generations = Generations(
             self.template, listeners, lambda: self.settings, lambda: self.stopping, self._spawn_task
         )
-        self.files = FileWatch(app, self.locator.find(), self.config_file, watch, lambda: self.settings,
-                               self.queue.request)
+        self.files = FileWatch(app, self.locator.find(), watch, lambda: self.settings, self.queue.request)
+        self.config_watch = ConfigWatch(self.config_file, self.queue.request, always=watch)
         self.started_at = utc_now()
         self.exit_code = 0
         self.stopping = False
@@ -103,13 +108,17 @@ class Master:
         return self.exit_code
 
     async def _main(self) -> None:
-        install_signals(on_reload=self.queue.request, on_stop=self._on_stop_signal)
+        install_signals(self.queue.request, self._on_stop_signal, log_writers=self.generations.child_pids)
+        self.systemd.start_watchdog()  # WATCHDOG=1 from this loop: a hung loop stops the pings
+        set_reload_id_source(self.queue.current_id)  # the master's JSON lines carry the running reload's id
         handler = control_handler(self.queue, lambda: self.stopping, self.status)
         control_server = await control.listen(self.control_path, handler)
         await self.template.start()
 
         first = self.queue.request("start")
-        self._spawn_task(self.queue.run(self._reload))
+        serving = self.generations.serving_number  # systemd: RELOADING=1 as each reload starts, READY=1 as it ends
+        self._spawn_task(self.queue.run(self._reload, on_start=lambda r: self.systemd.reload_started(r, serving()),
+                                        on_finish=lambda r: self.systemd.reload_finished(r, serving())))
         waits = [asyncio.create_task(first.wait()), asyncio.create_task(self._stop.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for wait in waits:
@@ -122,8 +131,10 @@ class Master:
             status.log_serving(self.settings, self.app, self.listeners, self.files.route_file)
             status.log_access(self.settings)
             self._spawn_task(self.files.run())
+            self._spawn_task(self.config_watch.run(self._stop))
 
         await self._stop.wait()
+        self.systemd.stopping(self.generations.serving_number())
         control_server.close()
         await self._shutdown()
 
@@ -201,7 +212,9 @@ class Master:
         snapshot = take_snapshot(
             self.files.sources, self.runtime.path / f"gen-{number}", self.config_file, self.compiler
         )
-        return snapshot, build.settings_for(snapshot, self.settings, self.overrides)
+        settings = build.settings_for(snapshot, self.settings, self.overrides)
+        self.config_watch.read_by_reload(snapshot, settings)  # the content this reload read is the one to compare
+        return snapshot, settings
 
     def _apply(self, settings: Settings, number: int) -> None:
         """The master takes on the settings of the generation that now serves, and stamps its lines with it."""
@@ -226,5 +239,6 @@ class Master:
     def status(self) -> dict[str, Any]:
         return status.status_view(
             self.queue, self.generations, started_at=self.started_at, app=self.app,
-            route_file=self.files.route_file, watching_source=self.files.watch, template_pid=self.template.pid,
+            route_file=self.files.route_file, watching_source=self.files.watch,
+            watching_config=self.config_watch.watched(), template_pid=self.template.pid,
         )

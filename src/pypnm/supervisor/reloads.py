@@ -152,14 +152,27 @@ class ReloadQueue:
         self.current = record
         return record
 
-    async def run(self, reload: Callable[[ReloadRecord], Awaitable[None]]) -> None:
-        """Run the queued reloads one at a time with `reload`, for ever (until cancelled)."""
+    async def run(
+        self,
+        reload: Callable[[ReloadRecord], Awaitable[None]],
+        *,
+        on_start: Callable[[ReloadRecord], object] = lambda record: None,
+        on_finish: Callable[[ReloadRecord], object] = lambda record: None,
+    ) -> None:
+        """Run the queued reloads one at a time with `reload`, for ever (until cancelled).
+
+        `on_start` is called when a record is taken from the queue, never when it is queued (systemd's
+        RELOADING=1 must postdate every SIGHUP that joined it); `on_finish` once it is recorded,
+        interrupted ones included.
+        """
         while True:
             record = await self.next()
+            on_start(record)
             try:
                 await reload(record)
             finally:
                 self.done(record)
+                on_finish(record)
 
     def done(self, record: ReloadRecord) -> None:
         """The current reload is over (or was interrupted: it is recorded as failed)."""
@@ -167,6 +180,10 @@ class ReloadQueue:
             record.finish(ReloadOutcome.FAILED, "interrupted: pypnm is stopping")
         self.current = None
         self.history = [*self.history, record][-HISTORY:]
+
+    def current_id(self) -> str | None:
+        """The running reload's id (stamped on the master's JSON log lines as `reload_id`)."""
+        return self.current.id if self.current else None
 
     def records(self) -> list[ReloadRecord]:
         """The finished reloads, oldest first, and the running one last."""

@@ -40,6 +40,7 @@ def status_view(
     app: str,
     route_file: Path,
     watching_source: bool,
+    watching_config: list[str],
     template_pid: int | None,
 ) -> dict[str, Any]:
     serving = generations.serving
@@ -61,6 +62,7 @@ def status_view(
             "app": app,
             "route_module_file": str(route_file),
             "watching_source": watching_source,
+            "watching_config": watching_config,
             "template_pid": template_pid,
         },
     }

@@ -1,13 +1,16 @@
 """What asks the master for a reload or a stop: signals, the control channel, and files.
 
-- Signals: SIGHUP asks for a reload; SIGTERM and SIGINT for a graceful stop.
+- Signals: SIGHUP asks for a reload; SIGTERM and SIGINT for a graceful stop; SIGUSR1
+  (logrotate's `postrotate`) reopens the log file here and in the fork template and the
+  workers (logfile.py).
 - The control channel (`control_handler`): a reload request (the HTTP endpoint, the CLI)
   is queued unless the service is stopping or the request's deadline has passed; a status
   request is answered with the master's status view.
 - Files (`FileWatch`): a touch of the route module file (the seed's mechanism) always
-  triggers a reload; with `--reload`, so does any change to a watched source file or to
-  the settings file. The watch follows the sources when a reload finds them moved or
-  their directories replaced (a reinstall).
+  triggers a reload; with `--reload`, so does any change to a watched source file. The
+  watch follows the sources when a reload finds them moved or their directories replaced
+  (a reinstall). The settings and tokens files are watched by their content instead
+  (`ConfigWatch`, config_watch.py: `watch_config`, and always with `--reload`).
 
 Each trigger only hands the reload queue its source ("SIGHUP", "file change: <path>",
 "http (request <id>)"); the queue decides what happens next. Logs under the master's logger name, like every
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ import watchfiles
 from pypnm.settings import Settings
 from pypnm.supervisor import control, protocol
 from pypnm.supervisor.build import DEFAULT_APP
+from pypnm.supervisor.logfile import reopen_log_files
 from pypnm.supervisor.reloads import ReloadDropped, ReloadQueue
 
 logger = logging.getLogger("pypnm.supervisor.master")
@@ -36,12 +40,21 @@ logger = logging.getLogger("pypnm.supervisor.master")
 ROUTE_MODULE = "api/web_service.py"  # inside the pypnm package: the seed's "route module file"
 
 
-def install_signals(on_reload: Callable[[str], object], on_stop: Callable[[int], object]) -> None:
-    """Route the process's signals to the master's loop (call from inside it)."""
+def install_signals(
+    on_reload: Callable[[str], object],
+    on_stop: Callable[[int], object],
+    log_writers: Callable[[], Iterable[int | None]],
+) -> None:
+    """Route the process's signals to the master's loop (call from inside it).
+
+    `log_writers`: the pids of the other processes that have the log file open (the fork
+    template, every live worker), read when SIGUSR1 arrives.
+    """
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload, "SIGHUP")
+    loop.add_signal_handler(signal.SIGUSR1, reopen_log_files, log_writers)
 
 
 def control_handler(
@@ -75,20 +88,18 @@ def _identity(directory: Path) -> tuple[int, int] | None:
 
 
 class FileWatch:
-    """The route module file always; with `watch` (--reload) the sources and the settings file too."""
+    """The route module file always; with `watch` (--reload) the sources too."""
 
     def __init__(
         self,
         app: str,
         sources: dict[str, Path],
-        config_file: Path | None,
         watch: bool,
         settings: Callable[[], Settings],
         on_reload: Callable[[str], object],
     ) -> None:
         self.app = app
         self.sources = sources  # top-level name -> package directory or module file, where reloads copy from
-        self.config_file = config_file
         self.watch = watch
         self._settings = settings  # reload_dirs, reload_includes, reload_excludes may change with a reload
         self._on_reload = on_reload
@@ -106,8 +117,6 @@ class FileWatch:
                 dirs += [Path(p).resolve() for p in self._settings().reload_dirs] or [
                     p if p.is_dir() else p.parent for p in self.sources.values()
                 ]
-                if self.config_file is not None:
-                    dirs.append(self.config_file.parent)
             self._watched = {d: _identity(d) for d in dirs}
             roots = sorted({d for d in dirs if d.is_dir()})
             logger.info("watching %s", ", ".join(map(str, roots)) or "nothing (the directories are missing)")
@@ -145,8 +154,7 @@ class FileWatch:
 
     def is_trigger(self, change: watchfiles.Change, path: str) -> bool:
         candidate = Path(path)
-        if candidate == self.route_file or (self.config_file is not None and candidate == self.config_file
-                                            and self.watch):
+        if candidate == self.route_file:  # the settings file is ConfigWatch's (by content)
             return True
         if not self.watch or (change == watchfiles.Change.deleted and candidate.suffix != ".py"):
             return False
