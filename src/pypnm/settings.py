@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     cors_allow_credentials: bool = False
     gzip_minimum_size: int = Field(1000, ge=0)
+    # Count requests and serve GET /metrics (a System Operation); off: neither, for a build without the cost.
+    metrics_enabled: bool = True
 
     # HTTP limits, per worker (a reload applies them to the new generation)
     limit_request_line_size: int = Field(16384, ge=256, le=1 << 24)  # one line of a request head: 431 beyond
