@@ -39,6 +39,7 @@ from pypnm.supervisor import control
 from pypnm.supervisor.config_watch import ConfigWatch, as_given
 from pypnm.supervisor.generation import CLOSE_GRACE, CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.logfile import reopen_log_files
+from pypnm.supervisor.metrics import MasterMetrics
 from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import (
     TOKENS_FILE,
@@ -76,6 +77,7 @@ class ReloadRecord:
     finished_at: str | None = None
     duration_ms: float | None = None
     validated_ms: float | None = None  # start -> candidate validated; the rest of duration_ms is the swap
+    _requested_monotonic: float = field(default_factory=time.monotonic, repr=False)  # metrics hook: trigger time
     _t0: float = field(default=0.0, repr=False)
     _finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -184,6 +186,7 @@ class Master:
         # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
         self.runtime = RuntimeDir.create(settings.runtime_dir)
         self.runtime_dir = self.runtime.path
+        self.metrics = MasterMetrics.start(self.runtime_dir)  # metrics hook: before the fork template starts
         self.control_path = str(self.runtime_dir / "control.sock")
         self.template = ForkTemplate(settings.log_level, settings.preload_modules, self.runtime)
         logger.info("runtime directory %s", self.runtime_dir)
@@ -235,6 +238,7 @@ class Master:
 
         first = self.request_reload("start")
         self._spawn_task(self._reloader())
+        self._spawn_task(self.metrics.maintain())  # metrics hook: fold dead workers' files into the archives
         waits = [asyncio.create_task(first.wait()), asyncio.create_task(self._stop.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for wait in waits:
@@ -364,6 +368,7 @@ class Master:
                     self.history = [*self.history, record][-HISTORY:]
                     # systemd hook: READY=1 with the outcome (the first one, after the start, with MAINPID=)
                     self.systemd.reload_finished(record, self.serving.number if self.serving else None)
+                    self.metrics.reload_finished(record)  # metrics hook: pypnm_reloads_total, duration
 
     @property
     def reload_state(self) -> str:
@@ -528,6 +533,7 @@ class Master:
                 return
             logger.warning("worker exited pid=%d generation=%d: replacing it from the same generation",
                            worker.pid, generation.number)
+            self.metrics.worker_restarted("crash")  # metrics hook: pypnm_worker_restarts_total{reason="crash"}
             with contextlib.suppress(ValueError):
                 generation.workers.remove(worker)
             await asyncio.sleep(min(0.1 * 2**failures, 5.0))  # back off when it keeps dying
