@@ -115,7 +115,9 @@ def test_openapi_fuzz_finds_no_undocumented_5xx(fuzz_app: FastAPI) -> None:
             )
 
         fuzz()
-    assert seen == {"/health": {200}, "/ready": {200}, RELOAD: {200}, STATUS: {200}, LOG_DOWNLOAD: {200}}
+    assert seen == {
+        "/health": {200}, "/ready": {200}, RELOAD: {200}, STATUS: {200}, LOG_DOWNLOAD: {200}, "/metrics": {200},
+    }
     assert calls >= len(operations)
 
 

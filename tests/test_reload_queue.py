@@ -203,7 +203,7 @@ async def test_run_tells_each_reload_s_start_when_taken_and_its_end_once_recorde
 
     first = queue.request("start")
     fake.during_sleep = lambda: queue.request("http")  # joins the follow-up while min_interval passes
-    runner = asyncio.create_task(queue.run(reload, on_start=tell("start"), on_finish=tell("finish")))
+    runner = asyncio.create_task(queue.run(reload, on_start=[tell("start")], on_finish=[tell("finish")]))
     await asyncio.wait_for(second_runs.wait(), 5)
     [second] = queued
     assert running_ids == [first.id, second.id] and queue.current_id() == second.id

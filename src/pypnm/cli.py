@@ -184,11 +184,17 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def bind_listeners(host: str, port: int) -> list[socket.socket]:
+    """The master's listening socket, when systemd passed none; raises OSError with the system's reason."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return [socket.create_server((host, port), family=family, backlog=2048)]
+
+
 def serve(args: argparse.Namespace) -> int:
     from pypnm.logs import LogOutput, setup_logging
     from pypnm.supervisor import systemd
     from pypnm.supervisor.logfile import LogFileError
-    from pypnm.supervisor.master import Master, bind_listeners
+    from pypnm.supervisor.master import Master
     from pypnm.supervisor.runtime import RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError
 

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     cors_allow_credentials: bool = False
     gzip_minimum_size: int = Field(1000, ge=0)
+    # Count requests and serve GET /metrics (a System Operation); off: neither, for a build without the cost.
+    metrics_enabled: bool = True
 
     # Log output (restart-only; see pypnm.logs and pypnm.supervisor.logfile)
     log_format: Literal["text", "json"] = "text"

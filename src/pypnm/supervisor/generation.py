@@ -26,6 +26,7 @@ from typing import Any
 
 from pypnm.identity import utc_now
 from pypnm.supervisor import protocol
+from pypnm.supervisor.metrics import worker_gone
 from pypnm.supervisor.protocol import (
     Close,
     StartAccepting,
@@ -117,6 +118,7 @@ class WorkerProcess:
                 self.stopped_accepting.set_result(None)  # gone is as good as not accepting
             if not self.closing.done():
                 self.closing.set_result(None)
+            worker_gone(self.pid)  # its live gauges go at once (mark_process_dead, supervisor/metrics.py)
             self.exited.set_result(None)
 
     def _on_event(self, event: protocol.WorkerMessage) -> None:

@@ -47,12 +47,15 @@ class Generations:
         settings: Callable[[], Settings],
         stopping: Callable[[], bool],
         spawn_task: SpawnTask,
+        *,
+        worker_restarted: Callable[[str], object] = lambda reason: None,
     ) -> None:
         self.template = template
         self.listeners = listeners
         self._settings = settings  # the master's settings, which a reload replaces
         self._stopping = stopping  # the master's: once it stops, nothing is respawned
         self._spawn_task = spawn_task  # the master's: its tasks end with it
+        self._worker_restarted = worker_restarted  # the metrics' pypnm_worker_restarts_total{reason}
         self.candidate: Generation | None = None
         self.serving: Generation | None = None
         self.draining: set[Generation] = set()
@@ -165,6 +168,7 @@ class Generations:
             if not failures:  # a serving worker died (after a failed attempt, `worker` is the one that died)
                 logger.warning("worker exited pid=%d generation=%d: replacing it from the same generation",
                                worker.pid, generation.number)
+                self._worker_restarted("crash")
                 generation.forget(worker)
             await asyncio.sleep(min(RESPAWN_BACKOFF_FIRST * 2**failures, RESPAWN_BACKOFF_MAX))  # keeps dying: slower
             if not self._still_serving(generation):

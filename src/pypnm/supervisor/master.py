@@ -33,6 +33,7 @@ from pypnm.supervisor.build import DEFAULT_APP
 from pypnm.supervisor.config_watch import ConfigWatch, as_given
 from pypnm.supervisor.generation import CandidateFailed
 from pypnm.supervisor.lifecycle import Generations
+from pypnm.supervisor.metrics import MasterMetrics
 from pypnm.supervisor.reloads import ReloadOutcome, ReloadQueue, ReloadRecord
 from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import Compiler, Snapshot, SnapshotError, SourceLocator, take_snapshot
@@ -43,18 +44,12 @@ from pypnm.supervisor.triggers import FileWatch, control_handler, install_signal
 logger = logging.getLogger("pypnm.supervisor.master")
 
 
-def bind_listeners(host: str, port: int) -> list[socket.socket]:
-    """Bind once, before anything else starts; raises OSError with the system's reason."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return [socket.create_server((host, port), family=family, backlog=2048)]
-
-
 class Master:
     """Holds the units together and conducts each reload (`_reload`); the state lives in the units.
 
     `queue` (reloads), `generations` (which serves, which drain), `files` (the watch and where the
     sources are), `config_watch` (the settings files' content), `template` (the fork template),
-    `systemd` (sd_notify), `settings` (the serving generation's).
+    `systemd` (sd_notify), `metrics` (the master's counters), `settings` (the serving generation's).
     """
 
     def __init__(
@@ -78,13 +73,15 @@ class Master:
         self.compiler = Compiler()
         # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
         self.runtime = RuntimeDir.create(settings.runtime_dir)
+        self.metrics = MasterMetrics.start(self.runtime.path)  # before the fork template starts: it inherits the dir
         self.control_path = str(self.runtime.path / "control.sock")
         self.template = ForkTemplate(settings.log_level, settings.preload_modules, self.runtime)
         logger.info("runtime directory %s", self.runtime.path)
 
         self.queue = ReloadQueue(lambda: self.settings.reload_min_interval)
         self.generations = Generations(
-            self.template, listeners, lambda: self.settings, lambda: self.stopping, self._spawn_task
+            self.template, listeners, lambda: self.settings, lambda: self.stopping, self._spawn_task,
+            worker_restarted=self.metrics.worker_restarted,
         )
         self.files = FileWatch(app, self.locator.find(), watch, lambda: self.settings, self.queue.request)
         self.config_watch = ConfigWatch(self.config_file, self.queue.request, always=watch)
@@ -117,8 +114,10 @@ class Master:
 
         first = self.queue.request("start")
         serving = self.generations.serving_number  # systemd: RELOADING=1 as each reload starts, READY=1 as it ends
-        self._spawn_task(self.queue.run(self._reload, on_start=lambda r: self.systemd.reload_started(r, serving()),
-                                        on_finish=lambda r: self.systemd.reload_finished(r, serving())))
+        self._spawn_task(self.queue.run(self._reload, on_start=[lambda r: self.systemd.reload_started(r, serving())],
+                                        on_finish=[lambda r: self.systemd.reload_finished(r, serving()),
+                                                   self.metrics.reload_finished]))
+        self._spawn_task(self.metrics.maintain())  # folds dead workers' metrics files into the archives
         waits = [asyncio.create_task(first.wait()), asyncio.create_task(self._stop.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for wait in waits:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -64,6 +64,7 @@ class ReloadRecord:
     duration_ms: float | None = None
     validated_ms: float | None = None  # start -> candidate validated; the rest of duration_ms is the swap
     _phase: ReloadPhase | None = field(default=None, repr=False)
+    _requested_monotonic: float = field(default_factory=time.monotonic, repr=False)  # for the metrics' durations
     _t0: float = field(default=0.0, repr=False)
     _finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -71,6 +72,10 @@ class ReloadRecord:
     def phase(self) -> ReloadPhase | None:
         """None before it starts and once it has finished."""
         return self._phase
+
+    def since_requested(self) -> float:
+        """Seconds since it was first requested (the reload duration metric: trigger to serving)."""
+        return time.monotonic() - self._requested_monotonic
 
     def begin(self, generation: int) -> None:
         self.generation = generation
@@ -156,23 +161,25 @@ class ReloadQueue:
         self,
         reload: Callable[[ReloadRecord], Awaitable[None]],
         *,
-        on_start: Callable[[ReloadRecord], object] = lambda record: None,
-        on_finish: Callable[[ReloadRecord], object] = lambda record: None,
+        on_start: Sequence[Callable[[ReloadRecord], object]] = (),
+        on_finish: Sequence[Callable[[ReloadRecord], object]] = (),
     ) -> None:
         """Run the queued reloads one at a time with `reload`, for ever (until cancelled).
 
-        `on_start` is called when a record is taken from the queue, never when it is queued (systemd's
-        RELOADING=1 must postdate every SIGHUP that joined it); `on_finish` once it is recorded,
-        interrupted ones included.
+        Each of `on_start` is called when a record is taken from the queue, never when it is queued
+        (systemd's RELOADING=1 must postdate every SIGHUP that joined it); each of `on_finish` once
+        it is recorded, interrupted ones included (systemd's READY=1, the reload metrics).
         """
         while True:
             record = await self.next()
-            on_start(record)
+            for told in on_start:
+                told(record)
             try:
                 await reload(record)
             finally:
                 self.done(record)
-                on_finish(record)
+                for told in on_finish:
+                    told(record)
 
     def done(self, record: ReloadRecord) -> None:
         """The current reload is over (or was interrupted: it is recorded as failed)."""

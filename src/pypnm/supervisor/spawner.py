@@ -36,6 +36,7 @@ WATCHED_DISTRIBUTIONS = (
     "httptools",
     "uvloop",
     "anyio",
+    "prometheus-client",
 )
 
 

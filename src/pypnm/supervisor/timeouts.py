@@ -59,6 +59,9 @@ CLOSE_REQUEST_GRACE = 1.0
 # The master answers at once unless its loop is blocked; a caller that gave up has told its
 # client "not started", and the master drops a reload it reads later (control.py).
 CONTROL_ASK = 5.0
+# A metrics scrape waits at most this long for the master's status, then answers without the
+# gauges it gives (generation, workers by state): a scrape must not hang on a blocked master.
+METRICS_STATUS = 2.0
 # Time kept between a request's deadline and its caller's timeout, for the answer's way back.
 ANSWER_MARGIN = 0.5
 # The master's side: a client that connects and sends no request line is dropped after this.
