@@ -299,3 +299,7 @@ def setup_logging(role: str, level: str = "info", output: LogOutput | None = Non
         # uvicorn's own handlers would print a second, differently shaped line.
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # watchfiles says "N changes detected" at INFO for every batch; pypnm logs what it does about
+    # them (a reload, and why). Left at INFO, output redirected into a watched directory (such as
+    # the settings file's) would feed itself: each line a change, each change a line.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
