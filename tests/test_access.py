@@ -18,7 +18,6 @@ import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -28,7 +27,7 @@ from conftest import RELOAD_PATH, STATUS_PATH, Service, base_env, free_port, pyp
 from pypnm.api import access
 from pypnm.api.app import create_app
 from pypnm.settings import Settings
-from pypnm.supervisor.master import Master
+from pypnm.supervisor.status import log_access
 
 # Fresh secrets for each run, so a match in a log can only come from this run's requests.
 TOKEN = "ci-" + secrets.token_urlsafe(24)
@@ -397,9 +396,8 @@ def test_master_warns_when_listening_beyond_loopback_without_a_token(
     # The master's start-up message, without binding any socket: only its settings are read.
     for name in [n for n in os.environ if n.startswith("PYPNM_")]:
         monkeypatch.delenv(name)
-    master = SimpleNamespace(settings=Settings(**overrides))
     with caplog.at_level(logging.INFO, logger="pypnm.supervisor.master"):
-        Master._log_access(master)  # only .settings is used
+        log_access(Settings(**overrides))
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("bearer token(s)" in message for message in infos)

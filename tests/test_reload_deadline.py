@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from conftest import RELOAD_PATH, Service, base_env, pypnm_command, wait_until
-from pypnm.api.web_service import RELOAD_CONTROL_TIMEOUT
+from pypnm.supervisor.timeouts import CONTROL_ASK as RELOAD_CONTROL_TIMEOUT
 
 EXACT_BODY = b'{"status":"reload triggered"}'
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -183,11 +184,17 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def bind_listeners(host: str, port: int) -> list[socket.socket]:
+    """The master's listening socket, when systemd passed none; raises OSError with the system's reason."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return [socket.create_server((host, port), family=family, backlog=2048)]
+
+
 def serve(args: argparse.Namespace) -> int:
     from pypnm.logs import LogOutput, setup_logging
     from pypnm.supervisor import systemd
     from pypnm.supervisor.logfile import LogFileError
-    from pypnm.supervisor.master import Master, bind_listeners
+    from pypnm.supervisor.master import Master
     from pypnm.supervisor.runtime import RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError
 
@@ -201,7 +208,7 @@ def serve(args: argparse.Namespace) -> int:
     except LogFileError as exc:
         return _fail(str(exc))
     sys.path.insert(0, os.getcwd())  # find --app modules where uvicorn would, without importing them
-    # systemd hook (pypnm.supervisor.systemd): take NOTIFY_SOCKET, WATCHDOG_* and LISTEN_* out of the
+    # systemd (pypnm.supervisor.systemd): take NOTIFY_SOCKET, WATCHDOG_* and LISTEN_* out of the
     # environment before any process is started, and serve on the sockets systemd passed, if any.
     notifier = systemd.take_notifier()
     try:
@@ -227,7 +234,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    from pypnm.supervisor.master import generation_spec
+    from pypnm.supervisor.build import generation_spec
     from pypnm.supervisor.runtime import RuntimeDir, RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError, find_project_sources, take_snapshot
     from pypnm.supervisor.worker import check as check_generation
@@ -246,8 +253,7 @@ def check(args: argparse.Namespace) -> int:
             snapshot = take_snapshot(find_project_sources(args.app), runtime.path / "gen", config_path(args.config))
         except SnapshotError as exc:
             return _fail(f"check failed: {exc}", 1)
-        spec = generation_spec(args.app, 0, snapshot, settings, env={})
-        spec.log_level = "warning"
+        spec = dataclasses.replace(generation_spec(args.app, 0, snapshot, settings, env={}), log_level="warning")
         reason = check_generation(spec)
     finally:
         runtime.remove()

@@ -58,14 +58,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pypnm import metrics as names
 from pypnm.identity import SUPERVISOR_ENV, ProcessIdentity
 from pypnm.supervisor import control
+from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
+from pypnm.supervisor.timeouts import METRICS_STATUS
 
 logger = logging.getLogger("pypnm.metrics")
 
 METRICS_PATH = "/metrics"
 # The classic text format, which every Prometheus version reads (prometheus-client's newest default may not be).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# A scrape waits at most this long for the master's status, then answers without the gauges it gives.
-STATUS_TIMEOUT = 2.0
 # Seconds a worker keeps its counts before writing them out (other workers' scrapes see them then).
 FLUSH_INTERVAL = 1.0
 
@@ -256,7 +256,10 @@ async def _supervisor_status() -> dict[str, Any] | None:
     if not socket_path:
         return None
     try:
-        return await control.ask(socket_path, {"cmd": "status"}, timeout=STATUS_TIMEOUT)
+        answer = await control.ask(socket_path, StatusRequest(), timeout=METRICS_STATUS)
+        if not isinstance(answer, StatusAnswer):
+            raise control.ControlError(f"it answered {type(answer).__name__} to a status request")
+        return answer.status
     except (control.ControlError, OSError, ValueError) as exc:
         logger.warning("metrics: the supervisor did not answer (%s): answering without %s and %s",
                        str(exc) or type(exc).__name__, names.GENERATION, names.WORKERS)

@@ -19,12 +19,11 @@ from pydantic import BaseModel
 
 from pypnm.identity import SUPERVISOR_ENV, ProcessIdentity
 from pypnm.supervisor import control
+from pypnm.supervisor.protocol import ReloadAccepted, ReloadRequest, StatusAnswer, StatusRequest
+from pypnm.supervisor.timeouts import CONTROL_ASK
 
 ROUTE_MODULE_FILE = Path(__file__)
 RELOAD_ID_HEADER = "X-Reload-Id"
-# How long the endpoint waits for the master to take a reload request. The master drops a
-# request it reads after that (control.py), so a 500 after this wait means "not started".
-RELOAD_CONTROL_TIMEOUT = 5.0
 
 router = APIRouter(prefix="/pypnm/system/webService", tags=["PyPNM System Web Service"])
 
@@ -42,11 +41,12 @@ async def trigger_reload(request: Request) -> str | None:
     socket_path = os.environ.get(SUPERVISOR_ENV)
     if socket_path:
         answer = await control.ask(
-            socket_path,
-            {"cmd": "reload", "source": "http", "request_id": request.state.request_id},
-            timeout=RELOAD_CONTROL_TIMEOUT,
+            socket_path, ReloadRequest(source="http", request_id=request.state.request_id),
+            timeout=CONTROL_ASK,  # the master drops a request it reads later: a 500 after it means "not started"
         )
-        return str(answer["reload_id"])
+        if not isinstance(answer, ReloadAccepted):
+            raise control.ControlError(f"the supervisor answered {type(answer).__name__} to a reload request")
+        return answer.reload_id
     ROUTE_MODULE_FILE.touch()
     return None
 
@@ -86,12 +86,14 @@ async def web_service_status(request: Request) -> dict[str, Any]:
     socket_path = os.environ.get(SUPERVISOR_ENV)
     if socket_path:
         try:
-            supervisor = await control.ask(socket_path, {"cmd": "status"})
+            supervisor = await control.ask(socket_path, StatusRequest())
+            if not isinstance(supervisor, StatusAnswer):
+                raise control.ControlError(f"it answered {type(supervisor).__name__} to a status request")
         except Exception as exc:
             raise HTTPException(
                 status_code=503,
                 detail=f"The supervisor did not answer ({str(exc) or type(exc).__name__}); "
                 "retry, or check the pypnm master's log",
             ) from exc
-        status.update(supervisor)
+        status.update(supervisor.status)
     return status

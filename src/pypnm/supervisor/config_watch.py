@@ -2,9 +2,11 @@
 
 Owns which settings files are watched (the settings file given by `--config`, kept as given,
 and the `api_tokens_file` of the latest settings a reload read), the content each had when a
-reload last read it, and the watch itself. The master calls it at three points (see the hooks
-marked "config_watch hook" in master.py): `run` once it serves, `read_by_reload` each time a
-reload has frozen the files into its snapshot, and `watched` for the status.
+reload last read it, and the watch itself. It is one of the master's triggers (triggers.py
+has the others) and hands the reload queue its source ("file change: <path>"). The master
+calls it at three points: `run` once the first generation serves, `read_by_reload` each
+time a reload's build has frozen the files into its snapshot (`Master._build`), and
+`watched` for the status (`master.watching_config`).
 
 Why it works this way:
 

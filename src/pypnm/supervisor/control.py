@@ -1,11 +1,11 @@
 """The master's control channel: a Unix socket in its private runtime directory.
 
-One JSON object per line, one request and one answer per connection. Workers find
+One request and one answer per connection, as protocol.py's "control" channel says. Workers find
 the socket through the `PYPNM_SUPERVISOR` environment variable. A Unix socket in a
 0700 directory is the access control: only the service's own user can reach it,
 so the HTTP side decides who may ask and the channel just carries the request.
 The wire format is deliberately tiny, because a worker running new code must keep
-talking to a master that is still running the code it was started with.
+talking to a master that is still running the code it was started with (protocol.py's versions).
 
 Every request carries a `deadline`: the moment its caller stops waiting for the answer,
 on the system-wide CLOCK_MONOTONIC. Both ends are on one machine (a Unix socket) and in
@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+
+from pypnm.supervisor import protocol
+from pypnm.supervisor.protocol import ControlAnswer, ControlRequest, Refused, ReloadAccepted, StatusAnswer
+from pypnm.supervisor.timeouts import ANSWER_MARGIN, CONTROL_ASK, CONTROL_READ
 
 logger = logging.getLogger("pypnm.supervisor.control")
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-MAX_LINE = 64 * 1024
-# Time kept between a request's deadline and its caller's timeout, for the answer's way back.
-ANSWER_MARGIN = 0.5
+Handler = Callable[[ControlRequest], Awaitable[ControlAnswer]]
 
 
 class ControlError(RuntimeError):
@@ -52,23 +52,22 @@ def clock() -> float:
     return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
-def expired_by(request: dict[str, Any]) -> float | None:
-    """How many seconds past its deadline the request is, or None while its caller still waits (or set none)."""
-    deadline = request.get("deadline")
-    if not isinstance(deadline, int | float) or isinstance(deadline, bool):
+def expired_by(deadline: float | None, now: float | None = None) -> float | None:
+    """How many seconds past `deadline` it is `now`, or None while its caller still waits (or set none)."""
+    if deadline is None:
         return None
-    late = clock() - deadline
+    late = (clock() if now is None else now) - deadline
     return late if late > 0 else None
 
 
-async def ask(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+async def ask(path: str, request: ControlRequest, timeout: float = CONTROL_ASK) -> ReloadAccepted | StatusAnswer:
     """Send one request to the master and return its answer; ControlTimeout after `timeout` seconds."""
-    request = {**request, "deadline": clock() + max(timeout - ANSWER_MARGIN, timeout / 2)}
+    request = dataclasses.replace(request, deadline=clock() + max(timeout - ANSWER_MARGIN, timeout / 2))
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
+            reader, writer = await asyncio.open_unix_connection(path, limit=protocol.MAX_MESSAGE)
             try:
-                writer.write(json.dumps(request).encode() + b"\n")
+                writer.write(protocol.encode_control(request))
                 await writer.drain()
                 line = await reader.readline()
             finally:
@@ -79,30 +78,35 @@ async def ask(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[
         raise ControlTimeout(timeout) from None
     if not line:
         raise ControlError("the supervisor closed the control channel without answering")
-    answer: dict[str, Any] = json.loads(line)
-    if "error" in answer:
-        raise ControlError(str(answer["error"]))
+    try:
+        answer = protocol.decode_control(line)
+    except protocol.ProtocolError as exc:
+        raise ControlError(str(exc)) from None
+    if isinstance(answer, Refused):
+        raise ControlError(answer.error)
+    if not isinstance(answer, ReloadAccepted | StatusAnswer):
+        raise ControlError(f"the supervisor answered with a request: {answer}")
     return answer
 
 
-async def serve(path: str, handler: Handler) -> asyncio.Server:
+async def listen(path: str, handler: Handler) -> asyncio.Server:
     """Answer requests on `path` with `handler` until the returned server is closed."""
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                line = await asyncio.wait_for(reader.readline(), 5.0)  # ValueError past MAX_LINE
-                request = json.loads(line)
-                if not isinstance(request, dict):
-                    raise ValueError("a request is a JSON object")
+                line = await asyncio.wait_for(reader.readline(), CONTROL_READ)  # ValueError past MAX_MESSAGE
+                request = protocol.decode_control(line)  # ProtocolError is a ValueError
+                if not isinstance(request, ControlRequest):
+                    raise ValueError(f"expected a request, got {request}")
                 answer = await handler(request)
-            except (ValueError, KeyError) as exc:
-                answer = {"error": f"bad control request: {exc}"}
-            writer.write(json.dumps(answer).encode() + b"\n")
+            except ValueError as exc:
+                answer = Refused(f"bad control request: {exc}")
+            writer.write(protocol.encode_control(answer))
             await writer.drain()
         except (TimeoutError, ConnectionError) as exc:
             logger.debug("control connection dropped: %s", exc)
         finally:
             writer.close()
 
-    return await asyncio.start_unix_server(on_connection, path=path, limit=MAX_LINE)
+    return await asyncio.start_unix_server(on_connection, path=path, limit=protocol.MAX_MESSAGE)

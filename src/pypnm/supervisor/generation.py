@@ -1,39 +1,64 @@
 """A generation: the workers that run one snapshot of the code, as the master sees them.
 
-A generation is started as a candidate (every worker validated and waiting), then
-told to serve (every worker accepting), and later drained (every worker finishing
-its connections and leaving). Its workers talk to the master over a socketpair each;
-end-of-file on it is how the master learns that a worker is gone. A draining generation
-can also be closed early (`close_now`): its workers cut what they still have open.
+Words, one meaning each: a worker is *brought up* (forked, then validated: `WorkerReady`),
+then *accepts* on the listening sockets; the generation whose workers accept is the
+*serving* one. A generation replaced by a reload *drains*: its workers stop accepting,
+finish what is in flight and leave, within `graceful_timeout`. A draining generation may
+also be *closed* early (`close_now`, over `max_draining_generations`): its workers cut
+what they still have open and leave at once.
+
+Each worker talks to the master over a socketpair of its own (protocol.py, "worker");
+end-of-file on it is how the master learns that a worker is gone. A worker's `state` is
+written by `WorkerProcess` alone, from what it commands and what the worker reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from pypnm.identity import utc_now
+from pypnm.supervisor import protocol
 from pypnm.supervisor.metrics import worker_gone
+from pypnm.supervisor.protocol import (
+    Close,
+    StartAccepting,
+    StopAccepting,
+    WorkerAccepting,
+    WorkerClosing,
+    WorkerCommand,
+    WorkerFailed,
+    WorkerReady,
+    WorkerSpec,
+    WorkerStoppedAccepting,
+)
 from pypnm.supervisor.snapshot import Snapshot
 from pypnm.supervisor.spawner import ForkTemplate
-from pypnm.supervisor.worker import WorkerSpec
+from pypnm.supervisor.timeouts import AFTER_KILL, CLOSE_GRACE, START_ACCEPTING, STOP_ACCEPTING
 
 logger = logging.getLogger("pypnm.supervisor.generation")
 
-# How long the workers of a generation closed early get to report, cut their connections and exit
-# (their lifespan shutdown included) before they are killed.
-CLOSE_GRACE = 3.0
+
+class WorkerState(StrEnum):
+    """A worker's state as `/status` shows it (the values are part of that answer)."""
+
+    STARTING = "starting"  # forked, importing and validating its generation's code
+    READY = "ready"  # validated, waiting to be told to accept
+    SERVING = "serving"  # accepting on the listening sockets
+    DRAINING = "draining"  # told to stop accepting; finishing what is in flight
+    CLOSING = "closing"  # its generation was closed early: cutting what it has open
+    EXITED = "exited"  # its channel closed: the process is gone
 
 
 class CandidateFailed(Exception):
-    """A worker of a candidate generation could not become ready; the message is the reason."""
+    """A worker could not be brought up (failed validation, or left first); the message is the reason."""
 
 
 @dataclass
@@ -47,21 +72,21 @@ class Closed:
 
 
 class WorkerProcess:
-    """One worker process, through its socketpair and its pid."""
+    """One worker process, through its socketpair and its pid; the one writer of its `state`."""
 
     def __init__(self, generation: int, pid: int, channel: socket.socket) -> None:
         self.generation = generation
         self.pid = pid
         self.started_at = utc_now()
-        self.state = "starting"
+        self.state = WorkerState.STARTING
         loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self.serving: asyncio.Future[None] = loop.create_future()
-        self.draining: asyncio.Future[None] = loop.create_future()
-        # What the worker still had open when told to "close": {"connections": n, "requests": m}, or None if gone.
-        self.closing: asyncio.Future[dict[str, Any] | None] = loop.create_future()
+        self.ready: asyncio.Future[WorkerReady] = loop.create_future()
+        self.accepting: asyncio.Future[None] = loop.create_future()
+        self.stopped_accepting: asyncio.Future[None] = loop.create_future()
+        # What the worker still had open when told to close, or None if it left without saying.
+        self.closing: asyncio.Future[WorkerClosing | None] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
-        for future in (self.ready, self.serving):
+        for future in (self.ready, self.accepting):
             # Only the first failure of a candidate is awaited; the others are expected, not lost.
             future.add_done_callback(_mark_retrieved)
         self._channel = channel
@@ -72,41 +97,58 @@ class WorkerProcess:
         reader, self._writer = await asyncio.open_unix_connection(sock=self._channel)
         try:
             while line := await reader.readline():
-                self._on_event(json.loads(line))
-        except (ConnectionError, ValueError) as exc:
+                self._on_event(protocol.decode_worker(line))
+        except ConnectionError as exc:
             logger.warning("worker pid=%d generation=%d: channel broken: %s", self.pid, self.generation, exc)
+        except ValueError as exc:  # a ProtocolError, or a line past the reader's limit
+            # A worker the master cannot understand (another pypnm version, a garbled channel)
+            # must not run on unsupervised: it is killed, and the reason is its bring-up's failure.
+            logger.error("worker pid=%d generation=%d: %s; killing it", self.pid, self.generation, exc)
+            if not self.ready.done():
+                self.ready.set_exception(CandidateFailed(f"cannot talk to a worker: {exc}"))
+            self.signal(signal.SIGKILL)
         finally:
-            self.state = "exited"
+            self.state = WorkerState.EXITED
             self._writer.close()
             if not self.ready.done():
                 self.ready.set_exception(CandidateFailed("a worker exited before it was ready (see its log)"))
-            if not self.serving.done():
-                self.serving.set_exception(CandidateFailed("a worker exited before it served"))
-            if not self.draining.done():
-                self.draining.set_result(None)  # gone is as good as not accepting
+            if not self.accepting.done():
+                self.accepting.set_exception(CandidateFailed("a worker exited before it served"))
+            if not self.stopped_accepting.done():
+                self.stopped_accepting.set_result(None)  # gone is as good as not accepting
             if not self.closing.done():
                 self.closing.set_result(None)
-            worker_gone(self.pid)  # metrics hook: drop its live gauges (mark_process_dead)
+            worker_gone(self.pid)  # its live gauges go at once (mark_process_dead, supervisor/metrics.py)
             self.exited.set_result(None)
 
-    def _on_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "ready" and not self.ready.done():
-            self.state = "ready"
+    def _on_event(self, event: protocol.WorkerMessage) -> None:
+        if isinstance(event, WorkerReady) and not self.ready.done():
+            self.state = WorkerState.READY
             self.ready.set_result(event)
-        elif kind == "failed" and not self.ready.done():
-            self.ready.set_exception(CandidateFailed(str(event.get("reason", "unknown reason"))))
-        elif kind == "serving" and not self.serving.done():
-            self.state = "serving"
-            self.serving.set_result(None)
-        elif kind == "draining" and not self.draining.done():
-            self.draining.set_result(None)
-        elif kind == "closing" and not self.closing.done():
+        elif isinstance(event, WorkerFailed) and not self.ready.done():
+            self.ready.set_exception(CandidateFailed(event.reason))
+        elif isinstance(event, WorkerAccepting) and not self.accepting.done():
+            self.state = WorkerState.SERVING
+            self.accepting.set_result(None)
+        elif isinstance(event, WorkerStoppedAccepting) and not self.stopped_accepting.done():
+            self.stopped_accepting.set_result(None)
+        elif isinstance(event, WorkerClosing) and not self.closing.done():
             self.closing.set_result(event)
 
-    def command(self, cmd: str) -> None:
+    def start_accepting(self) -> None:
+        self._command(StartAccepting())
+
+    def stop_accepting(self) -> None:
+        self.state = WorkerState.DRAINING
+        self._command(StopAccepting())
+
+    def close(self) -> None:
+        self.state = WorkerState.CLOSING
+        self._command(Close())
+
+    def _command(self, command: WorkerCommand) -> None:
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(json.dumps({"cmd": cmd}).encode() + b"\n")
+            self._writer.write(protocol.encode_worker(command))
 
     def signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -118,7 +160,7 @@ class WorkerProcess:
             "generation": self.generation,
             "code_version": code_version,
             "started_at": self.started_at,
-            "state": self.state,
+            "state": self.state.value,
         }
 
 
@@ -141,10 +183,30 @@ class Generation:
     def code_version(self) -> str:
         return self.snapshot.code_version
 
-    async def spawn_worker(self, template: ForkTemplate, listeners: list[socket.socket]) -> WorkerProcess:
+    async def bring_up(self, template: ForkTemplate, listeners: list[socket.socket], count: int) -> list[WorkerProcess]:
+        """Fork `count` workers and wait until each is validated and waiting to accept.
+
+        The one way a worker comes up: a candidate's workers and a serving generation's
+        replacements alike. Raises CandidateFailed (or SpawnError) on the first failure, and
+        then kills the workers it forked, so nothing half-started stays behind; a caller's
+        timeout (cancellation) does the same.
+        """
+        new: list[WorkerProcess] = []
+        try:
+            for _ in range(count):
+                new.append(await self._spawn(template, listeners))
+            await asyncio.gather(*(w.ready for w in new))
+        except BaseException:
+            for worker in new:
+                worker.signal(signal.SIGKILL)
+                self.workers.remove(worker)
+            raise
+        return new
+
+    async def _spawn(self, template: ForkTemplate, listeners: list[socket.socket]) -> WorkerProcess:
         ours, theirs = socket.socketpair()
         try:
-            pid = await template.spawn(self.spec.to_json(), [theirs.fileno(), *(s.fileno() for s in listeners)])
+            pid = await template.spawn(self.spec, [theirs.fileno(), *(s.fileno() for s in listeners)])
         except BaseException:
             ours.close()
             raise
@@ -155,16 +217,18 @@ class Generation:
         logger.info("worker spawned pid=%d generation=%d", pid, self.number)
         return worker
 
-    async def start(self, template: ForkTemplate, listeners: list[socket.socket]) -> list[dict[str, Any]]:
-        """Spawn every worker and wait until all are ready; raises CandidateFailed on the first failure."""
-        for _ in range(self.size):
-            await self.spawn_worker(template, listeners)
-        return list(await asyncio.gather(*(w.ready for w in self.workers)))
+    async def start_accepting(self, workers: list[WorkerProcess] | None = None) -> None:
+        """Tell brought-up workers (all by default) to accept; CandidateFailed or TimeoutError if one does not."""
+        workers = self.workers if workers is None else workers
+        for worker in workers:
+            worker.start_accepting()
+        async with asyncio.timeout(START_ACCEPTING):
+            await asyncio.gather(*(w.accepting for w in workers))
 
-    async def serve(self) -> None:
-        for worker in self.workers:
-            worker.command("serve")
-        await asyncio.gather(*(w.serving for w in self.workers))
+    def forget(self, worker: WorkerProcess) -> None:
+        """Drop an exited worker from the generation (a replacement takes its place)."""
+        with contextlib.suppress(ValueError):
+            self.workers.remove(worker)
 
     def live_workers(self) -> list[WorkerProcess]:
         return [w for w in self.workers if not w.exited.done()]
@@ -174,15 +238,14 @@ class Generation:
         for worker in self.live_workers():
             worker.signal(signal.SIGKILL)
 
-    async def stop_accepting(self, timeout: float = 2.0) -> None:
-        """Tell every worker to stop accepting and wait until each says it has (or is gone)."""
+    async def stop_accepting(self) -> None:
+        """The drain's first step: every worker stops accepting; waits until each says so (or is gone)."""
         self.stopped_accepting = True
         workers = self.live_workers()
         for worker in workers:
-            worker.state = "draining"
-            worker.command("drain")
+            worker.stop_accepting()
         if workers:
-            await asyncio.wait([w.draining for w in workers], timeout=timeout)
+            await asyncio.wait([w.stopped_accepting for w in workers], timeout=STOP_ACCEPTING)
 
     async def close_now(self, grace: float = CLOSE_GRACE) -> Closed:
         """End a draining generation now: each worker cuts its connections and requests and exits.
@@ -193,8 +256,7 @@ class Generation:
         self.closed_early = True
         workers = self.live_workers()
         for worker in workers:
-            worker.state = "closing"
-            worker.command("close")
+            worker.close()
         closed = Closed()
         if not workers:
             return closed
@@ -205,24 +267,24 @@ class Generation:
         for worker in workers:
             report = worker.closing.result() if worker.closing.done() else None
             if report is not None:
-                closed.connections += int(report.get("connections", 0))
-                closed.requests += int(report.get("requests", 0))
+                closed.connections += report.connections
+                closed.requests += report.requests
             elif not worker.exited.done():
                 closed.unreported += 1
             if not worker.exited.done():
                 closed.killed += 1
                 worker.signal(signal.SIGKILL)
         if closed.killed:
-            await asyncio.wait([w.exited for w in workers], timeout=5)
+            await asyncio.wait([w.exited for w in workers], timeout=AFTER_KILL)
         return closed
 
     async def drain(self, timeout: float) -> bool:
-        """Stop accepting and finish in-flight requests; True when every worker left in time."""
+        """Stop accepting, finish in-flight requests and leave; True when every worker left in time."""
         if not self.stopped_accepting:
             await self.stop_accepting()
         workers = self.live_workers()
         for worker in workers:
-            worker.signal(signal.SIGTERM)  # uvicorn's graceful shutdown, also for a worker that missed "drain"
+            worker.signal(signal.SIGTERM)  # uvicorn's graceful shutdown, also for a worker that missed StopAccepting
         if not workers:
             return True
         _, late = await asyncio.wait([w.exited for w in workers], timeout=timeout)
@@ -233,5 +295,5 @@ class Generation:
                 )
                 worker.signal(signal.SIGKILL)
         if late:
-            await asyncio.wait([w.exited for w in workers], timeout=5)
+            await asyncio.wait([w.exited for w in workers], timeout=AFTER_KILL)
         return not late

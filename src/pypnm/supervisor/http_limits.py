@@ -36,10 +36,9 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-logger = logging.getLogger("pypnm.supervisor.http_limits")
+from pypnm.supervisor.timeouts import LINGER
 
-# How long a refused connection may go on sending (its bytes discarded) before it is closed.
-LINGER_SECONDS = 1.0
+logger = logging.getLogger("pypnm.supervisor.http_limits")
 
 
 @dataclass(frozen=True)
@@ -225,7 +224,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(response))
         if self.transport.can_write_eof():
             self.transport.write_eof()
-            self._linger_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+            self._linger_timer = self.loop.call_later(LINGER, self.transport.close)
         else:
             self.transport.close()
 

@@ -57,7 +57,7 @@ from pypnm.metrics import (
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
 
-    from pypnm.supervisor.master import ReloadRecord
+    from pypnm.supervisor.reloads import ReloadRecord
 
 logger = logging.getLogger("pypnm.supervisor.metrics")
 
@@ -110,7 +110,7 @@ class MasterMetrics:
             return
         self.reloads.labels(record.outcome).inc()
         if record.outcome == "succeeded":
-            self.reload_duration.observe(max(time.monotonic() - record._requested_monotonic, 0.0))
+            self.reload_duration.observe(max(record.since_requested(), 0.0))
 
     def worker_restarted(self, reason: str) -> None:
         self.restarts.labels(reason).inc()

@@ -40,6 +40,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from pypnm.supervisor.timeouts import CONTROL_PROBE
+
 logger = logging.getLogger("pypnm.supervisor.runtime")
 
 PREFIX = "pypnm-"
@@ -181,7 +183,7 @@ def _remove_if_nobody_listens(directory: Path) -> bool:
     if not control.is_socket():
         return False  # being created, or not a master's directory: leave it
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
+        probe.settimeout(CONTROL_PROBE)
         try:
             probe.connect(str(control))
         except OSError as exc:

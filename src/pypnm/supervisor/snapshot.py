@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pypnm.identity import code_version
+from pypnm.supervisor.timeouts import LOCATE_SOURCES
 
 # The settings files a snapshot freezes, by the name of their copy, and how an operator calls them.
 CONFIG_FILE = "settings.toml"
@@ -89,7 +90,6 @@ else:
         answer["package"] = spec.submodule_search_locations is not None
 print(json.dumps(answer))
 """
-_LOCATE_TIMEOUT = 30.0
 
 
 def _stamp(path: list[str]) -> list[int | None]:
@@ -107,7 +107,7 @@ def _locate(top: str) -> tuple[Path, list[str], list[int | None]]:
     """Ask a fresh interpreter; returns (the package directory or module file, its sys.path, their stamps)."""
     try:
         result = subprocess.run(
-            [sys.executable, "-c", _LOCATE, top], capture_output=True, text=True, timeout=_LOCATE_TIMEOUT,
+            [sys.executable, "-c", _LOCATE, top], capture_output=True, text=True, timeout=LOCATE_SOURCES,
             stdin=subprocess.DEVNULL,
         )
         lines = result.stdout.strip().splitlines()

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import json
 import logging
 import socket
 import subprocess
 import sys
-from typing import Any
 
+from pypnm.supervisor import protocol
+from pypnm.supervisor.protocol import Spawned, SpawnRefused, SpawnRequest, TemplateHello, WorkerSpec
 from pypnm.supervisor.runtime import RuntimeDir
+from pypnm.supervisor.timeouts import SPAWN_ANSWER, TEMPLATE_START, TEMPLATE_STOP
 
 logger = logging.getLogger("pypnm.supervisor.spawner")
 
@@ -82,8 +83,8 @@ class ForkTemplate:
         theirs.close()
         ours.setblocking(False)
         self.channel = ours
-        hello = await asyncio.wait_for(self._receive(), 60)
-        if not hello.get("ready"):
+        hello = await asyncio.wait_for(self._receive(), TEMPLATE_START)
+        if not isinstance(hello, TemplateHello):
             raise SpawnError(f"the fork template did not start: {hello}")
         logger.info("fork template started pid=%d", self.process.pid)
 
@@ -109,21 +110,22 @@ class ForkTemplate:
                 )
             await self._restart()
 
-    async def spawn(self, spec_json: str, fds: list[int]) -> int:
+    async def spawn(self, spec: WorkerSpec, fds: list[int]) -> int:
         """Fork a worker with `fds` (its channel, then the listeners); return its pid."""
         async with self._lock:  # one request at a time, and never while the template is replaced
             if not self.is_running():
                 await self._restart()
             assert self.channel is not None
-            request = b'{"cmd": "spawn", "spec": ' + spec_json.encode() + b"}"
             try:
-                socket.send_fds(self.channel, [request], fds)
-                answer = await asyncio.wait_for(self._receive(), 10)
+                socket.send_fds(self.channel, [protocol.encode_template(SpawnRequest(spec))], fds)
+                answer = await asyncio.wait_for(self._receive(), SPAWN_ANSWER)
             except (OSError, TimeoutError) as exc:
                 raise SpawnError(f"the fork template did not answer: {exc or type(exc).__name__}") from exc
-        if "pid" not in answer:
-            raise SpawnError(str(answer.get("error", answer)))
-        return int(answer["pid"])
+        if isinstance(answer, SpawnRefused):
+            raise SpawnError(answer.error)
+        if not isinstance(answer, Spawned):
+            raise SpawnError(f"the fork template answered {answer} to a spawn request")
+        return answer.pid
 
     async def _restart(self) -> None:
         if not self.is_running():
@@ -131,13 +133,15 @@ class ForkTemplate:
         await self.stop()
         await self.start()
 
-    async def _receive(self) -> dict[str, Any]:
+    async def _receive(self) -> protocol.TemplateMessage:
         assert self.channel is not None
-        data = await asyncio.get_running_loop().sock_recv(self.channel, 65536)
+        data = await asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE)
         if not data:
             raise SpawnError("the fork template exited")
-        answer: dict[str, Any] = json.loads(data)
-        return answer
+        try:
+            return protocol.decode_template(data)
+        except protocol.ProtocolError as exc:  # e.g. a template of another pypnm version, after an upgrade
+            raise SpawnError(str(exc)) from exc
 
     async def stop(self) -> None:
         if self.channel is not None:
@@ -145,7 +149,7 @@ class ForkTemplate:
             self.channel = None
         if self.process is not None:
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.process.wait), 5)
+                await asyncio.wait_for(asyncio.to_thread(self.process.wait), TEMPLATE_STOP)
             except TimeoutError:
                 self.process.kill()
                 await asyncio.to_thread(self.process.wait)

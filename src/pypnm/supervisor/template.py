@@ -7,21 +7,19 @@ application code, so every fork starts clean. `multiprocessing`'s forkserver doe
 same job but owns its processes' lives and talks pickles; here the master needs the
 workers' pids, their socketpairs and the listening sockets handed over as they are.
 
-Protocol (a Unix socketpair with the master): the master sends
-`{"cmd": "spawn", "spec": {...}}` with file descriptors [worker channel, listeners...];
-the template answers `{"pid": N}` (or `{"error": "..."}`). At start it sends
-`{"ready": true}` once its modules are imported. End-of-file means the master is gone:
-the template exits. It runs in a session of its own (so a terminal's signals reach only
-the master) and lets the kernel reap its children (SIGCHLD ignored); the master learns
-of a worker's exit from the worker's own socketpair. It holds the master's runtime
-directory lock, which its workers inherit by fork; whichever of them leaves last after
-the master died removes that directory (runtime.py).
+It talks with the master over a SEQPACKET socketpair (protocol.py, "fork template"): it
+says hello once its modules are imported, then answers each spawn request, whose file
+descriptors are [worker channel, listeners...], with the worker's pid or the error.
+End-of-file means the master is gone: the template exits. It runs in a session of its
+own (so a terminal's signals reach only the master) and lets the kernel reap its children
+(SIGCHLD ignored); the master learns of a worker's exit from the worker's own socketpair.
+It holds the master's runtime directory lock, which its workers inherit by fork; whichever
+of them leaves last after the master died removes that directory (runtime.py).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import signal
@@ -30,7 +28,8 @@ import sys
 from pathlib import Path
 
 from pypnm.logs import setup_logging
-from pypnm.supervisor import runtime, worker
+from pypnm.supervisor import protocol, runtime, worker
+from pypnm.supervisor.protocol import Spawned, SpawnRefused, SpawnRequest, TemplateHello
 
 logger = logging.getLogger("pypnm.supervisor.template")
 
@@ -67,7 +66,7 @@ def preload(names: list[str]) -> None:
             logger.warning("cannot preload %s: %s", name, exc)
 
 
-def fork_worker(channel: socket.socket, request: dict[str, object], fds: list[int]) -> int:
+def fork_worker(channel: socket.socket, request: SpawnRequest, fds: list[int]) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -78,10 +77,9 @@ def fork_worker(channel: socket.socket, request: dict[str, object], fds: list[in
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in fds:
             os.set_inheritable(fd, False)  # SCM_RIGHTS fds arrive inheritable; the app's children must not get them
-        spec = worker.WorkerSpec.from_json(json.dumps(request["spec"]))
         worker_channel = socket.socket(fileno=fds[0])
         listeners = [socket.socket(fileno=fd) for fd in fds[1:]]
-        code = worker.run(spec, worker_channel, listeners)
+        code = worker.run(request.spec, worker_channel, listeners)
     except BaseException:
         logger.exception("worker failed")
     finally:
@@ -90,27 +88,33 @@ def fork_worker(channel: socket.socket, request: dict[str, object], fds: list[in
         os._exit(code)
 
 
-def serve(channel: socket.socket) -> None:
-    channel.sendall(json.dumps({"ready": True, "pid": os.getpid()}).encode() + b"\n")
+def answer_spawn_requests(channel: socket.socket) -> None:
+    """Say hello, then fork a worker for each spawn request until the master is gone."""
+    channel.sendall(protocol.encode_template(TemplateHello(os.getpid())))
     while True:
         try:
-            message, fds, _flags, _addr = socket.recv_fds(channel, 65536, 32)
+            message, fds, _flags, _addr = socket.recv_fds(channel, protocol.MAX_MESSAGE, 32)
         except OSError:
             message, fds = b"", []
         if not message:
             logger.info("master is gone; fork template exiting")
             return
+        answer: protocol.TemplateMessage
         try:
-            request = json.loads(message)
-            pid = fork_worker(channel, request, fds)
-            answer: dict[str, object] = {"pid": pid}
+            request = protocol.decode_template(message)
+            if not isinstance(request, SpawnRequest):
+                raise protocol.ProtocolError("fork template", f"expected a spawn request, got {request}")
+            answer = Spawned(fork_worker(channel, request, fds))
+        except protocol.ProtocolError as exc:  # e.g. a master of another pypnm version: say so, fork nothing
+            logger.error("cannot fork a worker: %s", exc)
+            answer = SpawnRefused(str(exc))
         except Exception as exc:
             logger.exception("cannot fork a worker")
-            answer = {"error": f"{type(exc).__name__}: {exc}"}
+            answer = SpawnRefused(f"{type(exc).__name__}: {exc}")
         finally:
             for fd in fds:
                 os.close(fd)
-        channel.sendall(json.dumps(answer).encode() + b"\n")
+        channel.sendall(protocol.encode_template(answer))
 
 
 def main() -> None:
@@ -120,7 +124,7 @@ def main() -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     try:
         preload([*PRELOADED, *extra])
-        serve(socket.socket(fileno=int(channel_fd)))
+        answer_spawn_requests(socket.socket(fileno=int(channel_fd)))
     finally:
         runtime.leave()
 

@@ -2,7 +2,7 @@
 
 The order is what makes a reload safe: import the app from the generation's snapshot,
 run lifespan startup, answer smoke requests in-process, tell the master "ready", and
-only when the master says "serve" start accepting on the inherited listening socket.
+only when the master says so (StartAccepting) start accepting on the inherited listening socket.
 uvicorn's own `Server.startup` would accept right after lifespan startup, so
 `GenerationServer` replaces that one step and keeps the rest of uvicorn (main loop,
 signals, graceful shutdown).
@@ -12,7 +12,7 @@ uvicorn closes idle keep-alive connections at once, which races with a client th
 just sending its next request on them, and drops connections accepted but not yet
 read. Here such a connection may still deliver one request, answered with
 `Connection: close`, and is closed only after it has stayed idle for a grace period.
-A draining worker told to "close" (its generation is over `max_draining_generations`)
+A draining worker told to close (its generation is over `max_draining_generations`)
 reports what it still has open, cuts it, and leaves without waiting for it.
 The size and time limits on request heads come from `LimitedHttpToolsProtocol`.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import logging
 import os
 import socket
@@ -30,7 +29,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -38,50 +36,33 @@ import uvicorn
 
 from pypnm.identity import WORKER_STATE_KEY
 from pypnm.logs import set_generation, setup_logging
-from pypnm.supervisor import runtime
+from pypnm.supervisor import protocol, runtime
 from pypnm.supervisor.http_limits import HeadLimits, LimitedHttpToolsProtocol
+from pypnm.supervisor.protocol import (
+    Close,
+    StartAccepting,
+    StopAccepting,
+    WorkerAccepting,
+    WorkerClosing,
+    WorkerCommand,
+    WorkerEvent,
+    WorkerFailed,
+    WorkerReady,
+    WorkerSpec,
+    WorkerStoppedAccepting,
+)
+from pypnm.supervisor.timeouts import CHECK_REQUEST, CLOSE_REQUEST_GRACE, IDLE_DRAIN_GRACE, ORPHAN_GRACE
 
 logger = logging.getLogger("pypnm.supervisor.worker")
 
-# How long a draining worker keeps an idle connection open for one last request.
-IDLE_DRAIN_GRACE = 2.0
-# How long a worker outlives its master (it finishes what it can, then leaves).
-ORPHAN_GRACE = 1.5
-# How long, after a "close", a request whose connection was cut gets to notice and end by itself
-# (a streaming response does at once) before it is cancelled (and logged, one line each).
-CLOSE_REQUEST_GRACE = 1.0
 
 
-@dataclass
-class WorkerSpec:
-    """Everything a worker needs, sent by the master as JSON; the same for every worker of a generation."""
+class AppLoadError(Exception):
+    """The app cannot be imported or configured in this worker; the message is the one-line reason.
 
-    app: str
-    generation: int
-    snapshot_dir: str
-    packages: list[str]
-    source_dirs: dict[str, str]  # snapshot path → original path, to report files as the operator knows them
-    env: dict[str, str] = field(default_factory=dict)
-    check_paths: list[str] = field(default_factory=list)
-    log_level: str = "info"
-    graceful_timeout: float = 30.0
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    limit_request_line_size: int = 16384
-    limit_request_header_size: int = 65536
-    timeout_request_header: float = 10.0
-    limit_concurrency: int = 1000
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSpec:
-        return cls(**json.loads(text))
-
-
-class CandidateError(Exception):
-    """The generation's code or settings cannot serve; the message is the reason the master records."""
+    The worker reports it to the master as WorkerFailed, which the master turns into its own
+    CandidateFailed (generation.py) and records as the reload's reason.
+    """
 
 
 def describe_exception(exc: BaseException, spec: WorkerSpec) -> str:
@@ -121,7 +102,7 @@ def load_app(spec: WorkerSpec) -> Any:
         for part in (attr or "app").split("."):
             app = getattr(app, part)
     except BaseException as exc:
-        raise CandidateError(describe_exception(exc, spec)) from exc
+        raise AppLoadError(describe_exception(exc, spec)) from exc
     return app
 
 
@@ -201,17 +182,16 @@ class MasterChannel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.sock.setblocking(True)
-        self._commands: dict[str, Callable[[], None]] = {}
         self._lock = threading.Lock()
 
-    def send(self, **event: Any) -> None:
+    def send(self, event: WorkerEvent) -> None:
         with self._lock:
-            self.sock.sendall(json.dumps(event).encode() + b"\n")
+            self.sock.sendall(protocol.encode_worker(event))
 
-    def start(self, on_command: Callable[[str], object], on_master_gone: Callable[[], object]) -> None:
+    def start(self, on_command: Callable[[WorkerCommand], object], on_master_gone: Callable[[], object]) -> None:
         threading.Thread(target=self._read, args=(on_command, on_master_gone), daemon=True).start()
 
-    def _read(self, on_command: Callable[[str], object], on_master_gone: Callable[[], object]) -> None:
+    def _read(self, on_command: Callable[[WorkerCommand], object], on_master_gone: Callable[[], object]) -> None:
         buffer = b""
         while True:
             try:
@@ -223,7 +203,13 @@ class MasterChannel:
             buffer += chunk
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                on_command(json.loads(line)["cmd"])
+                try:
+                    message = protocol.decode_worker(line)
+                except protocol.ProtocolError as exc:  # e.g. a master of another pypnm version
+                    logger.error("ignoring a message from the master: %s", exc)
+                    continue
+                if isinstance(message, StartAccepting | StopAccepting | Close):
+                    on_command(message)
         logger.warning("master is gone; leaving within %.1fs", ORPHAN_GRACE)
         on_master_gone()
         time.sleep(ORPHAN_GRACE)
@@ -253,16 +239,16 @@ class GenerationServer(uvicorn.Server):
         loop = asyncio.get_running_loop()
         if self.channel is not None:
             self.channel.start(
-                on_command=lambda cmd: loop.call_soon_threadsafe(self._on_command, cmd),
+                on_command=lambda command: loop.call_soon_threadsafe(self._on_command, command),
                 on_master_gone=lambda: loop.call_soon_threadsafe(self._on_master_gone),
             )
         self.lifespan.state[WORKER_STATE_KEY] = self.worker_state
         self.failure = await self.validate()
         if self.failure is not None:
-            self._report(event="failed", reason=self.failure)
+            self._report(WorkerFailed(self.failure))
             self.should_exit = True
             return
-        self._report(event="ready", restart_only=self._restart_only_settings())
+        self._report(WorkerReady(self._restart_only_settings()))
         if self.channel is None:
             self.should_exit = True  # `pypnm check`: validated, nothing to serve
             await self.lifespan.shutdown()
@@ -283,7 +269,7 @@ class GenerationServer(uvicorn.Server):
             for sock in sockets or []
         ]
         self.started = True
-        self._report(event="serving")
+        self._report(WorkerAccepting())
         logger.info("generation %d worker serving", self.spec.generation)
 
     async def validate(self) -> str | None:
@@ -299,7 +285,7 @@ class GenerationServer(uvicorn.Server):
         for path in self.spec.check_paths:
             try:
                 status, _ = await asyncio.wait_for(
-                    call_in_process(self.config.loaded_app, path, self.lifespan.state), 10.0
+                    call_in_process(self.config.loaded_app, path, self.lifespan.state), CHECK_REQUEST
                 )
             except Exception as exc:
                 reason = f"check GET {path} raised {describe_exception(exc, self.spec)}"
@@ -317,14 +303,14 @@ class GenerationServer(uvicorn.Server):
         restart_only = getattr(settings, "restart_only", None)
         return restart_only() if callable(restart_only) else None
 
-    def _report(self, **event: Any) -> None:
+    def _report(self, event: WorkerEvent) -> None:
         if self.channel is not None:
-            self.channel.send(**event)
+            self.channel.send(event)
 
-    def _on_command(self, cmd: str) -> None:
-        if cmd == "serve":
+    def _on_command(self, command: WorkerCommand) -> None:
+        if isinstance(command, StartAccepting):
             self._go.set()
-        elif cmd == "drain":
+        elif isinstance(command, StopAccepting):
             # Stop accepting now, not at uvicorn's next tick, and say so: the master records
             # the swap as done only when no old worker takes new connections any more.
             for server in getattr(self, "servers", []):
@@ -332,8 +318,8 @@ class GenerationServer(uvicorn.Server):
             self.worker_state["stopping"] = True
             self.should_exit = True
             self._go.set()
-            self._report(event="draining")
-        elif cmd == "close":
+            self._report(WorkerStoppedAccepting())
+        elif isinstance(command, Close):
             self._close_now()
 
     def _close_now(self) -> None:
@@ -347,7 +333,7 @@ class GenerationServer(uvicorn.Server):
         """
         connections = list(self.server_state.connections)
         requests = [task for task in self.server_state.tasks if not task.done()]
-        self._report(event="closing", connections=len(connections), requests=len(requests))
+        self._report(WorkerClosing(len(connections), len(requests)))
         for server in getattr(self, "servers", []):
             server.close()
         for connection in connections:
@@ -403,7 +389,7 @@ class _LastError(logging.Handler):
 
 
 def make_server(spec: WorkerSpec, channel: MasterChannel | None) -> GenerationServer:
-    """Load the app (raises CandidateError) and wrap it in a GenerationServer."""
+    """Load the app (raises AppLoadError) and wrap it in a GenerationServer."""
     app = load_app(spec)
     config = uvicorn.Config(
         app,
@@ -423,7 +409,7 @@ def make_server(spec: WorkerSpec, channel: MasterChannel | None) -> GenerationSe
     try:
         config.load()
     except BaseException as exc:
-        raise CandidateError(describe_exception(exc, spec)) from exc
+        raise AppLoadError(describe_exception(exc, spec)) from exc
     return GenerationServer(config, app, spec, channel)
 
 
@@ -435,9 +421,9 @@ def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.so
     channel = MasterChannel(channel_sock)
     try:
         server = make_server(spec, channel)
-    except CandidateError as exc:
+    except AppLoadError as exc:
         logger.error("generation %d cannot serve: %s", spec.generation, exc)
-        channel.send(event="failed", reason=str(exc))
+        channel.send(WorkerFailed(str(exc)))
         return 1
     server.run(sockets=listeners)
     return 1 if server.failure else 0
@@ -448,7 +434,7 @@ def check(spec: WorkerSpec) -> str | None:
     os.environ.update(spec.env)
     try:
         server = make_server(spec, None)
-    except CandidateError as exc:
+    except AppLoadError as exc:
         return str(exc)
     server.run(sockets=[])
     return server.failure

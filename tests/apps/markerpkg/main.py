@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from markerpkg.marker import MARKER
 from pypnm.identity import SUPERVISOR_ENV
 from pypnm.supervisor import control
+from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
 
 app = FastAPI(title="markerpkg")
 _in_flight = 0  # /slow requests this worker is answering now
@@ -63,6 +64,8 @@ async def in_flight() -> dict[str, int]:
 
 @app.get("/supervisor")
 async def supervisor() -> dict[str, Any]:
-    status = await control.ask(os.environ[SUPERVISOR_ENV], {"cmd": "status"})
+    answer = await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest())
+    assert isinstance(answer, StatusAnswer)
+    status = answer.status
     status["control_socket"] = os.environ[SUPERVISOR_ENV]  # in the master's runtime directory
     return status

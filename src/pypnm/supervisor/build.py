@@ -1,0 +1,97 @@
+"""What a generation is built from: its snapshot and settings, turned into the spec its workers run.
+
+Pure functions of their arguments: nothing here changes the master (its log level, its
+settings) — the master applies a new generation's settings only once it serves (master.py).
+`pypnm check` builds its spec here too, so a check validates exactly what a reload would.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pypnm.identity import SUPERVISOR_ENV
+from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
+from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
+from pypnm.supervisor.snapshot import TOKENS_FILE, Snapshot
+
+DEFAULT_APP = "pypnm.main:app"
+DEFAULT_CHECK_PATHS = ["/health", "/openapi.json"]
+
+
+def env_value(value: Any) -> str:
+    """A setting's value as pydantic-settings reads it back from an environment variable."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return json.dumps([str(v) for v in value] if isinstance(value, list) else value)
+    return str(value)
+
+
+def generation_spec(app: str, number: int, snapshot: Snapshot, settings: Settings, env: dict[str, str]) -> WorkerSpec:
+    """What every worker of a generation is told: its app, snapshot, files and checks."""
+    env = dict(env)
+    if snapshot.config_file is not None:
+        env[CONFIG_ENV] = str(snapshot.config_file)
+    if TOKENS_FILE in snapshot.files:
+        env[f"{ENV_PREFIX}API_TOKENS_FILE"] = str(snapshot.files[TOKENS_FILE])
+    check_paths = settings.check_paths
+    if check_paths is None:
+        check_paths = DEFAULT_CHECK_PATHS if app == DEFAULT_APP else []
+    return WorkerSpec(
+        app=app,
+        generation=number,
+        snapshot_dir=str(snapshot.directory),
+        packages=snapshot.packages,
+        source_dirs=snapshot.source_dirs,
+        env=env,
+        check_paths=check_paths,
+        log_level=settings.log_level,
+        graceful_timeout=settings.graceful_timeout,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl else None,
+        limit_request_line_size=settings.limit_request_line_size,
+        limit_request_header_size=settings.limit_request_header_size,
+        timeout_request_header=settings.timeout_request_header,
+        limit_concurrency=settings.limit_concurrency,
+    )
+
+
+def supervised_spec(
+    app: str, number: int, snapshot: Snapshot, settings: Settings, overrides: dict[str, Any], control_path: str
+) -> WorkerSpec:
+    """A generation's spec under the master: the command line's overrides and the control socket in its env."""
+    env = {f"{ENV_PREFIX}{name.upper()}": env_value(value) for name, value in overrides.items()}
+    env[SUPERVISOR_ENV] = control_path
+    return generation_spec(app, number, snapshot, settings, env)
+
+
+def settings_for(snapshot: Snapshot, running: Settings, overrides: dict[str, Any]) -> Settings:
+    """The settings a new generation runs with, as far as the master applies them itself.
+
+    The candidate's own code is the judge of the settings file; when this (older) code
+    cannot read it, the running settings stay in force here and the candidate decides.
+    The tokens file is frozen into the snapshot, so a respawned worker reads the same one.
+    Settings only a restart applies keep their running values.
+    """
+    try:
+        fresh = load_settings(snapshot.config_file, **overrides)
+    except SettingsError:
+        return running
+    if fresh.api_tokens_file is not None:
+        snapshot.add_file(TOKENS_FILE, fresh.api_tokens_file)
+    return fresh.model_copy(update={name: getattr(running, name) for name in RESTART_ONLY})
+
+
+def restart_only_changes(running: Settings, ready: list[WorkerReady]) -> list[str]:
+    """Name each setting that the candidate's settings change but only a restart can apply."""
+    seen = next((event.restart_only for event in ready if event.restart_only), None)
+    if not seen:
+        return []
+    current = running.restart_only()
+    return [
+        f"setting {name!r} changed ({current.get(name)!r} -> {value!r}) but needs a restart; "
+        f"still using {current.get(name)!r}"
+        for name, value in seen.items()
+        if name in current and current[name] != value
+    ]

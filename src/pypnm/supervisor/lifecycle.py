@@ -1,0 +1,204 @@
+"""The generations' life, as the master drives it: bring up, validate, swap, drain, respawn.
+
+`Generations` owns which generation is the candidate, which one serves and which ones
+drain, and is the only one to change that. A reload goes
+`validate` (bring up the candidate's workers) -> `start_accepting` (the candidate accepts
+beside the serving one) -> `swap` (the candidate serves, the one it replaces stops accepting)
+-> `drain` (the replaced one's workers finish and leave). A serving
+worker that dies is replaced from its own generation by the same bring-up
+(`Generation.bring_up`), never from what is on disk now.
+
+At most `max_draining_generations` generations drain at once: a swap beyond that closes the
+oldest one early, and the next candidate is brought up only once it is gone, so the service
+never runs more than `workers * (2 + max_draining_generations)` workers.
+
+It logs under the master's logger name for the lines operators grep ("generation N drained",
+"stopped early", "worker exited", "respawned").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from pypnm.settings import Settings
+from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
+from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
+from pypnm.supervisor.snapshot import Snapshot
+from pypnm.supervisor.spawner import ForkTemplate, SpawnError
+from pypnm.supervisor.timeouts import CLOSE_GRACE, RESPAWN_BACKOFF_FIRST, RESPAWN_BACKOFF_MAX
+
+logger = logging.getLogger("pypnm.supervisor.master")
+
+SpawnTask = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
+
+
+class Generations:
+    """The candidate, the serving generation and the draining ones; every change of them is made here."""
+
+    def __init__(
+        self,
+        template: ForkTemplate,
+        listeners: list[socket.socket],
+        settings: Callable[[], Settings],
+        stopping: Callable[[], bool],
+        spawn_task: SpawnTask,
+        *,
+        worker_restarted: Callable[[str], object] = lambda reason: None,
+    ) -> None:
+        self.template = template
+        self.listeners = listeners
+        self._settings = settings  # the master's settings, which a reload replaces
+        self._stopping = stopping  # the master's: once it stops, nothing is respawned
+        self._spawn_task = spawn_task  # the master's: its tasks end with it
+        self._worker_restarted = worker_restarted  # the metrics' pypnm_worker_restarts_total{reason}
+        self.candidate: Generation | None = None
+        self.serving: Generation | None = None
+        self.draining: set[Generation] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # generations being closed early
+
+    def all(self) -> list[Generation]:
+        """Every generation with live workers: candidate, serving, draining."""
+        return [g for g in (self.candidate, self.serving, *self.draining) if g is not None]
+
+    def serving_number(self) -> int | None:
+        return self.serving.number if self.serving else None
+
+    def child_pids(self) -> list[int | None]:
+        """The fork template's pid (None while it is down) and every live worker's: the master passes SIGUSR1 on."""
+        return [self.template.pid, *(worker.pid for generation in self.all() for worker in generation.live_workers())]
+
+    # ----- a reload -----------------------------------------------------------------------------
+
+    async def validate(self, number: int, snapshot: Snapshot, spec: WorkerSpec, timeout: float) -> list[WorkerReady]:
+        """Bring up the candidate generation; what its workers reported once validated.
+
+        Raises CandidateFailed, SpawnError or TimeoutError; `discard` then ends the candidate.
+        """
+        if self._closing:  # generations closed early leave before the candidate's workers are forked
+            await asyncio.wait(self._closing)
+        self.candidate = Generation(number, snapshot, spec, self._settings().workers)
+        async with asyncio.timeout(timeout):
+            workers = await self.candidate.bring_up(self.template, self.listeners, self.candidate.size)
+        return [worker.ready.result() for worker in workers]
+
+    def discard(self) -> None:
+        """End the candidate of a failed or interrupted reload; the serving generation is untouched."""
+        if self.candidate is not None:
+            self.candidate.kill()
+            self.candidate.snapshot.remove()
+            self.candidate = None
+
+    async def start_accepting(self) -> None:
+        """The validated candidate accepts beside the serving generation; CandidateFailed or TimeoutError if not."""
+        assert self.candidate is not None, "start_accepting() follows a successful validate()"
+        await self.candidate.start_accepting()
+
+    async def swap(self, reload_id: str) -> Generation | None:
+        """The accepting candidate serves; the generation it replaces (returned) stops accepting."""
+        candidate = self.candidate
+        assert candidate is not None, "swap() follows start_accepting()"
+        old, self.serving, self.candidate = self.serving, candidate, None
+        if old is not None:
+            self._make_room_to_drain(reload_id)
+            self.draining.add(old)  # in the same step as the swap: a stop now drains it too
+            await old.stop_accepting()  # from here on only the new generation takes connections
+        for worker in candidate.workers:
+            self._spawn_task(self._keep_up(candidate, worker))
+        return old
+
+    def drain(self, generation: Generation) -> None:
+        """Let a replaced generation finish its requests and leave, in the background."""
+        self._spawn_task(self._drain(generation))
+
+    async def _drain(self, generation: Generation) -> None:
+        clean = await generation.drain(self._settings().graceful_timeout)
+        self.draining.discard(generation)
+        generation.snapshot.remove()
+        if not generation.closed_early:  # _close_early says how that one ended
+            logger.info("generation %d drained%s", generation.number, "" if clean else " (some workers were killed)")
+
+    def _make_room_to_drain(self, reload_id: str) -> None:
+        """Close the oldest draining generations early so that one more may drain."""
+        cap = self._settings().max_draining_generations
+        draining = sorted((g for g in self.draining if not g.closed_early and g.live_workers()),
+                          key=lambda g: g.number)
+        for generation in draining[: max(len(draining) - cap + 1, 0)]:
+            generation.closed_early = True  # counted out now, before its task runs
+            task = self._spawn_task(self._close_early(generation, reload_id, len(draining)))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _close_early(self, generation: Generation, reload_id: str, draining: int) -> None:
+        closed = await generation.close_now()
+        killed = (
+            f"; killed {closed.killed} worker(s) that did not leave within {CLOSE_GRACE:g}s"
+            + (f" ({closed.unreported} did not report what they had open)" if closed.unreported else "")
+            if closed.killed else ""
+        )
+        logger.warning(
+            "reload %s: generation %d stopped early (%d draining, max_draining_generations=%d): "
+            "closing %d connection(s), %d request(s) still in progress%s",
+            reload_id, generation.number, draining, self._settings().max_draining_generations,
+            closed.connections, closed.requests, killed,
+        )
+
+    # ----- respawn ------------------------------------------------------------------------------
+
+    def _still_serving(self, generation: Generation) -> bool:
+        return not self._stopping() and generation is self.serving
+
+    async def _keep_up(self, generation: Generation, worker: WorkerProcess) -> None:
+        """Replace a serving worker that dies, from its own generation's snapshot, by the same bring-up.
+
+        Each wait is followed by a check that the generation still serves: a reload may
+        swap it out meanwhile, and a replacement must never outlive its generation.
+        """
+        failures = 0
+        while True:
+            # Shielded: cancelling this task (at shutdown) must not cancel the shared future, or
+            # the worker would look exited and the graceful drain would not wait for it.
+            await asyncio.shield(worker.exited)
+            if not self._still_serving(generation):
+                return
+            if not failures:  # a serving worker died (after a failed attempt, `worker` is the one that died)
+                logger.warning("worker exited pid=%d generation=%d: replacing it from the same generation",
+                               worker.pid, generation.number)
+                self._worker_restarted("crash")
+                generation.forget(worker)
+            await asyncio.sleep(min(RESPAWN_BACKOFF_FIRST * 2**failures, RESPAWN_BACKOFF_MAX))  # keeps dying: slower
+            if not self._still_serving(generation):
+                return
+            replacement: WorkerProcess | None = None
+            try:
+                async with asyncio.timeout(self._settings().reload_timeout):
+                    [replacement] = await generation.bring_up(self.template, self.listeners, 1)
+                    if not self._still_serving(generation):
+                        replacement.signal(signal.SIGKILL)
+                        return
+                    await generation.start_accepting([replacement])
+            except (CandidateFailed, SpawnError, TimeoutError) as exc:
+                failures += 1
+                logger.error("cannot respawn a worker of generation %d: %s", generation.number,
+                             str(exc) or type(exc).__name__)
+                if replacement is not None:  # brought up but not accepting (bring_up ends its own failures)
+                    replacement.signal(signal.SIGKILL)
+                    generation.forget(replacement)
+                continue  # `worker` is still the one that died: next attempt, after a longer back-off
+            worker, failures = replacement, 0
+            logger.info("worker respawned pid=%d generation=%d", worker.pid, generation.number)
+
+    # ----- stop ---------------------------------------------------------------------------------
+
+    def kill(self) -> None:
+        """A second stop signal: every worker of every generation ends at once."""
+        for generation in self.all():
+            generation.kill()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Drain every generation (the master is stopping: nothing is respawned)."""
+        await asyncio.gather(*(g.drain(timeout) for g in self.all()))

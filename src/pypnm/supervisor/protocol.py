@@ -1,0 +1,406 @@
+"""Every message the supervisor's processes exchange, typed, with one encode and one decode per channel.
+
+Three channels, one JSON object per message, UTF-8:
+
+- **fork template** (master <-> template, a SOCK_SEQPACKET socketpair): one datagram is one
+  message, so the kernel keeps message boundaries; file descriptors travel beside a
+  `SpawnRequest` as SCM_RIGHTS ancillary data (the worker's channel first, then the
+  listeners). The template says `TemplateHello` once its modules are imported, then answers
+  each `SpawnRequest` with `Spawned` or `SpawnRefused`. End-of-file: the peer is gone.
+- **worker** (master <-> each worker, a SOCK_STREAM socketpair): JSON lines, one message per
+  line ending in "\\n". The master sends commands (`StartAccepting`, `StopAccepting`, `Close`),
+  the worker answers with events (`WorkerReady` or `WorkerFailed`, `WorkerAccepting`,
+  `WorkerStoppedAccepting`, `WorkerClosing`). End-of-file: the worker is gone.
+- **control** (a worker or the CLI -> the master, a Unix socket in the runtime directory):
+  JSON lines, one request and one answer per connection (`ReloadRequest` -> `ReloadAccepted`,
+  `StatusRequest` -> `StatusAnswer`, either -> `Refused`).
+
+Versions. The processes on either end may run different pypnm code: the fork template is a
+fresh interpreter that imports pypnm as installed *now* (after `pip install -U pypnm` it is
+newer than its master), its workers inherit its code, and a worker serves the generation's
+snapshot, whose `pypnm.api.web_service` asks the master over the control channel. So every
+message carries `"v": PROTOCOL_VERSION`. The rules:
+
+- an additive change (a new optional field, a new message kind nobody must understand) keeps
+  the version: readers ignore fields they do not know;
+- an incompatible change raises the version; a reader refuses a message whose version it does
+  not know with one `ProtocolError` that names both versions, never guessing at its meaning;
+- a message without "v" is version 1: version 1 is exactly the format pypnm spoke before the
+  field existed, so an older master and newer workers (or the other way round) still
+  understand each other.
+
+The wire names are version 1's and stay as they are even where the Python names say it
+better (`StopAccepting` is "drain" on the wire, `StartAccepting` is "serve"): renaming them
+would be an incompatible change.
+
+Anything undecodable (not JSON, not an object, a missing or mistyped field, an unknown kind)
+raises `ProtocolError` with a one-line message saying which channel and what is wrong.
+Hand-written rather than pydantic: the template imports this module before it forks every
+worker, and a few explicit field checks cost nothing there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, TypeVar
+
+PROTOCOL_VERSION = 1
+# The oldest version this code still reads; raise it only when dropping support for old peers.
+MIN_PROTOCOL_VERSION = 1
+VERSION_KEY = "v"
+# Larger than any message (a spawn request carries the worker spec; a status answer, 20 reloads).
+MAX_MESSAGE = 64 * 1024
+
+Channel = Literal["fork template", "worker", "control"]
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be read: garbled, of an unknown kind, or from an incompatible version."""
+
+    def __init__(self, channel: Channel, problem: str) -> None:
+        super().__init__(f"{channel} channel: {problem}")
+        self.channel = channel
+
+
+# ----- the worker spec (carried by SpawnRequest) -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, sent by the master; the same for every worker of a generation."""
+
+    app: str
+    generation: int
+    snapshot_dir: str
+    packages: list[str]
+    source_dirs: dict[str, str]  # snapshot path -> original path, to report files as the operator knows them
+    env: dict[str, str] = field(default_factory=dict)
+    check_paths: list[str] = field(default_factory=list)
+    log_level: str = "info"
+    graceful_timeout: float = 30.0
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    limit_request_line_size: int = 16384
+    limit_request_header_size: int = 65536
+    timeout_request_header: float = 10.0
+    limit_concurrency: int = 1000
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], channel: Channel = "fork template") -> WorkerSpec:
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:  # a required field missing
+            raise ProtocolError(channel, f"bad worker spec: {exc}") from None
+
+
+# ----- fork template channel -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemplateHello:
+    """template -> master, once: its modules are imported and it is ready to fork."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    """master -> template: fork a worker running `spec`; the fds travel beside this message."""
+
+    spec: WorkerSpec
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """template -> master: the worker's pid."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class SpawnRefused:
+    """template -> master: the fork failed; `error` says why."""
+
+    error: str
+
+
+TemplateMessage = TemplateHello | SpawnRequest | Spawned | SpawnRefused
+
+
+def encode_template(message: TemplateMessage) -> bytes:
+    """One datagram (no terminator: SOCK_SEQPACKET keeps the boundary)."""
+    match message:
+        case TemplateHello(pid=pid):
+            body: dict[str, Any] = {"ready": True, "pid": pid}
+        case SpawnRequest(spec=spec):
+            body = {"cmd": "spawn", "spec": spec.as_dict()}
+        case Spawned(pid=pid):
+            body = {"pid": pid}
+        case SpawnRefused(error=error):
+            body = {"error": error}
+    return _dump(body)
+
+
+def decode_template(data: bytes) -> TemplateMessage:
+    # Version 1 tells its kinds apart by shape, not by a kind field; kept so as to stay version 1.
+    channel: Channel = "fork template"
+    body = _load(data, channel)
+    if "cmd" in body:
+        if body["cmd"] != "spawn":
+            raise ProtocolError(channel, f"unknown command {body['cmd']!r}")
+        return SpawnRequest(WorkerSpec.from_dict(_get(body, "spec", dict, channel), channel))
+    if "error" in body:
+        return SpawnRefused(_get(body, "error", str, channel))
+    if body.get("ready") is True:
+        return TemplateHello(_get(body, "pid", int, channel))
+    if "pid" in body:
+        return Spawned(_get(body, "pid", int, channel))
+    raise ProtocolError(channel, f"unknown message with fields {sorted(body)}")
+
+
+# ----- worker channel ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartAccepting:
+    """master -> worker: the generation is validated; start accepting on the listeners."""
+
+
+@dataclass(frozen=True)
+class StopAccepting:
+    """master -> worker: stop accepting now; finish what is in flight (the drain has begun)."""
+
+
+@dataclass(frozen=True)
+class Close:
+    """master -> worker: its draining generation is over the cap; report what is open, cut it, leave."""
+
+
+WorkerCommand = StartAccepting | StopAccepting | Close
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """worker -> master: validated (imported, lifespan started, checks answered), waiting to accept.
+
+    `restart_only`: the new code's reading of the settings only a restart applies, when it has one.
+    """
+
+    restart_only: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """worker -> master: this generation cannot serve; `reason` is what the reload records."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkerAccepting:
+    """worker -> master: accepting on the listeners."""
+
+
+@dataclass(frozen=True)
+class WorkerStoppedAccepting:
+    """worker -> master: no longer accepting (answer to StopAccepting)."""
+
+
+@dataclass(frozen=True)
+class WorkerClosing:
+    """worker -> master: answer to Close, with what it still had open and is now cutting."""
+
+    connections: int
+    requests: int
+
+
+WorkerEvent = WorkerReady | WorkerFailed | WorkerAccepting | WorkerStoppedAccepting | WorkerClosing
+WorkerMessage = WorkerCommand | WorkerEvent
+
+_COMMANDS: dict[str, WorkerCommand] = {"serve": StartAccepting(), "drain": StopAccepting(), "close": Close()}
+_COMMAND_NAMES = {type(command): name for name, command in _COMMANDS.items()}
+
+
+def encode_worker(message: WorkerMessage) -> bytes:
+    """One JSON line."""
+    match message:
+        case StartAccepting() | StopAccepting() | Close():
+            body: dict[str, Any] = {"cmd": _COMMAND_NAMES[type(message)]}
+        case WorkerReady(restart_only=restart_only):
+            body = {"event": "ready", "restart_only": restart_only}
+        case WorkerFailed(reason=reason):
+            body = {"event": "failed", "reason": reason}
+        case WorkerAccepting():
+            body = {"event": "serving"}
+        case WorkerStoppedAccepting():
+            body = {"event": "draining"}
+        case WorkerClosing(connections=connections, requests=requests):
+            body = {"event": "closing", "connections": connections, "requests": requests}
+    return _dump(body) + b"\n"
+
+
+def decode_worker(line: bytes) -> WorkerMessage:
+    channel: Channel = "worker"
+    body = _load(line, channel)
+    if "cmd" in body:
+        command = _COMMANDS.get(body["cmd"]) if isinstance(body["cmd"], str) else None
+        if command is None:
+            raise ProtocolError(channel, f"unknown command {body['cmd']!r}")
+        return command
+    kind = _get(body, "event", str, channel)
+    if kind == "ready":
+        restart_only = body.get("restart_only")
+        if restart_only is not None and not isinstance(restart_only, dict):
+            raise ProtocolError(channel, "field 'restart_only' must be an object or null")
+        return WorkerReady(restart_only)
+    if kind == "failed":
+        return WorkerFailed(_get(body, "reason", str, channel))
+    if kind == "serving":
+        return WorkerAccepting()
+    if kind == "draining":
+        return WorkerStoppedAccepting()
+    if kind == "closing":
+        return WorkerClosing(_get(body, "connections", int, channel), _get(body, "requests", int, channel))
+    raise ProtocolError(channel, f"unknown event {kind!r}")
+
+
+# ----- control channel ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReloadRequest:
+    """Start a reload. `deadline`: when the caller stops waiting, on CLOCK_MONOTONIC (see control.py)."""
+
+    source: str = "control"
+    request_id: str | None = None  # the HTTP request that asked, to tie the master's log to the access log
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """Ask for the master's status view."""
+
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class ReloadAccepted:
+    """The reload is queued (or joined the queued one); its id."""
+
+    reload_id: str
+
+
+@dataclass(frozen=True)
+class StatusAnswer:
+    """The master's status view, as `/status` shows it (status.py)."""
+
+    status: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The master cannot or will not do it; `error` says why."""
+
+    error: str
+
+
+ControlRequest = ReloadRequest | StatusRequest
+ControlAnswer = ReloadAccepted | StatusAnswer | Refused
+ControlMessage = ControlRequest | ControlAnswer
+
+
+def encode_control(message: ControlMessage) -> bytes:
+    """One JSON line."""
+    match message:
+        case ReloadRequest(source=source, request_id=request_id, deadline=deadline):
+            body: dict[str, Any] = {"cmd": "reload", "source": source}
+            if request_id is not None:
+                body["request_id"] = request_id
+            if deadline is not None:
+                body["deadline"] = deadline
+        case StatusRequest(deadline=deadline):
+            body = {"cmd": "status"} if deadline is None else {"cmd": "status", "deadline": deadline}
+        case ReloadAccepted(reload_id=reload_id):
+            body = {"reload_id": reload_id}
+        case StatusAnswer(status=status):
+            body = dict(status)
+        case Refused(error=error):
+            body = {"error": error}
+    return _dump(body) + b"\n"
+
+
+def decode_control(line: bytes) -> ControlMessage:
+    # Version 1: requests carry "cmd"; answers are told apart by shape, the status being the bare view.
+    channel: Channel = "control"
+    body = _load(line, channel)
+    if "cmd" in body:
+        command = body["cmd"]
+        deadline = _deadline(body)
+        if command == "reload":
+            request_id = body.get("request_id")
+            return ReloadRequest(
+                source=str(body.get("source", "control")),
+                request_id=str(request_id) if request_id else None,
+                deadline=deadline,
+            )
+        if command == "status":
+            return StatusRequest(deadline)
+        raise ProtocolError(channel, f"unknown command {command!r}")
+    if "error" in body:
+        return Refused(str(body["error"]))
+    if "reload_id" in body:
+        return ReloadAccepted(_get(body, "reload_id", str, channel))
+    if "reload_state" in body:  # the view, without the channel's "v" (_load took it out)
+        return StatusAnswer(body)
+    raise ProtocolError(channel, f"unknown message with fields {sorted(body)}")
+
+
+# ----- framing and fields ------------------------------------------------------------------------
+
+
+def _dump(body: dict[str, Any]) -> bytes:
+    return json.dumps({**body, VERSION_KEY: PROTOCOL_VERSION}).encode()
+
+
+def _load(data: bytes, channel: Channel) -> dict[str, Any]:
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ProtocolError(channel, f"not JSON ({exc}): {data[:80]!r}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(channel, f"a message is a JSON object, not {type(body).__name__}")
+    version = body.get(VERSION_KEY, 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ProtocolError(channel, f"protocol version {version!r} is not a number")
+    if not MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
+        raise ProtocolError(
+            channel,
+            f"the peer speaks protocol version {version}, this pypnm speaks {MIN_PROTOCOL_VERSION}"
+            f"{'' if MIN_PROTOCOL_VERSION == PROTOCOL_VERSION else f'-{PROTOCOL_VERSION}'}: "
+            "the two processes run incompatible pypnm versions; restart pypnm so that all of them run one",
+        )
+    body.pop(VERSION_KEY, None)
+    return body
+
+
+_T = TypeVar("_T")
+
+
+def _get(body: dict[str, Any], name: str, kind: type[_T], channel: Channel) -> _T:
+    value = body.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        shown = "missing" if name not in body else f"{type(value).__name__}, not {kind.__name__}"
+        raise ProtocolError(channel, f"field {name!r} is {shown}")
+    return value
+
+
+def _deadline(body: dict[str, Any]) -> float | None:
+    deadline = body.get("deadline")
+    if isinstance(deadline, int | float) and not isinstance(deadline, bool):
+        return float(deadline)
+    return None  # none, or not a number: such a request never expires (as version 1 masters read it)

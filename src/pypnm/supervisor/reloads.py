@@ -1,0 +1,197 @@
+"""The reload queue: one reload runs, at most one waits, and each one's record from request to outcome.
+
+Requests that arrive while one is queued join it (coalesce) and share its record, so a storm
+of triggers builds at most two generations: the one running and one follow-up. The queued
+one starts no sooner than `reload_min_interval` after the previous one started. A request
+carrying a deadline (from the control channel) that is read after it is dropped: its
+caller has already answered "not started", and a retry must not reload twice.
+
+Pure: no processes and no sockets; the clock and the sleep are parameters, so the
+coalescing can be tested in-process (tests/test_reload_queue.py). A record's phase and
+outcome are written by the record's own methods alone.
+
+The queue logs under the master's logger name: operators grep "pypnm.supervisor.master"
+for everything about reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from pypnm.identity import utc_now
+from pypnm.supervisor import control
+
+logger = logging.getLogger("pypnm.supervisor.master")
+
+HISTORY = 20  # reloads kept for /status: enough to see a storm's pattern, small enough for one answer
+
+
+# Where a running reload is: "validating" (snapshot, candidate brought up and validated), then
+# "swapping" (the candidate accepts, the serving generation stops). /status shows it as reload_state.
+ReloadPhase = Literal["validating", "swapping"]
+
+
+class ReloadOutcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ReloadDropped(Exception):
+    """A request read after its caller's deadline: nothing was started; the message says so."""
+
+
+@dataclass
+class ReloadRecord:
+    """One reload, from request to outcome; what `/status` and `pypnm reload --wait` read."""
+
+    source: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    requested_at: str = field(default_factory=utc_now)
+    coalesced: int = 0
+    generation: int | None = None
+    outcome: ReloadOutcome | None = None
+    reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_ms: float | None = None
+    validated_ms: float | None = None  # start -> candidate validated; the rest of duration_ms is the swap
+    _phase: ReloadPhase | None = field(default=None, repr=False)
+    _requested_monotonic: float = field(default_factory=time.monotonic, repr=False)  # for the metrics' durations
+    _t0: float = field(default=0.0, repr=False)
+    _finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def phase(self) -> ReloadPhase | None:
+        """None before it starts and once it has finished."""
+        return self._phase
+
+    def since_requested(self) -> float:
+        """Seconds since it was first requested (the reload duration metric: trigger to serving)."""
+        return time.monotonic() - self._requested_monotonic
+
+    def begin(self, generation: int) -> None:
+        self.generation = generation
+        self.started_at = utc_now()
+        self._phase = "validating"
+        self._t0 = time.perf_counter()
+
+    def validated(self) -> None:
+        self.validated_ms = round((time.perf_counter() - self._t0) * 1000, 1)
+        self._phase = "swapping"
+
+    def finish(self, outcome: ReloadOutcome, reason: str | None = None) -> None:
+        self.outcome = outcome
+        self.reason = reason
+        self.finished_at = utc_now()
+        self.duration_ms = round((time.perf_counter() - self._t0) * 1000, 1)
+        self._phase = None
+        self._finished.set()
+
+    async def wait(self) -> None:
+        await self._finished.wait()
+
+    def as_dict(self) -> dict[str, Any]:
+        shown = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        if self.outcome is not None:
+            shown["outcome"] = self.outcome.value
+        return shown
+
+
+class ReloadQueue:
+    """One reload running (`current`), at most one waiting (`pending`), the last HISTORY finished."""
+
+    def __init__(
+        self,
+        min_interval: Callable[[], float],
+        *,
+        clock: Callable[[], float] = control.clock,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self._min_interval = min_interval  # a callable: the setting may change with every reload
+        self._clock = clock  # CLOCK_MONOTONIC, the clock of the control channel's deadlines
+        self._sleep = sleep
+        self.pending: ReloadRecord | None = None
+        self.current: ReloadRecord | None = None
+        self.history: list[ReloadRecord] = []
+        self._last_started = -1e9
+        self._wanted = asyncio.Event()
+
+    def request(self, source: str, deadline: float | None = None) -> ReloadRecord:
+        """Queue a reload, or join the one already queued; the record that will carry the outcome.
+
+        Raises ReloadDropped when `deadline` (CLOCK_MONOTONIC) has passed: see the module docstring.
+        """
+        late = control.expired_by(deadline, self._clock())
+        if late is not None:
+            logger.warning("reload requested by %s dropped: its caller gave up (read %.1fs after its "
+                           "deadline; the master was not answering); nothing was started", source, late)
+            raise ReloadDropped("the request expired before the supervisor read it; nothing was started")
+        if self.pending is not None:
+            self.pending.coalesced += 1
+            logger.info("reload requested by %s: coalesced into queued reload %s", source, self.pending.id)
+            return self.pending
+        self.pending = ReloadRecord(source=source)
+        logger.info("reload requested by %s: reload %s queued", source, self.pending.id)
+        self._wanted.set()
+        return self.pending
+
+    async def next(self) -> ReloadRecord:
+        """Wait for a queued reload and for `min_interval` since the previous start; it is `current` then."""
+        while self.pending is None:
+            self._wanted.clear()
+            await self._wanted.wait()
+        delay = self._last_started + self._min_interval() - self._clock()
+        if delay > 0:
+            await self._sleep(delay)  # triggers arriving now join self.pending
+        assert self.pending is not None  # nothing but next() takes it
+        record, self.pending = self.pending, None
+        self._last_started = self._clock()
+        self.current = record
+        return record
+
+    async def run(
+        self,
+        reload: Callable[[ReloadRecord], Awaitable[None]],
+        *,
+        on_start: Sequence[Callable[[ReloadRecord], object]] = (),
+        on_finish: Sequence[Callable[[ReloadRecord], object]] = (),
+    ) -> None:
+        """Run the queued reloads one at a time with `reload`, for ever (until cancelled).
+
+        Each of `on_start` is called when a record is taken from the queue, never when it is queued
+        (systemd's RELOADING=1 must postdate every SIGHUP that joined it); each of `on_finish` once
+        it is recorded, interrupted ones included (systemd's READY=1, the reload metrics).
+        """
+        while True:
+            record = await self.next()
+            for told in on_start:
+                told(record)
+            try:
+                await reload(record)
+            finally:
+                self.done(record)
+                for told in on_finish:
+                    told(record)
+
+    def done(self, record: ReloadRecord) -> None:
+        """The current reload is over (or was interrupted: it is recorded as failed)."""
+        if record.outcome is None:
+            record.finish(ReloadOutcome.FAILED, "interrupted: pypnm is stopping")
+        self.current = None
+        self.history = [*self.history, record][-HISTORY:]
+
+    def current_id(self) -> str | None:
+        """The running reload's id (stamped on the master's JSON log lines as `reload_id`)."""
+        return self.current.id if self.current else None
+
+    def records(self) -> list[ReloadRecord]:
+        """The finished reloads, oldest first, and the running one last."""
+        return [*self.history, *([self.current] if self.current else [])]
