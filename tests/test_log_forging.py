@@ -15,13 +15,13 @@ import re
 import secrets
 import sys
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Service, pypnm_command, raw_http, wait_until
+from conftest import StartService, pypnm_command, raw_http, wait_until
 from pypnm.logs import escape_controls, log_field, setup_logging
 
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (TRACE|DEBUG|INFO|WARNING|ERROR|CRITICAL) \[")
@@ -37,7 +37,7 @@ def raw_characters(text: str) -> list[str]:
     return [c for c in text if (unicodedata.category(c) == "Cc" and c != "\n") or c in UNSAFE]
 
 
-def test_hostile_request_writes_one_escaped_access_line(start_service: Callable[..., Service]) -> None:
+def test_hostile_request_writes_one_escaped_access_line(start_service: StartService) -> None:
     service = start_service(pypnm_command("--port", "{port}"))
     marker = "forged-" + secrets.token_hex(4)
     fake = FAKE.replace(" ", "%20").replace("[", "%5B").replace("]", "%5D")
