@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import io
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -449,8 +452,10 @@ def make_certificate(directory: Path, *, ip: str | None = None, dns_name: str | 
 
 _GUARD = '''"""Loaded by every Python process of a test that names hosts: nothing may connect or look up beyond
 loopback, and the test's own names (NAMES) resolve to the loopback addresses it gave them."""
+import io
 import ipaddress
 import json
+import logging
 import socket
 
 PYPNM_TEST_GUARD = True
@@ -654,3 +659,99 @@ def set_marker(app_dir: Path, marker: str) -> None:
     start = text.index('MARKER = "')
     end = text.index('"', start + len('MARKER = "'))
     path.write_text(text[:start] + f'MARKER = "{marker}"' + text[end + 1 :])
+
+
+# ----- logging set up inside the test process ------------------------------------------------------
+
+
+@pytest.fixture
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """Let a test call pypnm.logs.setup_logging in this process, writing what goes to stderr into the
+    yielded buffer; the test run's own logging set-up (root and uvicorn loggers, the SIGUSR1 handler)
+    is put back afterwards."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    names = ("uvicorn", "uvicorn.error", "uvicorn.access")
+    saved_loggers = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate) for name in names}
+    saved_usr1 = signal.getsignal(signal.SIGUSR1)
+    monkeypatch.setenv("PYPNM_SUPERVISOR_LOG", "")  # no master's choice here; and put back afterwards
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        yield stream
+    finally:
+        for handler in root.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        for name, (handlers, propagate) in saved_loggers.items():
+            logging.getLogger(name).handlers[:] = handlers
+            logging.getLogger(name).propagate = propagate
+        signal.signal(signal.SIGUSR1, saved_usr1)
+
+
+# ----- systemd's end of NOTIFY_SOCKET -----------------------------------------------------------
+
+Message = dict[str, str]
+
+
+class NotifySocket:
+    """The test's end of NOTIFY_SOCKET: one parsed datagram (`KEY=VALUE` lines) at a time."""
+
+    def __init__(self, address: str) -> None:
+        self.env = address  # as NOTIFY_SOCKET says it
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.seen: list[Message] = []
+
+    def next(self, timeout: float = 20.0, watchdog: bool = False) -> Message:
+        """The next datagram (WATCHDOG=1 pings skipped unless `watchdog`); fails after `timeout`."""
+        deadline = time.monotonic() + timeout
+        for _ in range(100_000):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            message = dict(line.split("=", 1) for line in data.decode().split("\n"))
+            self.seen.append(message)
+            if watchdog or message != {"WATCHDOG": "1"}:
+                return message
+        raise AssertionError(f"no notification within {timeout}s; seen so far: {self.seen}")
+
+    def pending(self) -> list[Message]:
+        """Whatever has arrived and was not read yet, without waiting."""
+        messages: list[Message] = []
+        self.sock.setblocking(False)
+        try:
+            for _ in range(100_000):
+                try:
+                    data = self.sock.recv(65536)
+                except BlockingIOError:
+                    break
+                messages.append(dict(line.split("=", 1) for line in data.decode().split("\n")))
+        finally:
+            self.sock.setblocking(True)
+        self.seen += messages
+        return messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    listener = NotifySocket(str(tmp_path / "notify.sock"))
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def abstract_notify_socket() -> Iterator[NotifySocket]:
+    listener = NotifySocket(f"@pypnm-test-{uuid.uuid4().hex}")
+    yield listener
+    listener.close()

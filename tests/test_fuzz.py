@@ -34,6 +34,7 @@ from pypnm.identity import SUPERVISOR_ENV
 from pypnm.settings import Settings
 
 TOKEN = "fuzz-0123456789-abcdefghij"
+LOG_DOWNLOAD = "/pypnm/system/log/download"
 DOCUMENTED_500_PREFIX = "Failed to trigger reload: "
 TRUSTED = [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.9.0.0/16")]
 FUZZ_SETTINGS: dict[str, Any] = {
@@ -47,10 +48,12 @@ FUZZ_SETTINGS: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
     route_file = tmp_path_factory.mktemp("route") / "web_service.py"
+    log_file = route_file.with_name("pypnm.log")  # what /pypnm/system/log/download sends
+    log_file.write_text("2026-11-24T11:08:15.672Z INFO [worker pid=1 gen=1] pypnm.access: GET /health 200\n")
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv(SUPERVISOR_ENV, raising=False)
         patch.setattr(web_service, "ROUTE_MODULE_FILE", route_file)
-        yield create_app(Settings(**FUZZ_SETTINGS))
+        yield create_app(Settings(**FUZZ_SETTINGS, log_file=log_file))
     assert route_file.exists(), "the fuzz never reached the reload route"
 
 
@@ -113,7 +116,10 @@ def test_openapi_fuzz_finds_no_undocumented_5xx(fuzz_app: FastAPI) -> None:
             )
 
         fuzz()
-    assert seen == {"/health": {200}, "/ready": {200}, RELOAD_PATH: {200}, STATUS_PATH: {200}}
+    assert seen == {
+        "/health": {200}, "/ready": {200}, RELOAD_PATH: {200}, STATUS_PATH: {200},
+        LOG_DOWNLOAD: {200}, "/metrics": {200},
+    }
     assert calls >= len(operations)
 
 

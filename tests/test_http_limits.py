@@ -249,7 +249,11 @@ def test_connections_beyond_limit_concurrency_get_503(start_service: StartServic
 def test_a_reload_applies_new_limits_to_the_new_generation(start_service: StartService, tmp_path: Path) -> None:
     config = tmp_path / "pypnm.toml"
     config.write_text("limit_request_line_size = 8192\n")
-    service = serve_pypnm(start_service, "--config", str(config), PYPNM_RELOAD_MIN_INTERVAL="0")
+    service = serve_pypnm(
+        start_service, "--workers", "1", "--config", str(config),
+        # Reloaded by hand below; the settings-file watch would add a reload of its own.
+        PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false",
+    )
 
     with connect(service) as sock:
         sock.sendall(request(**{"X-Big": "e" * (10 * KiB)}))

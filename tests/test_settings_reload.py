@@ -62,7 +62,11 @@ def configured(tmp_path: Path, start_service: StartService) -> Callable[..., tup
     def start(text: str, **env: str) -> tuple[Service, Path]:
         config = tmp_path / "pypnm.toml"
         config.write_text(text)
-        return serve_pypnm(start_service, "--config", str(config), PYPNM_RELOAD_MIN_INTERVAL="0", **env), config
+        # These tests reload by hand; the settings-file watch (test_config_watch.py) would add reloads of its own.
+        service = serve_pypnm(
+            start_service, "--config", str(config), PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false", **env
+        )
+        return service, config
 
     return start
 

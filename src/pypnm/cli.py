@@ -66,6 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cert", type=Path, help="TLS certificate file (PEM)")
     serve.add_argument("--key", type=Path, help="TLS private key file (PEM)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    serve.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON objects")
     serve.add_argument("--workers", type=int, help="worker processes per generation (default 1)")
     serve.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     serve.add_argument("--reload", action="store_true", help="also reload when watched source files change")
@@ -169,6 +170,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "ssl_certfile": args.cert,
         "ssl_keyfile": args.key,
         "log_level": args.log_level,
+        "log_format": args.log_format,
         "workers": args.workers,
         "access_log": False if args.no_access_log else None,
         "reload_dirs": args.reload_dir,
@@ -182,7 +184,9 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from pypnm.logs import setup_logging
+    from pypnm.logs import LogOutput, setup_logging
+    from pypnm.supervisor import systemd
+    from pypnm.supervisor.logfile import LogFileError
     from pypnm.supervisor.master import Master, bind_listeners
     from pypnm.supervisor.runtime import RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError
@@ -192,16 +196,27 @@ def serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, **overrides)
     except SettingsError as exc:
         return _fail(str(exc))
-    setup_logging("master", settings.log_level)
-    sys.path.insert(0, os.getcwd())  # find --app modules where uvicorn would, without importing them
     try:
-        listeners = bind_listeners(settings.host, settings.port)
+        setup_logging("master", settings.log_level, LogOutput.from_settings(settings))
+    except LogFileError as exc:
+        return _fail(str(exc))
+    sys.path.insert(0, os.getcwd())  # find --app modules where uvicorn would, without importing them
+    # systemd hook (pypnm.supervisor.systemd): take NOTIFY_SOCKET, WATCHDOG_* and LISTEN_* out of the
+    # environment before any process is started, and serve on the sockets systemd passed, if any.
+    notifier = systemd.take_notifier()
+    try:
+        activated = systemd.activated_listeners()
+    except systemd.ActivationError as exc:
+        return _fail(str(exc))
+    try:
+        # With sockets from systemd the host and port settings are informational: nothing is bound here.
+        listeners = activated or bind_listeners(settings.host, settings.port)
     except OSError as exc:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
     try:
         master = Master(
             settings, listeners, app=args.app, config_file=config_path(args.config), overrides=overrides,
-            watch=args.reload,
+            watch=args.reload, notifier=notifier,
         )
     except (SnapshotError, RuntimeDirError) as exc:
         return _fail(str(exc))

@@ -1,7 +1,24 @@
 """Log format and set-up shared by the master, the fork template and the workers.
 
 Every line carries the role, pid and generation of the process that wrote it, so a
-reload can be followed across processes in one stream (they all write to stderr).
+reload can be followed across processes in one stream: stderr, or the `log_file`
+(pypnm.supervisor.logfile), which then takes every line and stderr none.
+
+Two formats (`log_format`), one for every process: `text`, a line as shown in the
+README, and `json`, one object per line (python-json-logger, a maintained formatter
+that also turns a record's `extra` fields into keys): `time`, `level`, `logger`,
+`message`, `role`, `pid`, `generation`, then `request_id` (lines logged while a request
+runs, in its worker), `reload_id` (master lines while a reload runs), `exc_info` and
+`stack_info` when there is one, and the record's `extra` fields. The master decides the
+output (`setup_logging(..., output)`) and hands it to the template and the workers in
+the environment (`LOG_OUTPUT_ENV`), so they all write the same way to the same place.
+
+The request id reaches a record through a record factory rather than a filter reading a
+context variable: in a worker, the app's modules (this one too) are imported again from
+the generation's snapshot, so the middleware sets the variable of that copy while the
+handler belongs to the copy the worker started with. The record factory belongs to
+`logging` itself, which both copies share; each copy installs one that stamps its own
+variable's value.
 
 No log line can be forged or carry a terminal escape, whichever logger writes it
 (pypnm's, uvicorn's, a library's) and whatever a client sent:
@@ -27,14 +44,30 @@ Hand-written: the standard library has no such filter, and it is a translation t
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
 import re
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
+
+if TYPE_CHECKING:
+    from pypnm.settings import Settings
+
+# Where the master tells the processes it starts how to log (a LogOutput as JSON).
+LOG_OUTPUT_ENV = "PYPNM_SUPERVISOR_LOG"
 
 _generation = "-"
+_reload_id_source: Callable[[], str | None] | None = None
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("pypnm_request_id", default=None)
 
 
 def set_generation(number: int | None) -> None:
@@ -43,8 +76,37 @@ def set_generation(number: int | None) -> None:
     _generation = "-" if number is None else str(number)
 
 
+def set_reload_id_source(source: Callable[[], str | None] | None) -> None:
+    """Where this process reads the id of the reload running now (the master), stamped as `reload_id`."""
+    global _reload_id_source
+    _reload_id_source = source
+
+
+def bind_request_id(request_id: str) -> contextvars.Token[str | None]:
+    """Records made from now on in this context (the request's task) carry `request_id`; undo with the token."""
+    return _request_id.set(request_id)
+
+
+def unbind_request_id(token: contextvars.Token[str | None]) -> None:
+    _request_id.reset(token)
+
+
+def _stamping_request_id(make_record: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        request_id = _request_id.get()
+        if request_id is not None:  # only then: an outer copy's empty variable must not hide an inner one's id
+            record.pypnm_request_id = request_id
+        return record
+
+    return factory
+
+
+logging.setLogRecordFactory(_stamping_request_id(logging.getLogRecordFactory()))
+
+
 class _ProcessContext(logging.Filter):
-    """Stamps each record with the process's role, pid and generation (read at emit time)."""
+    """Stamps each record with the process's role, pid, generation and running reload (read at emit time)."""
 
     def __init__(self, role: str) -> None:
         super().__init__()
@@ -54,6 +116,9 @@ class _ProcessContext(logging.Filter):
         record.role = self.role
         record.pid = os.getpid()
         record.generation = _generation
+        reload_id = _reload_id_source() if _reload_id_source is not None else None
+        if reload_id:
+            record.pypnm_reload_id = reload_id
         return True
 
 
@@ -109,13 +174,84 @@ class _SafeRecord(logging.Filter):
         return True
 
 
+def _utc_time(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
 class _UTCFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        return _utc_time(record)
 
     def format(self, record: logging.LogRecord) -> str:
         # Lines after the first (a traceback) are indented: none can pass for a record of its own.
         return super().format(record).replace("\n", "\n    ")
+
+
+class _JSONFormatter(JsonFormatter):
+    """One JSON object per record; the traceback is the `exc_info` string, line breaks as `\\n`."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s %(levelname)s %(name)s %(message)s %(role)s %(pid)s %(generation)s",
+            rename_fields={
+                "asctime": "time", "levelname": "level", "name": "logger",
+                "pypnm_request_id": "request_id", "pypnm_reload_id": "reload_id",
+            },
+            # uvicorn's `color_message` repeats the message with terminal colours.
+            reserved_attrs=[*RESERVED_ATTRS, "color_message"],
+        )
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _utc_time(record)
+
+    def formatException(self, ei: Any) -> str:
+        # The same text and escapes as the text format's traceback (_SafeRecord's record.exc_text).
+        return _escape_lines(_TRACEBACKS.formatException(ei))
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        generation = log_data.get("generation")
+        log_data["generation"] = int(generation) if isinstance(generation, str) and generation.isdigit() else None
+        return log_data
+
+
+@dataclass(frozen=True)
+class LogOutput:
+    """How and where every process of one service logs: the log_* settings, as the master applies them."""
+
+    format: Literal["text", "json"] = "text"
+    file: Path | None = None  # None: stderr
+    max_bytes: int = 0
+    backups: int = 1
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LogOutput:
+        # Absolute: the master's working directory decides, whoever opens it later.
+        file = settings.log_file.absolute() if settings.log_file is not None else None
+        return cls(settings.log_format, file, settings.log_file_max_bytes, settings.log_file_backups)
+
+    @classmethod
+    def from_env(cls) -> LogOutput | None:
+        """The master's choice, in a process it started; None elsewhere (or when unreadable)."""
+        try:
+            fields = json.loads(os.environ[LOG_OUTPUT_ENV])
+            return cls(fields["format"], Path(fields["file"]) if fields["file"] else None,
+                       int(fields["max_bytes"]), int(fields["backups"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def to_env(self) -> str:
+        return json.dumps({**asdict(self), "file": str(self.file) if self.file else None})
+
+
+def log_file_in_use(settings: Settings) -> Path | None:
+    """The file this service logs to: the master's choice under the supervisor, else the `log_file` setting.
+
+    They differ after a reload that changed `log_file`, which applies at the next restart only.
+    """
+    chosen = LogOutput.from_env()
+    if chosen is not None:
+        return chosen.file
+    return LogOutput.from_settings(settings).file
 
 
 def set_level(level: str) -> None:
@@ -124,16 +260,40 @@ def set_level(level: str) -> None:
     logging.getLogger().setLevel(numeric if isinstance(numeric, int) else logging.INFO)
 
 
-def setup_logging(role: str, level: str = "info") -> None:
-    """Send all logging (ours and uvicorn's) to stderr, one line per event."""
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(role: str, level: str = "info", output: LogOutput | None = None) -> None:
+    """Send all logging (ours and uvicorn's) to one handler, one line per event.
+
+    `output` is the master's decision; it opens the log file now (LogFileError, one line, when
+    it cannot) and is handed to the processes started from here on. Without it a process
+    follows the master that started it, or logs text to stderr.
+    """
+    from pypnm.supervisor.logfile import LogFile, LogFileError, LogFileHandler, activate
+
+    decided = output is not None
+    output = output or LogOutput.from_env() or LogOutput()
+    file = LogFile(output.file, output.max_bytes, output.backups) if output.file is not None else None
+    if file is not None:
+        try:
+            file.open()  # now, so that a SIGUSR1 finds every process with the file open, logging or not
+        except LogFileError:
+            if decided:
+                raise
+            # A process the master started: each line tries again, and goes to stderr, saying why, meanwhile.
+    if decided:
+        os.environ[LOG_OUTPUT_ENV] = output.to_env()
+    handler: logging.Handler = LogFileHandler(file) if file is not None else logging.StreamHandler(sys.stderr)
     handler.addFilter(_ProcessContext(role))
     handler.addFilter(_SafeRecord())  # on the handler, so it holds for any formatter set on it
     handler.setFormatter(
+        _JSONFormatter() if output.format == "json" else
         _UTCFormatter("%(asctime)s %(levelname)s [%(role)s pid=%(pid)s gen=%(generation)s] %(name)s: %(message)s")
     )
     root = logging.getLogger()
+    for old in root.handlers:
+        if isinstance(old, LogFileHandler):
+            old.close()  # e.g. the fork template's, inherited by a worker: its copy of the file is not ours
     root.handlers[:] = [handler]
+    activate(file)
     set_level(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         # uvicorn's own handlers would print a second, differently shaped line.

@@ -62,7 +62,11 @@ CONFIG_ENV = "PYPNM_CONFIG"
 
 # Settings the master applies once, when it binds its socket(s) and starts workers.
 # A reload that sees them changed reports that a restart is needed.
-RESTART_ONLY = ("host", "port", "workers", "ssl", "ssl_certfile", "ssl_keyfile", "runtime_dir")
+RESTART_ONLY = (
+    "host", "port", "workers", "ssl", "ssl_certfile", "ssl_keyfile", "runtime_dir",
+    # Every process of the service (master, fork template, workers) writes the same format to the same file.
+    "log_format", "log_file", "log_file_max_bytes", "log_file_backups",
+)
 
 # Which TOML file the model reads while load_settings runs (pydantic-settings builds
 # its sources inside the constructor, so the path has to travel beside the call).
@@ -93,6 +97,16 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     cors_allow_credentials: bool = False
     gzip_minimum_size: int = Field(1000, ge=0)
+    # Count requests and serve GET /metrics (a System Operation); off: neither, for a build without the cost.
+    metrics_enabled: bool = True
+
+    # Log output (restart-only; see pypnm.logs and pypnm.supervisor.logfile)
+    log_format: Literal["text", "json"] = "text"
+    # Every process appends its lines to this file instead of stderr; None: stderr.
+    log_file: Path | None = None
+    # Rotate before a line would take the file past this size; 0: never (rotation left to logrotate).
+    log_file_max_bytes: int = Field(10 * 1024 * 1024, ge=0)
+    log_file_backups: int = Field(5, ge=1, le=1000)  # rotated files kept: <log_file>.1 (newest) to .<n>
 
     # HTTP limits, per worker (a reload applies them to the new generation)
     limit_request_line_size: int = Field(16384, ge=256, le=1 << 24)  # one line of a request head: 431 beyond
@@ -112,6 +126,9 @@ class Settings(BaseSettings):
     reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])
     check_paths: list[str] | None = None
+    # Reload when the content of the settings file (--config) or of api_tokens_file changes, however
+    # it is replaced (a Kubernetes ConfigMap or Secret volume swaps a `..data` symlink); see config_watch.py.
+    watch_config: bool = True
     preload_modules: list[str] = Field(default_factory=list)
     # Parent of the master's private runtime directory (control socket, snapshots); restart only.
     # None: $RUNTIME_DIRECTORY (systemd), else the temporary directory.
@@ -136,6 +153,11 @@ class Settings(BaseSettings):
             return value
         kind = _container_kind(cls.model_fields[info.field_name].annotation)
         return value if kind is None else parse_text(value, kind)
+
+    @field_validator("log_file", mode="before")
+    @classmethod
+    def _no_log_file_when_empty(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value  # PYPNM_LOG_FILE="": stderr
 
     @field_validator("check_paths")
     @classmethod

@@ -1,6 +1,6 @@
-"""Who may call System Operations: every route under `/pypnm/system/`.
+"""Who may call System Operations: every route under `/pypnm/system/`, and `/metrics` (SYSTEM_PATHS).
 
-The rules, checked in this order for each request under that prefix (`/health`, the
+The rules, checked in this order for each request to them (`/health`, the
 docs and `/openapi.json` are not affected):
 
 1. Cross-site requests are refused with 403, whatever the address or token. A request
@@ -44,7 +44,7 @@ Behind a proxy the public name therefore goes in `allowed_hosts`. A proxy that s
 its own upstream address as `Host` instead makes every proxied request look addressed
 to loopback, and the `Host` rule then protects nothing behind it.
 
-Every request under the prefix writes one audit line to the `pypnm.audit` logger:
+Every request to them writes one audit line to the `pypnm.audit` logger:
 time, client, peer, Host, token label (never the token), request id, method, route,
 status and outcome; the values a client controls go through `log_field`. Secrets never
 reach a log line or a response.
@@ -86,6 +86,8 @@ from pypnm.settings import IPNetwork, Settings, canonical_host, is_host_name
 audit_logger = logging.getLogger("pypnm.audit")
 
 SYSTEM_PREFIX = "/pypnm/system"
+# System Operations outside the prefix, under the same rules: the metrics tell how the service runs.
+SYSTEM_PATHS = frozenset({"/metrics"})
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 HOW_TO_GET_A_TOKEN = (
@@ -332,13 +334,13 @@ def _bearer_token(values: list[str]) -> bytes | None:
 
 
 def is_system_operation(scope: Scope) -> bool:
-    """Whether the request is for a path under `/pypnm/system` (after `root_path`, any slash runs collapsed)."""
+    """Whether the path is under `/pypnm/system` or in SYSTEM_PATHS (after `root_path`, any slash runs collapsed)."""
     path: str = scope.get("path", "")
     root_path: str = scope.get("root_path", "")
     if root_path and path.startswith(root_path) and path[len(root_path):].startswith("/"):
         path = path[len(root_path):]
     path = re.sub(r"/{2,}", "/", path)
-    return path == SYSTEM_PREFIX or path.startswith(SYSTEM_PREFIX + "/")
+    return path == SYSTEM_PREFIX or path.startswith(SYSTEM_PREFIX + "/") or path in SYSTEM_PATHS
 
 
 def audit(decision: Decision, scope: Scope, status: int) -> None:
@@ -361,7 +363,7 @@ def audit(decision: Decision, scope: Scope, status: int) -> None:
 
 
 class SystemOperationsGuard:
-    """Pure ASGI middleware: applies an AccessPolicy to every request under `/pypnm/system`."""
+    """Pure ASGI middleware: applies an AccessPolicy to every System Operations request (is_system_operation)."""
 
     def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
         self.app = app

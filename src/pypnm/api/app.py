@@ -9,9 +9,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
 
 import pypnm
-from pypnm.api import health, web_service
+from pypnm.api import health, system_log, web_service
 from pypnm.api.access import AccessPolicy, SystemOperationsGuard, document_access
 from pypnm.api.docs import add_offline_docs
+from pypnm.api.metrics import add_metrics
 from pypnm.api.middleware import RequestLogMiddleware
 from pypnm.identity import ProcessIdentity, code_version
 from pypnm.settings import Settings, load_settings
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(web_service.router)
+    app.include_router(system_log.router)  # GET /pypnm/system/log/download
     document_access(app)
     add_offline_docs(app)
 
@@ -51,4 +53,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "X-Reload-Id"],
         )
     app.add_middleware(RequestLogMiddleware, access_log=settings.access_log)
+    if settings.metrics_enabled:
+        add_metrics(app)  # outermost: counts and times every answer, refusals included; serves GET /metrics
     return app

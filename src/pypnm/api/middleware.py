@@ -3,7 +3,9 @@
 A plain ASGI middleware rather than `BaseHTTPMiddleware`, so streaming responses
 pass through untouched and the timing covers the whole response. The values a client
 controls (method, path, client address, request id) are written with `log_field`, so a
-path such as `/x%0a<a fake line>` stays one quoted field on one line.
+path such as `/x%0a<a fake line>` stays one quoted field on one line. While a request
+runs, its id is bound for logging (`bind_request_id`): every line logged meanwhile, the
+access line included, carries it as `request_id` in the JSON format.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pypnm.logs import log_field
+from pypnm.logs import bind_request_id, log_field, unbind_request_id
 
 logger = logging.getLogger("pypnm.access")
 
@@ -41,6 +43,7 @@ class RequestLogMiddleware:
         given = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
         request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        bound = bind_request_id(request_id)  # every line logged while it runs carries it (JSON `request_id`)
         started = time.perf_counter()
         status = 500  # what the client gets if the app fails before it answers
 
@@ -67,3 +70,4 @@ class RequestLogMiddleware:
                     log_field(f"{client[0]}:{client[1]}") if client else "-",
                     log_field(request_id),
                 )
+            unbind_request_id(bound)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pypnm.identity import utc_now
+from pypnm.supervisor.metrics import worker_gone
 from pypnm.supervisor.snapshot import Snapshot
 from pypnm.supervisor.spawner import ForkTemplate
 from pypnm.supervisor.worker import WorkerSpec
@@ -85,6 +86,7 @@ class WorkerProcess:
                 self.draining.set_result(None)  # gone is as good as not accepting
             if not self.closing.done():
                 self.closing.set_result(None)
+            worker_gone(self.pid)  # metrics hook: drop its live gauges (mark_process_dead)
             self.exited.set_result(None)
 
     def _on_event(self, event: dict[str, Any]) -> None:

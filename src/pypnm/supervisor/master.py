@@ -33,10 +33,13 @@ from typing import Any
 import watchfiles
 
 from pypnm.identity import SUPERVISOR_ENV, utc_now
-from pypnm.logs import set_generation, set_level
+from pypnm.logs import set_generation, set_level, set_reload_id_source
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor import control
+from pypnm.supervisor.config_watch import ConfigWatch, as_given
 from pypnm.supervisor.generation import CLOSE_GRACE, CandidateFailed, Generation, WorkerProcess
+from pypnm.supervisor.logfile import reopen_log_files
+from pypnm.supervisor.metrics import MasterMetrics
 from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import (
     TOKENS_FILE,
@@ -47,6 +50,7 @@ from pypnm.supervisor.snapshot import (
     take_snapshot,
 )
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
+from pypnm.supervisor.systemd import Notifier
 from pypnm.supervisor.worker import WorkerSpec
 
 logger = logging.getLogger("pypnm.supervisor.master")
@@ -73,6 +77,7 @@ class ReloadRecord:
     finished_at: str | None = None
     duration_ms: float | None = None
     validated_ms: float | None = None  # start -> candidate validated; the rest of duration_ms is the swap
+    _requested_monotonic: float = field(default_factory=time.monotonic, repr=False)  # metrics hook: trigger time
     _t0: float = field(default=0.0, repr=False)
     _finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -161,11 +166,15 @@ class Master:
         config_file: Path | None = None,
         overrides: dict[str, Any] | None = None,
         watch: bool = False,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
+        self.systemd = notifier or Notifier()  # systemd hook: sd_notify (a no-op without NOTIFY_SOCKET)
         self.listeners = listeners
         self.app = app
-        self.config_file = config_file.resolve() if config_file else None
+        # config_watch hook: the settings file's path as given, symlinks kept, so that each reload
+        # reads it through them (a path resolved once breaks when a ConfigMap update deletes its target).
+        self.config_file = as_given(config_file) if config_file else None
         self.overrides = overrides or {}
         self.watch = watch
         self.locator = SourceLocator(app)
@@ -177,6 +186,7 @@ class Master:
         # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
         self.runtime = RuntimeDir.create(settings.runtime_dir)
         self.runtime_dir = self.runtime.path
+        self.metrics = MasterMetrics.start(self.runtime_dir)  # metrics hook: before the fork template starts
         self.control_path = str(self.runtime_dir / "control.sock")
         self.template = ForkTemplate(settings.log_level, settings.preload_modules, self.runtime)
         logger.info("runtime directory %s", self.runtime_dir)
@@ -197,6 +207,8 @@ class Master:
         self._reload_wanted = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # config_watch hook: reloads when the content of the settings file or the tokens file changes.
+        self.config_watch = ConfigWatch(self.config_file, self.request_reload, always=watch)
 
     # ----- life -----------------------------------------------------------------------------
 
@@ -215,11 +227,18 @@ class Master:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
+        self.systemd.start_watchdog()  # systemd hook: WATCHDOG=1 from this loop, so a hung loop stops them
+        # Hooks for logs.py / logfile.py (issue 9.3): JSON lines carry the running reload's id; SIGUSR1
+        # reopens the log file here and is passed on to the fork template and every live worker.
+        set_reload_id_source(lambda: self.current.id if self.current else None)
+        loop.add_signal_handler(signal.SIGUSR1, reopen_log_files, lambda: [
+            self.template.pid, *(w.pid for g in self._generations() for w in g.live_workers())])
         control_server = await control.serve(self.control_path, self._on_control)
         await self.template.start()
 
         first = self.request_reload("start")
         self._spawn_task(self._reloader())
+        self._spawn_task(self.metrics.maintain())  # metrics hook: fold dead workers' files into the archives
         waits = [asyncio.create_task(first.wait()), asyncio.create_task(self._stop.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for wait in waits:
@@ -239,8 +258,10 @@ class Master:
             )
             self._log_access()
             self._spawn_task(self._watch_files())
+            self._spawn_task(self.config_watch.run(self._stop))  # config_watch hook: watch the settings files
 
         await self._stop.wait()
+        self.systemd.stopping(self.serving.number if self.serving else None)  # systemd hook: STOPPING=1
         control_server.close()
         await self._shutdown()
 
@@ -334,6 +355,9 @@ class Master:
                 record, self.pending = self.pending, None
                 self._last_reload_started = time.monotonic()
                 self.current = record
+                # systemd hook: RELOADING=1 when a reload starts, never when it is queued: a SIGHUP that
+                # joined this record was received before now, as Type=notify-reload needs (systemd.py).
+                self.systemd.reload_started(record, self.serving.number if self.serving else None)
                 try:
                     await self._reload(record)
                 finally:
@@ -342,6 +366,9 @@ class Master:
                     self.current = None
                     self.phase = None
                     self.history = [*self.history, record][-HISTORY:]
+                    # systemd hook: READY=1 with the outcome (the first one, after the start, with MAINPID=)
+                    self.systemd.reload_finished(record, self.serving.number if self.serving else None)
+                    self.metrics.reload_finished(record)  # metrics hook: pypnm_reloads_total, duration
 
     @property
     def reload_state(self) -> str:
@@ -362,6 +389,7 @@ class Master:
                 self.sources, self.runtime_dir / f"gen-{number}", self.config_file, self.compiler
             )
             settings = self._settings_for(snapshot)
+            self.config_watch.read_by_reload(snapshot, settings)  # config_watch hook: the content now known
             await self._closing_done()  # generations closed early leave before the candidate's workers are forked
             candidate = self.candidate = Generation(
                 number, snapshot, self._worker_spec(number, snapshot, settings), self.settings.workers
@@ -505,6 +533,7 @@ class Master:
                 return
             logger.warning("worker exited pid=%d generation=%d: replacing it from the same generation",
                            worker.pid, generation.number)
+            self.metrics.worker_restarted("crash")  # metrics hook: pypnm_worker_restarts_total{reason="crash"}
             with contextlib.suppress(ValueError):
                 generation.workers.remove(worker)
             await asyncio.sleep(min(0.1 * 2**failures, 5.0))  # back off when it keeps dying
@@ -546,8 +575,7 @@ class Master:
                 dirs += [Path(p).resolve() for p in self.settings.reload_dirs] or [
                     p if p.is_dir() else p.parent for p in self.sources.values()
                 ]
-                if self.config_file is not None:
-                    dirs.append(self.config_file.parent)
+                # config_watch hook: the settings file is watched by self.config_watch, not here.
             self._watched = {d: _identity(d) for d in dirs}
             roots = sorted({d for d in dirs if d.is_dir()})
             logger.info("watching %s", ", ".join(map(str, roots)) or "nothing (the directories are missing)")
@@ -586,8 +614,7 @@ class Master:
 
     def _is_trigger(self, change: watchfiles.Change, path: str) -> bool:
         candidate = Path(path)
-        if candidate == self.route_file or (self.config_file is not None and candidate == self.config_file
-                                            and self.watch):
+        if candidate == self.route_file:  # config_watch hook: the settings file is config_watch's
             return True
         if not self.watch or (change == watchfiles.Change.deleted and candidate.suffix != ".py"):
             return False
@@ -651,6 +678,7 @@ class Master:
                 "app": self.app,
                 "route_module_file": str(self.route_file),
                 "watching_source": self.watch,
+                "watching_config": self.config_watch.watched(),  # config_watch hook
                 "template_pid": self.template.pid,
             },
         }

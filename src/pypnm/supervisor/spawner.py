@@ -35,6 +35,7 @@ WATCHED_DISTRIBUTIONS = (
     "httptools",
     "uvloop",
     "anyio",
+    "prometheus-client",
 )
 
 

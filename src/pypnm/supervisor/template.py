@@ -54,6 +54,8 @@ PRELOADED = (
     "httptools",
     "uvloop",
     "httpx",
+    "prometheus_client",  # pypnm.api.metrics; multiprocess mode: the master set PROMETHEUS_MULTIPROC_DIR for us
+    "prometheus_client.multiprocess",
 )
 
 

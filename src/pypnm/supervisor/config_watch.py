@@ -1,0 +1,166 @@
+"""The master's watch on the settings files: a reload when their content changes.
+
+Owns which settings files are watched (the settings file given by `--config`, kept as given,
+and the `api_tokens_file` of the latest settings a reload read), the content each had when a
+reload last read it, and the watch itself. The master calls it at three points (see the hooks
+marked "config_watch hook" in master.py): `run` once it serves, `read_by_reload` each time a
+reload has frozen the files into its snapshot, and `watched` for the status.
+
+Why it works this way:
+
+- Kubernetes updates a ConfigMap or Secret volume atomically: each file is a symlink through
+  `..data` to a timestamped directory; the kubelet writes a new directory, points a
+  `..data_tmp` symlink at it, renames that over `..data` and deletes the old directory. The
+  events name `..data` and the directories, never the file's own path. So the watch is on the
+  directory of the path as given, not recursive (a mount point, or `/etc`, holds much else),
+  and on the directory of the file the path leads to now, which catches an edit in place of a
+  symlink's target elsewhere; the watch is set up again when that directory changes.
+- Every event there only makes the files be read again: a reload is asked for only when a
+  file's content (SHA-256, read through its symlinks) differs from what the last reload read
+  or the last trigger saw. A touch, a metadata change, an editor saving the same bytes or
+  another file of the directory reload nothing.
+- Besides the events, the files are compared every few seconds: that catches a change made
+  while the watch is being set up, which no event reports.
+
+The path is never resolved: read through its symlinks at each reload, it leads to the current
+`..data` directory, whereas a resolved path names a directory that the kubelet deletes.
+watchfiles (which `--reload` uses too) does the watching; only the comparison is ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import watchfiles
+
+from pypnm.settings import Settings
+from pypnm.supervisor.snapshot import CONFIG_FILE, TOKENS_FILE, Snapshot
+
+logger = logging.getLogger("pypnm.supervisor.config_watch")
+
+CHECK_INTERVAL_MS = 5000  # the comparison besides the events (see the module docstring)
+SETTINGS_FILE = "settings file"
+TOKENS = "api_tokens_file"
+
+
+def as_given(path: Path) -> Path:
+    """An absolute path with its symlinks kept, so that each read goes through them again."""
+    return path.absolute()
+
+
+def content_digest(path: Path) -> str:
+    """What a file holds now, read through its symlinks; a missing or unreadable file is a state of its own."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+
+
+def directories_to_watch(files: list[Path]) -> list[Path]:
+    """The directory of each path as given (the `..data` swap) and of the file it leads to now."""
+    # realpath, not Path.resolve: it never raises, not even for a symlink loop.
+    dirs = {d for path in files for d in (path.parent, Path(os.path.realpath(path)).parent)}
+    return sorted(d for d in dirs if d.is_dir())
+
+
+class ConfigWatch:
+    def __init__(self, config_file: Path | None, request_reload: Callable[[str], object], *,
+                 always: bool = False) -> None:
+        """`always`: watch the settings file whatever `watch_config` says (`--reload` always did)."""
+        self.config_file = config_file
+        self._request_reload = request_reload
+        self._always = always
+        self._files: dict[Path, str] = {}  # path as given -> what it is, for the log
+        self._known: dict[Path, str] = {}  # path -> content digest last read by a reload or seen by a trigger
+        self._rearm = asyncio.Event()  # set: the files changed, or the master stops
+
+    def watched(self) -> list[str]:
+        """The files watched now, for the status."""
+        return [str(path) for path in self._files]
+
+    def read_by_reload(self, snapshot: Snapshot, settings: Settings) -> None:
+        """A reload has frozen the settings files into `snapshot` and runs with `settings`.
+
+        Their content is now the one to compare with; the tokens file to watch is the one these
+        settings name (the running ones when the new file could not be read), as is `watch_config`.
+        """
+        given = {CONFIG_FILE: self.config_file, TOKENS_FILE: settings.api_tokens_file}
+        for role, copy in snapshot.files.items():
+            original = given.get(role)
+            if original is not None:
+                self._known[as_given(original)] = content_digest(copy)
+        files: dict[Path, str] = {}
+        if self.config_file is not None and (settings.watch_config or self._always):
+            files[self.config_file] = SETTINGS_FILE
+        if settings.watch_config and settings.api_tokens_file is not None:
+            files[as_given(settings.api_tokens_file)] = TOKENS
+        if files != self._files:
+            self._files = files
+            self._rearm.set()
+
+    def check(self, events: bool) -> None:
+        """Ask for one reload if any watched file's content differs from the last one known."""
+        changed: list[Path] = []
+        for path in self._files:
+            digest = content_digest(path)
+            known = self._known.setdefault(path, digest)  # first sight: nothing to compare with yet
+            if digest != known:
+                self._known[path] = digest
+                changed.append(path)
+        if changed:
+            self._request_reload("file change: " + ", ".join(map(str, changed)))
+        elif events:
+            logger.debug("settings files: a change in their directories, same content: no reload")
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Watch until `stopping` is set; set up the watch again whenever the files or their places change."""
+        relay = asyncio.create_task(self._stop_when(stopping))
+        shown: tuple[list[Path], list[Path]] | None = None  # what the last log line said, to say it once
+        try:
+            while not stopping.is_set():
+                self._rearm = asyncio.Event()
+                files = list(self._files)
+                if not files:
+                    await self._rearm.wait()
+                    continue
+                roots = directories_to_watch(files)
+                if (files, roots) != shown:
+                    shown = (files, roots)
+                    logger.info("watching the content of %s, by events in %s and every %gs",
+                                ", ".join(f"{self._files[p]} {p}" for p in files),
+                                ", ".join(map(str, roots)) or "no directory (missing)", CHECK_INTERVAL_MS / 1000)
+                self.check(events=False)  # a change since the last reload read them
+                try:
+                    if roots:
+                        await self._watch(files, roots)
+                        continue
+                except OSError as exc:  # a directory went away while the watch was being set up
+                    logger.warning("cannot watch %s: %s; trying again", ", ".join(map(str, roots)), exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._rearm.wait(), CHECK_INTERVAL_MS / 1000)
+        finally:
+            relay.cancel()
+
+    async def _watch(self, files: list[Path], roots: list[Path]) -> None:
+        """One watch on `roots`, until the files change, their places change or the master stops."""
+        changes = watchfiles.awatch(
+            *roots, watch_filter=None, recursive=False, stop_event=self._rearm,
+            rust_timeout=CHECK_INTERVAL_MS, yield_on_timeout=True,
+        )
+        async with contextlib.aclosing(changes):
+            async for batch in changes:
+                self.check(events=bool(batch))
+                if directories_to_watch(files) != roots:  # e.g. `..data` leads to another directory now
+                    return
+
+    async def _stop_when(self, stopping: asyncio.Event) -> None:
+        # The watch thread sees only its stop event; without this it would keep shutdown waiting
+        # until its next timeout.
+        await stopping.wait()
+        self._rearm.set()
