@@ -378,9 +378,15 @@ def test_bad_activation_ends_in_one_line_and_exit_2(
 # ----- the unit files ------------------------------------------------------------------------
 
 
+class UnitParser(configparser.ConfigParser):
+    """A systemd unit file: keys are case-sensitive (configparser lowercases them by default)."""
+
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr
+
+
 def unit(path: Path) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(strict=False, interpolation=None)  # repeated keys: the last one wins
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
+    parser = UnitParser(strict=False, interpolation=None)  # repeated keys: the last one wins
     parser.read_string(path.read_text())
     return parser
 
