@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -55,7 +55,16 @@ SUPERVISOR_PATH = "/supervisor"  # markerpkg's relay of the master's status
 # killed while it writes its data (the tests and the supervisor SIGKILL processes on purpose) leaves a
 # file coverage cannot read: its data is lost either way, so combining skips it without a warning, and
 # the session's end removes it instead of leaving it in the checkout.
-warnings.filterwarnings("ignore", message=r"Data file .* isn't a coverage data file", category=CoverageWarning)
+UNREADABLE_DATA = r"Data file .* isn't a coverage data file"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
+    # pytest-cov combines when the test loop ends, inside this wrapper (tryfirst: around its own). A filter
+    # set when this module is imported would not hold then: pytest imports it under catch_warnings.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=UNREADABLE_DATA, category=CoverageWarning)
+        return (yield)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
