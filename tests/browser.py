@@ -31,6 +31,8 @@ import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from conftest import wait_until
+
 # Every name resolves to nothing except 127.0.0.1: a page that reaches for the internet fails
 # visibly instead of quietly working on a connected machine. Autofill's server queries are the
 # one browser feature that would otherwise send requests on the page's behalf.
@@ -172,13 +174,12 @@ def devtools(url: str, profile: Path, timeout: float = 20.0) -> Iterator[DevTool
     )
     try:
         port_file = profile / "DevToolsActivePort"  # Chromium writes its port here once it listens
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / 0.05) + 1):
-            if port_file.is_file() and port_file.read_text().strip():
-                break
+
+        def port_written() -> bool:
             assert proc.poll() is None, f"chromium exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
-            time.sleep(0.05)
+            return port_file.is_file() and bool(port_file.read_text().strip())
+
+        wait_until(port_written, timeout)
         port = int(port_file.read_text().split()[0])
         pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json() if t["type"] == "page"]
         assert pages, "chromium has no page"

@@ -9,21 +9,31 @@ the ASGI app in-process, where any client address and header can be made up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import RELOAD_PATH, STATUS_PATH, Service, base_env, free_port, pypnm_command, wait_until
+from conftest import (
+    RELOAD_PATH,
+    STATUS_PATH,
+    Service,
+    asgi_request,
+    audit_line,
+    base_env,
+    client_from,
+    pypnm_command,
+    serving,
+    wait_until,
+)
 from pypnm.api import access
 from pypnm.api.app import create_app
 from pypnm.settings import Settings
@@ -37,50 +47,12 @@ FILE_LABEL = "deploy-bot"
 UNKNOWN_PATH = "/pypnm/system/notARoute"
 
 
-@contextlib.contextmanager
-def serving(directory: Path, env: dict[str, str], *args: str) -> Iterator[Service]:
-    """A supervised pypnm on 127.0.0.1 and a free port, stopped by its PID afterwards."""
-    port = free_port()
-    log = directory / "server.log"
-    proc = subprocess.Popen(
-        pypnm_command("--port", str(port), *args),
-        cwd=directory,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    service = Service(proc, port, log)
-    try:
-        service.wait_ready()
-        yield service
-    finally:
-        service.stop()
-
-
-def client_from(address: str, **kwargs: Any) -> httpx.Client:
-    """An HTTP client whose connections leave from `address` (a loopback address)."""
-    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=10.0, **kwargs)
-
-
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
 def audit_lines(service: Service) -> list[str]:
     return [line for line in service.output().splitlines() if " pypnm.audit: " in line]
-
-
-def audit_line_of(service: Service, request_id: str) -> str:
-    """The single audit line of one request (waits for it to be written)."""
-
-    def find() -> list[str]:
-        return [line for line in audit_lines(service) if f" request_id={request_id} " in line]
-
-    found: list[str] = wait_until(find, timeout=10.0)
-    assert len(found) == 1, found
-    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +67,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         PYPNM_API_TOKENS_FILE=str(tokens_file),
         PYPNM_LOG_LEVEL="debug",
     )
-    with serving(directory, env) as service:
+    with serving(pypnm_command("--port", "{port}"), directory, env) as service:
         yield service
 
 
@@ -108,7 +80,7 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         PYPNM_FORWARDED_ALLOW_IPS='["127.0.0.3/32", "127.0.0.4/32"]',
         PYPNM_ALLOWED_HOSTS='["pypnm.example.net"]',  # the public name the proxy passes on in Host
     )
-    with serving(tmp_path_factory.mktemp("proxied"), env) as service:
+    with serving(pypnm_command("--port", "{port}"), tmp_path_factory.mktemp("proxied"), env) as service:
         yield service
 
 
@@ -276,7 +248,7 @@ def test_forwarded_for_honoured_only_from_allowed_proxies(
     with client_from(peer, base_url=proxied.base_url) as http:
         response = http.get(STATUS_PATH, headers=headers)
     assert response.status_code == expected, response.text
-    line = audit_line_of(proxied, request_id)
+    line = audit_line(proxied, request_id)
     assert f" client={client} peer={peer} " in line
 
 
@@ -336,8 +308,8 @@ def test_every_system_operations_call_writes_one_audit_line(guarded: Service) ->
         with client_from(address, base_url=guarded.base_url) as client:
             response = client.get(path, headers={**headers, "X-Request-ID": request_id})
         assert str(response.status_code) == expected["status"]
-        match = AUDIT_LINE.match(audit_line_of(guarded, request_id))
-        assert match is not None, audit_line_of(guarded, request_id)
+        match = AUDIT_LINE.match(audit_line(guarded, request_id))
+        assert match is not None, audit_line(guarded, request_id)
         fields = match.groupdict()
         assert {k: fields[k] for k in expected} == expected
         assert (fields["client"], fields["peer"], fields["method"], fields["route"]) == (address, address, "GET", path)
@@ -359,7 +331,7 @@ def test_tokens_never_appear_in_logs_or_answers(guarded: Service) -> None:
                 answers.append(response.text + str(response.headers))
         last = "secrets-" + secrets.token_hex(6)
         client.get(STATUS_PATH, headers={**bearer(near_miss), "X-Request-ID": last})
-    audit_line_of(guarded, last)  # everything before it has been logged by now
+    audit_line(guarded, last)  # everything before it has been logged by now
     output = guarded.output()
     assert "pypnm.audit" in output and "DEBUG" in output  # the log ran at debug level
     for secret in (TOKEN, FILE_TOKEN, near_miss):
@@ -422,12 +394,8 @@ def asgi_app(**overrides: Any) -> Any:
 
 
 def call(app: Any, peer: str, path: str = STATUS_PATH, method: str = "GET", **headers: str) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app, client=(peer, 50000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as client:
-            return await client.request(method, path, headers={k.replace("_", "-"): v for k, v in headers.items()})
-
-    return asyncio.run(go())
+    """`Header_Name=value` keywords are sent as `Header-Name: value`."""
+    return asgi_request(app, method, path, peer=peer, headers={k.replace("_", "-"): v for k, v in headers.items()})
 
 
 @pytest.mark.parametrize(
@@ -493,15 +461,15 @@ def test_which_paths_are_system_operations(path: str, root_path: str, guarded: b
 def test_websocket_under_the_prefix_is_closed_for_untrusted_clients() -> None:
     policy = access.AccessPolicy.from_settings(Settings(trusted_networks=["127.0.0.1/32"]))
     reached: list[str] = []
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
     async def inner(scope: Any, receive: Any, send: Any) -> None:
         reached.append(scope["path"])
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         return {"type": "websocket.connect"}
 
     guard = access.SystemOperationsGuard(inner, policy)

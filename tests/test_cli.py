@@ -7,27 +7,11 @@ that wrongly starts serving fails the test (by timing out) instead of hanging it
 from __future__ import annotations
 
 import socket
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import Service, base_env, free_port, pypnm_command, run_cli, set_marker
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *names: str) -> str:
-    """Exit `code`, exactly one line on stderr naming each of `names`, and no traceback anywhere."""
-    returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
-    assert "Traceback" not in stderr + stdout, stderr
-    lines = stderr.splitlines()
-    assert returncode == code, f"exit {returncode}, stderr:\n{stderr}"
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
-    assert stderr.endswith("\n")
-    for name in names:
-        assert name in lines[0], f"{name!r} not named in: {lines[0]}"
-    return lines[0]
-
+from conftest import StartService, assert_one_line_error, base_env, free_port, pypnm_command, run_cli, set_marker
 
 # ----- serve: bad settings and flags --------------------------------------------------------
 
@@ -136,7 +120,7 @@ def test_reload_and_status_clients_when_nothing_listens(tmp_path: Path) -> None:
         assert_one_line_error(result, 2, "cannot reach", url)
 
 
-def test_status_client_against_a_running_service(start_service: Callable[..., Service], tmp_path: Path) -> None:
+def test_status_client_against_a_running_service(start_service: StartService, tmp_path: Path) -> None:
     service = start_service(pypnm_command("--port", "{port}"), env=base_env())
     as_json = run_cli("status", "--url", service.base_url, "--json", cwd=tmp_path, timeout=30)
     assert as_json.returncode == 0, as_json.stderr

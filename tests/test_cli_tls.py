@@ -10,212 +10,41 @@ send nothing off the machine even when the code under test is wrong.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
-import socket
 import ssl
-import subprocess
-import sys
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from conftest import RELOAD_PATH, STATUS_PATH, Service, base_env, free_port, pypnm_command, run_cli, wait_until
-from test_cli import assert_one_line_error
+from conftest import (
+    RELOAD_PATH,
+    Certificate,
+    RecordingServer,
+    StartService,
+    assert_one_line_error,
+    base_env,
+    free_port,
+    guarded_environment,
+    make_certificate,
+    pypnm_command,
+    run_cli,
+    wait_until,
+)
 
 TOKEN = "tls-test-token-0123456789abcdef"
-
-GUARD = '''"""Loaded by every Python process of the TLS tests: nothing may connect or look up beyond loopback."""
-import ipaddress
-import socket
-
-PYPNM_TEST_GUARD = True
-_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-
-
-def _loopback(host):
-    if host in (None, "localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _check(address):
-    if isinstance(address, tuple) and not _loopback(address[0]):
-        raise PermissionError(f"test guard: blocked a connection to {address[0]} (not loopback)")
-
-
-def connect(self, address):
-    _check(address)
-    return _connect(self, address)
-
-
-def connect_ex(self, address):
-    _check(address)
-    return _connect_ex(self, address)
-
-
-def getaddrinfo(host, *args, **kwargs):
-    if not _loopback(host.decode() if isinstance(host, bytes) else host):
-        raise socket.gaierror(socket.EAI_NONAME, f"test guard: blocked a name look-up of {host}")
-    return _getaddrinfo(host, *args, **kwargs)
-
-
-socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
-'''
 
 
 @pytest.fixture(scope="module")
 def guarded_env(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, str]]:
     """Environment for CLI processes with the loopback-only guard loaded (checked once, before any use)."""
-    guard_dir = tmp_path_factory.mktemp("guard")
-    (guard_dir / "sitecustomize.py").write_text(GUARD)
-
-    def env(**extra: str) -> dict[str, str]:
-        return base_env(PYTHONPATH=str(guard_dir), **extra)
-
-    loaded = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; sys.exit(0 if getattr(sys.modules.get('sitecustomize'), 'PYPNM_TEST_GUARD', 0) else 1)"],
-        env=env(), timeout=30,
-    )
-    assert loaded.returncode == 0, "the guard is not loaded at start-up: refusing to run tests that name remote hosts"
-    return env
-
-
-# ----- a self-signed certificate and a recording server ---------------------------------------
-
-
-@dataclass
-class Certificate:
-    cert: Path
-    key: Path
-
-
-def make_certificate(directory: Path, ip: str = "127.0.0.1") -> Certificate:
-    """A self-signed server certificate for `ip` (in its SAN), valid for a day."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"pypnm test {ip}")])
-    now = datetime.datetime.now(datetime.UTC)
-    public = key.public_key()
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return Certificate(cert_file, key_file)
+    return guarded_environment(tmp_path_factory.mktemp("guard"))
 
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> Certificate:
-    return make_certificate(tmp_path / "tls")
-
-
-class RecordingServer(ThreadingHTTPServer):
-    """Keeps the path and headers of every request, and every failed TLS handshake; answers as pypnm does."""
-
-    daemon_threads = True
-
-    def __init__(self, tls: ssl.SSLContext | None) -> None:
-        super().__init__(("127.0.0.1", 0), _RecordingHandler)
-        self.tls = tls
-        self.requests: list[tuple[str, dict[str, str]]] = []
-        self.handshake_failures: list[str] = []
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.server_address[1]}"
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = self.socket.accept()
-        if self.tls is None:
-            return sock, address
-        sock.settimeout(10.0)  # a client that never says hello cannot hold the accept loop
-        try:
-            return self.tls.wrap_socket(sock, server_side=True), address
-        except OSError as exc:
-            self.handshake_failures.append(str(exc))
-            sock.close()
-            raise
-
-
-class _RecordingHandler(BaseHTTPRequestHandler):
-    server: RecordingServer
-
-    def do_GET(self) -> None:
-        self.server.requests.append((self.path, dict(self.headers.items())))
-        if self.path == RELOAD_PATH:
-            self._answer(200, {"status": "reload triggered"})
-        elif self.path == STATUS_PATH:
-            self._answer(200, {"pid": 1, "started_at": "2026-01-01T00:00:00Z", "version": "0.1.0",
-                               "code_version": "0123456789abcdef", "mode": "unsupervised"})
-        else:
-            self._answer(404, {"detail": "Not Found"})
-
-    def _answer(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body, separators=(",", ":")).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep the test output quiet
-        pass
-
-
-@pytest.fixture
-def recording_server() -> Iterator[Callable[[Certificate | None], RecordingServer]]:
-    """Start recording servers (HTTPS with the given certificate, or plain HTTP); all are stopped afterwards."""
-    running: list[tuple[RecordingServer, threading.Thread]] = []
-
-    def start(cert: Certificate | None) -> RecordingServer:
-        tls = None
-        if cert is not None:
-            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            tls.load_cert_chain(cert.cert, cert.key)
-        server = RecordingServer(tls)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        running.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in running:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    return make_certificate(tmp_path / "tls", ip="127.0.0.1")
 
 
 def authorizations(server: RecordingServer) -> list[str | None]:
@@ -313,7 +142,7 @@ def test_insecure_and_cacert_together_are_a_usage_error(
 
 
 def test_reload_wait_and_status_against_the_real_service_over_tls(
-    start_service: Callable[..., Service], certificate: Certificate,
+    start_service: StartService, certificate: Certificate,
     guarded_env: Callable[..., dict[str, str]], tmp_path: Path,
 ) -> None:
     service = start_service(

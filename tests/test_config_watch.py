@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import RELOAD_PATH, REPO, STATUS_PATH, Service, base_env, pypnm_command, wait_until
+from conftest import RELOAD_PATH, REPO, STATUS_PATH, Service, StartService, base_env, pypnm_command, wait_until
 
 WEBUI = "http://webui.example:3000"
 TOKEN = "ci-" + secrets.token_urlsafe(24)
@@ -99,7 +99,8 @@ def reload_ids(service: Service, token: str | None = None) -> set[str]:
 
 
 def cors_origin(service: Service) -> str | None:
-    return get(service, "/health", Origin=WEBUI).headers.get("access-control-allow-origin")
+    origin: str | None = get(service, "/health", Origin=WEBUI).headers.get("access-control-allow-origin")
+    return origin
 
 
 def unchanged_lines(service: Service) -> int:
@@ -107,7 +108,7 @@ def unchanged_lines(service: Service) -> int:
 
 
 @pytest.fixture
-def serve(tmp_path: Path, start_service: Callable[..., Service]) -> Callable[..., Service]:
+def serve(tmp_path: Path, start_service: StartService) -> Callable[..., Service]:
     def start(config: Path, *args: str, **env: str) -> Service:
         env.setdefault("PYPNM_RELOAD_MIN_INTERVAL", "0")
         return start_service(

@@ -30,7 +30,17 @@ import yaml
 from kubernetes_validate.utils import latest_version, major_minor
 from starlette.routing import Match
 
-from conftest import RELOAD_PATH, REPO, STATUS_PATH, base_env, free_port, pypnm_command, wait_until
+from conftest import (
+    RELOAD_PATH,
+    REPO,
+    STATUS_PATH,
+    Service,
+    StartService,
+    base_env,
+    free_port,
+    pypnm_command,
+    wait_until,
+)
 from pypnm.settings import Settings, SettingsError, load_settings, read_tokens_file
 
 BASE = REPO / "deploy" / "kubernetes"
@@ -370,7 +380,7 @@ def test_tokens_secret_parses_and_is_where_the_settings_look(tmp_path: Path) -> 
 
 
 @pytest.fixture
-def pod_process(tmp_path: Path, start_service: Any) -> Iterator[tuple[Any, Path]]:
+def pod_process(tmp_path: Path, start_service: StartService) -> Iterator[tuple[Service, Path]]:
     """pypnm started as the pod starts it (the image's entrypoint + the Deployment's args and env),
     with the pod's paths moved into tmp_path and host:port moved to loopback and a free port."""
     entrypoint = dockerfile_entrypoint()
@@ -393,7 +403,7 @@ def pod_process(tmp_path: Path, start_service: Any) -> Iterator[tuple[Any, Path]
     yield service, runtime
 
 
-def test_pod_command_line_serves_probes_and_guards_system_operations(pod_process: tuple[Any, Path]) -> None:
+def test_pod_command_line_serves_probes_and_guards_system_operations(pod_process: tuple[Service, Path]) -> None:
     service, runtime = pod_process
     for kind in ("readinessProbe", "livenessProbe"):
         response = service.get(container()[kind]["httpGet"]["path"])

@@ -9,19 +9,28 @@ cases in-process (the address the connection came in on, the `host` setting).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import secrets
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import RELOAD_PATH, STATUS_PATH, Service, base_env, pypnm_command, raw_http, wait_until
+from conftest import (
+    RELOAD_BODY,
+    RELOAD_PATH,
+    STATUS_PATH,
+    Service,
+    StartService,
+    asgi_request,
+    audit_line,
+    base_env,
+    pypnm_command,
+    raw_http,
+)
 from pypnm.api.app import create_app
 from pypnm.settings import Settings, SettingsError, load_settings
 
@@ -35,16 +44,6 @@ def raw_get(port: int, path: str, header_lines: list[bytes]) -> tuple[int, bytes
     return status, body
 
 
-def audit_line(service: Service, request_id: str) -> str:
-    def find() -> list[str]:
-        return [line for line in service.output().splitlines()
-                if " pypnm.audit: " in line and f" request_id={request_id} " in line]
-
-    found: list[str] = wait_until(find, timeout=10.0)
-    assert len(found) == 1, found
-    return found[0]
-
-
 def reload_ids(service: Service) -> set[str]:
     """Every reload the master has recorded or queued, for checking that a refusal asked for none."""
     status = service.get(STATUS_PATH, headers={"Authorization": f"Bearer {TOKEN}"}).json()
@@ -52,7 +51,7 @@ def reload_ids(service: Service) -> set[str]:
 
 
 @pytest.fixture
-def service(start_service: Callable[..., Service]) -> Service:
+def service(start_service: StartService) -> Service:
     """A supervised pypnm with default access settings (loopback trusted) and one token."""
     env = base_env(PYPNM_API_TOKENS=json.dumps({"ops": TOKEN}))
     return start_service(pypnm_command("--port", "{port}"), env=env)
@@ -74,7 +73,7 @@ def test_rebound_host_from_loopback_is_refused_and_a_token_still_works(service: 
     with_token = service.get(RELOAD_PATH, headers={"Host": evil, "Authorization": f"Bearer {TOKEN}",
                                                    "X-Request-ID": "rebind-2"})
     assert with_token.status_code == 200
-    assert with_token.content == b'{"status":"reload triggered"}'
+    assert with_token.content == RELOAD_BODY
     line = audit_line(service, "rebind-2")
     assert f" host={evil} token=ops " in line and line.endswith("status=200 outcome=allowed:token")
 
@@ -91,7 +90,7 @@ def test_loopback_names_and_addresses_are_admitted(service: Service) -> None:
     # The seed's curl example, from loopback without a token: 200, byte for byte.
     response = service.get(RELOAD_PATH)
     assert response.status_code == 200
-    assert response.content == b'{"status":"reload triggered"}'
+    assert response.content == RELOAD_BODY
 
 
 # (Host header lines, how the refusal starts, how the audit line shows the Host)
@@ -124,7 +123,7 @@ def test_missing_repeated_or_malformed_host_is_refused(service: Service) -> None
         assert raw_get(service.port, STATUS_PATH, [*lines, token])[0] == 200, lines
 
 
-def test_allowed_hosts_patterns_from_the_settings_file(start_service: Callable[..., Service], tmp_path: Path) -> None:
+def test_allowed_hosts_patterns_from_the_settings_file(start_service: StartService, tmp_path: Path) -> None:
     config = tmp_path / "pypnm.toml"
     config.write_text('allowed_hosts = ["*.example.net", "Admin.Example.ORG."]\n')
     service = start_service(pypnm_command("--port", "{port}", "--config", str(config)))
@@ -145,7 +144,7 @@ def test_allowed_hosts_patterns_from_the_settings_file(start_service: Callable[.
             assert f'Host "{host}" is not a name of this service' in response.json()["detail"]
 
 
-def test_allowed_hosts_from_the_environment(start_service: Callable[..., Service]) -> None:
+def test_allowed_hosts_from_the_environment(start_service: StartService) -> None:
     env = base_env(PYPNM_ALLOWED_HOSTS='["*.example.net"]')
     service = start_service(pypnm_command("--port", "{port}"), env=env)
     assert service.get(STATUS_PATH, headers={"Host": "pypnm.example.net"}).status_code == 200
@@ -181,12 +180,7 @@ def test_bad_allowed_hosts_entry_is_a_settings_error(monkeypatch: pytest.MonkeyP
 def call(
     app: Any, host: str, base_url: str = "http://127.0.0.1:8000", peer: str = "127.0.0.1", path: str = STATUS_PATH
 ) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app, client=(peer, 50000))  # scope["server"] comes from base_url
-        async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
-            return await client.get(path, headers={"Host": host})
-
-    return asyncio.run(go())
+    return asgi_request(app, "GET", path, peer=peer, base_url=base_url, headers={"Host": host})
 
 
 @pytest.mark.parametrize(

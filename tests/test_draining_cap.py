@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import signal
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,9 +19,17 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Service, base_env, pid_alive, pypnm_command, wait_until
+from conftest import (
+    Service,
+    StartService,
+    pid_alive,
+    process_tree,
+    reload_by_sighup,
+    serve_marker,
+    supervisor_status,
+    wait_until,
+)
 
-MARKER_APP = "markerpkg.main:app"
 WORKERS = 2
 CAP = 2  # the default of max_draining_generations
 RELOADS = 10
@@ -30,29 +37,6 @@ BOUND = WORKERS * (2 + CAP) + 2  # serving + candidate + CAP draining generation
 STOPPED = re.compile(
     r"generation (\d+) stopped early \(.*?\): closing (\d+) connection\(s\), (\d+) request\(s\) still in progress"
 )
-
-StartService = Callable[..., Service]
-
-
-def service_processes(master_pid: int) -> set[int]:
-    """The master and its live (not zombie) descendants: the fork template and the workers."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if fields[0] not in ("Z", "X"):
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = {master_pid}, [master_pid]
-    while todo:  # bounded: each pid enters `todo` at most once
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 class ProcessPeak(threading.Thread):
@@ -67,7 +51,7 @@ class ProcessPeak(threading.Thread):
 
     def run(self) -> None:
         for _ in range(6000):
-            pids = service_processes(self.master_pid)
+            pids = process_tree(self.master_pid)
             self.samples += 1
             if len(pids) > len(self.peak):
                 self.peak = pids
@@ -79,23 +63,9 @@ class ProcessPeak(threading.Thread):
         self.join(10)
 
 
-def supervisor(service: Service) -> dict[str, Any]:
-    response = service.get("/supervisor")
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
-
-
 def reload(service: Service, generation_before: int) -> dict[str, Any]:
     """SIGHUP the master; return its status once the next generation serves."""
-    service.signal(signal.SIGHUP)
-
-    def swapped() -> dict[str, Any] | None:
-        status = supervisor(service)
-        last = status["last_reload"]
-        return status if last and last["generation"] > generation_before and last["outcome"] else None
-
-    status: dict[str, Any] = wait_until(swapped, timeout=30)
+    status = reload_by_sighup(service, generation_before)
     assert status["last_reload"]["outcome"] == "succeeded", status["last_reload"]
     return status
 
@@ -142,12 +112,8 @@ def hold_streams_on(service: Service, status: dict[str, Any], open_stream: Calla
 def test_draining_generations_are_capped_and_the_oldest_is_closed_with_its_count(
     start_service: StartService, marker_app: Path, streams: Callable[[Service], Stream]
 ) -> None:
-    service = start_service(
-        pypnm_command("--app", MARKER_APP, "--port", "{port}", "--workers", str(WORKERS), "--graceful-timeout", "60"),
-        cwd=marker_app,
-        env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0"),
-    )
-    status = supervisor(service)
+    service = serve_marker(start_service, marker_app, workers=WORKERS, graceful_timeout=60)
+    status = supervisor_status(service)
     held: Counter[int] = Counter()  # generation -> streams the test holds on it
     by_generation = {status["generation"]: hold_streams_on(service, status, streams, held)}
     peak = ProcessPeak(service.proc.pid)
@@ -160,7 +126,7 @@ def test_draining_generations_are_capped_and_the_oldest_is_closed_with_its_count
         oldest_kept = last - CAP  # generations last-CAP .. last-1 may still drain
         # The close of the last generation over the cap runs after the swap: wait for its line.
         wait_until(lambda: f"generation {oldest_kept - 1} stopped early" in service.output(), timeout=15)
-        status = supervisor(service)
+        status = supervisor_status(service)
     finally:
         peak.stop()
 
@@ -187,12 +153,8 @@ def test_a_request_that_ignores_the_disconnect_does_not_hold_a_closed_generation
     start_service: StartService, marker_app: Path
 ) -> None:
     """/slow sleeps through a disconnect: it is cancelled, the worker still shuts its app down and leaves."""
-    service = start_service(
-        pypnm_command("--app", MARKER_APP, "--port", "{port}", "--workers", "1", "--graceful-timeout", "60"),
-        cwd=marker_app,
-        env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_MAX_DRAINING_GENERATIONS="1"),
-    )
-    status = supervisor(service)
+    service = serve_marker(start_service, marker_app, graceful_timeout=60, PYPNM_MAX_DRAINING_GENERATIONS="1")
+    status = supervisor_status(service)
     (old_pid,) = (w["pid"] for w in status["workers"])
     with ThreadPoolExecutor(max_workers=1) as pool:
         slow = pool.submit(service.get, "/slow?seconds=30", timeout=30)

@@ -15,7 +15,6 @@ gate files, never with sleeps.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import ipaddress
 import json
 import os
@@ -23,9 +22,7 @@ import pty
 import queue
 import re
 import socket
-import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,14 +30,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from conftest import SRC, STATUS_PATH, Service, base_env, copy_package, pypnm_command, run_cli, wait_until
-from test_cli import assert_one_line_error
-from test_cli_tls import RecordingServer
+from conftest import (
+    SRC,
+    STATUS_PATH,
+    Certificate,
+    RecordingServer,
+    Service,
+    assert_one_line_error,
+    base_env,
+    copy_package,
+    guarded_environment,
+    launch,
+    make_certificate,
+    pypnm_command,
+    run_cli,
+    wait_until,
+)
 
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 FLEET_NAME = "fleet.pypnm.test"  # the guard resolves it, in a scrambled order, to ADDRESSES
@@ -51,52 +57,6 @@ RELOAD_ID = r"[0-9a-f]{12}"
 def succeeded(generation: int | str = r"\d+") -> str:
     """The pattern of the outcome line of a reload that succeeded (after "reload ")."""
     return rf"{RELOAD_ID} succeeded: generation {generation} serving \(\d+ ms: validating \d+ ms, swapping \d+ ms\)"
-
-
-GUARD = f'''"""Loaded by every CLI process of the fleet tests: test names resolve to loopback; nothing else leaves."""
-import ipaddress
-import socket
-
-PYPNM_FLEET_GUARD = True
-NAMES = {{{FLEET_NAME!r}: ["127.0.0.3", "127.0.0.1", "127.0.0.2"], {TLS_NAME!r}: ["127.0.0.1"]}}
-_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-
-
-def _loopback(host):
-    if host in (None, "localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _check(address):
-    if isinstance(address, tuple) and not _loopback(address[0]):
-        raise PermissionError(f"test guard: blocked a connection to {{address[0]}} (not loopback)")
-
-
-def connect(self, address):
-    _check(address)
-    return _connect(self, address)
-
-
-def connect_ex(self, address):
-    _check(address)
-    return _connect_ex(self, address)
-
-
-def getaddrinfo(host, port, *args, **kwargs):
-    name = host.decode() if isinstance(host, bytes) else host
-    if name in NAMES:
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, int(port))) for address in NAMES[name]]
-    if not _loopback(name):
-        raise socket.gaierror(socket.EAI_NONAME, f"test guard: blocked a name look-up of {{host}}")
-    return _getaddrinfo(host, port, *args, **kwargs)
-
-
-socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
-'''
 
 
 # ----- the fleet ---------------------------------------------------------------------------------
@@ -155,18 +115,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Instance]]:
         for number, address in enumerate(ADDRESSES, 1):  # all start at once; then each is waited for
             copy = root / f"instance-{number}"
             copy_package(SRC / "pypnm", copy)
-            log = root / f"instance-{number}.log"
-            with log.open("wb") as output:
-                proc = subprocess.Popen(
-                    pypnm_command("serve", "--host", address, "--port", str(port), "--graceful-timeout", "5"),
-                    # The fleet's name is one of the service's names (as a headless Service's is), so
-                    # the DNS-rebinding guard admits requests addressed to it from trusted addresses.
-                    cwd=copy, env=base_env(PYTHONPATH=str(copy), PYPNM_RELOAD_MIN_INTERVAL="0",
-                                           PYPNM_ALLOWED_HOSTS=FLEET_NAME),
-                    stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                )
-            service = Service(proc, port, log)
-            service.base_url = f"http://{address}:{port}"
+            # The fleet's name is one of the service's names (as a headless Service's is), so
+            # the DNS-rebinding guard admits requests addressed to it from trusted addresses.
+            env = base_env(PYTHONPATH=str(copy), PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_ALLOWED_HOSTS=FLEET_NAME)
+            service = launch(
+                pypnm_command("serve", "--host", address, "--port", "{port}", "--graceful-timeout", "5"),
+                log=root / f"instance-{number}.log", port=port, cwd=copy, env=env, host=address,
+            )
             instances.append(Instance(service, copy))
         for instance in instances:
             instance.service.wait_ready(60)
@@ -180,20 +135,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Instance]]:
 
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, str]]:
-    """Environment for CLI processes with the guard loaded (checked once, before any use)."""
-    guard_dir = tmp_path_factory.mktemp("guard")
-    (guard_dir / "sitecustomize.py").write_text(GUARD)
+    """Environment for CLI processes with the guard loaded: the test's names resolve to loopback, nothing leaves.
 
-    def env(**extra: str) -> dict[str, str]:
-        return base_env(PYTHONPATH=str(guard_dir), **extra)
-
-    loaded = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; sys.exit(0 if getattr(sys.modules.get('sitecustomize'), 'PYPNM_FLEET_GUARD', 0) else 1)"],
-        env=env(), timeout=30,
-    )
-    assert loaded.returncode == 0, "the guard is not loaded at start-up: refusing to run tests that resolve names"
-    return env
+    FLEET_NAME resolves to ADDRESSES in a scrambled order, TLS_NAME to 127.0.0.1.
+    """
+    names = {FLEET_NAME: ["127.0.0.3", "127.0.0.1", "127.0.0.2"], TLS_NAME: ["127.0.0.1"]}
+    return guarded_environment(tmp_path_factory.mktemp("guard"), names)
 
 
 @contextlib.contextmanager
@@ -389,7 +336,7 @@ def test_parallel_starts_nothing_new_after_a_failure(fleet: list[Instance], cli_
 def test_status_of_several_instances(fleet: list[Instance], cli_env: Callable[..., dict[str, str]],
                                      tmp_path: Path) -> None:
     port = fleet[0].service.port
-    resolved = [info[4][0] for info in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)]
+    resolved = [str(info[4][0]) for info in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)]
     assert resolved and all(ipaddress.ip_address(a).is_loopback for a in resolved), resolved  # never beyond loopback
     by_localhost = sorted(set(resolved), key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
     down = f"http://127.0.0.4:{port}"  # nothing listens there
@@ -427,54 +374,17 @@ def test_status_of_several_instances(fleet: list[Instance], cli_env: Callable[..
     assert sum(entry.get("error") is not None for entry in listed) == 1 + sum(":" in a for a in by_localhost)
 
 
-def dns_certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed server certificate naming `name` only (no address), valid for a day."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert, private = directory / "cert.pem", directory / "key.pem"
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert, private
-
-
 @pytest.mark.parametrize("certificate_name", [TLS_NAME, "other.pypnm.test"])
 def test_https_instances_by_name_are_verified_against_the_name(
-    cli_env: Callable[..., dict[str, str]], tmp_path: Path, certificate_name: str
+    cli_env: Callable[..., dict[str, str]], recording_server: Callable[[Certificate | None], RecordingServer],
+    tmp_path: Path, certificate_name: str,
 ) -> None:
     """--dns https://NAME:PORT connects to each address, but asks for and checks NAME's certificate."""
-    cert, key = dns_certificate(tmp_path / "tls", certificate_name)
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(cert, key)
-    server = RecordingServer(tls)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    certificate = make_certificate(tmp_path / "tls", dns_name=certificate_name)
+    server = recording_server(certificate)
     port = server.server_address[1]
-    try:
-        result = run_cli("status", "--dns", f"https://{TLS_NAME}:{port}", "--cacert", str(cert),
-                         env=cli_env(PYPNM_TOKEN="fleet-test-token-0123456789"), cwd=tmp_path, timeout=30)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    result = run_cli("status", "--dns", f"https://{TLS_NAME}:{port}", "--cacert", str(certificate.cert),
+                     env=cli_env(PYPNM_TOKEN="fleet-test-token-0123456789"), cwd=tmp_path, timeout=30)
 
     row = result.stdout.splitlines()[1]
     assert row.startswith(f"https://127.0.0.1:{port} "), result.stdout
@@ -492,19 +402,13 @@ def test_https_instances_by_name_are_verified_against_the_name(
 
 
 def test_a_token_refused_for_one_instance_stops_the_roll_before_it_starts(
-    cli_env: Callable[..., dict[str, str]], tmp_path: Path
+    cli_env: Callable[..., dict[str, str]], recording_server: Callable[[Certificate | None], RecordingServer],
+    tmp_path: Path,
 ) -> None:
     """Plain http:// to a host that is not loopback gets no token: decided for every URL before the first request."""
-    server = RecordingServer(None)  # plain http on 127.0.0.1: it would be the first instance reloaded
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        result = run_cli("reload", "--url", server.url, "--url", "http://192.0.2.10:8000",
-                         env=cli_env(PYPNM_TOKEN="fleet-test-token-0123456789"), cwd=tmp_path, timeout=30)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    server = recording_server(None)  # plain http on 127.0.0.1: it would be the first instance reloaded
+    result = run_cli("reload", "--url", server.url, "--url", "http://192.0.2.10:8000",
+                     env=cli_env(PYPNM_TOKEN="fleet-test-token-0123456789"), cwd=tmp_path, timeout=30)
     assert_one_line_error(result, 2, "refusing to send the token", "192.0.2.10", "--allow-http-token")
     assert server.requests == [], "an instance was reloaded before the refusal"
 

@@ -13,24 +13,20 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from conftest import RELOAD_PATH, Service, base_env, pypnm_command, wait_until
+from conftest import RELOAD_PATH, Service, StartService, serve_pypnm, wait_until
 
-StartService = Callable[..., Service]
 WEBUI = "https://webui.example:5173"
 
 
 def serve(start_service: StartService, **env: str) -> Service:
     env.setdefault("PYPNM_RELOAD_MIN_INTERVAL", "0")
-    return start_service(
-        pypnm_command("--port", "{port}", "--workers", "1", "--graceful-timeout", "10"), env=base_env(**env)
-    )
+    return serve_pypnm(start_service, "--workers", "1", "--graceful-timeout", "10", **env)
 
 
 def test_health_has_upstream_fields_and_the_generation(start_service: StartService) -> None:

@@ -10,15 +10,21 @@ import json
 import select
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import RELOAD_PATH, Service, base_env, pypnm_command, wait_until
+from conftest import (
+    Service,
+    StartService,
+    parse_head,
+    read_until_closed,
+    serve_marker,
+    serve_pypnm,
+    wait_until,
+)
 from pypnm.settings import SettingsError, load_settings
 
-StartService = Callable[..., Service]
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -35,25 +41,6 @@ def request(path: str = "/health", **headers: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the server sends until it closes the connection; fails if it is still open after `timeout`."""
-    deadline = time.monotonic() + timeout
-    data = bytearray()
-    for _ in range(10_000):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(64 * KiB)
-        except TimeoutError:
-            break
-        if not chunk:
-            return bytes(data)
-        data += chunk
-    raise AssertionError(f"the server did not close the connection within {timeout}s; got {bytes(data)!r}")
-
-
 def read_response(sock: socket.socket, buffer: bytearray, timeout: float = 10.0) -> tuple[int, bytes]:
     """The next response on a connection that stays open: status and body.
 
@@ -63,12 +50,11 @@ def read_response(sock: socket.socket, buffer: bytearray, timeout: float = 10.0)
     for _ in range(10_000):
         head, separator, rest = bytes(buffer).partition(b"\r\n\r\n")
         if separator:
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            status, headers = parse_head(head)
             length = int(headers.get("content-length", "0"))
             if len(rest) >= length:
                 del buffer[: len(head) + 4 + length]
-                return int(lines[0].split()[1]), rest[:length]
+                return status, rest[:length]
         remaining = deadline - time.monotonic()
         assert remaining > 0, f"no complete response within {timeout}s; got {bytes(buffer)!r}"
         sock.settimeout(remaining)
@@ -81,9 +67,8 @@ def read_response(sock: socket.socket, buffer: bytearray, timeout: float = 10.0)
 def parse_refusal(data: bytes) -> tuple[int, dict[str, str], str]:
     """A refusal that ends the connection: status, headers and its JSON `detail`."""
     head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, str(json.loads(body)["detail"])
+    status, headers = parse_head(head)
+    return status, headers, str(json.loads(body)["detail"])
 
 
 def memory_kib(pid: int, field: str) -> int:
@@ -95,7 +80,7 @@ def memory_kib(pid: int, field: str) -> int:
 
 
 def serve(start_service: StartService, **env: str) -> Service:
-    return start_service(pypnm_command("--port", "{port}", "--workers", "1"), env=base_env(**env))
+    return serve_pypnm(start_service, "--workers", "1", **env)
 
 
 # ----- head size: 431 --------------------------------------------------------------------------
@@ -180,8 +165,7 @@ def test_heads_under_the_limits_keep_alive_and_pipelining_still_work(start_servi
                      + chunks + b"0\r\n\r\n" + request())
         assert read_response(sock, received)[0] == 405
         assert read_response(sock, received)[0] == 200
-    reload = service.get(RELOAD_PATH)
-    assert reload.status_code == 200 and reload.content == b'{"status":"reload triggered"}'
+    service.trigger_reload()  # the documented 200 answer, on a connection of its own
 
 
 # ----- head time: 408 / close ------------------------------------------------------------------
@@ -222,11 +206,7 @@ def test_a_trickling_request_head_is_closed_although_bytes_keep_coming(start_ser
 
 
 def test_the_head_timeout_does_not_cut_a_slow_response(start_service: StartService, marker_app: Path) -> None:
-    service = start_service(
-        pypnm_command("--app", "markerpkg.main:app", "--port", "{port}", "--workers", "1"),
-        cwd=marker_app,
-        env=base_env(PYPNM_TIMEOUT_REQUEST_HEADER="1"),
-    )
+    service = serve_marker(start_service, marker_app, graceful_timeout=None, PYPNM_TIMEOUT_REQUEST_HEADER="1")
     with connect(service) as sock:
         sock.sendall(request("/slow?seconds=2.5"))  # answered well after the 1 s head timeout
         status, body = read_response(sock, bytearray())
@@ -269,19 +249,17 @@ def test_connections_beyond_limit_concurrency_get_503(start_service: StartServic
 def test_a_reload_applies_new_limits_to_the_new_generation(start_service: StartService, tmp_path: Path) -> None:
     config = tmp_path / "pypnm.toml"
     config.write_text("limit_request_line_size = 8192\n")
-    service = start_service(
-        pypnm_command("--port", "{port}", "--workers", "1", "--config", str(config)),
+    service = serve_pypnm(
+        start_service, "--workers", "1", "--config", str(config),
         # Reloaded by hand below; the settings-file watch would add a reload of its own.
-        env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false"),
+        PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false",
     )
 
     with connect(service) as sock:
         sock.sendall(request(**{"X-Big": "e" * (10 * KiB)}))
         assert parse_refusal(read_until_closed(sock))[0] == 431
     config.write_text("limit_request_line_size = 32768\n")
-    reload = service.get(RELOAD_PATH)
-    assert reload.content == b'{"status":"reload triggered"}'
-    reload_id = reload.headers["X-Reload-Id"]
+    reload_id = service.trigger_reload()
 
     def settled() -> bool:
         status = service.status()

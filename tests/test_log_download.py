@@ -10,19 +10,18 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from conftest import RELOAD_PATH, Service, base_env, pypnm_command
+from conftest import RELOAD_PATH, Service, StartService, base_env, pypnm_command
 
 DOWNLOAD_PATH = "/pypnm/system/log/download"
 IDENTITY = {"Accept-Encoding": "identity"}
 TOKEN = "download-token-0123456789"
 
 
-def serve_with_log(start_service: Callable[..., Service], path: Path, *args: str, **env: str) -> Service:
+def serve_with_log(start_service: StartService, path: Path, *args: str, **env: str) -> Service:
     return start_service(
         pypnm_command("--port", "{port}", *args),
         env=base_env(PYPNM_LOG_FILE=str(path), PYPNM_LOG_FILE_MAX_BYTES="0", **env),
@@ -37,7 +36,7 @@ def vm_hwm(pid: int) -> int:
     return int(found.group(1)) * 1024
 
 
-def test_download_is_the_log_file(start_service: Callable[..., Service], tmp_path: Path) -> None:
+def test_download_is_the_log_file(start_service: StartService, tmp_path: Path) -> None:
     path = tmp_path / "pypnm.log"
     service = serve_with_log(start_service, path)
     assert service.get("/health").status_code == 200
@@ -57,7 +56,7 @@ def test_download_is_the_log_file(start_service: Callable[..., Service], tmp_pat
     assert unpacked == path.read_bytes()[: len(unpacked)] and len(unpacked) >= len(response.content)
 
 
-def test_lines_written_while_it_streams_are_not_sent(start_service: Callable[..., Service], tmp_path: Path) -> None:
+def test_lines_written_while_it_streams_are_not_sent(start_service: StartService, tmp_path: Path) -> None:
     path = tmp_path / "pypnm.log"
     path.write_bytes(b"".join(b"old line %07d %s\n" % (n, b"z" * 80) for n in range(60_000)))  # ~5.6 MB
     service = serve_with_log(start_service, path)
@@ -75,7 +74,7 @@ def test_lines_written_while_it_streams_are_not_sent(start_service: Callable[...
     assert body == path.read_bytes()[:length]
 
 
-def test_a_large_file_is_streamed_in_small_memory(start_service: Callable[..., Service], tmp_path: Path) -> None:
+def test_a_large_file_is_streamed_in_small_memory(start_service: StartService, tmp_path: Path) -> None:
     path = tmp_path / "big.log"
     line = b"2026-11-24T11:08:15.672Z INFO [worker pid=1 gen=1] pypnm.access: " + b"x" * 120 + b"\n"
     with path.open("wb") as log:
@@ -104,7 +103,7 @@ def test_a_large_file_is_streamed_in_small_memory(start_service: Callable[..., S
     assert grown < 16 * 1024 * 1024, f"the worker's peak memory grew by {grown} bytes for a {size}-byte file"
 
 
-def test_no_log_file_configured_is_404_saying_how(start_service: Callable[..., Service]) -> None:
+def test_no_log_file_configured_is_404_saying_how(start_service: StartService) -> None:
     service = start_service(pypnm_command("--port", "{port}"))
     response = service.get(DOWNLOAD_PATH)
     assert response.status_code == 404
@@ -113,7 +112,7 @@ def test_no_log_file_configured_is_404_saying_how(start_service: Callable[..., S
     assert "log_file" in detail and "PYPNM_LOG_FILE" in detail
 
 
-def test_a_missing_log_file_is_404_naming_it(start_service: Callable[..., Service], tmp_path: Path) -> None:
+def test_a_missing_log_file_is_404_naming_it(start_service: StartService, tmp_path: Path) -> None:
     # Under a plain uvicorn nobody writes the log_file, so it stays missing.
     missing = tmp_path / "logs" / "pypnm.log"
     command = [sys.executable, "-m", "uvicorn", "pypnm.main:app", "--host", "127.0.0.1", "--port", "{port}"]
@@ -123,7 +122,7 @@ def test_a_missing_log_file_is_404_naming_it(start_service: Callable[..., Servic
     assert response.json() == {"detail": f"Log file not found at: {missing}"}
 
 
-def test_refused_to_whom_the_reload_is_refused(start_service: Callable[..., Service], tmp_path: Path) -> None:
+def test_refused_to_whom_the_reload_is_refused(start_service: StartService, tmp_path: Path) -> None:
     path = tmp_path / "pypnm.log"
     service = serve_with_log(
         start_service, path, PYPNM_TRUSTED_NETWORKS="[]", PYPNM_API_TOKENS=f'{{"ops": "{TOKEN}"}}'

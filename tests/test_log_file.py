@@ -17,16 +17,14 @@ import os
 import re
 import secrets
 import signal
-import sys
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import RELOAD_PATH, Service, base_env, pypnm_command, run_cli, wait_until
+from conftest import RELOAD_PATH, Service, StartService, base_env, pypnm_command, run_cli, wait_until
 from pypnm.logs import LogOutput, setup_logging
 from pypnm.supervisor.logfile import LogFile
 
@@ -83,7 +81,7 @@ def test_processes_rotating_one_file_lose_and_mix_no_line(tmp_path: Path) -> Non
 
     files = log_files(path)
     assert len(files) > 20, "the test should rotate many times"
-    seen = collections.Counter()
+    seen: collections.Counter[tuple[str, int]] = collections.Counter()
     for line in all_lines(path):
         name, number, padding = line.split(" ")
         assert set(padding) <= {"x"} and len(padding) == (9000 if int(number) % 97 == 0 else int(number) % 50), line
@@ -113,31 +111,6 @@ def test_a_renamed_file_is_followed_at_the_next_line(tmp_path: Path) -> None:
 
 
 # ----- the formats, through setup_logging ---------------------------------------------------------------
-
-
-@pytest.fixture
-def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """Let a test call setup_logging; the logging set-up of the test run is put back afterwards."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    names = ("uvicorn", "uvicorn.error", "uvicorn.access")
-    saved_loggers = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate) for name in names}
-    saved_usr1 = signal.getsignal(signal.SIGUSR1)
-    monkeypatch.setenv("PYPNM_SUPERVISOR_LOG", "")  # no master's choice here; and put back afterwards
-    stream = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stream)
-    try:
-        yield stream
-    finally:
-        for handler in root.handlers:
-            if handler not in saved[0]:
-                handler.close()
-        root.handlers[:], level = saved
-        root.setLevel(level)
-        for name, (handlers, propagate) in saved_loggers.items():
-            logging.getLogger(name).handlers[:] = handlers
-            logging.getLogger(name).propagate = propagate
-        signal.signal(signal.SIGUSR1, saved_usr1)
 
 
 def test_json_lines_carry_the_fields_and_the_traceback(tmp_path: Path, restore_logging: io.StringIO) -> None:
@@ -227,7 +200,7 @@ def _access_ids(lines: list[str], log_format: str) -> tuple[collections.Counter[
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
 def test_two_workers_under_load_through_rotations_lose_no_line(
-    start_service: Callable[..., Service], tmp_path: Path, log_format: str
+    start_service: StartService, tmp_path: Path, log_format: str
 ) -> None:
     path = tmp_path / "logs" / "pypnm.log"
     path.parent.mkdir()
@@ -260,7 +233,7 @@ def _open_inodes(pid: int) -> set[int]:
 
 
 def test_sigusr1_after_logrotate_moves_every_process_to_the_new_file(
-    start_service: Callable[..., Service], tmp_path: Path
+    start_service: StartService, tmp_path: Path
 ) -> None:
     path = tmp_path / "pypnm.log"
     env = base_env(PYPNM_LOG_FILE=str(path), PYPNM_LOG_FILE_MAX_BYTES="0")

@@ -13,15 +13,13 @@ import json
 import logging
 import re
 import secrets
-import sys
 import unicodedata
-from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Service, pypnm_command, raw_http, wait_until
+from conftest import StartService, pypnm_command, raw_http, wait_until
 from pypnm.logs import escape_controls, log_field, setup_logging
 
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (TRACE|DEBUG|INFO|WARNING|ERROR|CRITICAL) \[")
@@ -37,7 +35,7 @@ def raw_characters(text: str) -> list[str]:
     return [c for c in text if (unicodedata.category(c) == "Cc" and c != "\n") or c in UNSAFE]
 
 
-def test_hostile_request_writes_one_escaped_access_line(start_service: Callable[..., Service]) -> None:
+def test_hostile_request_writes_one_escaped_access_line(start_service: StartService) -> None:
     service = start_service(pypnm_command("--port", "{port}"))
     marker = "forged-" + secrets.token_hex(4)
     fake = FAKE.replace(" ", "%20").replace("[", "%5B").replace("]", "%5D")
@@ -130,23 +128,10 @@ def test_log_field_is_one_printable_ascii_token_that_decodes_back(value: str) ->
 
 
 @pytest.fixture
-def log_output(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """Run setup_logging into a buffer; the logging set-up of the test run is put back afterwards."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    names = ("uvicorn", "uvicorn.error", "uvicorn.access")
-    saved_loggers = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate) for name in names}
-    stream = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stream)
+def log_output(restore_logging: io.StringIO) -> io.StringIO:
+    """setup_logging("worker", "debug") into a buffer (conftest's restore_logging puts the test run's logging back)."""
     setup_logging("worker", "debug")
-    try:
-        yield stream
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-        for name, (handlers, propagate) in saved_loggers.items():
-            logging.getLogger(name).handlers[:] = handlers
-            logging.getLogger(name).propagate = propagate
+    return restore_logging
 
 
 def test_every_record_is_escaped_and_tracebacks_stay_readable(log_output: io.StringIO) -> None:

@@ -9,12 +9,11 @@ the route labels.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,22 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import RELOAD_PATH, Service, base_env, pid_alive, pypnm_command, wait_until
+from conftest import (
+    RELOAD_PATH,
+    Service,
+    StartService,
+    asgi_request,
+    base_env,
+    client_from,
+    pid_alive,
+    pypnm_command,
+    wait_until,
+)
 from pypnm import metrics as names
 from pypnm.api.app import create_app
 from pypnm.settings import Settings
 from pypnm.supervisor import metrics as master_metrics
 
-StartService = Callable[..., Service]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 TOKEN = "metrics-scraper-0123456789abcdef"
 ASSET = "/static/docs/swagger-ui.css"
@@ -117,7 +125,7 @@ def test_counters_never_go_back_across_reloads_a_crash_and_a_failed_reload(
             assert service.get("/health").status_code == 200
             health_served += 1
         assert service.get(RELOAD_PATH).json() == {"status": "reload triggered"}
-        wait_until(lambda g=generation: serving(service, g, 2), timeout=30)
+        wait_until(functools.partial(serving, service, generation, 2), timeout=30)
     victim = service.status()["workers"][0]["pid"]
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: not pid_alive(victim), timeout=10)
@@ -174,12 +182,8 @@ def guarded(start_service: StartService) -> Service:
     )
 
 
-def client_from(address: str, service: Service) -> httpx.Client:
-    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), base_url=service.base_url, timeout=10)
-
-
 def test_metrics_follow_the_system_operations_access_rules(guarded: Service) -> None:
-    with client_from("127.0.0.2", guarded) as untrusted:
+    with client_from("127.0.0.2", base_url=guarded.base_url) as untrusted:
         refused = untrusted.get("/metrics", headers={"X-Request-ID": "untrusted-scrape"})
         allowed = untrusted.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}", "X-Request-ID": "with-token"})
         wrong = untrusted.get("/metrics", headers={"Authorization": "Bearer not-the-token-0123456789"})
@@ -206,12 +210,7 @@ def test_metrics_follow_the_system_operations_access_rules(guarded: Service) -> 
 
 
 def asgi_get(app: Any, path: str, method: str = "GET") -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 4711))
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            return await client.request(method, path)
-
-    return asyncio.run(go())
+    return asgi_request(app, method, path, base_url="http://localhost")
 
 
 def test_labels_are_route_templates_and_known_methods() -> None:

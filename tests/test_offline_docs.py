@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from browser import devtools, is_png, render
-from conftest import RELOAD_PATH, STATUS_PATH, Service, base_env, free_port, pypnm_command
+from conftest import RELOAD_PATH, STATUS_PATH, Service, base_env, pypnm_command, serving
 
 TOKEN_LABEL = "docs"
 TOKEN = "docs-token-0123456789abcdef"
@@ -31,20 +30,9 @@ ASSET_PATHS = {
 
 @pytest.fixture(scope="module")
 def docs_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    workdir = tmp_path_factory.mktemp("docs-service")
-    port = free_port()
-    log = workdir / "server.log"
     env = base_env(PYPNM_TRUSTED_NETWORKS="[]", PYPNM_API_TOKENS=json.dumps({TOKEN_LABEL: TOKEN}))
-    proc = subprocess.Popen(
-        pypnm_command("serve", "--port", str(port)), cwd=workdir, env=env, stdout=log.open("wb"),
-        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-    )
-    service = Service(proc, port, log)
-    try:
-        service.wait_ready()
+    with serving(pypnm_command("serve", "--port", "{port}"), tmp_path_factory.mktemp("docs-service"), env) as service:
         yield service
-    finally:
-        service.stop()
 
 
 class _Elements(HTMLParser):
@@ -97,8 +85,8 @@ def test_doc_pages_name_no_other_host_and_their_assets_are_served(docs_service: 
         assert re.findall(r"(?:https?:)?//[^\s'\"<>]+", response.text) == [], "the page names another host"
         policy = response.headers["content-security-policy"]
         assert "default-src 'self'" in policy and "img-src 'self' data:" in policy
-        referenced = [attrs.get("src") or attrs.get("href") for tag, attrs, _ in elements(response.text)
-                      if tag in ("script", "link") and (attrs.get("src") or attrs.get("href"))]
+        referenced = [ref for tag, attrs, _ in elements(response.text)
+                      if tag in ("script", "link") and (ref := attrs.get("src") or attrs.get("href"))]
         assert sorted(referenced) == sorted(assets)
         for asset in assets:
             served = docs_service.get(asset)

@@ -10,15 +10,13 @@ an editable install (the wheel's directory disappears), then a wheel again.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import RELOAD_PATH, REPO, Service, base_env, wait_until
+from conftest import Service, StartService, base_env, project_copy, wait_until
 
 ROUTE_MODULE = Path("pypnm", "api", "web_service.py")
 
@@ -34,13 +32,9 @@ def pip(python: Path, *args: str) -> None:
     assert result.returncode == 0, f"pip {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
 
 
-def project_copy(parent: Path, version: str) -> Path:
+def versioned_copy(parent: Path, version: str) -> Path:
     """The project (pyproject, README, src/pypnm) with `__version__ = version`."""
-    root = parent / f"pypnm-{version}"
-    root.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, root / name)
-    shutil.copytree(REPO / "src" / "pypnm", root / "src" / "pypnm", ignore=shutil.ignore_patterns("__pycache__"))
+    root = project_copy(parent / f"pypnm-{version}")
     init = root / "src" / "pypnm" / "__init__.py"
     text = init.read_text()
     assert '__version__ = "' in text
@@ -52,7 +46,7 @@ def project_copy(parent: Path, version: str) -> Path:
 
 def build_wheel(parent: Path, version: str) -> Path:
     """A wheel of the project at `version`, built by hatchling (the [test] extra) in this environment."""
-    source = project_copy(parent / "sources", version)
+    source = versioned_copy(parent / "sources", version)
     pip(Path(sys.executable), "wheel", "-w", str(parent / "wheels"), str(source))
     (wheel,) = (parent / "wheels").glob(f"pypnm-{version}-*.whl")
     return wheel
@@ -73,9 +67,7 @@ def make_venv(root: Path) -> tuple[Path, Path]:
 
 
 def reload_and_wait(service: Service) -> dict[str, Any]:
-    response = service.get(RELOAD_PATH)
-    assert response.status_code == 200, response.text
-    reload_id = response.headers["X-Reload-Id"]
+    reload_id = service.trigger_reload()
 
     def finished() -> dict[str, Any] | None:
         # pip's writes to the watched route module trigger reloads of their own: wait until all are done.
@@ -90,10 +82,10 @@ def reload_and_wait(service: Service) -> dict[str, Any]:
 
 
 def test_a_reload_after_a_reinstall_serves_the_new_install(
-    start_service: Callable[..., Service], tmp_path: Path
+    start_service: StartService, tmp_path: Path
 ) -> None:
     wheels = {version: build_wheel(tmp_path, version) for version in ("0.1.1", "0.1.2", "0.1.4")}
-    editable = project_copy(tmp_path / "checkout", "0.1.3")
+    editable = versioned_copy(tmp_path / "checkout", "0.1.3")
     python, site = make_venv(tmp_path / "venv")
     pip(python, "install", str(wheels["0.1.1"]))
 
@@ -126,7 +118,11 @@ def test_a_reload_after_a_reinstall_serves_the_new_install(
         line = f"reload requested by file change: {route_file}"
         generation, seen = status["generation"], service.output().count(line)  # pip's own writes trigger too
         route_file.touch()
-        wait_until(lambda g=generation: service.status()["generation"] > g, timeout=20)
+
+        def reloaded(generation: int = generation) -> bool:
+            return int(service.status()["generation"]) > generation
+
+        wait_until(reloaded, timeout=20)
         assert service.output().count(line) > seen
         status = service.status()
 

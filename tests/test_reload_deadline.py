@@ -7,26 +7,15 @@ endpoint waits for it, and thawed with SIGCONT after the endpoint has answered 5
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
-from typing import Any
 
-from conftest import RELOAD_PATH, Service, base_env, pypnm_command, wait_until
+from conftest import RELOAD_BODY, RELOAD_PATH, StartService, serve_pypnm, wait_until
 from pypnm.supervisor.timeouts import CONTROL_ASK as RELOAD_CONTROL_TIMEOUT
-
-EXACT_BODY = b'{"status":"reload triggered"}'
-
-
-def reload_record(service: Service, reload_id: str) -> dict[str, Any] | None:
-    record = next((r for r in service.status()["reloads"] if r["id"] == reload_id), None)
-    return record if record and record["outcome"] else None
 
 
 def test_a_reload_that_timed_out_is_dropped_and_a_retry_reloads_once(
-    start_service: Callable[..., Service],
+    start_service: StartService,
 ) -> None:
-    service = start_service(
-        pypnm_command("--port", "{port}", "--workers", "1"), env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0")
-    )
+    service = serve_pypnm(start_service, "--workers", "1", PYPNM_RELOAD_MIN_INTERVAL="0")
     before = service.status()
     request_id = "frozen-master-reload-1"
 
@@ -55,8 +44,8 @@ def test_a_reload_that_timed_out_is_dropped_and_a_retry_reloads_once(
 
     # The retry reloads, once: it takes the very next generation number, which the dropped one never got.
     retry = service.get(RELOAD_PATH)
-    assert retry.status_code == 200 and retry.content == EXACT_BODY, retry.text
-    record = wait_until(lambda: reload_record(service, retry.headers["x-reload-id"]), timeout=30)
+    assert retry.status_code == 200 and retry.content == RELOAD_BODY, retry.text
+    record = service.wait_reload(retry.headers["x-reload-id"])
     assert record["outcome"] == "succeeded", record
     assert record["generation"] == before["generation"] + 1
     assert service.status()["generation"] == before["generation"] + 1

@@ -14,25 +14,25 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+import httpx
 import pytest
 
 from conftest import (
+    RELOAD_BODY,
     RELOAD_PATH,
-    REPO,
     SRC,
     STATUS_PATH,
-    Service,
+    StartService,
     base_env,
     copy_package,
+    project_copy,
     pypnm_command,
     wait_until,
 )
 
-EXACT_BODY = b'{"status":"reload triggered"}'
 ROUTE_MODULE = Path("pypnm") / "api" / "web_service.py"
 NOBODY = 65534
 
@@ -41,24 +41,17 @@ def uvicorn_command(*extra: str) -> list[str]:
     return [sys.executable, "-m", "uvicorn", "pypnm.main:app", "--host", "127.0.0.1", "--port", "{port}", *extra]
 
 
-def assert_exact_success(response: Any) -> None:
+def assert_exact_success(response: httpx.Response) -> None:
     assert response.status_code == 200, response.text
-    assert response.content == EXACT_BODY
+    assert response.content == RELOAD_BODY
     assert response.headers["content-type"] == "application/json"
-
-
-def reload_record(service: Service, reload_id: str) -> dict[str, Any] | None:
-    """The finished reload with this id, or None while it has no outcome."""
-    records = service.status()["reloads"]
-    record = next((r for r in records if r["id"] == reload_id), None)
-    return record if record and record["outcome"] else None
 
 
 # ----- unsupervised: plain uvicorn ---------------------------------------------------------
 
 
 def test_unsupervised_reload_answers_exact_body_and_touches_route_module(
-    start_service: Callable[..., Service], pypnm_copy: Path
+    start_service: StartService, pypnm_copy: Path
 ) -> None:
     route_module = pypnm_copy / ROUTE_MODULE
     service = start_service(uvicorn_command(), cwd=pypnm_copy, env=base_env(PYTHONPATH=str(pypnm_copy)))
@@ -151,7 +144,7 @@ def untouchable_route_module() -> Iterator[tuple[Path, list[str], str]]:
 
 
 def test_unsupervised_reload_500_when_route_module_cannot_be_touched(
-    start_service: Callable[..., Service], untouchable_route_module: tuple[Path, list[str], str]
+    start_service: StartService, untouchable_route_module: tuple[Path, list[str], str]
 ) -> None:
     root, prefix, mechanism = untouchable_route_module
     service = start_service(
@@ -179,7 +172,7 @@ def test_unsupervised_reload_500_when_route_module_cannot_be_touched(
 
 
 def test_uvicorn_reload_from_source_copy_restarts_worker(
-    start_service: Callable[..., Service], tmp_path: Path
+    start_service: StartService, tmp_path: Path
 ) -> None:
     """`uvicorn pypnm.main:app --reload` in a source tree: the touch makes uvicorn restart its worker."""
     src_copy = tmp_path / "src"
@@ -199,7 +192,7 @@ def test_uvicorn_reload_from_source_copy_restarts_worker(
 # ----- supervised: pypnm -----------------------------------------------------------------------
 
 
-def test_supervised_reload_answers_exact_body_with_reload_id(start_service: Callable[..., Service]) -> None:
+def test_supervised_reload_answers_exact_body_with_reload_id(start_service: StartService) -> None:
     """The repository's package under the supervisor: the endpoint asks the master, touches nothing."""
     service = start_service(
         pypnm_command("--port", "{port}", "--workers", "1"), env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0")
@@ -211,7 +204,7 @@ def test_supervised_reload_answers_exact_body_with_reload_id(start_service: Call
 
     assert_exact_success(response)
     reload_id = response.headers["x-reload-id"]
-    record = wait_until(lambda: reload_record(service, reload_id), timeout=30)
+    record = service.wait_reload(reload_id)
     assert record["outcome"] == "succeeded", record
     assert record["source"] == f"http (request {response.headers['x-request-id']})"
     # The outcome is recorded once the old generation stopped accepting: a new connection reaches the new one.
@@ -225,10 +218,7 @@ def test_supervised_reload_answers_exact_body_with_reload_id(start_service: Call
 def installed_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`pip install --no-deps --target` of a copy of the project: a plain, non-editable install."""
     base = tmp_path_factory.mktemp("installed")
-    project = base / "project"
-    copy_package(SRC / "pypnm", project / "src")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, project / name)
+    project = project_copy(base / "project")
     site = base / "site"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",
@@ -242,7 +232,7 @@ def installed_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_pypnm_reload_flag_from_installed_copy_started_elsewhere(
-    start_service: Callable[..., Service], installed_copy: Path, tmp_path: Path
+    start_service: StartService, installed_copy: Path, tmp_path: Path
 ) -> None:
     elsewhere = tmp_path / "unrelated-cwd"
     elsewhere.mkdir()

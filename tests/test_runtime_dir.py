@@ -12,10 +12,17 @@ from typing import Any
 
 import pytest
 
-from conftest import RELOAD_PATH, Service, base_env, free_port, pid_alive, pypnm_command, run_cli, wait_until
-from test_cli import assert_one_line_error
-
-StartService = Callable[..., Service]
+from conftest import (
+    Service,
+    StartService,
+    assert_one_line_error,
+    base_env,
+    free_port,
+    pid_alive,
+    run_cli,
+    serve_pypnm,
+    wait_until,
+)
 
 
 def runtime_dirs(parent: Path) -> list[Path]:
@@ -23,7 +30,7 @@ def runtime_dirs(parent: Path) -> list[Path]:
 
 
 def serve(start_service: StartService, **env: str) -> Service:
-    return start_service(pypnm_command("--port", "{port}", "--workers", "2"), env=base_env(**env))
+    return serve_pypnm(start_service, "--workers", "2", **env)
 
 
 def process_pids(service: Service) -> list[int]:
@@ -154,13 +161,7 @@ def test_a_runtime_directory_that_refuses_a_snapshot_fails_that_reload_in_one_li
     blocked.write_text("")
 
     def reload() -> dict[str, Any]:
-        response = service.get(RELOAD_PATH)
-        assert response.status_code == 200, response.text
-        reload_id = response.headers["X-Reload-Id"]
-        return dict(wait_until(
-            lambda: next((r for r in service.status()["reloads"] if r["id"] == reload_id and r["outcome"]), None),
-            timeout=30,
-        ))
+        return service.wait_reload(service.trigger_reload())
 
     failed = reload()
     assert failed["outcome"] == "failed"

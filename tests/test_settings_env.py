@@ -10,14 +10,22 @@ import json
 import secrets
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import STATUS_PATH, Service, base_env, free_port, pypnm_command, run_cli
-from test_cli import assert_one_line_error
+from conftest import (
+    STATUS_PATH,
+    Service,
+    StartService,
+    assert_one_line_error,
+    base_env,
+    client_from,
+    free_port,
+    pypnm_command,
+    run_cli,
+)
 
 TOKEN = "ci-" + secrets.token_urlsafe(24)
 OTHER_TOKEN = "ops-" + secrets.token_urlsafe(24) + ":x="  # a colon and '=' inside a token are fine
@@ -44,13 +52,12 @@ MALFORMED = {
 
 
 def get_from(service: Service, address: str, path: str, **headers: str) -> httpx.Response:
-    transport = httpx.HTTPTransport(local_address=address)
-    with httpx.Client(transport=transport, base_url=service.base_url, timeout=10.0) as client:
+    with client_from(address, base_url=service.base_url) as client:
         return client.get(path, headers=headers)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
-def test_each_form_takes_effect_in_a_served_app(start_service: Callable[..., Service], form: str) -> None:
+def test_each_form_takes_effect_in_a_served_app(start_service: StartService, form: str) -> None:
     service = start_service(pypnm_command("--port", "{port}"), env=base_env(**FORMS[form]))
 
     # trusted_networks: 127.0.0.2 is trusted, 127.0.0.1 (the default's loopback) no longer is.

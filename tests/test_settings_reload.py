@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import RELOAD_PATH, STATUS_PATH, Service, base_env, pypnm_command, wait_until
+from conftest import STATUS_PATH, Service, StartService, client_from, run_cli, serve_pypnm, wait_until
 
 TOKEN = "ci-" + secrets.token_urlsafe(24)
 NEW_TOKEN = "ops-" + secrets.token_urlsafe(24)
@@ -30,25 +30,13 @@ ci-runner = "{TOKEN}"
 
 
 def from_127_0_0_2(service: Service, path: str = STATUS_PATH, **headers: str) -> httpx.Response:
-    transport = httpx.HTTPTransport(local_address="127.0.0.2")
-    with httpx.Client(transport=transport, base_url=service.base_url, timeout=10.0) as client:
+    with client_from("127.0.0.2", base_url=service.base_url) as client:
         return client.get(path, headers=headers)
 
 
 def reload_and_wait(service: Service) -> dict[str, Any]:
     """Trigger a reload over HTTP; return its record once it has an outcome."""
-    response = service.get(RELOAD_PATH)
-    assert response.status_code == 200, response.text
-    assert response.content == b'{"status":"reload triggered"}'
-    reload_id = response.headers["X-Reload-Id"]
-
-    def finished() -> dict[str, Any] | None:
-        for record in service.status()["reloads"]:
-            if record["id"] == reload_id and record["outcome"] is not None:
-                return dict(record)
-        return None
-
-    record: dict[str, Any] = wait_until(finished, timeout=60.0, interval=0.1)
+    record = service.wait_reload(service.trigger_reload(), timeout=60.0)
     if record["outcome"] == "succeeded":
         # "succeeded" is recorded when the new generation accepts; the old one stops accepting
         # a moment later (it is sent SIGTERM and drains). Wait until only the new one is left.
@@ -68,16 +56,15 @@ def serving_workers(service: Service) -> set[int]:
 
 
 @pytest.fixture
-def configured(tmp_path: Path, start_service: Callable[..., Service]) -> Callable[[str], tuple[Service, Path]]:
+def configured(tmp_path: Path, start_service: StartService) -> Callable[..., tuple[Service, Path]]:
     """Start pypnm with a settings file holding `text`; returns the service and the file."""
 
     def start(text: str, **env: str) -> tuple[Service, Path]:
         config = tmp_path / "pypnm.toml"
         config.write_text(text)
-        service = start_service(
-            pypnm_command("--port", "{port}", "--config", str(config)),
-            # These tests reload by hand; the settings-file watch (test_config_watch.py) would add reloads of its own.
-            env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false", **env),
+        # These tests reload by hand; the settings-file watch (test_config_watch.py) would add reloads of its own.
+        service = serve_pypnm(
+            start_service, "--config", str(config), PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false", **env
         )
         return service, config
 
@@ -217,10 +204,7 @@ def test_pypnm_check_validates_a_settings_file_offline(tmp_path: Path) -> None:
     good.write_text(INITIAL)
 
     def check(config: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            pypnm_command("check", "--config", str(config)), cwd=tmp_path, env=base_env(),
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-        )
+        return run_cli("check", "--config", str(config), cwd=tmp_path)
 
     failed = check(bad)
     assert failed.returncode == 2, failed.stderr  # a settings error, as `pypnm` says it

@@ -12,7 +12,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,52 +23,28 @@ from conftest import (
     RELOAD_PATH,
     STATUS_PATH,
     Service,
-    base_env,
+    StartService,
     pid_alive,
-    pypnm_command,
     rewrite,
     run_cli,
+    serve_marker,
+    serve_pypnm,
     set_marker,
+    supervisor_status,
     wait_until,
 )
-
-MARKER_APP = "markerpkg.main:app"
-SUPERVISOR_PATH = "/supervisor"  # markerpkg's relay of the master's status
-
-StartService = Callable[..., Service]
-
 
 # ----- helpers ---------------------------------------------------------------------------------
 
 
-def serve_marker(start_service: StartService, app_dir: Path, *flags: str, **env: str) -> Service:
+def serve_pypnm_copy(start_service: StartService, copy_root: Path, *flags: str, workers: int = 1,
+                     **env: str) -> Service:
     env.setdefault("PYPNM_RELOAD_MIN_INTERVAL", "0")
-    return start_service(
-        pypnm_command("--app", MARKER_APP, "--port", "{port}", "--workers", "1", "--graceful-timeout", "10", *flags),
-        cwd=app_dir,
-        env=base_env(**env),
-    )
-
-
-def serve_pypnm_copy(start_service: StartService, copy_root: Path, *flags: str, **env: str) -> Service:
-    env.setdefault("PYPNM_RELOAD_MIN_INTERVAL", "0")
-    service = start_service(
-        pypnm_command("--port", "{port}", "--workers", "1", "--graceful-timeout", "10", *flags),
-        env=base_env(PYTHONPATH=str(copy_root), **env),
-    )
+    service = serve_pypnm(start_service, "--workers", str(workers), "--graceful-timeout", "10", *flags,
+                          PYTHONPATH=str(copy_root), **env)
     route_file = Path(service.status()["master"]["route_module_file"])
     assert route_file.is_relative_to(copy_root), f"serving {route_file}, not the copy in {copy_root}"
     return service
-
-
-def supervisor(service: Service) -> dict[str, Any]:
-    """The master's status, through whichever app is served."""
-    response = service.get(SUPERVISOR_PATH)
-    if response.status_code == 404:
-        return service.status()
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
 
 
 def marker(service: Service) -> str:
@@ -80,7 +55,7 @@ def marker(service: Service) -> str:
 
 def serving_alone(service: Service, generation: int, workers: int = 1) -> dict[str, Any] | None:
     """The status once `generation` serves with all its workers and nothing else is left; else None."""
-    status = supervisor(service)
+    status = supervisor_status(service)
     live = status["workers"]
     settled = (
         status["generation"] == generation
@@ -169,7 +144,7 @@ def test_reload_by_touching_the_route_module(start_service: StartService, marker
     service = serve_marker(start_service, marker_app)
     before = wait_serving_alone(service, 1)
     route_module = marker_app / "markerpkg" / "main.py"
-    assert supervisor(service)["master"]["route_module_file"] == str(route_module.resolve())
+    assert supervisor_status(service)["master"]["route_module_file"] == str(route_module.resolve())
     wait_until(lambda: "watching" in service.output(), timeout=10)
     set_marker(marker_app, "v2")  # not the route module: no reload by itself without --reload
 
@@ -292,7 +267,7 @@ def test_killed_worker_respawns_on_its_own_generation(start_service: StartServic
 
 
 def test_killed_master_takes_workers_and_template_along(start_service: StartService, marker_app: Path) -> None:
-    service = serve_marker(start_service, marker_app, "--workers", "2")
+    service = serve_marker(start_service, marker_app, workers=2)
     status = wait_serving_alone(service, 1, workers=2)
     others = [*worker_pids(status), status["master"]["template_pid"]]
     assert len(others) == 3 and all(pid_alive(pid) for pid in others)
@@ -331,7 +306,7 @@ def test_storm_of_triggers_builds_at_most_two_generations(
             service.signal(signal.SIGHUP)
 
     def settled() -> dict[str, Any] | None:
-        status = supervisor(service)
+        status = supervisor_status(service)
         done = status["reload_state"] == "idle" and status["pending_reload"] is None
         return status if done and all(r["outcome"] for r in status["reloads"]) else None
 
@@ -366,7 +341,7 @@ def test_slow_request_finishes_on_old_generation_while_new_one_serves(
         wait_until(lambda: marker(service) == "v2", timeout=15)
         # The new generation answers while the slow request is still being served by the old one.
         assert not slow.done(), "the new generation only served after the slow request ended"
-        during = supervisor(service)
+        during = supervisor_status(service)
         assert during["generation"] == 2
         assert {w["pid"]: w["state"] for w in during["workers"]}.get(old_pid) == "draining", during["workers"]
         response = slow.result(timeout=30)
@@ -377,7 +352,7 @@ def test_slow_request_finishes_on_old_generation_while_new_one_serves(
 
 
 def test_sigterm_lets_the_request_in_flight_finish(start_service: StartService, marker_app: Path) -> None:
-    service = serve_marker(start_service, marker_app, "--workers", "2")
+    service = serve_marker(start_service, marker_app, workers=2)
     status = wait_serving_alone(service, 1, workers=2)
     others = [*worker_pids(status), status["master"]["template_pid"]]
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -395,7 +370,7 @@ def test_sigterm_lets_the_request_in_flight_finish(start_service: StartService, 
 
 
 def test_no_failed_requests_while_reloading(start_service: StartService, pypnm_copy: Path) -> None:
-    service = serve_pypnm_copy(start_service, pypnm_copy, "--workers", "2")
+    service = serve_pypnm_copy(start_service, pypnm_copy, workers=2)
     before = wait_serving_alone(service, 1, workers=2)
     reloads_wanted = 3
     outcomes: list[str] = []
@@ -408,8 +383,11 @@ def test_no_failed_requests_while_reloading(start_service: StartService, pypnm_c
         with httpx.Client(base_url=service.base_url, timeout=10) as client:
             for _ in range(reloads_wanted):
                 with counted:
-                    target = count + 40
-                    counted.wait_for(lambda target=target: count >= target, timeout=10)
+
+                    def enough(target: int = count + 40) -> bool:  # 40 more requests since this reload's turn
+                        return count >= target
+
+                    counted.wait_for(enough, timeout=10)
                 reload_id = client.get(RELOAD_PATH).headers["x-reload-id"]
 
                 def outcome(reload_id: str = reload_id) -> str | None:

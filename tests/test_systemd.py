@@ -20,8 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,82 +27,22 @@ import pytest
 
 from conftest import (
     RELOAD_PATH,
+    Message,
+    NotifySocket,
     Service,
+    StartService,
+    assert_one_line_error,
     base_env,
     free_port,
     pypnm_command,
     wait_until,
 )
-from test_cli import assert_one_line_error
 
-StartService = Callable[..., Service]
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
-Message = dict[str, str]
 
 
 def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-
-
-class NotifySocket:
-    """The test's end of NOTIFY_SOCKET: one parsed datagram (`KEY=VALUE` lines) at a time."""
-
-    def __init__(self, address: str) -> None:
-        self.env = address  # as NOTIFY_SOCKET says it
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self.seen: list[Message] = []
-
-    def next(self, timeout: float = 20.0, watchdog: bool = False) -> Message:
-        """The next datagram (WATCHDOG=1 pings skipped unless `watchdog`); fails after `timeout`."""
-        deadline = time.monotonic() + timeout
-        for _ in range(100_000):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                break
-            message = dict(line.split("=", 1) for line in data.decode().split("\n"))
-            self.seen.append(message)
-            if watchdog or message != {"WATCHDOG": "1"}:
-                return message
-        raise AssertionError(f"no notification within {timeout}s; seen so far: {self.seen}")
-
-    def pending(self) -> list[Message]:
-        """Whatever has arrived and was not read yet, without waiting."""
-        messages: list[Message] = []
-        self.sock.setblocking(False)
-        try:
-            for _ in range(100_000):
-                try:
-                    data = self.sock.recv(65536)
-                except BlockingIOError:
-                    break
-                messages.append(dict(line.split("=", 1) for line in data.decode().split("\n")))
-        finally:
-            self.sock.setblocking(True)
-        self.seen += messages
-        return messages
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    listener = NotifySocket(str(tmp_path / "notify.sock"))
-    yield listener
-    listener.close()
-
-
-@pytest.fixture
-def abstract_notify_socket() -> Iterator[NotifySocket]:
-    listener = NotifySocket(f"@pypnm-test-{uuid.uuid4().hex}")
-    yield listener
-    listener.close()
 
 
 class SystemdReload:
@@ -440,9 +378,15 @@ def test_bad_activation_ends_in_one_line_and_exit_2(
 # ----- the unit files ------------------------------------------------------------------------
 
 
+class UnitParser(configparser.ConfigParser):
+    """A systemd unit file: keys are case-sensitive (configparser lowercases them by default)."""
+
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr
+
+
 def unit(path: Path) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(strict=False, interpolation=None)  # repeated keys: the last one wins
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
+    parser = UnitParser(strict=False, interpolation=None)  # repeated keys: the last one wins
     parser.read_string(path.read_text())
     return parser
 

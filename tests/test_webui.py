@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import RELOAD_PATH, STATUS_PATH, Service, base_env, pypnm_command, wait_until
+from conftest import RELOAD_PATH, STATUS_PATH, Service, StartService, base_env, pypnm_command, wait_until
 
 WEBUI = "http://webui.example:3000"
 INSTANCE = "pypnm-1.example"
@@ -47,7 +47,7 @@ def browser_get(service: Service, path: str) -> httpx.Response:
 
 
 @pytest.fixture
-def instance(tmp_path: Path, start_service: Callable[..., Service]) -> Callable[[dict[str, str]], Service]:
+def instance(tmp_path: Path, start_service: StartService) -> Callable[[dict[str, str]], Service]:
     """One pypnm; `configure(settings)` writes its settings file and reloads it (with a token)."""
     config = tmp_path / "pypnm.toml"
     config.write_text(f'[api_tokens]\nprobe = "{PROBE}"\n')

@@ -1,0 +1,95 @@
+"""The fork template is renewed when it died or its third-party packages changed; a second stop signal is final.
+
+Real processes: pypnm serving its own app or the marker app on 127.0.0.1. The third-party
+versions the master compares are read from package metadata, so a test makes one of the
+watched distributions (httptools) visible first on PYTHONPATH as metadata only, and changes
+its version there; the module itself still comes from the test environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import StartService, pid_alive, serve_marker, serve_pypnm, wait_until
+
+MISSING_MODULE = "pypnm_test_no_such_module"
+
+
+def fake_distribution(site: Path, name: str, version: str) -> None:
+    """`name` at `version` as package metadata only (no module) in `site`, replacing any version there."""
+    for old in site.glob(f"{name}-*.dist-info"):
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_a_template_that_died_is_replaced_at_the_next_reload(start_service: StartService) -> None:
+    # A preload module that is missing costs only speed: each template says so and serves.
+    service = serve_pypnm(start_service, PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_PRELOAD_MODULES=MISSING_MODULE)
+    before = service.status()
+    template = before["master"]["template_pid"]
+    assert f"cannot preload {MISSING_MODULE}" in service.output()
+
+    os.kill(template, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(template), timeout=10)
+    assert service.get("/health").status_code == 200  # the workers outlive their template
+
+    record = service.wait_reload(service.trigger_reload())
+
+    assert record["outcome"] == "succeeded", record
+    after = service.status()
+    assert after["generation"] == record["generation"] > before["generation"]
+    assert after["master"]["template_pid"] not in (None, template) and pid_alive(after["master"]["template_pid"])
+    output = service.output()
+    assert "fork template is gone; starting a new one" in output
+    assert output.count(f"cannot preload {MISSING_MODULE}") == 2, output
+
+
+def test_changed_third_party_packages_get_a_new_template(start_service: StartService, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    fake_distribution(site, "httptools", "99.0.0")
+    service = serve_pypnm(start_service, PYPNM_RELOAD_MIN_INTERVAL="0", PYTHONPATH=str(site))
+    before = service.status()
+    first = service.wait_reload(service.trigger_reload())  # the same packages: the same template
+    assert first["outcome"] == "succeeded", first
+    assert service.status()["master"]["template_pid"] == before["master"]["template_pid"]
+
+    fake_distribution(site, "httptools", "99.0.1")
+    record = service.wait_reload(service.trigger_reload())
+
+    assert record["outcome"] == "succeeded", record
+    after = service.status()
+    assert after["master"]["template_pid"] != before["master"]["template_pid"]
+    assert not pid_alive(before["master"]["template_pid"])
+    assert "third-party packages changed (httptools 99.0.0 -> 99.0.1): starting a new fork template" in (
+        service.output()
+    )
+
+
+def test_a_second_stop_signal_stops_at_once(start_service: StartService, marker_app: Path) -> None:
+    """The first SIGTERM drains (the slow request would finish); the second ends the workers, the request cut."""
+    service = serve_marker(start_service, marker_app, graceful_timeout=60)
+    (worker,) = [w["pid"] for w in service.get("/supervisor").json()["workers"]]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(service.get, "/slow?seconds=30", timeout=60)
+        wait_until(lambda: service.get("/in-flight").json()["slow"] == 1, timeout=10)
+
+        service.signal(signal.SIGTERM)
+        wait_until(lambda: "SIGTERM: stopping gracefully" in service.output(), timeout=10)
+        assert not slow.done() and pid_alive(worker), "the first signal must let the request go on"
+        service.signal(signal.SIGTERM)
+
+        with pytest.raises(httpx.TransportError):  # cut, not answered
+            slow.result(timeout=30)
+    service.proc.wait(timeout=30)
+    assert "SIGTERM again: stopping at once" in service.output()
+    wait_until(lambda: not pid_alive(worker), timeout=10)
