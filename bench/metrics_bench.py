@@ -84,9 +84,26 @@ def start_server(name: str, metrics: bool, workers: int, scratch: Path) -> Serve
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYPNM_")}
     env["PYPNM_METRICS_ENABLED"] = "true" if metrics else "false"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pypnm", "serve", "--host", HOST, "--port", str(port), "--workers", str(workers),
-         "--no-access-log", "--log-level", "warning"],
-        cwd=scratch, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "pypnm",
+            "serve",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        cwd=scratch,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
     server = Server(name, proc, port, log)
@@ -151,8 +168,14 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="workers per server (default 1)")
     parser.add_argument("--path", default="/ready", help="the route to request (default /ready, the cheapest)")
     args = parser.parse_args()
-    if not (1 <= args.rounds <= 50 and 0.5 <= args.seconds <= 60 and 1 <= args.connections <= 256
-            and 0 <= args.warmup <= 60 and 1 <= args.workers <= 8 and args.path.startswith("/")):
+    if not (
+        1 <= args.rounds <= 50
+        and 0.5 <= args.seconds <= 60
+        and 1 <= args.connections <= 256
+        and 0 <= args.warmup <= 60
+        and 1 <= args.workers <= 8
+        and args.path.startswith("/")
+    ):
         parser.error("a value is out of range (see --help)")
 
     print(f"load average before: {load_average()} ({os.cpu_count()} CPUs)", file=sys.stderr)
@@ -176,32 +199,44 @@ def main() -> int:
                     cpu_per_answer[name].append((servers[name].cpu_seconds() - cpu) / answers)
                     rates[name].append(rate := answers / took)
                     sent_to_on += answers if name == "on" else 0
-                    print(f"round {number + 1} metrics {name}: {rate:.0f} req/s, "
-                          f"{cpu_per_answer[name][-1] * 1e6:.0f} us CPU per answer", file=sys.stderr)
+                    print(
+                        f"round {number + 1} metrics {name}: {rate:.0f} req/s, "
+                        f"{cpu_per_answer[name][-1] * 1e6:.0f} us CPU per answer",
+                        file=sys.stderr,
+                    )
             scrape = httpx.get(f"http://{HOST}:{servers['on'].port}/metrics", timeout=10.0)
         finally:
             for server in servers.values():
                 server.stop()
 
     counted = sum(
-        float(line.rsplit(" ", 1)[1]) for line in scrape.text.splitlines()
+        float(line.rsplit(" ", 1)[1])
+        for line in scrape.text.splitlines()
         if line.startswith("pypnm_http_requests_total{") and f'route="{args.path}"' in line
     )
     on, off = statistics.fmean(rates["on"]), statistics.fmean(rates["off"])
     ratio = on / off
     pairs = sorted(a / b for a, b in zip(rates["on"], rates["off"], strict=True))
-    print(f"GET {args.path}, {args.workers} worker(s), {args.connections} keep-alive connections, "
-          f"{args.rounds} x {args.seconds:g} s per server, alternating")
+    print(
+        f"GET {args.path}, {args.workers} worker(s), {args.connections} keep-alive connections, "
+        f"{args.rounds} x {args.seconds:g} s per server, alternating"
+    )
     print(f"metrics on:  mean {on:.0f} req/s  (rounds: {', '.join(f'{r:.0f}' for r in rates['on'])})")
     print(f"metrics off: mean {off:.0f} req/s  (rounds: {', '.join(f'{r:.0f}' for r in rates['off'])})")
-    print(f"throughput ratio on/off: {ratio:.3f}  (per round pair: median {statistics.median(pairs):.3f}, "
-          f"min {pairs[0]:.3f}, max {pairs[-1]:.3f})  target >= 0.95: {'MET' if ratio >= 0.95 else 'MISSED'}")
+    print(
+        f"throughput ratio on/off: {ratio:.3f}  (per round pair: median {statistics.median(pairs):.3f}, "
+        f"min {pairs[0]:.3f}, max {pairs[-1]:.3f})  target >= 0.95: {'MET' if ratio >= 0.95 else 'MISSED'}"
+    )
     cpu_on, cpu_off = statistics.fmean(cpu_per_answer["on"]), statistics.fmean(cpu_per_answer["off"])
     capacity = cpu_off / cpu_on
-    print(f"worker CPU per answer: on {cpu_on * 1e6:.1f} us, off {cpu_off * 1e6:.1f} us; "
-          f"capacity ratio on/off: {capacity:.3f}  target >= 0.95: {'MET' if capacity >= 0.95 else 'MISSED'}")
-    print(f"requests to {args.path} counted by the 'on' server's /metrics: {counted:.0f} "
-          f"(answered to the load: {sent_to_on}; the rest are start-up probes)")
+    print(
+        f"worker CPU per answer: on {cpu_on * 1e6:.1f} us, off {cpu_off * 1e6:.1f} us; "
+        f"capacity ratio on/off: {capacity:.3f}  target >= 0.95: {'MET' if capacity >= 0.95 else 'MISSED'}"
+    )
+    print(
+        f"requests to {args.path} counted by the 'on' server's /metrics: {counted:.0f} "
+        f"(answered to the load: {sent_to_on}; the rest are start-up probes)"
+    )
     print(f"load average after: {load_average()}", file=sys.stderr)
     return 0
 

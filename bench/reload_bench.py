@@ -79,27 +79,60 @@ class ServerKind:
 
 def _uvicorn(*extra: str) -> Callable[[int], list[str]]:
     def args(port: int) -> list[str]:
-        return [sys.executable, "-m", "uvicorn", APP_SPEC, "--host", HOST, "--port", str(port), "--no-access-log",
-                *extra]
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            APP_SPEC,
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--no-access-log",
+            *extra,
+        ]
+
     return args
 
 
 def _pypnm(port: int) -> list[str]:
-    return [sys.executable, "-m", "pypnm", "serve", "--host", HOST, "--port", str(port), "--workers", "2",
-            "--app", APP_SPEC, "--no-access-log"]
+    return [
+        sys.executable,
+        "-m",
+        "pypnm",
+        "serve",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--app",
+        APP_SPEC,
+        "--no-access-log",
+    ]
 
 
 SERVERS = {
     "uvicorn-reload": ServerKind(
-        "uvicorn-reload", "uvicorn --reload (1 process, file change is the trigger)", "file", _uvicorn("--reload"),
+        "uvicorn-reload",
+        "uvicorn --reload (1 process, file change is the trigger)",
+        "file",
+        _uvicorn("--reload"),
         r"SyntaxError|Error loading ASGI app",
     ),
     "uvicorn-workers": ServerKind(
-        "uvicorn-workers", "uvicorn --workers 2, kill -HUP <master>", "hup", _uvicorn("--workers", "2"),
+        "uvicorn-workers",
+        "uvicorn --workers 2, kill -HUP <master>",
+        "hup",
+        _uvicorn("--workers", "2"),
         r"SyntaxError|not ready in time|aborting the restart",
     ),
     "pypnm": ServerKind(
-        "pypnm", "pypnm serve --workers 2, kill -HUP <master>", "hup", _pypnm,
+        "pypnm",
+        "pypnm serve --workers 2, kill -HUP <master>",
+        "hup",
+        _pypnm,
         r"reload \w+ failed",
     ),
 }
@@ -115,8 +148,10 @@ def free_port() -> int:
 def clean_env() -> dict[str, str]:
     """The environment for servers: no PYPNM_* settings, no proxies, no stale bytecode, unbuffered logs."""
     env = {
-        key: value for key, value in os.environ.items()
-        if not key.startswith("PYPNM_") and key.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("PYPNM_")
+        and key.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
         and key != "PYTHONPATH"
     }
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # two versions of app.py may share size and mtime second
@@ -157,8 +192,13 @@ class Server:
         self.log_path = workdir / "server.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            kind.args(self.port), cwd=workdir, env={**clean_env(), **(extra_env or {})}, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            kind.args(self.port),
+            cwd=workdir,
+            env={**clean_env(), **(extra_env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     @property
@@ -282,11 +322,17 @@ class LoadGenerator:
         self._stop = asyncio.Event()
         common: dict[str, Any] = {"base_url": self.base_url, "trust_env": False, "timeout": REQUEST_TIMEOUT}
         async with (
-            httpx.AsyncClient(limits=httpx.Limits(max_connections=KEEPALIVE_CONNECTIONS,
-                                                  max_keepalive_connections=KEEPALIVE_CONNECTIONS), **common)
-            as keepalive,
-            httpx.AsyncClient(limits=httpx.Limits(max_connections=FRESH_CONNECTIONS, max_keepalive_connections=0),
-                              headers={"Connection": "close"}, **common) as fresh,
+            httpx.AsyncClient(
+                limits=httpx.Limits(
+                    max_connections=KEEPALIVE_CONNECTIONS, max_keepalive_connections=KEEPALIVE_CONNECTIONS
+                ),
+                **common,
+            ) as keepalive,
+            httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=FRESH_CONNECTIONS, max_keepalive_connections=0),
+                headers={"Connection": "close"},
+                **common,
+            ) as fresh,
         ):
             self._clients = {"keepalive": keepalive, "fresh": fresh}
             self._ready.set()
@@ -436,8 +482,16 @@ class Bench:
         samples = list(load.samples) if load else []
         if self.args.keep:
             self._dump(samples)
-        return RunData(self.kind, self.args.rate, quiet, self.rounds, samples, server.log_lines(),
-                       time.monotonic() - began, (load_before, os.getloadavg()[0]))
+        return RunData(
+            self.kind,
+            self.args.rate,
+            quiet,
+            self.rounds,
+            samples,
+            server.log_lines(),
+            time.monotonic() - began,
+            (load_before, os.getloadavg()[0]),
+        )
 
     def _dump(self, samples: list[Sample]) -> None:
         """Raw data next to the server log, for a closer look (--keep); times in seconds from the first trigger."""
@@ -445,10 +499,20 @@ class Bench:
         with (self.workdir / "samples.csv").open("w") as out:
             out.write("kind,sent,done,latency_ms,status,marker,error\n")
             for s in sorted(samples, key=lambda s: s.sent):
-                out.write(f"{s.kind},{s.sent - zero:.4f},{s.done - zero:.4f},{s.latency * 1000:.2f},"
-                          f"{s.status or ''},{s.marker or ''},{s.error or ''}\n")
-        rounds = [{"kind": r.kind, "marker": r.marker, "old_marker": r.old_marker, "trigger": r.trigger - zero,
-                   "trigger_wall": r.trigger_wall} for r in self.rounds]
+                out.write(
+                    f"{s.kind},{s.sent - zero:.4f},{s.done - zero:.4f},{s.latency * 1000:.2f},"
+                    f"{s.status or ''},{s.marker or ''},{s.error or ''}\n"
+                )
+        rounds = [
+            {
+                "kind": r.kind,
+                "marker": r.marker,
+                "old_marker": r.old_marker,
+                "trigger": r.trigger - zero,
+                "trigger_wall": r.trigger_wall,
+            }
+            for r in self.rounds
+        ]
         (self.workdir / "rounds.json").write_text(json.dumps(rounds, indent=1))
 
     def _next_marker(self) -> str:
@@ -576,7 +640,7 @@ def analyse_round(record: Round, end: float, samples: Sequence[Sample]) -> Round
     new = [s for s in mine if s.marker == record.marker]
     first_new = new[0].done - record.trigger if new else None
     last_other = max((i for i, s in enumerate(mine) if s.marker != record.marker), default=-1)
-    tail = mine[last_other + 1:]
+    tail = mine[last_other + 1 :]
     all_new = tail[0].done - record.trigger if len(tail) >= RUN_LENGTH else None
     window = [s.latency for s in mine if s.sent < record.trigger + WINDOW]
     return RoundResult(
@@ -598,11 +662,14 @@ def analyse(data: RunData) -> Report:
     results = [analyse_round(r, end, normal) for r, end in zip(rounds, ends, strict=True)]
 
     reload_rounds = [r for r in rounds if r.kind == "reload"]
-    in_window = [s for s in normal
-                 if any(r.trigger <= s.sent < r.trigger + WINDOW for r in reload_rounds)]
+    in_window = [s for s in normal if any(r.trigger <= s.sent < r.trigger + WINDOW for r in reload_rounds)]
     reload_span = (reload_rounds[0].trigger, ends[len(reload_rounds) - 1]) if reload_rounds else (0.0, 0.0)
-    outside = [s for s in normal if reload_span[0] <= s.sent < reload_span[1]
-               and not any(r.trigger <= s.sent < r.trigger + WINDOW for r in reload_rounds)]
+    outside = [
+        s
+        for s in normal
+        if reload_span[0] <= s.sent < reload_span[1]
+        and not any(r.trigger <= s.sent < r.trigger + WINDOW for r in reload_rounds)
+    ]
     quiet = [s for s in normal if data.quiet[0] <= s.sent < data.quiet[1]]
 
     def phase(sample: Sample) -> str:
@@ -615,7 +682,8 @@ def analyse(data: RunData) -> Report:
     for sample in data.samples:
         if sample.error:
             failed_by_phase.setdefault(phase(sample) if sample.kind != "slow" else "slow request", Counter())[
-                sample.error] += 1
+                sample.error
+            ] += 1
     failed = Counter[str]()
     for counts in failed_by_phase.values():
         failed.update(counts)
@@ -655,8 +723,8 @@ def _inflight(data: RunData, results: list[RoundResult]) -> dict[str, Any] | Non
         return info
     info.update(
         completed=slow.error is None,
-        outcome=slow.error or f"{slow.status} code {slow.marker}"
-        + (" (old code)" if slow.marker == record.old_marker else ""),
+        outcome=slow.error
+        or f"{slow.status} code {slow.marker}" + (" (old code)" if slow.marker == record.old_marker else ""),
         latency=slow.latency,
     )
     others = [s for s in data.samples if s.kind != "slow" and slow.sent <= s.sent <= slow.done]
@@ -766,8 +834,10 @@ def spread(values: list[float | None]) -> str:
     missing = len(values) - len(present)
     if not present:
         return "-"
-    text = f"median {secs(statistics.median(present))}  p90 {secs(percentile(present, 90))}  " \
-           f"min {secs(present[0])}  max {secs(present[-1])}"
+    text = (
+        f"median {secs(statistics.median(present))}  p90 {secs(percentile(present, 90))}  "
+        f"min {secs(present[0])}  max {secs(present[-1])}"
+    )
     return text + (f"  ({missing} never converged)" if missing else "")
 
 
@@ -778,9 +848,15 @@ def print_report(report: Report) -> None:
         f"=== {report.name}: {report.title} ===",
         f"run: {report.elapsed:.0f}s, {report.sent} requests, {sum(report.failed.values())} failed; "
         f"machine: {os.cpu_count()} CPUs, load average {report.load[0]:.2f} before, {report.load[1]:.2f} after",
-        f"reloads: {len(reloads)}" + "".join(
-            f" + {name}" for name, present in (("in-flight round", report.inflight), ("broken-code round and its fix",
-                                                                                      report.broken)) if present),
+        f"reloads: {len(reloads)}"
+        + "".join(
+            f" + {name}"
+            for name, present in (
+                ("in-flight round", report.inflight),
+                ("broken-code round and its fix", report.broken),
+            )
+            if present
+        ),
         f"  trigger -> first response from new code: {spread([r.first_new for r in reloads])}",
         f"  trigger -> all responses from new code:  {spread([r.all_new for r in reloads])}",
         f"  worst latency in a reload window:        {spread([r.window_max for r in reloads])}",
@@ -832,8 +908,10 @@ def print_report(report: Report) -> None:
 
 def print_summary(reports: list[Report]) -> None:
     print("\n=== summary (medians over the reloads; steady = outside reload windows) ===")
-    header = f"{'server':<16} {'->first new':>11} {'->all new':>10} {'failed':>7} {'win p99':>9} " \
-             f"{'steady p99':>10} {'win/steady':>10} {'in-flight stall':>15} {'broken code':>12}"
+    header = (
+        f"{'server':<16} {'->first new':>11} {'->all new':>10} {'failed':>7} {'win p99':>9} "
+        f"{'steady p99':>10} {'win/steady':>10} {'in-flight stall':>15} {'broken code':>12}"
+    )
     print(header)
     for r in reports:
         shown = f"{r.window_p99 / r.steady_p99:.2f}x" if r.window_p99 and r.steady_p99 else "-"
@@ -841,16 +919,20 @@ def print_summary(reports: list[Report]) -> None:
         broken = "-"
         if r.broken:
             broken = "kept serving" if r.broken["old_code"] == r.broken["sent"] else "down"
-        print(f"{r.name:<16} {secs(r.first_new):>11} {secs(r.all_new):>10} {sum(r.failed.values()):>7} "
-              f"{msecs(r.window_p99):>9} {msecs(r.steady_p99):>10} {shown:>10} {stall:>15} {broken:>12}")
+        print(
+            f"{r.name:<16} {secs(r.first_new):>11} {secs(r.all_new):>10} {sum(r.failed.values()):>7} "
+            f"{msecs(r.window_p99):>9} {msecs(r.steady_p99):>10} {shown:>10} {stall:>15} {broken:>12}"
+        )
     base = next((r for r in reports if r.name == BASELINE), None)
     if base is not None and base.all_new:
         print()
         for r in reports:
             if r is base or r.all_new is None:
                 continue
-            print(f"{r.name} trigger->all: {secs(r.all_new)} = {r.all_new / base.all_new:.2f}x {BASELINE} "
-                  f"({secs(base.all_new)})")
+            print(
+                f"{r.name} trigger->all: {secs(r.all_new)} = {r.all_new / base.all_new:.2f}x {BASELINE} "
+                f"({secs(base.all_new)})"
+            )
     pypnm = next((r for r in reports if r.name == "pypnm"), None)
     if pypnm is not None:
         print("\npypnm targets:")
@@ -877,17 +959,28 @@ def _setting(text: str) -> tuple[str, str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--reloads", type=int, default=20, help="normal reloads per server (default 20)")
-    parser.add_argument("--rate", type=float, default=150.0,
-                        help="requests per second in total, half keep-alive, half fresh connections (default 150)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=150.0,
+        help="requests per second in total, half keep-alive, half fresh connections (default 150)",
+    )
     parser.add_argument("--only", action="append", choices=SERVER_NAMES, help="run only this server (repeatable)")
     parser.add_argument("--spacing", type=float, default=1.5, help="minimum seconds between triggers (default 1.5)")
-    parser.add_argument("--quiet", type=float, default=8.0,
-                        help="seconds of load without reloads before the first one (default 8)")
+    parser.add_argument(
+        "--quiet", type=float, default=8.0, help="seconds of load without reloads before the first one (default 8)"
+    )
     parser.add_argument("--no-inflight", action="store_true", help="skip the in-flight slow request round")
     parser.add_argument("--no-broken", action="store_true", help="skip the broken-code round")
-    parser.add_argument("--pypnm-setting", action="append", type=_setting, default=[], metavar="NAME=VALUE",
-                        help="a pypnm setting for the pypnm server, passed as PYPNM_NAME (repeatable), "
-                        "e.g. 'preload_modules=[\"pydantic.v1\"]'")
+    parser.add_argument(
+        "--pypnm-setting",
+        action="append",
+        type=_setting,
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pypnm setting for the pypnm server, passed as PYPNM_NAME (repeatable), "
+        "e.g. 'preload_modules=[\"pydantic.v1\"]'",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory with the server logs")
     args = parser.parse_args(argv)
@@ -906,8 +999,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = [n for n in SERVER_NAMES if not args.only or n in args.only]
     if os.getloadavg()[0] > 0.5:
-        sys.stderr.write(f"warning: load average {os.getloadavg()[0]:.2f} before the run: other work on this "
-                         "machine will show up in the latencies\n")
+        sys.stderr.write(
+            f"warning: load average {os.getloadavg()[0]:.2f} before the run: other work on this "
+            "machine will show up in the latencies\n"
+        )
     scratch = Path(tempfile.mkdtemp(prefix="pypnm-reload-bench-"))
     reports: list[Report] = []
     try:

@@ -77,11 +77,21 @@ def render(url: str, out_dir: Path, name: str, budget_ms: int = 10_000) -> Rende
     screenshot = out_dir / f"{name}.png"
     netlog = out_dir / f"{name}-netlog.json"
     command = [
-        binary, *BASE_FLAGS, f"--user-data-dir={profile}", f"--log-net-log={netlog}",
-        f"--virtual-time-budget={budget_ms}", "--dump-dom", f"--screenshot={screenshot}", url,
+        binary,
+        *BASE_FLAGS,
+        f"--user-data-dir={profile}",
+        f"--log-net-log={netlog}",
+        f"--virtual-time-budget={budget_ms}",
+        "--dump-dom",
+        f"--screenshot={screenshot}",
+        url,
     ]
     proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -170,7 +180,10 @@ def devtools(url: str, profile: Path, timeout: float = 20.0) -> Iterator[DevTool
     binary = chromium()
     proc = subprocess.Popen(
         [binary, *BASE_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         port_file = profile / "DevToolsActivePort"  # Chromium writes its port here once it listens

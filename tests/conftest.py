@@ -147,12 +147,18 @@ def pypnm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pypnm", *args]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     """`python -m pypnm ARGS` to completion, output captured as text."""
     return subprocess.run(
-        pypnm_command(*args), env=env or base_env(), cwd=cwd, capture_output=True, text=True,
-        timeout=timeout, stdin=subprocess.DEVNULL,
+        pypnm_command(*args),
+        env=env or base_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -239,16 +245,22 @@ class Service:
         return record
 
 
-def launch(command: list[str], *, log: Path, port: int, cwd: Path, env: dict[str, str],
-           host: str = "127.0.0.1") -> Service:
+def launch(
+    command: list[str], *, log: Path, port: int, cwd: Path, env: dict[str, str], host: str = "127.0.0.1"
+) -> Service:
     """Start a server process in a session of its own (so that its whole group can be stopped), output to `log`.
 
     `command` may contain "{port}", replaced by `port`.
     """
     with log.open("wb") as output:
         proc = subprocess.Popen(
-            [part.replace("{port}", str(port)) for part in command], cwd=cwd, env=env,
-            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [part.replace("{port}", str(port)) for part in command],
+            cwd=cwd,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     return Service(proc, port, log, host)
 
@@ -268,8 +280,15 @@ class StartService(Protocol):
     """The `start_service` fixture."""
 
     def __call__(
-        self, command: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, wait: bool = True,
-        ready_path: str = "/health", timeout: float = 30.0, port: int | None = None,
+        self,
+        command: list[str],
+        *,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        ready_path: str = "/health",
+        timeout: float = 30.0,
+        port: int | None = None,
     ) -> Service: ...
 
 
@@ -292,8 +311,13 @@ def start_service(tmp_path: Path) -> Iterator[StartService]:
         timeout: float = 30.0,
         port: int | None = None,
     ) -> Service:
-        service = launch(command, log=tmp_path / f"server-{len(started)}.log", port=port or free_port(),
-                         cwd=cwd or tmp_path, env=env or base_env())
+        service = launch(
+            command,
+            log=tmp_path / f"server-{len(started)}.log",
+            port=port or free_port(),
+            cwd=cwd or tmp_path,
+            env=env or base_env(),
+        )
         started.append(service)
         if wait:
             service.wait_ready(timeout, ready_path)
@@ -309,8 +333,14 @@ def serve_pypnm(start_service: StartService, *flags: str, **env: str) -> Service
     return start_service(pypnm_command("--port", "{port}", *flags), env=base_env(**env))
 
 
-def serve_marker(start_service: StartService, app_dir: Path, *flags: str, workers: int = 1,
-                 graceful_timeout: float | None = 10, **env: str) -> Service:
+def serve_marker(
+    start_service: StartService,
+    app_dir: Path,
+    *flags: str,
+    workers: int = 1,
+    graceful_timeout: float | None = 10,
+    **env: str,
+) -> Service:
     """`pypnm --app markerpkg.main:app` from a copy of the marker app; reloads may follow each other at once."""
     env.setdefault("PYPNM_RELOAD_MIN_INTERVAL", "0")
     graceful = ["--graceful-timeout", f"{graceful_timeout:g}"] if graceful_timeout is not None else []
@@ -348,8 +378,11 @@ def audit_line(service: Service, request_id: str) -> str:
     """The single audit line of one request (waits for it to be written)."""
 
     def find() -> list[str]:
-        return [line for line in service.output().splitlines()
-                if " pypnm.audit: " in line and f" request_id={request_id} " in line]
+        return [
+            line
+            for line in service.output().splitlines()
+            if " pypnm.audit: " in line and f" request_id={request_id} " in line
+        ]
 
     found: list[str] = wait_until(find, timeout=10.0)
     assert len(found) == 1, found
@@ -361,9 +394,16 @@ def client_from(address: str, **kwargs: Any) -> httpx.Client:
     return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=10.0, **kwargs)
 
 
-def asgi_request(app: Any, method: str, path: str, *, peer: str = "127.0.0.1", base_url: str = "http://127.0.0.1:8000",
-                 headers: Mapping[str, str] | Mapping[bytes, bytes] | None = None,
-                 params: Mapping[str, str] | None = None) -> httpx.Response:
+def asgi_request(
+    app: Any,
+    method: str,
+    path: str,
+    *,
+    peer: str = "127.0.0.1",
+    base_url: str = "http://127.0.0.1:8000",
+    headers: Mapping[str, str] | Mapping[bytes, bytes] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> httpx.Response:
     """One request through an ASGI app in-process, from any client address (`peer`); scope["server"] is base_url's.
 
     Header values that are not ASCII (any latin-1 byte a server accepts) go as bytes, names and all.
@@ -408,8 +448,9 @@ def read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
 
 def raw_http(port: int, request_line: bytes, header_lines: list[bytes]) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 request written byte for byte to 127.0.0.1 (any header, any byte): status, headers, body."""
-    request = b"".join([request_line, b"\r\n", *(line + b"\r\n" for line in header_lines),
-                        b"Connection: close\r\n\r\n"])
+    request = b"".join(
+        [request_line, b"\r\n", *(line + b"\r\n" for line in header_lines), b"Connection: close\r\n\r\n"]
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
         sock.sendall(request)
         head, _, body = read_until_closed(sock).partition(b"\r\n\r\n")
@@ -520,9 +561,13 @@ def guarded_environment(directory: Path, names: dict[str, list[str]] | None = No
         return base_env(PYTHONPATH=str(directory), **extra)
 
     loaded = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; sys.exit(0 if getattr(sys.modules.get('sitecustomize'), 'PYPNM_TEST_GUARD', 0) else 1)"],
-        env=env(), timeout=30,
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.exit(0 if getattr(sys.modules.get('sitecustomize'), 'PYPNM_TEST_GUARD', 0) else 1)",
+        ],
+        env=env(),
+        timeout=30,
     )
     assert loaded.returncode == 0, "the guard is not loaded at start-up: refusing to run tests that name remote hosts"
     return env
@@ -564,8 +609,16 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         if self.path == RELOAD_PATH:
             self._answer(200, {"status": "reload triggered"})
         elif self.path == STATUS_PATH:
-            self._answer(200, {"pid": 1, "started_at": "2026-01-01T00:00:00Z", "version": "0.1.0",
-                               "code_version": "0123456789abcdef", "mode": "unsupervised"})
+            self._answer(
+                200,
+                {
+                    "pid": 1,
+                    "started_at": "2026-01-01T00:00:00Z",
+                    "version": "0.1.0",
+                    "code_version": "0123456789abcdef",
+                    "mode": "unsupervised",
+                },
+            )
         else:
             self._answer(404, {"detail": "Not Found"})
 

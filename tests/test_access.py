@@ -165,7 +165,9 @@ def test_seed_curl_contract_is_unchanged_on_loopback(guarded: Service) -> None:
     """The seed's `curl -X GET http://127.0.0.1:PORT/pypnm/system/webService/reload`, byte for byte."""
     result = subprocess.run(
         ["curl", "-sS", "-i", "-X", "GET", f"{guarded.base_url}{RELOAD_PATH}"],
-        capture_output=True, timeout=30, check=True,
+        capture_output=True,
+        timeout=30,
+        check=True,
     )
     head, _, body = result.stdout.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
@@ -288,20 +290,48 @@ AUDIT_LINE = re.compile(
 
 def test_every_system_operations_call_writes_one_audit_line(guarded: Service) -> None:
     calls: list[tuple[str, dict[str, str], str, dict[str, str]]] = [
-        ("127.0.0.2", bearer(TOKEN), STATUS_PATH,
-         {"token": ENV_LABEL, "status": "200", "outcome": "allowed:token", "level": "INFO"}),
-        ("127.0.0.2", bearer(FILE_TOKEN), STATUS_PATH,
-         {"token": FILE_LABEL, "status": "200", "outcome": "allowed:token", "level": "INFO"}),
-        ("127.0.0.1", {}, STATUS_PATH,
-         {"token": "-", "status": "200", "outcome": "allowed:trusted-network", "level": "INFO"}),
-        ("127.0.0.2", {}, RELOAD_PATH,
-         {"token": "-", "status": "403", "outcome": "denied:untrusted-client", "level": "WARNING"}),
-        ("127.0.0.2", bearer("wrong-token-0123456789"), RELOAD_PATH,
-         {"token": "-", "status": "401", "outcome": "denied:bad-token", "level": "WARNING"}),
-        ("127.0.0.1", {"Sec-Fetch-Site": "cross-site"}, RELOAD_PATH,
-         {"token": "-", "status": "403", "outcome": "denied:cross-site", "level": "WARNING"}),
-        ("127.0.0.1", {}, UNKNOWN_PATH,
-         {"token": "-", "status": "404", "outcome": "allowed:trusted-network", "level": "INFO"}),
+        (
+            "127.0.0.2",
+            bearer(TOKEN),
+            STATUS_PATH,
+            {"token": ENV_LABEL, "status": "200", "outcome": "allowed:token", "level": "INFO"},
+        ),
+        (
+            "127.0.0.2",
+            bearer(FILE_TOKEN),
+            STATUS_PATH,
+            {"token": FILE_LABEL, "status": "200", "outcome": "allowed:token", "level": "INFO"},
+        ),
+        (
+            "127.0.0.1",
+            {},
+            STATUS_PATH,
+            {"token": "-", "status": "200", "outcome": "allowed:trusted-network", "level": "INFO"},
+        ),
+        (
+            "127.0.0.2",
+            {},
+            RELOAD_PATH,
+            {"token": "-", "status": "403", "outcome": "denied:untrusted-client", "level": "WARNING"},
+        ),
+        (
+            "127.0.0.2",
+            bearer("wrong-token-0123456789"),
+            RELOAD_PATH,
+            {"token": "-", "status": "401", "outcome": "denied:bad-token", "level": "WARNING"},
+        ),
+        (
+            "127.0.0.1",
+            {"Sec-Fetch-Site": "cross-site"},
+            RELOAD_PATH,
+            {"token": "-", "status": "403", "outcome": "denied:cross-site", "level": "WARNING"},
+        ),
+        (
+            "127.0.0.1",
+            {},
+            UNKNOWN_PATH,
+            {"token": "-", "status": "404", "outcome": "allowed:trusted-network", "level": "INFO"},
+        ),
     ]
     for address, headers, path, expected in calls:
         request_id = "audit-" + secrets.token_hex(6)
@@ -432,12 +462,17 @@ def test_allowed_cors_origin_gets_cors_headers_on_refusals_and_preflights() -> N
     assert refused.status_code == 403
     assert refused.headers["Access-Control-Allow-Origin"] == "https://dash.example"  # the page can read why
     preflight = call(
-        app, "127.0.0.2", method="OPTIONS", Origin="https://dash.example",
-        Access_Control_Request_Method="GET", Access_Control_Request_Headers="authorization",
+        app,
+        "127.0.0.2",
+        method="OPTIONS",
+        Origin="https://dash.example",
+        Access_Control_Request_Method="GET",
+        Access_Control_Request_Headers="authorization",
     )
     assert preflight.status_code == 200  # answered by CORS; the real request then carries the token
-    with_token = call(app, "127.0.0.2", Origin="https://dash.example", Sec_Fetch_Site="cross-site",
-                      Authorization=f"Bearer {TOKEN}")
+    with_token = call(
+        app, "127.0.0.2", Origin="https://dash.example", Sec_Fetch_Site="cross-site", Authorization=f"Bearer {TOKEN}"
+    )
     assert with_token.status_code == 200
 
 

@@ -104,8 +104,10 @@ def test_an_app_that_cannot_serve_at_start_ends_pypnm_with_its_reason(
     runtime = tmp_path / "run"
     runtime.mkdir()
     service = start_service(
-        pypnm_command("--app", APP, "--port", "{port}"), cwd=tmp_path / "app",
-        env=base_env(PYPNM_RUNTIME_DIR=str(runtime)), wait=False,
+        pypnm_command("--app", APP, "--port", "{port}"),
+        cwd=tmp_path / "app",
+        env=base_env(PYPNM_RUNTIME_DIR=str(runtime)),
+        wait=False,
     )
 
     assert service.proc.wait(timeout=60) == 1, service.output()

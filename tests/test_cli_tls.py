@@ -56,8 +56,11 @@ def authorizations(server: RecordingServer) -> list[str | None]:
 
 @pytest.mark.parametrize("command", ["reload", "status"])
 def test_self_signed_server_gets_no_token_and_the_cli_names_the_problem(
-    recording_server: Callable[[Certificate | None], RecordingServer], certificate: Certificate,
-    guarded_env: Callable[..., dict[str, str]], tmp_path: Path, command: str,
+    recording_server: Callable[[Certificate | None], RecordingServer],
+    certificate: Certificate,
+    guarded_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+    command: str,
 ) -> None:
     server = recording_server(certificate)
     result = run_cli(command, "--url", server.url, env=guarded_env(PYPNM_TOKEN=TOKEN), cwd=tmp_path, timeout=30)
@@ -69,25 +72,44 @@ def test_self_signed_server_gets_no_token_and_the_cli_names_the_problem(
 
 
 def test_a_certificate_for_another_address_is_refused(
-    recording_server: Callable[[Certificate | None], RecordingServer], tmp_path: Path,
+    recording_server: Callable[[Certificate | None], RecordingServer],
+    tmp_path: Path,
     guarded_env: Callable[..., dict[str, str]],
 ) -> None:
     """Trusted issuer, wrong name: the certificate is for 127.0.0.2, the server is reached as 127.0.0.1."""
     other = make_certificate(tmp_path / "other", ip="127.0.0.2")
     server = recording_server(other)
-    result = run_cli("reload", "--url", server.url, "--cacert", str(other.cert),
-                     env=guarded_env(PYPNM_TOKEN=TOKEN), cwd=tmp_path, timeout=30)
+    result = run_cli(
+        "reload",
+        "--url",
+        server.url,
+        "--cacert",
+        str(other.cert),
+        env=guarded_env(PYPNM_TOKEN=TOKEN),
+        cwd=tmp_path,
+        timeout=30,
+    )
     assert_one_line_error(result, 2, "certificate verify failed", "mismatch", "127.0.0.1")
     assert server.requests == []
 
 
 def test_cacert_for_that_certificate_sends_the_token(
-    recording_server: Callable[[Certificate | None], RecordingServer], certificate: Certificate,
-    guarded_env: Callable[..., dict[str, str]], tmp_path: Path,
+    recording_server: Callable[[Certificate | None], RecordingServer],
+    certificate: Certificate,
+    guarded_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
 ) -> None:
     server = recording_server(certificate)
-    result = run_cli("reload", "--url", server.url, "--cacert", str(certificate.cert),
-                     env=guarded_env(PYPNM_TOKEN=TOKEN), cwd=tmp_path, timeout=30)
+    result = run_cli(
+        "reload",
+        "--url",
+        server.url,
+        "--cacert",
+        str(certificate.cert),
+        env=guarded_env(PYPNM_TOKEN=TOKEN),
+        cwd=tmp_path,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "reload triggered\n"
     assert result.stderr == ""
@@ -96,12 +118,22 @@ def test_cacert_for_that_certificate_sends_the_token(
 
 
 def test_cacert_from_the_environment(
-    recording_server: Callable[[Certificate | None], RecordingServer], certificate: Certificate,
-    guarded_env: Callable[..., dict[str, str]], tmp_path: Path,
+    recording_server: Callable[[Certificate | None], RecordingServer],
+    certificate: Certificate,
+    guarded_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
 ) -> None:
     server = recording_server(certificate)
-    result = run_cli("status", "--url", server.url, "--token", TOKEN,
-                     env=guarded_env(PYPNM_CACERT=str(certificate.cert)), cwd=tmp_path, timeout=30)
+    result = run_cli(
+        "status",
+        "--url",
+        server.url,
+        "--token",
+        TOKEN,
+        env=guarded_env(PYPNM_CACERT=str(certificate.cert)),
+        cwd=tmp_path,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert "mode:         unsupervised" in result.stdout
     assert authorizations(server) == [f"Bearer {TOKEN}"]
@@ -119,12 +151,15 @@ def test_cacert_that_cannot_be_used(tmp_path: Path, guarded_env: Callable[..., d
 
 
 def test_insecure_skips_the_check_and_warns(
-    recording_server: Callable[[Certificate | None], RecordingServer], certificate: Certificate,
-    guarded_env: Callable[..., dict[str, str]], tmp_path: Path,
+    recording_server: Callable[[Certificate | None], RecordingServer],
+    certificate: Certificate,
+    guarded_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
 ) -> None:
     server = recording_server(certificate)
-    result = run_cli("reload", "--url", server.url, "--insecure", env=guarded_env(PYPNM_TOKEN=TOKEN),
-                     cwd=tmp_path, timeout=30)
+    result = run_cli(
+        "reload", "--url", server.url, "--insecure", env=guarded_env(PYPNM_TOKEN=TOKEN), cwd=tmp_path, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "reload triggered\n"
     warning = result.stderr.splitlines()
@@ -134,20 +169,34 @@ def test_insecure_skips_the_check_and_warns(
 
 
 def test_insecure_and_cacert_together_are_a_usage_error(
-    tmp_path: Path, certificate: Certificate, guarded_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+    certificate: Certificate,
+    guarded_env: Callable[..., dict[str, str]],
 ) -> None:
-    result = run_cli("reload", "--url", f"https://127.0.0.1:{free_port()}", "--insecure", "--cacert",
-                     str(certificate.cert), env=guarded_env(), cwd=tmp_path, timeout=30)
+    result = run_cli(
+        "reload",
+        "--url",
+        f"https://127.0.0.1:{free_port()}",
+        "--insecure",
+        "--cacert",
+        str(certificate.cert),
+        env=guarded_env(),
+        cwd=tmp_path,
+        timeout=30,
+    )
     assert_one_line_error(result, 2, "--cacert", "--insecure")
 
 
 def test_reload_wait_and_status_against_the_real_service_over_tls(
-    start_service: StartService, certificate: Certificate,
-    guarded_env: Callable[..., dict[str, str]], tmp_path: Path,
+    start_service: StartService,
+    certificate: Certificate,
+    guarded_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
 ) -> None:
     service = start_service(
         pypnm_command("--port", "{port}", "--ssl", "--cert", str(certificate.cert), "--key", str(certificate.key)),
-        env=base_env(PYPNM_API_TOKENS=json.dumps({"tls-test": TOKEN})), wait=False,
+        env=base_env(PYPNM_API_TOKENS=json.dumps({"tls-test": TOKEN})),
+        wait=False,
     )
     url = f"https://127.0.0.1:{service.port}"
     trust = ssl.create_default_context(cafile=str(certificate.cert))
@@ -172,13 +221,20 @@ def test_reload_wait_and_status_against_the_real_service_over_tls(
 
 @pytest.mark.parametrize(
     ("url", "host"),
-    [("http://192.0.2.1:9", "192.0.2.1"), ("http://[2001:db8::1]:9", "2001:db8::1"),
-     ("http://pypnm.example.net:9", "pypnm.example.net")],
+    [
+        ("http://192.0.2.1:9", "192.0.2.1"),
+        ("http://[2001:db8::1]:9", "2001:db8::1"),
+        ("http://pypnm.example.net:9", "pypnm.example.net"),
+    ],
     ids=["ipv4", "ipv6", "name"],
 )
 @pytest.mark.parametrize("command", ["reload", "status"])
 def test_token_over_http_to_a_remote_host_is_refused_before_connecting(
-    guarded_env: Callable[..., dict[str, str]], tmp_path: Path, url: str, host: str, command: str,
+    guarded_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+    url: str,
+    host: str,
+    command: str,
 ) -> None:
     result = run_cli(command, "--url", url, "--token", TOKEN, env=guarded_env(), cwd=tmp_path, timeout=30)
     line = assert_one_line_error(result, 2, "refusing to send the token over plain http://", host, "--allow-http-token")
@@ -192,8 +248,17 @@ def test_token_from_the_environment_is_refused_too(guarded_env: Callable[..., di
 
 def test_allow_http_token_lifts_the_refusal(guarded_env: Callable[..., dict[str, str]], tmp_path: Path) -> None:
     """With the flag the CLI goes on to connect, and the guard (not the network) stops it."""
-    result = run_cli("reload", "--url", "http://192.0.2.1:9", "--token", TOKEN, "--allow-http-token",
-                     env=guarded_env(), cwd=tmp_path, timeout=30)
+    result = run_cli(
+        "reload",
+        "--url",
+        "http://192.0.2.1:9",
+        "--token",
+        TOKEN,
+        "--allow-http-token",
+        env=guarded_env(),
+        cwd=tmp_path,
+        timeout=30,
+    )
     line = assert_one_line_error(result, 2, "cannot reach http://192.0.2.1:9", "test guard: blocked")
     assert "refusing" not in line
 
@@ -205,7 +270,9 @@ def test_no_token_no_refusal(guarded_env: Callable[..., dict[str, str]], tmp_pat
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.45.6.7", "localhost", "[::1]"])
 def test_token_over_http_to_loopback_is_sent(
-    guarded_env: Callable[..., dict[str, str]], tmp_path: Path, host: str,
+    guarded_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+    host: str,
 ) -> None:
     """Loopback (127.0.0.0/8, ::1, localhost) needs no flag: the CLI tries to connect (nothing listens there)."""
     url = f"http://{host}:{free_port()}"
@@ -216,7 +283,8 @@ def test_token_over_http_to_loopback_is_sent(
 
 def test_token_over_http_to_loopback_reaches_the_server(
     recording_server: Callable[[Certificate | None], RecordingServer],
-    guarded_env: Callable[..., dict[str, str]], tmp_path: Path,
+    guarded_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
 ) -> None:
     server = recording_server(None)
     result = run_cli("reload", "--url", server.url, env=guarded_env(PYPNM_TOKEN=TOKEN), cwd=tmp_path, timeout=30)

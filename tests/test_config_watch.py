@@ -84,8 +84,12 @@ def finished_reload(service: Service, seen: set[str], token: str | None = None) 
     def find() -> dict[str, Any] | None:
         now = status(service, token)
         new = [r for r in now["reloads"] if r["id"] not in seen]
-        if new and all(r["outcome"] is not None for r in new) and now["pending_reload"] is None \
-                and now["reload_state"] == "idle":
+        if (
+            new
+            and all(r["outcome"] is not None for r in new)
+            and now["pending_reload"] is None
+            and now["reload_state"] == "idle"
+        ):
             assert len(new) == 1, new  # one change, one reload
             return dict(new[0])
         return None
@@ -153,8 +157,10 @@ def test_configmap_update_is_applied_in_place(tmp_path: Path, serve: Callable[..
     record = finished_reload(service, seen)
     assert record["outcome"] == "failed", record
     assert record["source"] == f"file change: {config}"
-    assert f"invalid setting 'trusted_networks'[0] (PYPNM_TRUSTED_NETWORKS or 'trusted_networks' in " \
-           f"{str(config)!r})" in record["reason"], record["reason"]
+    assert (
+        f"invalid setting 'trusted_networks'[0] (PYPNM_TRUSTED_NETWORKS or 'trusted_networks' in "
+        f"{str(config)!r})" in record["reason"]
+    ), record["reason"]
     assert "'not-a-network' is not an IP address or network" in record["reason"]
     now = status(service)
     assert now["last_reload"]["id"] == record["id"] and now["last_reload"]["outcome"] == "failed"
@@ -162,8 +168,10 @@ def test_configmap_update_is_applied_in_place(tmp_path: Path, serve: Callable[..
     ready = get(service, "/ready")
     assert ready.status_code == 200 and ready.json()["generation"] == generation
     assert cors_origin(service) == WEBUI
-    assert f"reload {record['id']} failed: generation {record['generation']} discarded, generation " \
-           f"{generation} keeps serving" in service.output()
+    assert (
+        f"reload {record['id']} failed: generation {record['generation']} discarded, generation "
+        f"{generation} keeps serving" in service.output()
+    )
 
     # Fixed content is applied again.
     seen = reload_ids(service)

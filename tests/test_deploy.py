@@ -398,7 +398,9 @@ def pod_process(tmp_path: Path, start_service: StartService) -> Iterator[tuple[S
         args[args.index(flag) + 1] = value
     env = base_env(**{**container_env(), "PYPNM_RUNTIME_DIR": str(runtime), "PYPNM_API_TOKENS_FILE": str(tokens)})
     service = start_service(
-        pypnm_command(*entrypoint[1:], *args), env=env, ready_path=container()["readinessProbe"]["httpGet"]["path"],
+        pypnm_command(*entrypoint[1:], *args),
+        env=env,
+        ready_path=container()["readinessProbe"]["httpGet"]["path"],
     )
     yield service, runtime
 
@@ -470,8 +472,11 @@ def test_dockerfile_is_multi_stage_and_builds_a_wheel() -> None:
     assert [v.upper() for v in stages[0][0].value[1:]] == ["AS", builder_name.upper()], "the builder stage is unnamed"
     assert any("pip wheel" in c.value[0] for c in instructions("RUN", stages[0]))
     # The runtime stage takes the wheels from the builder, never the sources.
-    takes = [c for c in final_stage() if c.cmd.upper() in ("RUN", "COPY")
-             and any(f"from={builder_name}" in f for f in c.flags)]
+    takes = [
+        c
+        for c in final_stage()
+        if c.cmd.upper() in ("RUN", "COPY") and any(f"from={builder_name}" in f for f in c.flags)
+    ]
     assert takes, "the runtime stage takes nothing from the builder"
     assert not [c for c in instructions("COPY") if not c.flags], "the runtime stage copies from the build context"
 
@@ -549,9 +554,23 @@ def test_image_builds_and_reloads_on_a_read_only_root() -> None:
         port = free_port()
         runtime_dir = dockerfile_env()["PYPNM_RUNTIME_DIR"]
         started = run(
-            docker, "run", "-d", "--name", name, "--read-only", "--cap-drop", "ALL",
-            "--tmpfs", "/tmp:mode=1777", "--tmpfs", f"{runtime_dir}:mode=1777",
-            "-p", f"127.0.0.1:{port}:8000", "-e", f'PYPNM_API_TOKENS={{"test": "{token}"}}', tag,
+            docker,
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "--tmpfs",
+            "/tmp:mode=1777",
+            "--tmpfs",
+            f"{runtime_dir}:mode=1777",
+            "-p",
+            f"127.0.0.1:{port}:8000",
+            "-e",
+            f'PYPNM_API_TOKENS={{"test": "{token}"}}',
+            tag,
         )
         assert started.returncode == 0, started.stderr
         base = f"http://127.0.0.1:{port}"
@@ -574,4 +593,3 @@ def test_image_builds_and_reloads_on_a_read_only_root() -> None:
     finally:
         run(docker, "rm", "-f", name)
         run(docker, "rmi", "-f", tag)
-

@@ -70,8 +70,9 @@ def test_rebound_host_from_loopback_is_refused_and_a_token_still_works(service: 
     assert f" host={evil} " in line and line.endswith("status=403 outcome=denied:unknown-host")
     assert reload_ids(service) == before  # the master was never asked
 
-    with_token = service.get(RELOAD_PATH, headers={"Host": evil, "Authorization": f"Bearer {TOKEN}",
-                                                   "X-Request-ID": "rebind-2"})
+    with_token = service.get(
+        RELOAD_PATH, headers={"Host": evil, "Authorization": f"Bearer {TOKEN}", "X-Request-ID": "rebind-2"}
+    )
     assert with_token.status_code == 200
     assert with_token.content == RELOAD_BODY
     line = audit_line(service, "rebind-2")
@@ -80,8 +81,16 @@ def test_rebound_host_from_loopback_is_refused_and_a_token_still_works(service: 
 
 def test_loopback_names_and_addresses_are_admitted(service: Service) -> None:
     port = service.port
-    for host in [f"localhost:{port}", f"LOCALHOST.:{port}", f"127.0.0.1:{port}", f"127.0.0.9:{port}", "[::1]",
-                 f"[::1]:{port}", "localhost", "127.0.0.1"]:
+    for host in [
+        f"localhost:{port}",
+        f"LOCALHOST.:{port}",
+        f"127.0.0.1:{port}",
+        f"127.0.0.9:{port}",
+        "[::1]",
+        f"[::1]:{port}",
+        "localhost",
+        "127.0.0.1",
+    ]:
         request_id = "loop-" + secrets.token_hex(4)
         response = service.get(STATUS_PATH, headers={"Host": host, "X-Request-ID": request_id})
         assert response.status_code == 200, (host, response.text)
@@ -96,13 +105,14 @@ def test_loopback_names_and_addresses_are_admitted(service: Service) -> None:
 # (Host header lines, how the refusal starts, how the audit line shows the Host)
 ODD_HOSTS: list[tuple[list[bytes], str, str]] = [
     ([], "No Host header", "-"),
-    ([b"Host: 127.0.0.1", b"Host: evil.example"], '2 Host headers ("127.0.0.1", "evil.example"), one expected',
-     '"127.0.0.1, evil.example"'),
-    ([b"Host: 127.0.0.1, evil.example"], 'Host "127.0.0.1, evil.example" is not a name',
-     '"127.0.0.1, evil.example"'),
+    (
+        [b"Host: 127.0.0.1", b"Host: evil.example"],
+        '2 Host headers ("127.0.0.1", "evil.example"), one expected',
+        '"127.0.0.1, evil.example"',
+    ),
+    ([b"Host: 127.0.0.1, evil.example"], 'Host "127.0.0.1, evil.example" is not a name', '"127.0.0.1, evil.example"'),
     ([b"Host: http://127.0.0.1/"], 'Host "http://127.0.0.1/" is not a name', "http://127.0.0.1/"),
-    ([b"Host: 127.0.0.1@evil.example"], 'Host "127.0.0.1@evil.example" is not a name',
-     "127.0.0.1@evil.example"),
+    ([b"Host: 127.0.0.1@evil.example"], 'Host "127.0.0.1@evil.example" is not a name', "127.0.0.1@evil.example"),
     ([b"Host: [127.0.0.1]"], 'Host "[127.0.0.1]" is not a name', "[127.0.0.1]"),
     ([b"Host: evil\x9b31m.example"], 'Host "evil\\u009b31m.example" is not a name', '"evil\\u009b31m.example"'),
 ]
@@ -160,8 +170,20 @@ def test_allowed_hosts_entries_are_normalised() -> None:
 
 
 @pytest.mark.parametrize(
-    "entry", ["*", "https://pypnm.example.net", "pypnm.example.net:8000", "pypnm.example.net/x", "*.*.example.net",
-              "example.*", "*.10.0.0.1", "a..b", "-a.example", "", "[10.0.0.1]"],
+    "entry",
+    [
+        "*",
+        "https://pypnm.example.net",
+        "pypnm.example.net:8000",
+        "pypnm.example.net/x",
+        "*.*.example.net",
+        "example.*",
+        "*.10.0.0.1",
+        "a..b",
+        "-a.example",
+        "",
+        "[10.0.0.1]",
+    ],
 )
 def test_bad_allowed_hosts_entry_is_a_settings_error(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
     for name in [n for n in os.environ if n.startswith("PYPNM_")]:

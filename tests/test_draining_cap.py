@@ -94,8 +94,9 @@ def streams() -> Iterator[Callable[[Service], Stream]]:
         yield open_stream
 
 
-def hold_streams_on(service: Service, status: dict[str, Any], open_stream: Callable[[Service], Stream],
-                    held: Counter[int]) -> list[Stream]:
+def hold_streams_on(
+    service: Service, status: dict[str, Any], open_stream: Callable[[Service], Stream], held: Counter[int]
+) -> list[Stream]:
     """Open streams until every worker of the serving generation holds one (at most 8 tries)."""
     pids = {w["pid"] for w in status["workers"] if w["generation"] == status["generation"]}
     opened: list[Stream] = []

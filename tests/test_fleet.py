@@ -120,7 +120,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Instance]]:
             env = base_env(PYTHONPATH=str(copy), PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_ALLOWED_HOSTS=FLEET_NAME)
             service = launch(
                 pypnm_command("serve", "--host", address, "--port", "{port}", "--graceful-timeout", "5"),
-                log=root / f"instance-{number}.log", port=port, cwd=copy, env=env, host=address,
+                log=root / f"instance-{number}.log",
+                port=port,
+                cwd=copy,
+                env=env,
+                host=address,
             )
             instances.append(Instance(service, copy))
         for instance in instances:
@@ -209,14 +213,27 @@ class LineReader:
 # ----- rolling reload ----------------------------------------------------------------------------
 
 
-def test_rolling_reload_stops_at_the_first_failure(fleet: list[Instance], cli_env: Callable[..., dict[str, str]],
-                                                  tmp_path: Path) -> None:
+def test_rolling_reload_stops_at_the_first_failure(
+    fleet: list[Instance], cli_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
     first, bad, last = fleet
     before = [instance.settled() for instance in fleet]
 
     with broken(bad) as bad_line:
-        result = run_cli("reload", "--url", first.url, "--url", bad.url, "--url", last.url, "--wait",
-                         "--timeout", "30", env=cli_env(), cwd=tmp_path)
+        result = run_cli(
+            "reload",
+            "--url",
+            first.url,
+            "--url",
+            bad.url,
+            "--url",
+            last.url,
+            "--wait",
+            "--timeout",
+            "30",
+            env=cli_env(),
+            cwd=tmp_path,
+        )
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr == ""
@@ -244,8 +261,9 @@ def test_rolling_reload_stops_at_the_first_failure(fleet: list[Instance], cli_en
     assert reload_ids(after[2]) == reload_ids(before[2]), "the instance after the failure got a reload"
 
 
-def test_rolling_reload_from_a_targets_file(fleet: list[Instance], cli_env: Callable[..., dict[str, str]],
-                                            tmp_path: Path) -> None:
+def test_rolling_reload_from_a_targets_file(
+    fleet: list[Instance], cli_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
     order = [fleet[2], fleet[0], fleet[1]]  # the file's order, not the addresses'
     targets = tmp_path / "fleet.txt"
     targets.write_text(
@@ -258,9 +276,7 @@ def test_rolling_reload_from_a_targets_file(fleet: list[Instance], cli_env: Call
     result = run_cli("reload", "--targets", str(targets), "--timeout", "30", env=cli_env(), cwd=tmp_path)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    expected = "".join(
-        rf"{re.escape(instance.url)}: reload {succeeded()}\n" for instance in order
-    ) + (
+    expected = "".join(rf"{re.escape(instance.url)}: reload {succeeded()}\n" for instance in order) + (
         r"rolling reload done: 3 of 3 instances reloaded\n"
         rf"reloaded \(3\): {', '.join(re.escape(instance.url) for instance in order)}\n"
         r"failed \(0\): -\n"
@@ -273,8 +289,9 @@ def test_rolling_reload_from_a_targets_file(fleet: list[Instance], cli_env: Call
         assert now["last_reload"]["id"] in line
 
 
-def test_rolling_reload_of_every_address_of_a_name(fleet: list[Instance], cli_env: Callable[..., dict[str, str]],
-                                                   tmp_path: Path) -> None:
+def test_rolling_reload_of_every_address_of_a_name(
+    fleet: list[Instance], cli_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
     port = fleet[0].service.port
     before = [instance.settled() for instance in fleet]
 
@@ -289,17 +306,23 @@ def test_rolling_reload_of_every_address_of_a_name(fleet: list[Instance], cli_en
         assert instance.settled()["generation"] > status["generation"]
 
 
-def test_parallel_starts_nothing_new_after_a_failure(fleet: list[Instance], cli_env: Callable[..., dict[str, str]],
-                                                     tmp_path: Path) -> None:
+def test_parallel_starts_nothing_new_after_a_failure(
+    fleet: list[Instance], cli_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
     slow, bad, last = fleet
     before = [instance.settled() for instance in fleet]
     gate = tmp_path / "gate"
 
     with gated(slow, gate), broken(bad):
         proc = subprocess.Popen(
-            pypnm_command("reload", "--url", slow.url, "--url", bad.url, "--url", last.url, "--parallel", "2",
-                          "--timeout", "30"),
-            env=cli_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            pypnm_command(
+                "reload", "--url", slow.url, "--url", bad.url, "--url", last.url, "--parallel", "2", "--timeout", "30"
+            ),
+            env=cli_env(),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             stdin=subprocess.DEVNULL,
         )
         try:
@@ -333,8 +356,9 @@ def test_parallel_starts_nothing_new_after_a_failure(fleet: list[Instance], cli_
 # ----- status of several instances ---------------------------------------------------------------
 
 
-def test_status_of_several_instances(fleet: list[Instance], cli_env: Callable[..., dict[str, str]],
-                                     tmp_path: Path) -> None:
+def test_status_of_several_instances(
+    fleet: list[Instance], cli_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
     port = fleet[0].service.port
     resolved = [str(info[4][0]) for info in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)]
     assert resolved and all(ipaddress.ip_address(a).is_loopback for a in resolved), resolved  # never beyond loopback
@@ -342,7 +366,9 @@ def test_status_of_several_instances(fleet: list[Instance], cli_env: Callable[..
     down = f"http://127.0.0.4:{port}"  # nothing listens there
     urls = [
         *(f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in by_localhost),
-        fleet[1].url, fleet[2].url, down,
+        fleet[1].url,
+        fleet[2].url,
+        down,
     ]
     args = ["status", "--url", fleet[1].url, "--url", fleet[2].url, "--url", down, "--dns", f"localhost:{port}"]
     statuses = {instance.url: instance.settled() for instance in fleet}
@@ -365,7 +391,10 @@ def test_status_of_several_instances(fleet: list[Instance], cli_env: Callable[..
             assert "cannot reach" in " ".join(row) and "cannot reach" in entry["error"], (row, entry)
             continue
         assert row[1:] == [
-            str(status["generation"]), status["generation_code_version"], status["last_reload"]["outcome"], "1",
+            str(status["generation"]),
+            status["generation_code_version"],
+            status["last_reload"]["outcome"],
+            "1",
             "idle",
         ], row
         assert entry["generation"] == status["generation"]
@@ -376,15 +405,25 @@ def test_status_of_several_instances(fleet: list[Instance], cli_env: Callable[..
 
 @pytest.mark.parametrize("certificate_name", [TLS_NAME, "other.pypnm.test"])
 def test_https_instances_by_name_are_verified_against_the_name(
-    cli_env: Callable[..., dict[str, str]], recording_server: Callable[[Certificate | None], RecordingServer],
-    tmp_path: Path, certificate_name: str,
+    cli_env: Callable[..., dict[str, str]],
+    recording_server: Callable[[Certificate | None], RecordingServer],
+    tmp_path: Path,
+    certificate_name: str,
 ) -> None:
     """--dns https://NAME:PORT connects to each address, but asks for and checks NAME's certificate."""
     certificate = make_certificate(tmp_path / "tls", dns_name=certificate_name)
     server = recording_server(certificate)
     port = server.server_address[1]
-    result = run_cli("status", "--dns", f"https://{TLS_NAME}:{port}", "--cacert", str(certificate.cert),
-                     env=cli_env(PYPNM_TOKEN="fleet-test-token-0123456789"), cwd=tmp_path, timeout=30)
+    result = run_cli(
+        "status",
+        "--dns",
+        f"https://{TLS_NAME}:{port}",
+        "--cacert",
+        str(certificate.cert),
+        env=cli_env(PYPNM_TOKEN="fleet-test-token-0123456789"),
+        cwd=tmp_path,
+        timeout=30,
+    )
 
     row = result.stdout.splitlines()[1]
     assert row.startswith(f"https://127.0.0.1:{port} "), result.stdout
@@ -402,13 +441,22 @@ def test_https_instances_by_name_are_verified_against_the_name(
 
 
 def test_a_token_refused_for_one_instance_stops_the_roll_before_it_starts(
-    cli_env: Callable[..., dict[str, str]], recording_server: Callable[[Certificate | None], RecordingServer],
+    cli_env: Callable[..., dict[str, str]],
+    recording_server: Callable[[Certificate | None], RecordingServer],
     tmp_path: Path,
 ) -> None:
     """Plain http:// to a host that is not loopback gets no token: decided for every URL before the first request."""
     server = recording_server(None)  # plain http on 127.0.0.1: it would be the first instance reloaded
-    result = run_cli("reload", "--url", server.url, "--url", "http://192.0.2.10:8000",
-                     env=cli_env(PYPNM_TOKEN="fleet-test-token-0123456789"), cwd=tmp_path, timeout=30)
+    result = run_cli(
+        "reload",
+        "--url",
+        server.url,
+        "--url",
+        "http://192.0.2.10:8000",
+        env=cli_env(PYPNM_TOKEN="fleet-test-token-0123456789"),
+        cwd=tmp_path,
+        timeout=30,
+    )
     assert_one_line_error(result, 2, "refusing to send the token", "192.0.2.10", "--allow-http-token")
     assert server.requests == [], "an instance was reloaded before the refusal"
 
@@ -427,11 +475,17 @@ def test_a_token_refused_for_one_instance_stops_the_roll_before_it_starts(
         (["--targets", "{tmp}/empty.txt"], ["no instance", "--targets"]),
         (["--url", "http://127.0.0.1:9", "--parallel", "0"], ["--parallel", "at least 1"]),
     ],
-    ids=["dns-no-port", "dns-bad-scheme", "dns-unresolvable", "targets-missing", "targets-bad-line",
-         "targets-empty", "parallel-zero"],
+    ids=[
+        "dns-no-port",
+        "dns-bad-scheme",
+        "dns-unresolvable",
+        "targets-missing",
+        "targets-bad-line",
+        "targets-empty",
+        "parallel-zero",
+    ],
 )
-def test_bad_targets(cli_env: Callable[..., dict[str, str]], tmp_path: Path, args: list[str],
-                     names: list[str]) -> None:
+def test_bad_targets(cli_env: Callable[..., dict[str, str]], tmp_path: Path, args: list[str], names: list[str]) -> None:
     (tmp_path / "bad.txt").write_text("http://127.0.0.1:9\n# comment\n127.0.0.1:9\n")
     (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
@@ -443,15 +497,20 @@ def test_bad_targets(cli_env: Callable[..., dict[str, str]], tmp_path: Path, arg
 # ----- progress of one reload --------------------------------------------------------------------
 
 
-def test_wait_without_a_terminal_prints_one_line(fleet: list[Instance], cli_env: Callable[..., dict[str, str]],
-                                                 tmp_path: Path) -> None:
+def test_wait_without_a_terminal_prints_one_line(
+    fleet: list[Instance], cli_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
     instance = fleet[0]
     before = instance.settled()
     gate = tmp_path / "gate"
     with gated(instance, gate):
         proc = subprocess.Popen(
             pypnm_command("reload", "--url", instance.url, "--wait", "--timeout", "30"),
-            env=cli_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=cli_env(),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             stdin=subprocess.DEVNULL,
         )
         try:
@@ -472,8 +531,9 @@ def test_wait_without_a_terminal_prints_one_line(fleet: list[Instance], cli_env:
     assert after["last_reload"]["id"] in stdout
 
 
-def test_wait_on_a_terminal_shows_the_phases(fleet: list[Instance], cli_env: Callable[..., dict[str, str]],
-                                            tmp_path: Path) -> None:
+def test_wait_on_a_terminal_shows_the_phases(
+    fleet: list[Instance], cli_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
     instance = fleet[0]
     before = instance.settled()
     gate = tmp_path / "gate"
@@ -496,7 +556,10 @@ def test_wait_on_a_terminal_shows_the_phases(fleet: list[Instance], cli_env: Cal
     with gated(instance, gate):
         proc = subprocess.Popen(
             pypnm_command("reload", "--url", instance.url, "--wait", "--timeout", "30"),
-            env=cli_env(COLUMNS="200"), cwd=tmp_path, stdout=terminal, stderr=subprocess.PIPE,
+            env=cli_env(COLUMNS="200"),
+            cwd=tmp_path,
+            stdout=terminal,
+            stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
         )
         os.close(terminal)

@@ -110,15 +110,21 @@ def test_openapi_fuzz_finds_no_undocumented_5xx(fuzz_app: FastAPI) -> None:
             case.validate_response(
                 response,
                 checks=[
-                    no_undocumented_server_error, status_code_conformance, response_schema_conformance,
+                    no_undocumented_server_error,
+                    status_code_conformance,
+                    response_schema_conformance,
                     content_type_conformance,
                 ],
             )
 
         fuzz()
     assert seen == {
-        "/health": {200}, "/ready": {200}, RELOAD_PATH: {200}, STATUS_PATH: {200},
-        LOG_DOWNLOAD: {200}, "/metrics": {200},
+        "/health": {200},
+        "/ready": {200},
+        RELOAD_PATH: {200},
+        STATUS_PATH: {200},
+        LOG_DOWNLOAD: {200},
+        "/metrics": {200},
     }
     assert calls >= len(operations)
 
@@ -197,14 +203,25 @@ host = st.one_of(st.none(), st.sampled_from(["127.0.0.1:8000", "localhost:8000",
     host_header=host,
 )
 def test_routes_fuzz_with_access_headers(
-    fuzz_app: FastAPI, peer: str, method: str, path: str, params: dict[str, str], auth: str | None,
-    origin_header: str | None, site: str | None, xff: str | None, host_header: str | None,
+    fuzz_app: FastAPI,
+    peer: str,
+    method: str,
+    path: str,
+    params: dict[str, str],
+    auth: str | None,
+    origin_header: str | None,
+    site: str | None,
+    xff: str | None,
+    host_header: str | None,
 ) -> None:
     """Any method, path, query and access headers: no 5xx but the documented one, and the rules hold."""
     headers = {
         name.encode(): value.encode("latin-1")
         for name, value in {
-            "Authorization": auth, "Origin": origin_header, "Sec-Fetch-Site": site, "X-Forwarded-For": xff,
+            "Authorization": auth,
+            "Origin": origin_header,
+            "Sec-Fetch-Site": site,
+            "X-Forwarded-For": xff,
             "Host": host_header,
         }.items()
         if value is not None

@@ -116,15 +116,12 @@ def test_headers_adding_up_past_the_head_limit_get_431(start_service: StartServi
     [
         pytest.param(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ", id="header"),
         pytest.param(  # trailer fields after the last chunk of a body are buffered like headers
-            b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"3\r\nabc\r\n0\r\nX-Big: ",
+            b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Big: ",
             id="chunked-trailer",
         ),
     ],
 )
-def test_a_64_mb_field_is_cut_off_early_and_the_worker_stays_small(
-    start_service: StartService, prefix: bytes
-) -> None:
+def test_a_64_mb_field_is_cut_off_early_and_the_worker_stays_small(start_service: StartService, prefix: bytes) -> None:
     service = serve(start_service)
     worker = service.status()["pid"]
     peak_before = memory_kib(worker, "VmHWM")
@@ -161,8 +158,12 @@ def test_heads_under_the_limits_keep_alive_and_pipelining_still_work(start_servi
         assert read_response(sock, received)[0] == 404
         # A chunked body of 3000 small chunks (not a head: no limit applies), then one more request.
         chunks = b"".join(b"40\r\n" + b"f" * 64 + b"\r\n" for _ in range(3000))
-        sock.sendall(b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + chunks + b"0\r\n\r\n" + request())
+        sock.sendall(
+            b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunks
+            + b"0\r\n\r\n"
+            + request()
+        )
         assert read_response(sock, received)[0] == 405
         assert read_response(sock, received)[0] == 200
     service.trigger_reload()  # the documented 200 answer, on a connection of its own
@@ -250,9 +251,14 @@ def test_a_reload_applies_new_limits_to_the_new_generation(start_service: StartS
     config = tmp_path / "pypnm.toml"
     config.write_text("limit_request_line_size = 8192\n")
     service = serve_pypnm(
-        start_service, "--workers", "1", "--config", str(config),
+        start_service,
+        "--workers",
+        "1",
+        "--config",
+        str(config),
         # Reloaded by hand below; the settings-file watch would add a reload of its own.
-        PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false",
+        PYPNM_RELOAD_MIN_INTERVAL="0",
+        PYPNM_WATCH_CONFIG="false",
     )
 
     with connect(service) as sock:
@@ -264,8 +270,9 @@ def test_a_reload_applies_new_limits_to_the_new_generation(start_service: StartS
     def settled() -> bool:
         status = service.status()
         record = next(r for r in status["reloads"] if r["id"] == reload_id)
-        return record["outcome"] == "succeeded" and all(w["generation"] == status["generation"]
-                                                        for w in status["workers"])
+        return record["outcome"] == "succeeded" and all(
+            w["generation"] == status["generation"] for w in status["workers"]
+        )
 
     wait_until(settled, timeout=30)
     response = service.get("/health", headers={"X-Big": "e" * (10 * KiB)})

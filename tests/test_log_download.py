@@ -124,9 +124,7 @@ def test_a_missing_log_file_is_404_naming_it(start_service: StartService, tmp_pa
 
 def test_refused_to_whom_the_reload_is_refused(start_service: StartService, tmp_path: Path) -> None:
     path = tmp_path / "pypnm.log"
-    service = serve_with_log(
-        start_service, path, PYPNM_TRUSTED_NETWORKS="[]", PYPNM_API_TOKENS=f'{{"ops": "{TOKEN}"}}'
-    )
+    service = serve_with_log(start_service, path, PYPNM_TRUSTED_NETWORKS="[]", PYPNM_API_TOKENS=f'{{"ops": "{TOKEN}"}}')
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     cross_site = {**bearer, "Origin": "http://evil.example"}
     for headers, status in (({}, 403), ({"Authorization": "Bearer wrong-token-0123456789"}, 401), (cross_site, 403)):

@@ -137,8 +137,14 @@ def test_json_lines_carry_the_fields_and_the_traceback(tmp_path: Path, restore_l
     assert list(first)[:7] == ["time", "level", "logger", "message", "role", "pid", "generation"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
     assert first | {"time": "-"} == {
-        "time": "-", "level": "INFO", "logger": "pypnm.supervisor.master", "message": "building generation 8",
-        "role": "master", "pid": os.getpid(), "generation": 7, "reload_id": "r1",
+        "time": "-",
+        "level": "INFO",
+        "logger": "pypnm.supervisor.master",
+        "message": "building generation 8",
+        "role": "master",
+        "pid": os.getpid(),
+        "generation": 7,
+        "reload_id": "r1",
     }
     assert second["message"] == "failed\\nsecond line" and second["level"] == "ERROR"
     assert second["request_id"] == "req-1" and second["client_value"] == "v"
@@ -240,7 +246,8 @@ def test_sigusr1_after_logrotate_moves_every_process_to_the_new_file(
     service = start_service(pypnm_command("--port", "{port}", "--workers", "2", "--log-format", "json"), env=env)
     status = service.status()
     processes = {
-        "master": status["master"]["pid"], "template": status["master"]["template_pid"],
+        "master": status["master"]["pid"],
+        "template": status["master"]["template_pid"],
         **{f"worker {w['pid']}": w["pid"] for w in status["workers"]},
     }
     old_inode = path.stat().st_ino
@@ -254,8 +261,10 @@ def test_sigusr1_after_logrotate_moves_every_process_to_the_new_file(
     service.signal(signal.SIGUSR1)
 
     def moved_over() -> dict[str, bool]:
-        return {name: new_inode in (inodes := _open_inodes(pid)) and old_inode not in inodes
-                for name, pid in processes.items()}
+        return {
+            name: new_inode in (inodes := _open_inodes(pid)) and old_inode not in inodes
+            for name, pid in processes.items()
+        }
 
     wait_until(lambda: all(moved_over().values()), timeout=10.0)
     size_moved = moved.stat().st_size
@@ -264,8 +273,13 @@ def test_sigusr1_after_logrotate_moves_every_process_to_the_new_file(
     response = service.get(RELOAD_PATH)
     assert response.status_code == 200
     reload_id = response.headers["x-reload-id"]
-    wait_until(lambda: (service.status()["last_reload"] or {}).get("id") == reload_id and
-               service.status()["last_reload"]["outcome"] == "succeeded", timeout=30.0)
+    wait_until(
+        lambda: (
+            (service.status()["last_reload"] or {}).get("id") == reload_id
+            and service.status()["last_reload"]["outcome"] == "succeeded"
+        ),
+        timeout=30.0,
+    )
     records = [json.loads(line) for line in path.read_text().splitlines()]
     (reopened,) = [r for r in records if r["message"].startswith("SIGUSR1: ")]
     assert reopened["role"] == "master"

@@ -41,20 +41,29 @@ def test_hostile_request_writes_one_escaped_access_line(start_service: StartServ
     fake = FAKE.replace(" ", "%20").replace("[", "%5B").replace("]", "%5D")
     path = f"/{marker}%0a{fake}{HOSTILE}"
     request_id = "rid-" + secrets.token_hex(4)
-    status, headers, _ = raw_http(service.port, f"GET {path}?q=%0a{FAKE.replace(' ', '+')} HTTP/1.1".encode(), [
-        f"Host: 127.0.0.1:{service.port}".encode(),
-        b"User-Agent: curl/8 \x85\x9b31m\xe2\x80\xa8" + FAKE.encode(),
-        f"X-Request-ID: {request_id}".encode(),
-    ])
+    status, headers, _ = raw_http(
+        service.port,
+        f"GET {path}?q=%0a{FAKE.replace(' ', '+')} HTTP/1.1".encode(),
+        [
+            f"Host: 127.0.0.1:{service.port}".encode(),
+            b"User-Agent: curl/8 \x85\x9b31m\xe2\x80\xa8" + FAKE.encode(),
+            f"X-Request-ID: {request_id}".encode(),
+        ],
+    )
     assert status == 404
     assert headers["x-request-id"] == request_id
 
     # A hostile X-Request-ID is not echoed: the line is found by the id the service made instead.
     hostile_id = b"x\x85" + FAKE.encode() + b"\x9b"
     system_path = f"/pypnm/system/{marker}%0a{fake}{HOSTILE}"
-    status, headers, _ = raw_http(service.port, f"GET {system_path} HTTP/1.1".encode(), [
-        f"Host: 127.0.0.1:{service.port}".encode(), b"X-Request-ID: " + hostile_id,
-    ])
+    status, headers, _ = raw_http(
+        service.port,
+        f"GET {system_path} HTTP/1.1".encode(),
+        [
+            f"Host: 127.0.0.1:{service.port}".encode(),
+            b"X-Request-ID: " + hostile_id,
+        ],
+    )
     assert status == 404  # let in by address, then not found: audited and logged
     made_id = headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", made_id), made_id
@@ -70,7 +79,7 @@ def test_hostile_request_writes_one_escaped_access_line(start_service: StartServ
     assert not any(line.startswith(FAKE[:24]) for line in lines)
 
     (access,) = [line for line in lines if f"request_id={request_id}" in line]
-    assert " pypnm.access: GET \"/" + marker + "\\n2026-01-01T00:00:00.000Z INFO [master pid=1 gen=1] " in access
+    assert ' pypnm.access: GET "/' + marker + "\\n2026-01-01T00:00:00.000Z INFO [master pid=1 gen=1] " in access
     assert '\\r\\u001b[31m\\u0000\\t\\u007f\\u0085\\u009b\\u2028\\u2029\\u202e" 404 ' in access
     assert sum(marker in line for line in lines) == 3  # the access line of each request and one audit line
     (audit,) = [line for line in lines if " pypnm.audit: " in line and marker in line]
@@ -167,8 +176,11 @@ def test_another_format_gets_clean_records_too(log_output: io.StringIO) -> None:
         def format(self, record: logging.LogRecord) -> str:
             if record.exc_info and not record.exc_text:
                 record.exc_text = self.formatException(record.exc_info)
-            fields = {"message": record.getMessage(), "client": getattr(record, "client_value", None),
-                      "exc": record.exc_text}
+            fields = {
+                "message": record.getMessage(),
+                "client": getattr(record, "client_value", None),
+                "exc": record.exc_text,
+            }
             return json.dumps(fields, ensure_ascii=False)  # would keep every raw character it is given
 
     (handler,) = [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is log_output]

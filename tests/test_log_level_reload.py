@@ -39,9 +39,7 @@ def queued_line(record: dict[str, Any]) -> str:
     return f"reload {record['id']} queued"
 
 
-def test_a_failed_reload_leaves_the_log_level_alone(
-    tmp_path: Path, start_service: Callable[..., Service]
-) -> None:
+def test_a_failed_reload_leaves_the_log_level_alone(tmp_path: Path, start_service: Callable[..., Service]) -> None:
     config = tmp_path / "pypnm.toml"
     config.write_text('log_level = "info"\n')
     service = start_service(

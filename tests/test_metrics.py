@@ -279,14 +279,20 @@ def totals(directory: Path) -> dict[tuple[str, frozenset[tuple[str, str]]], floa
 
 def worker_files(directory: Path, pid: int, requests: float, fast: float, slow: float) -> None:
     """What a worker leaves: a counter, a histogram (non-cumulative buckets and a sum), a livesum gauge."""
-    write_file(directory / f"counter_{pid}.db", [
-        ("pypnm_http_requests", "pypnm_http_requests_total", {"method": "GET", "route": "/health"}, requests),
-    ])
-    write_file(directory / f"histogram_{pid}.db", [
-        ("d", "d_bucket", {"le": "0.1"}, fast),
-        ("d", "d_bucket", {"le": "+Inf"}, slow),
-        ("d", "d_sum", {}, fast * 0.05 + slow * 2),
-    ])
+    write_file(
+        directory / f"counter_{pid}.db",
+        [
+            ("pypnm_http_requests", "pypnm_http_requests_total", {"method": "GET", "route": "/health"}, requests),
+        ],
+    )
+    write_file(
+        directory / f"histogram_{pid}.db",
+        [
+            ("d", "d_bucket", {"le": "0.1"}, fast),
+            ("d", "d_bucket", {"le": "+Inf"}, slow),
+            ("d", "d_sum", {}, fast * 0.05 + slow * 2),
+        ],
+    )
     write_file(directory / f"gauge_livesum_{pid}.db", [("g", "g", {}, 1.0)])
 
 
@@ -315,10 +321,16 @@ def test_compaction_folds_dead_processes_and_keeps_every_total(directory: Path) 
     }
     names_left = sorted(path.name for path in directory.iterdir())
     own = os.getpid()
-    assert names_left == sorted([
-        "counter_archive.db", "histogram_archive.db", names.LOCK_FILE,
-        f"counter_{own}.db", f"histogram_{own}.db", f"gauge_livesum_{own}.db",
-    ])
+    assert names_left == sorted(
+        [
+            "counter_archive.db",
+            "histogram_archive.db",
+            names.LOCK_FILE,
+            f"counter_{own}.db",
+            f"histogram_{own}.db",
+            f"gauge_livesum_{own}.db",
+        ]
+    )
 
     # A later death adds to the archives.
     third = dead_pid()
@@ -357,8 +369,9 @@ def test_master_names_the_directory_before_importing_prometheus_client(tmp_path:
         "print(os.getpid(), os.environ['PROMETHEUS_MULTIPROC_DIR'])\n"
     )
     env = {k: v for k, v in base_env().items() if k != names.MULTIPROC_ENV}
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     pid, directory = result.stdout.split()
     assert Path(directory) == tmp_path / names.DIRECTORY

@@ -85,8 +85,11 @@ def test_doc_pages_name_no_other_host_and_their_assets_are_served(docs_service: 
         assert re.findall(r"(?:https?:)?//[^\s'\"<>]+", response.text) == [], "the page names another host"
         policy = response.headers["content-security-policy"]
         assert "default-src 'self'" in policy and "img-src 'self' data:" in policy
-        referenced = [ref for tag, attrs, _ in elements(response.text)
-                      if tag in ("script", "link") and (ref := attrs.get("src") or attrs.get("href"))]
+        referenced = [
+            ref
+            for tag, attrs, _ in elements(response.text)
+            if tag in ("script", "link") and (ref := attrs.get("src") or attrs.get("href"))
+        ]
         assert sorted(referenced) == sorted(assets)
         for asset in assets:
             served = docs_service.get(asset)
@@ -102,7 +105,8 @@ def test_swagger_ui_renders_offline(docs_service: Service, tmp_path: Path) -> No
     page = render(f"{docs_service.base_url}/docs", tmp_path, "docs")
 
     rendered_paths = {
-        attrs.get("data-path") for _, attrs, ancestors in elements(page.dom)
+        attrs.get("data-path")
+        for _, attrs, ancestors in elements(page.dom)
         if "opblock-summary-path" in attrs.get("class", "").split() and "opblock" in ancestors
     }
     assert RELOAD_PATH in rendered_paths, f"no rendered operation block for the reload in:\n{page.dom[:3000]}"

@@ -35,8 +35,14 @@ from pypnm.supervisor.protocol import (
 )
 
 SPEC = WorkerSpec(
-    app="pypnm.main:app", generation=3, snapshot_dir="/snap", packages=["pypnm"], source_dirs={"/snap": "/src"},
-    env={"PYPNM_X": "1"}, check_paths=["/health"], ssl_certfile="c.pem",
+    app="pypnm.main:app",
+    generation=3,
+    snapshot_dir="/snap",
+    packages=["pypnm"],
+    source_dirs={"/snap": "/src"},
+    env={"PYPNM_X": "1"},
+    check_paths=["/health"],
+    ssl_certfile="c.pem",
 )
 
 
@@ -52,9 +58,15 @@ def test_template_messages_round_trip(message: protocol.TemplateMessage) -> None
 @pytest.mark.parametrize(
     "message",
     [
-        StartAccepting(), StopAccepting(), Close(),
-        WorkerReady(), WorkerReady({"workers": 2}), WorkerFailed("ImportError: x (app.py, line 3)"),
-        WorkerAccepting(), WorkerStoppedAccepting(), WorkerClosing(connections=2, requests=1),
+        StartAccepting(),
+        StopAccepting(),
+        Close(),
+        WorkerReady(),
+        WorkerReady({"workers": 2}),
+        WorkerFailed("ImportError: x (app.py, line 3)"),
+        WorkerAccepting(),
+        WorkerStoppedAccepting(),
+        WorkerClosing(connections=2, requests=1),
     ],
 )
 def test_worker_messages_round_trip(message: protocol.WorkerMessage) -> None:
@@ -66,8 +78,12 @@ def test_worker_messages_round_trip(message: protocol.WorkerMessage) -> None:
 @pytest.mark.parametrize(
     "message",
     [
-        ReloadRequest(), ReloadRequest("http", "abc", 12.5), StatusRequest(), StatusRequest(3.0),
-        ReloadAccepted("0123456789ab"), Refused("the service is stopping"),
+        ReloadRequest(),
+        ReloadRequest("http", "abc", 12.5),
+        StatusRequest(),
+        StatusRequest(3.0),
+        ReloadAccepted("0123456789ab"),
+        Refused("the service is stopping"),
         StatusAnswer({"generation": 2, "reload_state": "idle", "workers": []}),
     ],
 )
@@ -79,7 +95,8 @@ def test_control_messages_round_trip(message: protocol.ControlMessage) -> None:
 
 def test_every_message_carries_the_version() -> None:
     for data in (
-        protocol.encode_template(Spawned(1)), protocol.encode_worker(StartAccepting()),
+        protocol.encode_template(Spawned(1)),
+        protocol.encode_worker(StartAccepting()),
         protocol.encode_control(StatusRequest()),
     ):
         assert json.loads(data)["v"] == PROTOCOL_VERSION
@@ -101,8 +118,11 @@ def test_the_status_view_does_not_show_the_channels_version() -> None:
         (protocol.decode_worker, b'{"event": "ready", "restart_only": null}\n', WorkerReady()),
         (protocol.decode_worker, b'{"event": "closing", "connections": 1, "requests": 0}\n', WorkerClosing(1, 0)),
         (protocol.decode_worker, b'{"cmd": "drain"}\n', StopAccepting()),
-        (protocol.decode_control, b'{"cmd": "reload", "source": "http", "request_id": "r1"}\n',
-         ReloadRequest("http", "r1", None)),
+        (
+            protocol.decode_control,
+            b'{"cmd": "reload", "source": "http", "request_id": "r1"}\n',
+            ReloadRequest("http", "r1", None),
+        ),
         (protocol.decode_control, b'{"reload_id": "abc"}\n', ReloadAccepted("abc")),
         (protocol.decode_control, b'{"error": "no"}\n', Refused("no")),
     ],
@@ -120,9 +140,7 @@ def test_unknown_fields_are_ignored() -> None:
     assert protocol.decode_template(data) == SpawnRequest(SPEC)
 
 
-@pytest.mark.parametrize(
-    "decode", [protocol.decode_template, protocol.decode_worker, protocol.decode_control]
-)
+@pytest.mark.parametrize("decode", [protocol.decode_template, protocol.decode_worker, protocol.decode_control])
 def test_a_newer_version_is_refused_clearly(decode: Any) -> None:
     future = PROTOCOL_VERSION + 1
     with pytest.raises(ProtocolError, match=f"protocol version {future}.*incompatible pypnm versions"):

@@ -27,7 +27,11 @@ def pip(python: Path, *args: str) -> None:
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
         [str(python), "-m", "pip", *args, "--no-index", "--no-deps", "--no-build-isolation", "-q"],
-        env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, f"pip {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
 
@@ -56,10 +60,15 @@ def make_venv(root: Path) -> tuple[Path, Path]:
     """A venv that sees the test environment's packages (after its own); returns (python, site-packages)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=60)
     python = root / "bin" / "python"
-    site = Path(subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+    )
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     # Processed after the venv's own `.pth` files (names sort after '_'), so an editable install comes first.
     (site / "zz-test-environment.pth").write_text("".join(f"{path}\n" for path in sorted(ours)))
@@ -81,9 +90,7 @@ def reload_and_wait(service: Service) -> dict[str, Any]:
     return record
 
 
-def test_a_reload_after_a_reinstall_serves_the_new_install(
-    start_service: StartService, tmp_path: Path
-) -> None:
+def test_a_reload_after_a_reinstall_serves_the_new_install(start_service: StartService, tmp_path: Path) -> None:
     wheels = {version: build_wheel(tmp_path, version) for version in ("0.1.1", "0.1.2", "0.1.4")}
     editable = versioned_copy(tmp_path / "checkout", "0.1.3")
     python, site = make_venv(tmp_path / "venv")

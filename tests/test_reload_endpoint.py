@@ -71,9 +71,19 @@ def _nobody_can_run_python() -> str | None:
     if shutil.which("setpriv") is None:
         return "setpriv is not installed"
     probe = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-c", "import fastapi, uvicorn, pydantic_settings, watchfiles"],
-        capture_output=True, text=True, timeout=60, cwd="/",
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import fastapi, uvicorn, pydantic_settings, watchfiles",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
     )
     if probe.returncode != 0:
         return f"user {NOBODY} cannot import the venv's packages: {probe.stderr.strip().splitlines()[-1:]}"
@@ -171,9 +181,7 @@ def test_unsupervised_reload_500_when_route_module_cannot_be_touched(
     assert service.get("/health").status_code == 200
 
 
-def test_uvicorn_reload_from_source_copy_restarts_worker(
-    start_service: StartService, tmp_path: Path
-) -> None:
+def test_uvicorn_reload_from_source_copy_restarts_worker(start_service: StartService, tmp_path: Path) -> None:
     """`uvicorn pypnm.main:app --reload` in a source tree: the touch makes uvicorn restart its worker."""
     src_copy = tmp_path / "src"
     copy_package(SRC / "pypnm", src_copy)
@@ -221,9 +229,21 @@ def installed_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = project_copy(base / "project")
     site = base / "site"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",
-         "--target", str(site), str(project)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            str(project),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
     assert (site / "pypnm" / "api" / "web_service.py").is_file()

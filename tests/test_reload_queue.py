@@ -152,8 +152,18 @@ def test_the_records_view_is_the_documented_one() -> None:
     record.finish(ReloadOutcome.FAILED, "SyntaxError: invalid syntax (app.py, line 3)")
     shown = record.as_dict()
     assert list(shown) == [
-        "source", "id", "requested_at", "coalesced", "generation", "outcome", "reason", "warnings",
-        "started_at", "finished_at", "duration_ms", "validated_ms",
+        "source",
+        "id",
+        "requested_at",
+        "coalesced",
+        "generation",
+        "outcome",
+        "reason",
+        "warnings",
+        "started_at",
+        "finished_at",
+        "duration_ms",
+        "validated_ms",
     ]
     assert type(shown["outcome"]) is str and shown["outcome"] == "failed"  # a plain string in the JSON
 
@@ -173,7 +183,6 @@ async def test_reload_state_follows_the_running_reload() -> None:
     record.finish(ReloadOutcome.SUCCEEDED)
     queue.done(record)
     assert reload_state(queue, draining=True) == "draining"
-
 
 
 @in_loop

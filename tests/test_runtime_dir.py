@@ -41,9 +41,7 @@ def process_pids(service: Service) -> list[int]:
     return pids
 
 
-def test_the_last_process_of_a_killed_master_removes_its_directory(
-    start_service: StartService, tmp_path: Path
-) -> None:
+def test_the_last_process_of_a_killed_master_removes_its_directory(start_service: StartService, tmp_path: Path) -> None:
     parent = tmp_path / "run"
     parent.mkdir()
     service = serve(start_service, PYPNM_RUNTIME_DIR=str(parent))

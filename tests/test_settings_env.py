@@ -72,7 +72,10 @@ def test_each_form_takes_effect_in_a_served_app(start_service: StartService, for
     for origin in ("https://a.example", "https://b.example"):
         answer = get_from(service, "127.0.0.1", "/health", Origin=origin)
         assert answer.headers.get("access-control-allow-origin") == origin
-    assert "access-control-allow-origin" not in get_from(service, "127.0.0.1", "/health", Origin="https://c.example").headers
+    assert (
+        "access-control-allow-origin"
+        not in get_from(service, "127.0.0.1", "/health", Origin="https://c.example").headers
+    )
     assert "Traceback" not in service.output()
 
 
@@ -105,8 +108,13 @@ def test_every_list_setting_takes_the_comma_form(tmp_path: Path, list_setting: s
 
 def _import_main(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "import pypnm.main"], env=env, cwd=cwd, capture_output=True, text=True,
-        timeout=60, stdin=subprocess.DEVNULL,
+        [sys.executable, "-c", "import pypnm.main"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
 
 

@@ -74,14 +74,18 @@ def configured(tmp_path: Path, start_service: StartService) -> Callable[..., tup
 BROKEN = [
     pytest.param(
         'trusted_networks = ["127.0.0.1/32", "127.0.0.2/32"]\n[api_tokens]\nci-runner = "shortsecret"\n',
-        ["invalid setting 'api_tokens' (PYPNM_API_TOKENS or 'api_tokens' in {config})",
-         "token 'ci-runner' must be at least 16 characters"],
+        [
+            "invalid setting 'api_tokens' (PYPNM_API_TOKENS or 'api_tokens' in {config})",
+            "token 'ci-runner' must be at least 16 characters",
+        ],
         id="token-too-short",
     ),
     pytest.param(
         'trusted_networks = ["127.0.0.1/32", "127.0.0.2/32", "not-a-network"]\n',
-        ["invalid setting 'trusted_networks'[2] (PYPNM_TRUSTED_NETWORKS or 'trusted_networks' in {config})",
-         "'not-a-network' is not an IP address or network"],
+        [
+            "invalid setting 'trusted_networks'[2] (PYPNM_TRUSTED_NETWORKS or 'trusted_networks' in {config})",
+            "'not-a-network' is not an IP address or network",
+        ],
         id="bad-network",
     ),
     pytest.param(
@@ -154,9 +158,7 @@ def test_reloadable_settings_change_takes_effect(configured: Callable[..., tuple
     wait_until(lambda: f"token=ops request_id={request_id} " in service.output(), timeout=10.0)
 
 
-def test_tokens_file_is_read_again_on_reload(
-    tmp_path: Path, configured: Callable[..., tuple[Service, Path]]
-) -> None:
+def test_tokens_file_is_read_again_on_reload(tmp_path: Path, configured: Callable[..., tuple[Service, Path]]) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"deploy:{TOKEN}\n")
     service, _ = configured(f'trusted_networks = ["127.0.0.1/32"]\napi_tokens_file = "{tokens}"\n')
@@ -182,8 +184,9 @@ def test_restart_only_changes_are_reported_not_applied(configured: Callable[...,
     assert record["outcome"] == "succeeded", record
     warnings = record["warnings"]
     assert len(warnings) == 2, warnings
-    assert any(w.startswith("setting 'host' changed ('127.0.0.1' -> '127.0.0.5') but needs a restart")
-               for w in warnings)
+    assert any(
+        w.startswith("setting 'host' changed ('127.0.0.1' -> '127.0.0.5') but needs a restart") for w in warnings
+    )
     assert any(w.startswith("setting 'workers' changed (1 -> 2) but needs a restart") for w in warnings)
     assert len(serving_workers(service)) == 1  # still one worker, still on 127.0.0.1
     assert f"reload {record['id']}: setting 'workers' changed" in service.output()

@@ -37,11 +37,13 @@ from conftest import (
 # ----- helpers ---------------------------------------------------------------------------------
 
 
-def serve_pypnm_copy(start_service: StartService, copy_root: Path, *flags: str, workers: int = 1,
-                     **env: str) -> Service:
+def serve_pypnm_copy(
+    start_service: StartService, copy_root: Path, *flags: str, workers: int = 1, **env: str
+) -> Service:
     env.setdefault("PYPNM_RELOAD_MIN_INTERVAL", "0")
-    service = serve_pypnm(start_service, "--workers", str(workers), "--graceful-timeout", "10", *flags,
-                          PYTHONPATH=str(copy_root), **env)
+    service = serve_pypnm(
+        start_service, "--workers", str(workers), "--graceful-timeout", "10", *flags, PYTHONPATH=str(copy_root), **env
+    )
     route_file = Path(service.status()["master"]["route_module_file"])
     assert route_file.is_relative_to(copy_root), f"serving {route_file}, not the copy in {copy_root}"
     return service

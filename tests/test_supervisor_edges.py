@@ -23,7 +23,7 @@ from conftest import (
 )
 
 APP = "stubbornpkg.main:app"
-MAIN = '''import asyncio
+MAIN = """import asyncio
 import os
 from contextlib import asynccontextmanager
 
@@ -47,7 +47,7 @@ app = FastAPI(lifespan=lifespan)
 @app.get("/health")
 async def health():
     return {"status": "ok", "pid": os.getpid()}
-'''
+"""
 
 
 def serve_stubborn(start_service: StartService, directory: Path, *flags: str, **env: str) -> Service:

@@ -240,7 +240,7 @@ def test_watchdog_pings_come_from_the_running_master_until_it_stops(
     assert service.proc.wait(30) == 0
     rest = notify.pending()
     stopping = next(i for i, m in enumerate(rest) if "STOPPING" in m)
-    assert rest[stopping + 1:] == []  # no ping after STOPPING=1
+    assert rest[stopping + 1 :] == []  # no ping after STOPPING=1
 
 
 # ----- socket activation ---------------------------------------------------------------------
@@ -278,9 +278,7 @@ def listening_inodes(pid: int) -> dict[int, int]:
     return found
 
 
-def test_a_socket_passed_as_fd_3_is_served_and_nothing_is_bound(
-    tmp_path: Path, notify_socket: NotifySocket
-) -> None:
+def test_a_socket_passed_as_fd_3_is_served_and_nothing_is_bound(tmp_path: Path, notify_socket: NotifySocket) -> None:
     passed = socket.create_server(("127.0.0.1", 0))
     port = passed.getsockname()[1]
     inode = os.fstat(passed.fileno()).st_ino
@@ -289,8 +287,13 @@ def test_a_socket_passed_as_fd_3_is_served_and_nothing_is_bound(
     log = tmp_path / "server.log"
     proc = subprocess.Popen(
         activation_command(passed.fileno(), env, "serve", "--port", str(configured)),
-        pass_fds=[passed.fileno()], env=base_env(), cwd=tmp_path, stdin=subprocess.DEVNULL,
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        pass_fds=[passed.fileno()],
+        env=base_env(),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     passed.close()  # pypnm holds it now
     service = Service(proc, port, log)
@@ -343,9 +346,7 @@ def test_systemd_socket_activate_starts_pypnm_on_its_socket(start_service: Start
         ("unix-listening", "1", "fd 3, which is not a TCP socket"),
     ],
 )
-def test_bad_activation_ends_in_one_line_and_exit_2(
-    tmp_path: Path, kind: str, listen_fds: str, problem: str
-) -> None:
+def test_bad_activation_ends_in_one_line_and_exit_2(tmp_path: Path, kind: str, listen_fds: str, problem: str) -> None:
     with contextlib.ExitStack() as stack:
         if kind == "file":
             handle = stack.enter_context((tmp_path / "not-a-socket").open("w"))
@@ -368,7 +369,12 @@ def test_bad_activation_ends_in_one_line_and_exit_2(
         port = free_port()
         result = subprocess.run(
             activation_command(fd, {"LISTEN_FDS": listen_fds}, "serve", "--port", str(port)),
-            pass_fds=[fd], env=base_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            pass_fds=[fd],
+            env=base_env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
             stdin=subprocess.DEVNULL,
         )
     line = assert_one_line_error(result, 2, "socket activation", problem)
@@ -408,8 +414,12 @@ def test_the_units_say_what_the_readme_promises() -> None:
     assert float(s["TimeoutStopSec"]) >= graceful + 10
     assert float(s["WatchdogSec"]) > 0
     for key, value in {
-        "ProtectSystem": "strict", "ProtectHome": "yes", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
-        "ProtectKernelTunables": "yes", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "ProtectKernelTunables": "yes",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
         "SystemCallFilter": "@system-service",
     }.items():
         assert s[key] == value, key
@@ -446,7 +456,9 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
     def verify() -> list[str]:
         result = subprocess.run(
             [tool, "verify", "--man=no", str(units / "pypnm.service"), str(units / "pypnm.socket")],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         lines = (result.stdout + result.stderr).splitlines()
         assert result.returncode == 0, "\n".join(lines)
@@ -466,7 +478,10 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
         assert len(lines) == 1 and too_old in lines[0], lines
 
     security = subprocess.run(
-        [tool, "security", "--offline=yes", str(units / "pypnm.service")], capture_output=True, text=True, timeout=120,
+        [tool, "security", "--offline=yes", str(units / "pypnm.service")],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     exposure = re.search(r"Overall exposure level for pypnm.service: ([\d.]+)", security.stdout + security.stderr)
     assert exposure, security.stdout + security.stderr

@@ -80,7 +80,9 @@ def test_a_watchdog_usec_that_is_no_number_notifies_without_pings(
     assert warnings_in(caplog) == ["WATCHDOG_USEC=30s is not a number of microseconds: no watchdog pings"]
     notifier.reload_finished(Reload("start", "start", "succeeded"), 1)
     assert abstract_notify_socket.next(timeout=5) == {
-        "READY": "1", "MAINPID": str(os.getpid()), "STATUS": "generation 1 serving",
+        "READY": "1",
+        "MAINPID": str(os.getpid()),
+        "STATUS": "generation 1 serving",
     }
 
 

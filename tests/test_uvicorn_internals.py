@@ -318,9 +318,7 @@ def probes() -> dict[str, object]:
 
 def test_the_installed_uvicorn_is_in_the_range_pyproject_pins() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    (requirement,) = [
-        Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "uvicorn"
-    ]
+    (requirement,) = [Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "uvicorn"]
     assert requirement.specifier.contains(Version(UVICORN)), (
         f"uvicorn {UVICORN} is installed, outside {requirement.specifier} (pyproject.toml): the tests cover that "
         "range only; run this module against the new version, adapt pypnm's worker, then move the bound"
@@ -349,16 +347,20 @@ def test_overridden_methods_keep_their_signature(base: str) -> None:
             ours = parameters(node)
             theirs = [(p.name, p.kind) for p in inspect.signature(original).parameters.values()]
             if ours != theirs:
-                problems.append(uvicorn_changed(
-                    f"{uvicorn_class.__name__}.{name}{signature_text(original)}",
-                    f"pypnm's {cls.name} overrides it as {name}({', '.join(n for n, _ in ours)}); "
-                    f"see {where_of(cls, node)}",
-                ))
+                problems.append(
+                    uvicorn_changed(
+                        f"{uvicorn_class.__name__}.{name}{signature_text(original)}",
+                        f"pypnm's {cls.name} overrides it as {name}({', '.join(n for n, _ in ours)}); "
+                        f"see {where_of(cls, node)}",
+                    )
+                )
             if (is_async := inspect.iscoroutinefunction(original)) != isinstance(node, ast.AsyncFunctionDef):
-                problems.append(uvicorn_changed(
-                    f"{uvicorn_class.__name__}.{name} to {'async' if is_async else 'sync'}",
-                    f"pypnm's {cls.name} overrides it; see {where_of(cls, node)}",
-                ))
+                problems.append(
+                    uvicorn_changed(
+                        f"{uvicorn_class.__name__}.{name} to {'async' if is_async else 'sync'}",
+                        f"pypnm's {cls.name} overrides it; see {where_of(cls, node)}",
+                    )
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -377,15 +379,19 @@ def test_super_calls_fit_uvicorn() -> None:
                     continue  # a pypnm class answers the call; its own super() calls are checked in turn
                 original = getattr(uvicorn_class, name, None)
                 if original is None:
-                    problems.append(uvicorn_changed(
-                        f"{uvicorn_class.__name__}: it has no {name}() any more",
-                        f"pypnm's {cls.name} calls super().{name}() at {at}",
-                    ))
+                    problems.append(
+                        uvicorn_changed(
+                            f"{uvicorn_class.__name__}: it has no {name}() any more",
+                            f"pypnm's {cls.name} calls super().{name}() at {at}",
+                        )
+                    )
                 elif (why := bind_call(original, call, leading=1)) is not None:
-                    problems.append(uvicorn_changed(
-                        f"{uvicorn_class.__name__}.{name}{signature_text(original)}",
-                        f"pypnm's {cls.name} calls super().{name}(...) at {at}: {why}",
-                    ))
+                    problems.append(
+                        uvicorn_changed(
+                            f"{uvicorn_class.__name__}.{name}{signature_text(original)}",
+                            f"pypnm's {cls.name} calls super().{name}(...) at {at}: {why}",
+                        )
+                    )
     assert not problems, "\n".join(problems)
 
 
@@ -406,11 +412,13 @@ def test_the_protocols_are_built_with_arguments_uvicorn_takes() -> None:
         forwarded = ast.Call(call.func, [], [k for k in call.keywords if k.arg not in consumed])
         checked += 1
         if (why := bind_call(HttpToolsProtocol.__init__, forwarded, leading=1)) is not None:
-            problems.append(uvicorn_changed(
-                f"HttpToolsProtocol.__init__{signature_text(HttpToolsProtocol.__init__)}",
-                f"pypnm builds {callee.rsplit('.', 1)[1]} with "
-                f"{', '.join(f'{k.arg}=' for k in forwarded.keywords)} at {at}: {why}",
-            ))
+            problems.append(
+                uvicorn_changed(
+                    f"HttpToolsProtocol.__init__{signature_text(HttpToolsProtocol.__init__)}",
+                    f"pypnm builds {callee.rsplit('.', 1)[1]} with "
+                    f"{', '.join(f'{k.arg}=' for k in forwarded.keywords)} at {at}: {why}",
+                )
+            )
     assert checked, "pypnm builds no HttpToolsProtocol subclass with keywords any more: update this test"
     assert not problems, "\n".join(problems)
 
@@ -425,19 +433,23 @@ def test_attributes_pypnm_reads_from_uvicorn_are_there(base: str) -> None:
         own = own_names(cls)
         for name, at in cls.reads.items():
             if name not in own and name not in instance:
-                problems.append(uvicorn_changed(
-                    f"{BASES[base].__name__}: a running one has no attribute {name!r} any more",
-                    f"pypnm's {cls.name} reads self.{name} at {at}",
-                ))
+                problems.append(
+                    uvicorn_changed(
+                        f"{BASES[base].__name__}: a running one has no attribute {name!r} any more",
+                        f"pypnm's {cls.name} reads self.{name} at {at}",
+                    )
+                )
         for (holder, name), at in cls.chains.items():
             if holder in own or holder not in objects:
                 continue  # pypnm's own object, or a standard library one (transport, loop)
             if not hasattr(objects[holder], name):
-                problems.append(uvicorn_changed(
-                    f"{type(objects[holder]).__name__} (self.{holder} of {BASES[base].__name__}): "
-                    f"it has no attribute {name!r} any more",
-                    f"pypnm's {cls.name} reads self.{holder}.{name} at {at}",
-                ))
+                problems.append(
+                    uvicorn_changed(
+                        f"{type(objects[holder]).__name__} (self.{holder} of {BASES[base].__name__}): "
+                        f"it has no attribute {name!r} any more",
+                        f"pypnm's {cls.name} reads self.{holder}.{name} at {at}",
+                    )
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -446,8 +458,9 @@ def test_config_keywords_pypnm_passes_are_taken() -> None:
     made = [(call, at) for callee, call, at in calls if callee == "uvicorn.config.Config"]
     assert made, "pypnm makes no uvicorn.Config any more: update this test"
     problems = [
-        uvicorn_changed(f"uvicorn.Config{signature_text(uvicorn.Config)}",
-                        f"pypnm's uvicorn.Config(...) at {at}: {why}")
+        uvicorn_changed(
+            f"uvicorn.Config{signature_text(uvicorn.Config)}", f"pypnm's uvicorn.Config(...) at {at}: {why}"
+        )
         for call, at in made
         if (why := bind_call(uvicorn.Config, call)) is not None
     ]
@@ -461,8 +474,9 @@ def test_a_protocol_class_given_as_http_is_the_one_uvicorn_uses() -> None:
         pass
 
     assert config(lifespan="off", http=Probe).http_protocol_class is Probe, uvicorn_changed(
-        "Config(http=<a protocol class>)", "it no longer uses the class given; pypnm's worker passes "
-        "DrainingHttpToolsProtocol that way (src/pypnm/supervisor/worker.py, make_server)"
+        "Config(http=<a protocol class>)",
+        "it no longer uses the class given; pypnm's worker passes "
+        "DrainingHttpToolsProtocol that way (src/pypnm/supervisor/worker.py, make_server)",
     )
 
 
@@ -583,8 +597,9 @@ def test_handle_exit_asks_the_server_to_exit() -> None:
     server = uvicorn.Server(config(lifespan="off"))
     server.handle_exit(signal.SIGTERM, None)
     assert server.should_exit, uvicorn_changed(
-        "Server.handle_exit(SIGTERM)", "it no longer sets should_exit; GenerationServer.handle_exit marks the "
-        "worker stopping and relies on it for the graceful exit (src/pypnm/supervisor/worker.py)"
+        "Server.handle_exit(SIGTERM)",
+        "it no longer sets should_exit; GenerationServer.handle_exit marks the "
+        "worker stopping and relies on it for the graceful exit (src/pypnm/supervisor/worker.py)",
     )
 
 

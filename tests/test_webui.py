@@ -79,13 +79,24 @@ def instance(tmp_path: Path, start_service: StartService) -> Callable[[dict[str,
 
 REFUSED = [
     pytest.param({}, "Cross-site request refused", "cors_origins", id="nothing"),
-    pytest.param({k: v for k, v in RECIPE.items() if k != "cors_origins"}, "Cross-site request refused",
-                 "cors_origins", id="origin-not-listed"),
-    pytest.param({k: v for k, v in RECIPE.items() if k != "allowed_hosts"},
-                 f'Host "{INSTANCE}:', "allowed_hosts", id="instance-name-not-listed"),
-    pytest.param({**RECIPE, "trusted_networks": '["10.20.0.0/16"]'},
-                 "System Operations are open only to clients in trusted_networks", "trusted_networks",
-                 id="browser-not-in-trusted-networks"),
+    pytest.param(
+        {k: v for k, v in RECIPE.items() if k != "cors_origins"},
+        "Cross-site request refused",
+        "cors_origins",
+        id="origin-not-listed",
+    ),
+    pytest.param(
+        {k: v for k, v in RECIPE.items() if k != "allowed_hosts"},
+        f'Host "{INSTANCE}:',
+        "allowed_hosts",
+        id="instance-name-not-listed",
+    ),
+    pytest.param(
+        {**RECIPE, "trusted_networks": '["10.20.0.0/16"]'},
+        "System Operations are open only to clients in trusted_networks",
+        "trusted_networks",
+        id="browser-not-in-trusted-networks",
+    ),
 ]
 
 
@@ -131,9 +142,7 @@ def test_webui_reload_and_health_work_with_the_recipe(instance: Callable[[dict[s
     assert health.headers["access-control-allow-origin"] == WEBUI
 
 
-def test_webui_health_is_open_but_unreadable_without_the_recipe(
-    instance: Callable[[dict[str, str]], Service]
-) -> None:
+def test_webui_health_is_open_but_unreadable_without_the_recipe(instance: Callable[[dict[str, str]], Service]) -> None:
     service = instance({})
     health = browser_get(service, "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"  # open: answered

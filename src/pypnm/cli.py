@@ -81,12 +81,16 @@ def _build_parser() -> argparse.ArgumentParser:
     reload = commands.add_parser("reload", help="reload running services over HTTP, one instance after another")
     _url_flags(reload)
     reload.add_argument(
-        "--wait", action="store_true",
+        "--wait",
+        action="store_true",
         help="wait for the outcome: exit 0 succeeded, 1 failed (always, with several instances)",
     )
     reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each instance (default 60)")
     reload.add_argument(
-        "--parallel", type=_positive_int, default=1, metavar="N",
+        "--parallel",
+        type=_positive_int,
+        default=1,
+        metavar="N",
         help="reload up to N instances at once; none is started after a failure (default 1)",
     )
 
@@ -116,26 +120,34 @@ def _positive_int(text: str) -> int:
 
 def _url_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--url", action="append",
+        "--url",
+        action="append",
         help="base URL of an instance (repeatable; default: from the settings, else 127.0.0.1:8000)",
     )
     parser.add_argument(
-        "--targets", action="append", type=Path, metavar="FILE",
+        "--targets",
+        action="append",
+        type=Path,
+        metavar="FILE",
         help="file of instance URLs, one a line (blank lines and # comments skipped; repeatable)",
     )
     parser.add_argument(
-        "--dns", action="append", metavar="[https://]NAME:PORT",
+        "--dns",
+        action="append",
+        metavar="[https://]NAME:PORT",
         help="every address NAME resolves to, as of a headless Service (http:// unless given; repeatable)",
     )
     parser.add_argument("--token", help=f"bearer token for System Operations (default: ${TOKEN_ENV})")
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument(
-        "--cacert", type=Path,
+        "--cacert",
+        type=Path,
         help=f"CA certificates (PEM) to check the server against instead of the system's (default: ${CACERT_ENV})",
     )
     tls.add_argument("--insecure", action="store_true", help="do not check the server's TLS certificate (unsafe)")
     parser.add_argument(
-        "--allow-http-token", action="store_true",
+        "--allow-http-token",
+        action="store_true",
         help="send the token over plain http:// to a host that is not loopback (readable on the way)",
     )
     _config_flag(parser)
@@ -222,8 +234,13 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
     try:
         master = Master(
-            settings, listeners, app=args.app, config_file=config_path(args.config), overrides=overrides,
-            watch=args.reload, notifier=notifier,
+            settings,
+            listeners,
+            app=args.app,
+            config_file=config_path(args.config),
+            overrides=overrides,
+            watch=args.reload,
+            notifier=notifier,
         )
     except (SnapshotError, RuntimeDirError) as exc:
         return _fail(str(exc))
@@ -302,8 +319,9 @@ def _refuse_http_token(url: httpx.URL, token: str | None, allow_http_token: bool
 
 def _tls_verify(args: argparse.Namespace) -> ssl.SSLContext | bool:
     if args.insecure:
-        sys.stderr.write("pypnm: warning: --insecure: the server's certificate is not checked, "
-                         "so whoever answers gets the token\n")
+        sys.stderr.write(
+            "pypnm: warning: --insecure: the server's certificate is not checked, so whoever answers gets the token\n"
+        )
         return False
     cacert = args.cacert or os.environ.get(CACERT_ENV)
     try:
@@ -405,8 +423,11 @@ def _resolve(spec: str) -> list[_Target]:
         url = httpx.URL(spec if has_scheme else f"http://{spec}")
     except httpx.InvalidURL:
         raise _Unanswered(usage, 2) from None
-    if url.scheme not in ("http", "https") or not url.host or url.raw_path not in (b"", b"/") or (
-        url.port is None and not has_scheme
+    if (
+        url.scheme not in ("http", "https")
+        or not url.host
+        or url.raw_path not in (b"", b"/")
+        or (url.port is None and not has_scheme)
     ):
         raise _Unanswered(usage, 2)
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -449,7 +470,8 @@ def _get(client: httpx.Client, path: str, what: str) -> httpx.Response:
         if certificate:
             raise _Unanswered(
                 f"{client.base_url}: certificate verify failed: {certificate} (nothing was sent; for a private CA "
-                f"pass --cacert FILE or set {CACERT_ENV})", 2,
+                f"pass --cacert FILE or set {CACERT_ENV})",
+                2,
             ) from None
         raise _Unanswered(f"cannot reach {client.base_url}: {exc}", 2) from None
     if response.status_code != 200:
@@ -695,8 +717,10 @@ def _fleet_status(args: argparse.Namespace, targets: list[_Target], verify: ssl.
         with ThreadPoolExecutor(max_workers=min(STATUS_CONCURRENCY, len(clients))) as pool:
             answers = list(pool.map(lambda entry: _instance_status(*entry), clients))
     if args.json:
-        listed = [{"url": url, **info} if info is not None else {"url": url, "error": str(error)}
-                  for url, info, error in answers]
+        listed = [
+            {"url": url, **info} if info is not None else {"url": url, "error": str(error)}
+            for url, info, error in answers
+        ]
         sys.stdout.write(json.dumps(listed, indent=2) + "\n")
     else:
         sys.stdout.write(_status_table(answers))
@@ -723,14 +747,16 @@ def _status_table(answers: list[tuple[str, dict[str, Any] | None, _Unanswered | 
         supervised = info.get("mode") == "supervised"
         last = info.get("last_reload") or {}
         serving = [worker for worker in info.get("workers", []) if worker.get("state") == "serving"]
-        rows.append((
-            url,
-            str(info.get("generation") or "-"),
-            str(info.get("generation_code_version") or info.get("code_version") or "-"),
-            str(last.get("outcome") or "-"),
-            str(len(serving)) if supervised else "-",
-            str(info.get("reload_state") if supervised else info.get("mode")),
-        ))
+        rows.append(
+            (
+                url,
+                str(info.get("generation") or "-"),
+                str(info.get("generation_code_version") or info.get("code_version") or "-"),
+                str(last.get("outcome") or "-"),
+                str(len(serving)) if supervised else "-",
+                str(info.get("reload_state") if supervised else info.get("mode")),
+            )
+        )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     return "".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] + "\n"
@@ -755,8 +781,10 @@ def _format_status(info: dict[str, Any]) -> str:
     last = info.get("last_reload")
     if last:
         outcome = last.get("outcome") or "in progress"
-        lines.append(f"last reload:  {last['id']} {outcome} via {last['source']} at {last.get('finished_at')}"
-                     f" ({last.get('duration_ms')} ms)")
+        lines.append(
+            f"last reload:  {last['id']} {outcome} via {last['source']} at {last.get('finished_at')}"
+            f" ({last.get('duration_ms')} ms)"
+        )
         if last.get("reason"):
             lines.append(f"  reason:     {last['reason']}")
     if info.get("pending_reload"):

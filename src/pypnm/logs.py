@@ -194,8 +194,11 @@ class _JSONFormatter(JsonFormatter):
         super().__init__(
             "%(asctime)s %(levelname)s %(name)s %(message)s %(role)s %(pid)s %(generation)s",
             rename_fields={
-                "asctime": "time", "levelname": "level", "name": "logger",
-                "pypnm_request_id": "request_id", "pypnm_reload_id": "reload_id",
+                "asctime": "time",
+                "levelname": "level",
+                "name": "logger",
+                "pypnm_request_id": "request_id",
+                "pypnm_reload_id": "reload_id",
             },
             # uvicorn's `color_message` repeats the message with terminal colours.
             reserved_attrs=[*RESERVED_ATTRS, "color_message"],
@@ -234,8 +237,12 @@ class LogOutput:
         """The master's choice, in a process it started; None elsewhere (or when unreadable)."""
         try:
             fields = json.loads(os.environ[LOG_OUTPUT_ENV])
-            return cls(fields["format"], Path(fields["file"]) if fields["file"] else None,
-                       int(fields["max_bytes"]), int(fields["backups"]))
+            return cls(
+                fields["format"],
+                Path(fields["file"]) if fields["file"] else None,
+                int(fields["max_bytes"]),
+                int(fields["backups"]),
+            )
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -285,8 +292,9 @@ def setup_logging(role: str, level: str = "info", output: LogOutput | None = Non
     handler.addFilter(_ProcessContext(role))
     handler.addFilter(_SafeRecord())  # on the handler, so it holds for any formatter set on it
     handler.setFormatter(
-        _JSONFormatter() if output.format == "json" else
-        _UTCFormatter("%(asctime)s %(levelname)s [%(role)s pid=%(pid)s gen=%(generation)s] %(name)s: %(message)s")
+        _JSONFormatter()
+        if output.format == "json"
+        else _UTCFormatter("%(asctime)s %(levelname)s [%(role)s pid=%(pid)s gen=%(generation)s] %(name)s: %(message)s")
     )
     root = logging.getLogger()
     for old in root.handlers:

@@ -63,9 +63,18 @@ CONFIG_ENV = "PYPNM_CONFIG"
 # Settings the master applies once, when it binds its socket(s) and starts workers.
 # A reload that sees them changed reports that a restart is needed.
 RESTART_ONLY = (
-    "host", "port", "workers", "ssl", "ssl_certfile", "ssl_keyfile", "runtime_dir",
+    "host",
+    "port",
+    "workers",
+    "ssl",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "runtime_dir",
     # Every process of the service (master, fork template, workers) writes the same format to the same file.
-    "log_format", "log_file", "log_file_max_bytes", "log_file_backups",
+    "log_format",
+    "log_file",
+    "log_file_max_bytes",
+    "log_file_backups",
 )
 
 # Which TOML file the model reads while load_settings runs (pydantic-settings builds
@@ -294,9 +303,7 @@ def parse_text(text: str, kind: Literal["list", "table"]) -> Any:
     for number, item in enumerate(items, start=1):
         label, sep, value = item.partition(":")
         if not sep or not label.strip():
-            raise ValueError(
-                f"item {number} is not 'label:value'; write label:value,label2:value2 or a JSON object"
-            )
+            raise ValueError(f"item {number} is not 'label:value'; write label:value,label2:value2 or a JSON object")
         table[label.strip()] = value.strip()
     return table
 

@@ -106,8 +106,7 @@ MALFORMED_TOKEN_DETAIL = "Malformed Authorization header: expected a single 'Bea
 UNKNOWN_HOST_DETAIL = (
     "{what}: a request admitted by its address (trusted_networks, no token) must be addressed to this service "
     "by localhost, a loopback address, the address the service listens on, or a name listed in allowed_hosts "
-    "(PYPNM_ALLOWED_HOSTS), as a guard against DNS rebinding; add the name to allowed_hosts, or "
-    + HOW_TO_GET_A_TOKEN
+    "(PYPNM_ALLOWED_HOSTS), as a guard against DNS rebinding; add the name to allowed_hosts, or " + HOW_TO_GET_A_TOKEN
 )
 CROSS_SITE_DETAIL = (
     "Cross-site request refused: System Operations accept browser requests only from the service's own "
@@ -337,8 +336,8 @@ def is_system_operation(scope: Scope) -> bool:
     """Whether the path is under `/pypnm/system` or in SYSTEM_PATHS (after `root_path`, any slash runs collapsed)."""
     path: str = scope.get("path", "")
     root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path) and path[len(root_path):].startswith("/"):
-        path = path[len(root_path):]
+    if root_path and path.startswith(root_path) and path[len(root_path) :].startswith("/"):
+        path = path[len(root_path) :]
     path = re.sub(r"/{2,}", "/", path)
     return path == SYSTEM_PREFIX or path.startswith(SYSTEM_PREFIX + "/") or path in SYSTEM_PATHS
 

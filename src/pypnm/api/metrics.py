@@ -73,12 +73,17 @@ FLUSH_INTERVAL = 1.0
 # values live in this process's files of the multiprocess directory, and a scrape reads those.
 _registry = CollectorRegistry()
 REQUESTS = Counter(
-    names.HTTP_REQUESTS, "HTTP requests answered, by method, route template and status",
-    ["method", "route", "status"], registry=_registry,
+    names.HTTP_REQUESTS,
+    "HTTP requests answered, by method, route template and status",
+    ["method", "route", "status"],
+    registry=_registry,
 )
 DURATION = Histogram(
-    names.HTTP_REQUEST_DURATION, "Seconds from a request's arrival to the end of its response, by route template",
-    ["method", "route"], buckets=names.HTTP_BUCKETS, registry=_registry,
+    names.HTTP_REQUEST_DURATION,
+    "Seconds from a request's arrival to the end of its response, by route template",
+    ["method", "route"],
+    buckets=names.HTTP_BUCKETS,
+    registry=_registry,
 )
 # livesum: the requests in progress in the live processes; a dead worker's file is removed by the master.
 IN_PROGRESS = Gauge(
@@ -198,7 +203,7 @@ class MetricsMiddleware:
         if isinstance(template, str):
             return template
         if root_path and path.startswith(root_path):
-            path = path[len(root_path):] or "/"
+            path = path[len(root_path) :] or "/"
         return next((template for regex, template in self._templates() if regex.match(path)), names.UNMATCHED_ROUTE)
 
     def _templates(self) -> list[tuple[re.Pattern[str], str]]:
@@ -234,10 +239,14 @@ class _Scrape(Collector):
                 files = glob.glob(os.path.join(self.directory, "*.db"))
                 families = list(MultiProcessCollector.merge(files, accumulate=True))
             yield from families
-            yield GaugeMetricFamily(names.METRICS_FILES, "Files in the metrics directory that this scrape read",
-                                    value=len(files))
-        build = GaugeMetricFamily(names.BUILD_INFO, "The code that answered: pypnm version and code_version",
-                                  labels=["version", "code_version"])
+            yield GaugeMetricFamily(
+                names.METRICS_FILES, "Files in the metrics directory that this scrape read", value=len(files)
+            )
+        build = GaugeMetricFamily(
+            names.BUILD_INFO,
+            "The code that answered: pypnm version and code_version",
+            labels=["version", "code_version"],
+        )
         build.add_metric([self.identity.version, self.identity.code_version], 1)
         yield build
         if self.supervisor is None:
@@ -261,8 +270,12 @@ async def _supervisor_status() -> dict[str, Any] | None:
             raise control.ControlError(f"it answered {type(answer).__name__} to a status request")
         return answer.status
     except (control.ControlError, OSError, ValueError) as exc:
-        logger.warning("metrics: the supervisor did not answer (%s): answering without %s and %s",
-                       str(exc) or type(exc).__name__, names.GENERATION, names.WORKERS)
+        logger.warning(
+            "metrics: the supervisor did not answer (%s): answering without %s and %s",
+            str(exc) or type(exc).__name__,
+            names.GENERATION,
+            names.WORKERS,
+        )
         return None
 
 
@@ -277,7 +290,11 @@ async def serve_metrics(request: Request) -> Response:
 def add_metrics(app: FastAPI) -> None:
     """Count every request of `app` and serve `GET /metrics`."""
     app.add_api_route(
-        METRICS_PATH, serve_metrics, methods=["GET"], response_class=PlainTextResponse, tags=["Metrics"],
+        METRICS_PATH,
+        serve_metrics,
+        methods=["GET"],
+        response_class=PlainTextResponse,
+        tags=["Metrics"],
         summary="Prometheus metrics of the whole service",
     )
     app.add_middleware(MetricsMiddleware, routes=app.router.routes, openapi=app.openapi)

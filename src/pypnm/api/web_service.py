@@ -41,7 +41,8 @@ async def trigger_reload(request: Request) -> str | None:
     socket_path = os.environ.get(SUPERVISOR_ENV)
     if socket_path:
         answer = await control.ask(
-            socket_path, ReloadRequest(source="http", request_id=request.state.request_id),
+            socket_path,
+            ReloadRequest(source="http", request_id=request.state.request_id),
             timeout=CONTROL_ASK,  # the master drops a request it reads later: a 500 after it means "not started"
         )
         if not isinstance(answer, ReloadAccepted):

@@ -72,8 +72,9 @@ def directories_to_watch(files: list[Path]) -> list[Path]:
 
 
 class ConfigWatch:
-    def __init__(self, config_file: Path | None, request_reload: Callable[[str], object], *,
-                 always: bool = False) -> None:
+    def __init__(
+        self, config_file: Path | None, request_reload: Callable[[str], object], *, always: bool = False
+    ) -> None:
         """`always`: watch the settings file whatever `watch_config` says (`--reload` always did)."""
         self.config_file = config_file
         self._request_reload = request_reload
@@ -134,9 +135,12 @@ class ConfigWatch:
                 roots = directories_to_watch(files)
                 if (files, roots) != shown:
                     shown = (files, roots)
-                    logger.info("watching the content of %s, by events in %s and every %gs",
-                                ", ".join(f"{self._files[p]} {p}" for p in files),
-                                ", ".join(map(str, roots)) or "no directory (missing)", CHECK_INTERVAL_MS / 1000)
+                    logger.info(
+                        "watching the content of %s, by events in %s and every %gs",
+                        ", ".join(f"{self._files[p]} {p}" for p in files),
+                        ", ".join(map(str, roots)) or "no directory (missing)",
+                        CHECK_INTERVAL_MS / 1000,
+                    )
                 self.check(events=False)  # a change since the last reload read them
                 try:
                     if roots:
@@ -152,8 +156,12 @@ class ConfigWatch:
     async def _watch(self, files: list[Path], roots: list[Path]) -> None:
         """One watch on `roots`, until the files change, their places change or the master stops."""
         changes = watchfiles.awatch(
-            *roots, watch_filter=None, recursive=False, stop_event=self._rearm,
-            rust_timeout=CHECK_INTERVAL_MS, yield_on_timeout=True,
+            *roots,
+            watch_filter=None,
+            recursive=False,
+            stop_event=self._rearm,
+            rust_timeout=CHECK_INTERVAL_MS,
+            yield_on_timeout=True,
         )
         async with contextlib.aclosing(changes):
             async for batch in changes:

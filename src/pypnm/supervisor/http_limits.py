@@ -161,7 +161,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # The request is already with the app, which may be answering: no 431 can be sent any more.
             logger.warning(
                 "closed the connection from %s: chunked trailer fields over limit_request_header_size (%d bytes)",
-                self._peer(), self.limits.header_size,
+                self._peer(),
+                self.limits.header_size,
             )
             self.transport.close()
 
@@ -200,8 +201,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse_too_large(self, setting: str, limit: int, what: str) -> None:
         self._refuse(
             431,
-            f"Request header too large: {what} may be at most {limit} bytes ({setting}); "
-            "send fewer or shorter headers",
+            f"Request header too large: {what} may be at most {limit} bytes ({setting}); send fewer or shorter headers",
             f"request head over {setting} ({limit} bytes)",
             logging.WARNING,
         )

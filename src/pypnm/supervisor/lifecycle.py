@@ -125,8 +125,7 @@ class Generations:
     def _make_room_to_drain(self, reload_id: str) -> None:
         """Close the oldest draining generations early so that one more may drain."""
         cap = self._settings().max_draining_generations
-        draining = sorted((g for g in self.draining if not g.closed_early and g.live_workers()),
-                          key=lambda g: g.number)
+        draining = sorted((g for g in self.draining if not g.closed_early and g.live_workers()), key=lambda g: g.number)
         for generation in draining[: max(len(draining) - cap + 1, 0)]:
             generation.closed_early = True  # counted out now, before its task runs
             task = self._spawn_task(self._close_early(generation, reload_id, len(draining)))
@@ -138,13 +137,19 @@ class Generations:
         killed = (
             f"; killed {closed.killed} worker(s) that did not leave within {CLOSE_GRACE:g}s"
             + (f" ({closed.unreported} did not report what they had open)" if closed.unreported else "")
-            if closed.killed else ""
+            if closed.killed
+            else ""
         )
         logger.warning(
             "reload %s: generation %d stopped early (%d draining, max_draining_generations=%d): "
             "closing %d connection(s), %d request(s) still in progress%s",
-            reload_id, generation.number, draining, self._settings().max_draining_generations,
-            closed.connections, closed.requests, killed,
+            reload_id,
+            generation.number,
+            draining,
+            self._settings().max_draining_generations,
+            closed.connections,
+            closed.requests,
+            killed,
         )
 
     # ----- respawn ------------------------------------------------------------------------------
@@ -166,8 +171,11 @@ class Generations:
             if not self._still_serving(generation):
                 return
             if not failures:  # a serving worker died (after a failed attempt, `worker` is the one that died)
-                logger.warning("worker exited pid=%d generation=%d: replacing it from the same generation",
-                               worker.pid, generation.number)
+                logger.warning(
+                    "worker exited pid=%d generation=%d: replacing it from the same generation",
+                    worker.pid,
+                    generation.number,
+                )
                 self._worker_restarted("crash")
                 generation.forget(worker)
             await asyncio.sleep(min(RESPAWN_BACKOFF_FIRST * 2**failures, RESPAWN_BACKOFF_MAX))  # keeps dying: slower
@@ -183,8 +191,9 @@ class Generations:
                     await generation.start_accepting([replacement])
             except (CandidateFailed, SpawnError, TimeoutError) as exc:
                 failures += 1
-                logger.error("cannot respawn a worker of generation %d: %s", generation.number,
-                             str(exc) or type(exc).__name__)
+                logger.error(
+                    "cannot respawn a worker of generation %d: %s", generation.number, str(exc) or type(exc).__name__
+                )
                 if replacement is not None:  # brought up but not accepting (bring_up ends its own failures)
                     replacement.signal(signal.SIGKILL)
                     generation.forget(replacement)

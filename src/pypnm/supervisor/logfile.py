@@ -103,7 +103,7 @@ class LogFile:
             assert self._fd is not None
             view = memoryview(data)
             while view:  # a regular file takes the whole write unless it is full; then the rest raises
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
 
     def request_reopen(self) -> None:
         """Close the file and open the path anew: now when no write is under way, else at the next write.

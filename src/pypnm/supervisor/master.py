@@ -80,7 +80,11 @@ class Master:
 
         self.queue = ReloadQueue(lambda: self.settings.reload_min_interval)
         self.generations = Generations(
-            self.template, listeners, lambda: self.settings, lambda: self.stopping, self._spawn_task,
+            self.template,
+            listeners,
+            lambda: self.settings,
+            lambda: self.stopping,
+            self._spawn_task,
             worker_restarted=self.metrics.worker_restarted,
         )
         self.files = FileWatch(app, self.locator.find(), watch, lambda: self.settings, self.queue.request)
@@ -114,9 +118,13 @@ class Master:
 
         first = self.queue.request("start")
         serving = self.generations.serving_number  # systemd: RELOADING=1 as each reload starts, READY=1 as it ends
-        self._spawn_task(self.queue.run(self._reload, on_start=[lambda r: self.systemd.reload_started(r, serving())],
-                                        on_finish=[lambda r: self.systemd.reload_finished(r, serving()),
-                                                   self.metrics.reload_finished]))
+        self._spawn_task(
+            self.queue.run(
+                self._reload,
+                on_start=[lambda r: self.systemd.reload_started(r, serving())],
+                on_finish=[lambda r: self.systemd.reload_finished(r, serving()), self.metrics.reload_finished],
+            )
+        )
         self._spawn_task(self.metrics.maintain())  # folds dead workers' metrics files into the archives
         waits = [asyncio.create_task(first.wait()), asyncio.create_task(self._stop.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -181,8 +189,9 @@ class Master:
             ready = await self.generations.validate(number, snapshot, spec, settings.reload_timeout)
             record.warnings = build.restart_only_changes(self.settings, ready)
             record.validated()
-            logger.info("reload %s: generation %d validated (code_version %s)", record.id, number,
-                        snapshot.code_version)
+            logger.info(
+                "reload %s: generation %d validated (code_version %s)", record.id, number, snapshot.code_version
+            )
             await self.generations.start_accepting()
         except asyncio.CancelledError:
             self.generations.discard()
@@ -199,7 +208,10 @@ class Master:
         record.finish(ReloadOutcome.SUCCEEDED)
         logger.info(
             "reload %s: swapped in %.0fms: generation %d serving%s",
-            record.id, record.duration_ms or 0, number, f", generation {old.number} draining" if old else "",
+            record.id,
+            record.duration_ms or 0,
+            number,
+            f", generation {old.number} draining" if old else "",
         )
         if old is not None:
             self.generations.drain(old)
@@ -237,7 +249,12 @@ class Master:
 
     def status(self) -> dict[str, Any]:
         return status.status_view(
-            self.queue, self.generations, started_at=self.started_at, app=self.app,
-            route_file=self.files.route_file, watching_source=self.files.watch,
-            watching_config=self.config_watch.watched(), template_pid=self.template.pid,
+            self.queue,
+            self.generations,
+            started_at=self.started_at,
+            app=self.app,
+            route_file=self.files.route_file,
+            watching_source=self.files.watch,
+            watching_config=self.config_watch.watched(),
+            template_pid=self.template.pid,
         )

@@ -90,11 +90,14 @@ class MasterMetrics:
         from prometheus_client import Counter, Histogram
 
         # registry=None: nothing in the master exposes them; a worker's scrape reads the files.
-        reloads = Counter(RELOADS, "Reloads, by outcome (the start of the service is not counted)", ["outcome"],
-                          registry=None)
+        reloads = Counter(
+            RELOADS, "Reloads, by outcome (the start of the service is not counted)", ["outcome"], registry=None
+        )
         reload_duration = Histogram(
-            RELOAD_DURATION, "Seconds from a reload's trigger to its new generation serving (succeeded reloads)",
-            buckets=RELOAD_BUCKETS, registry=None,
+            RELOAD_DURATION,
+            "Seconds from a reload's trigger to its new generation serving (succeeded reloads)",
+            buckets=RELOAD_BUCKETS,
+            registry=None,
         )
         restarts = Counter(WORKER_RESTARTS, "Workers replaced by the master, by reason", ["reason"], registry=None)
         for outcome in RELOAD_OUTCOMES:

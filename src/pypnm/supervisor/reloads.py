@@ -131,8 +131,12 @@ class ReloadQueue:
         """
         late = control.expired_by(deadline, self._clock())
         if late is not None:
-            logger.warning("reload requested by %s dropped: its caller gave up (read %.1fs after its "
-                           "deadline; the master was not answering); nothing was started", source, late)
+            logger.warning(
+                "reload requested by %s dropped: its caller gave up (read %.1fs after its "
+                "deadline; the master was not answering); nothing was started",
+                source,
+                late,
+            )
             raise ReloadDropped("the request expired before the supervisor read it; nothing was started")
         if self.pending is not None:
             self.pending.coalesced += 1

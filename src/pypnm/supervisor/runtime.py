@@ -222,6 +222,4 @@ def leave() -> None:
         with contextlib.suppress(OSError):
             os.close(lock_fd)
         if _remove_if_unlocked(directory):
-            logger.info(
-                "removed the runtime directory %s: the master is gone and this was its last process", directory
-            )
+            logger.info("removed the runtime directory %s: the master is gone and this was its last process", directory)

@@ -107,7 +107,10 @@ def _locate(top: str) -> tuple[Path, list[str], list[int | None]]:
     """Ask a fresh interpreter; returns (the package directory or module file, its sys.path, their stamps)."""
     try:
         result = subprocess.run(
-            [sys.executable, "-c", _LOCATE, top], capture_output=True, text=True, timeout=LOCATE_SOURCES,
+            [sys.executable, "-c", _LOCATE, top],
+            capture_output=True,
+            text=True,
+            timeout=LOCATE_SOURCES,
             stdin=subprocess.DEVNULL,
         )
         lines = result.stdout.strip().splitlines()
@@ -235,7 +238,10 @@ class Compiler:
                 cfile.write_bytes(cached)
                 return
             py_compile.compile(
-                str(path), cfile=str(cfile), dfile=str(original), doraise=True,
+                str(path),
+                cfile=str(cfile),
+                dfile=str(original),
+                doraise=True,
                 invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
             )
             if len(self._cache) >= self.MAX_ENTRIES:

@@ -72,8 +72,14 @@ class ForkTemplate:
         lock = self.runtime.lock_fd
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "pypnm.supervisor.template",
-                str(theirs.fileno()), str(lock), str(self.runtime.path), self.log_level, *self.preload,
+                sys.executable,
+                "-m",
+                "pypnm.supervisor.template",
+                str(theirs.fileno()),
+                str(lock),
+                str(self.runtime.path),
+                self.log_level,
+                *self.preload,
             ],
             pass_fds=[theirs.fileno(), lock],
             # Its own session: a terminal's SIGINT or SIGHUP reaches the master only, which then

@@ -76,7 +76,14 @@ def log_serving(settings: Settings, app: str, listeners: list[socket.socket], ro
     endpoint = "GET /pypnm/system/webService/reload, " if app == DEFAULT_APP else ""
     logger.info(
         "serving %s on %s://%s:%d with %d worker(s); reload: %sSIGHUP to pid %d, or touch %s",
-        app, scheme, shown, port, settings.workers, endpoint, os.getpid(), route_file,
+        app,
+        scheme,
+        shown,
+        port,
+        settings.workers,
+        endpoint,
+        os.getpid(),
+        route_file,
     )
 
 
@@ -90,7 +97,8 @@ def log_access(settings: Settings) -> None:
         logger.warning("%s", exc)
     logger.info(
         "System Operations (/pypnm/system/) are open to trusted_networks %s and to %d bearer token(s)",
-        ", ".join(map(str, networks)) or "(none)", tokens,
+        ", ".join(map(str, networks)) or "(none)",
+        tokens,
     )
     try:
         loopback_host = settings.host == "localhost" or ipaddress.ip_address(settings.host).is_loopback
@@ -98,12 +106,15 @@ def log_access(settings: Settings) -> None:
         loopback_host = False
     if not loopback_host and tokens == 0:
         who = (
-            "no client" if not networks
-            else "only loopback clients" if all(n.is_loopback for n in networks)
+            "no client"
+            if not networks
+            else "only loopback clients"
+            if all(n.is_loopback for n in networks)
             else "only clients in trusted_networks"
         )
         logger.warning(
             "listening on %s, which is not loopback, with no api token configured: %s can use "
             "System Operations; set api_tokens or api_tokens_file to let other callers in",
-            settings.host, who,
+            settings.host,
+            who,
         )

@@ -195,7 +195,7 @@ class Notifier:
         if self.address is None or self._stopping:
             return
         message = "\n".join(
-            f"STATUS={status_text(f[len('STATUS='):])}" if f.startswith("STATUS=") else f for f in fields
+            f"STATUS={status_text(f[len('STATUS=') :])}" if f.startswith("STATUS=") else f for f in fields
         )
         logger.debug("sd_notify: %s", message.replace("\n", " "))
         self._backlog.append(message)
@@ -228,8 +228,7 @@ class Notifier:
         except OSError as exc:
             level = logging.DEBUG if self._failing else logging.WARNING
             self._failing = True
-            logger.log(level, "cannot notify systemd (NOTIFY_SOCKET): %s; dropped: %s", exc,
-                       message.replace("\n", " "))
+            logger.log(level, "cannot notify systemd (NOTIFY_SOCKET): %s; dropped: %s", exc, message.replace("\n", " "))
             return
         self._failing = False
 
@@ -273,8 +272,9 @@ def activated_listeners() -> list[socket.socket] | None:
     if not listen_pid.isdigit():
         raise ActivationError(f"socket activation: LISTEN_PID={listen_pid!r} is not a process id")
     if int(listen_pid) != os.getpid():
-        logger.warning("LISTEN_PID=%s is not this process (%d): the passed sockets are not ours; ignored",
-                       listen_pid, os.getpid())
+        logger.warning(
+            "LISTEN_PID=%s is not this process (%d): the passed sockets are not ours; ignored", listen_pid, os.getpid()
+        )
         return None
     if listen_fds is None:
         return None
@@ -288,8 +288,12 @@ def activated_listeners() -> list[socket.socket] | None:
     listeners = [_listener(fd) for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + count)]
     for index, sock in enumerate(listeners):
         name = names[index] if index < len(names) and names[index] else "unnamed"
-        logger.info("socket activation: serving fd %d (%s) on %s; the host and port settings are not used",
-                    sock.fileno(), name, _shown(sock))
+        logger.info(
+            "socket activation: serving fd %d (%s) on %s; the host and port settings are not used",
+            sock.fileno(),
+            name,
+            _shown(sock),
+        )
     return listeners
 
 
@@ -299,8 +303,9 @@ def _listener(fd: int) -> socket.socket:
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
-        raise ActivationError(f"{where} is not open; systemd passes its sockets from fd {LISTEN_FDS_START} on") \
-            from None
+        raise ActivationError(
+            f"{where} is not open; systemd passes its sockets from fd {LISTEN_FDS_START} on"
+        ) from None
     if not stat.S_ISSOCK(mode):
         raise ActivationError(f"{where} is not a socket")
     sock = socket.socket(fileno=fd)
@@ -313,8 +318,10 @@ def _listener(fd: int) -> socket.socket:
     problem = (
         "is not a TCP socket (pypnm serves ListenStream= on an IP address and port)"
         if sock.family not in (socket.AF_INET, socket.AF_INET6)
-        else "is not a stream socket (ListenStream=, not ListenDatagram=)" if kind != socket.SOCK_STREAM
-        else "is not listening (Accept=no and ListenStream= pass a listening socket)" if not accepting
+        else "is not a stream socket (ListenStream=, not ListenDatagram=)"
+        if kind != socket.SOCK_STREAM
+        else "is not listening (Accept=no and ListenStream= pass a listening socket)"
+        if not accepting
         else None
     )
     if problem is not None:

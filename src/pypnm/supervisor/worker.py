@@ -56,7 +56,6 @@ from pypnm.supervisor.timeouts import CHECK_REQUEST, CLOSE_REQUEST_GRACE, IDLE_D
 logger = logging.getLogger("pypnm.supervisor.worker")
 
 
-
 class AppLoadError(Exception):
     """The app cannot be imported or configured in this worker; the message is the one-line reason.
 
@@ -220,9 +219,7 @@ class MasterChannel:
 class GenerationServer(uvicorn.Server):
     """A uvicorn server whose startup validates, reports, and waits for the master's go."""
 
-    def __init__(
-        self, config: uvicorn.Config, app: Any, spec: WorkerSpec, channel: MasterChannel | None
-    ) -> None:
+    def __init__(self, config: uvicorn.Config, app: Any, spec: WorkerSpec, channel: MasterChannel | None) -> None:
         super().__init__(config)
         self.app = app  # as the project built it, before uvicorn wraps it
         self.spec = spec
@@ -260,7 +257,10 @@ class GenerationServer(uvicorn.Server):
 
         def protocol_factory(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
             return DrainingHttpToolsProtocol(
-                config=self.config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop,
+                config=self.config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
                 limits=self.head_limits,
             )
 
@@ -367,7 +367,9 @@ class _CancelledRequest(logging.Filter):
         if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
             record.msg, record.args, record.exc_info = (
                 "request cancelled: its connection was closed (generation stopped early) and it did not end "
-                "within %.1fs", (CLOSE_REQUEST_GRACE,), None,
+                "within %.1fs",
+                (CLOSE_REQUEST_GRACE,),
+                None,
             )
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
