@@ -71,11 +71,6 @@ def test_check_names_why_the_app_cannot_serve(tmp_path: Path, failure: str) -> N
     assert result.stdout == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the reason is uvicorn's closing line 'Application startup failed. Exiting.', not the exception "
-    "logged before it (supervisor/worker.py keeps the last error uvicorn logs)",
-)
 def test_a_failed_lifespan_is_reported_with_its_exception(tmp_path: Path) -> None:
     write_app(tmp_path, LIFESPAN_FAILS)
     result = run_cli("check", "--app", APP, cwd=tmp_path, timeout=60)

@@ -376,17 +376,28 @@ class _CancelledRequest(logging.Filter):
 
 
 class _LastError(logging.Handler):
-    """Keeps the last error uvicorn logs during lifespan startup, to use as the reload's reason."""
+    """Keeps the error uvicorn logs during lifespan startup, to use as the reload's reason.
+
+    uvicorn logs the app's exception (with exc_info, or as the traceback text that Starlette
+    sends in `lifespan.startup.failed`), then "Application startup failed. Exiting."; the
+    exception is the reason, so a plain line replaces only another plain line.
+    """
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.text = ""
+        self._from_exception = False
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             self.text = f"{type(exc).__name__}: {exc}"
-        else:
+            self._from_exception = True
+        elif record.getMessage().startswith("Traceback (most recent call last)"):
+            lines = [line for line in record.getMessage().splitlines() if line.strip()]
+            self.text = lines[-1].strip()  # "RuntimeError: no database"
+            self._from_exception = True
+        elif not self._from_exception:
             self.text = record.getMessage()
 
 
