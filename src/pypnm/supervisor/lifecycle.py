@@ -74,14 +74,16 @@ class Generations:
 
     # ----- a reload -----------------------------------------------------------------------------
 
-    async def validate(self, number: int, snapshot: Snapshot, spec: WorkerSpec, timeout: float) -> list[WorkerReady]:
-        """Bring up the candidate generation; what its workers reported once validated.
+    async def validate(
+        self, number: int, snapshot: Snapshot, spec: WorkerSpec, size: int, timeout: float
+    ) -> list[WorkerReady]:
+        """Bring up the candidate generation of `size` workers (its own settings' count); what they reported.
 
         Raises CandidateFailed, SpawnError or TimeoutError; `discard` then ends the candidate.
         """
         if self._closing:  # generations closed early leave before the candidate's workers are forked
             await asyncio.wait(self._closing)
-        self.candidate = Generation(number, snapshot, spec, self._settings().workers)
+        self.candidate = Generation(number, snapshot, spec, size)
         async with asyncio.timeout(timeout):
             workers = await self.candidate.bring_up(self.template, self.listeners, self.candidate.size)
         return [worker.ready.result() for worker in workers]
