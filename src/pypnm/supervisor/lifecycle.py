@@ -10,7 +10,8 @@ worker that dies is replaced from its own generation by the same bring-up
 
 At most `max_draining_generations` generations drain at once: a swap beyond that closes the
 oldest one early, and the next candidate is brought up only once it is gone, so the service
-never runs more than `workers * (2 + max_draining_generations)` workers.
+never runs more than `workers * (2 + max_draining_generations)` workers (the largest `workers` among them:
+a reload may change the count).
 
 It logs under the master's logger name for the lines operators grep ("generation N drained",
 "stopped early", "worker exited", "respawned").
