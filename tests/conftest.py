@@ -186,9 +186,11 @@ class Service:
         self.port = port
         self.log = log
         self.base_url = f"http://{host}:{port}"
+        self.verify: ssl.SSLContext | bool = True  # a test of an HTTPS service sets base_url and this
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         kwargs.setdefault("timeout", 10.0)
+        kwargs.setdefault("verify", self.verify)
         return httpx.get(self.base_url + path, **kwargs)
 
     def status(self) -> dict[str, Any]:
@@ -467,8 +469,18 @@ class Certificate:
     key: Path
 
 
-def make_certificate(directory: Path, *, ip: str | None = None, dns_name: str | None = None) -> Certificate:
-    """A self-signed server certificate for an address or a name (its only SAN), valid for a day."""
+def make_certificate(
+    directory: Path,
+    *,
+    ip: str | None = None,
+    dns_name: str | None = None,
+    not_before: datetime.timedelta = datetime.timedelta(minutes=-5),
+    not_after: datetime.timedelta = datetime.timedelta(days=1),
+) -> Certificate:
+    """A self-signed server certificate for an address or a name (its only SAN), valid for a day.
+
+    `not_before` and `not_after` are its validity, relative to now (negative: in the past).
+    """
     if (ip is None) == (dns_name is None):
         raise ValueError("a certificate for an ip or a dns_name")
     key = ec.generate_private_key(ec.SECP256R1())
@@ -482,8 +494,8 @@ def make_certificate(directory: Path, *, ip: str | None = None, dns_name: str | 
         .issuer_name(subject)
         .public_key(public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now + not_before)
+        .not_valid_after(now + not_after)
         .add_extension(x509.SubjectAlternativeName([san]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -178,7 +178,9 @@ def test_tokens_file_is_read_again_on_reload(tmp_path: Path, configured: Callabl
 
 def test_restart_only_changes_are_reported_not_applied(configured: Callable[..., tuple[Service, Path]]) -> None:
     service, config = configured(INITIAL)
-    config.write_text(INITIAL.replace("trusted_networks", 'host = "127.0.0.5"\nworkers = 2\ntrusted_networks', 1))
+    config.write_text(
+        INITIAL.replace("trusted_networks", 'host = "127.0.0.5"\nlog_file_backups = 7\ntrusted_networks', 1)
+    )
     record = reload_and_wait(service)
 
     assert record["outcome"] == "succeeded", record
@@ -187,9 +189,9 @@ def test_restart_only_changes_are_reported_not_applied(configured: Callable[...,
     assert any(
         w.startswith("setting 'host' changed ('127.0.0.1' -> '127.0.0.5') but needs a restart") for w in warnings
     )
-    assert any(w.startswith("setting 'workers' changed (1 -> 2) but needs a restart") for w in warnings)
-    assert len(serving_workers(service)) == 1  # still one worker, still on 127.0.0.1
-    assert f"reload {record['id']}: setting 'workers' changed" in service.output()
+    assert any(w.startswith("setting 'log_file_backups' changed (5 -> 7) but needs a restart") for w in warnings)
+    assert len(serving_workers(service)) == 1  # still serving on 127.0.0.1
+    assert f"reload {record['id']}: setting 'log_file_backups' changed" in service.output()
 
 
 def test_environment_outranks_the_file_on_reload(configured: Callable[..., tuple[Service, Path]]) -> None:

@@ -251,9 +251,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    from pypnm.supervisor.build import generation_spec
+    from pypnm.supervisor.build import freeze_tls, generation_spec
     from pypnm.supervisor.runtime import RuntimeDir, RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError, find_project_sources, take_snapshot
+    from pypnm.supervisor.tls import TLSError
     from pypnm.supervisor.worker import check as check_generation
 
     try:
@@ -268,7 +269,9 @@ def check(args: argparse.Namespace) -> int:
     try:
         try:
             snapshot = take_snapshot(find_project_sources(args.app), runtime.path / "gen", config_path(args.config))
-        except SnapshotError as exc:
+            for warning in freeze_tls(snapshot, settings):  # the certificate check a reload makes
+                sys.stderr.write(f"pypnm: warning: {warning}\n")
+        except (SnapshotError, TLSError) as exc:
             return _fail(f"check failed: {exc}", 1)
         spec = dataclasses.replace(generation_spec(args.app, 0, snapshot, settings, env={}), log_level="warning")
         reason = check_generation(spec)

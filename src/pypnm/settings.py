@@ -65,10 +65,6 @@ CONFIG_ENV = "PYPNM_CONFIG"
 RESTART_ONLY = (
     "host",
     "port",
-    "workers",
-    "ssl",
-    "ssl_certfile",
-    "ssl_keyfile",
     "runtime_dir",
     # Every process of the service (master, fork template, workers) writes the same format to the same file.
     "log_format",
@@ -92,10 +88,11 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, enable_decoding=False
     )
 
-    # Listening (restart-only)
+    # Listening (host and port restart-only)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(1, ge=1, le=64)  # a reload's new generation has this many
+    # HTTPS: a reload checks the pair (pypnm.supervisor.tls) and freezes it into the new generation's snapshot.
     ssl: bool = False
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None

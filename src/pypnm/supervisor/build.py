@@ -13,7 +13,8 @@ from typing import Any
 from pypnm.identity import SUPERVISOR_ENV
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
-from pypnm.supervisor.snapshot import TOKENS_FILE, Snapshot
+from pypnm.supervisor.snapshot import TLS_CERT_FILE, TLS_KEY_FILE, TOKENS_FILE, Snapshot
+from pypnm.supervisor.tls import check_pair
 
 DEFAULT_APP = "pypnm.main:app"
 DEFAULT_CHECK_PATHS = ["/health", "/openapi.json"]
@@ -48,8 +49,9 @@ def generation_spec(app: str, number: int, snapshot: Snapshot, settings: Setting
         check_paths=check_paths,
         log_level=settings.log_level,
         graceful_timeout=settings.graceful_timeout,
-        ssl_certfile=str(settings.ssl_certfile) if settings.ssl else None,
-        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl else None,
+        # The snapshot's frozen copies when the master made them (a reload), else the files (`pypnm check`).
+        ssl_certfile=str(snapshot.files.get(TLS_CERT_FILE, settings.ssl_certfile)) if settings.ssl else None,
+        ssl_keyfile=str(snapshot.files.get(TLS_KEY_FILE, settings.ssl_keyfile)) if settings.ssl else None,
         limit_request_line_size=settings.limit_request_line_size,
         limit_request_header_size=settings.limit_request_header_size,
         timeout_request_header=settings.timeout_request_header,
@@ -81,6 +83,19 @@ def settings_for(snapshot: Snapshot, running: Settings, overrides: dict[str, Any
     if fresh.api_tokens_file is not None:
         snapshot.add_file(TOKENS_FILE, fresh.api_tokens_file)
     return fresh.model_copy(update={name: getattr(running, name) for name in RESTART_ONLY})
+
+
+def freeze_tls(snapshot: Snapshot, settings: Settings) -> list[str]:
+    """Freeze the certificate and key into the snapshot and check the copies; warnings, or TLSError/SnapshotError.
+
+    Frozen like the tokens file: a respawned worker serves the pair this reload checked,
+    whatever has been written over the files since.
+    """
+    if not settings.ssl or settings.ssl_certfile is None or settings.ssl_keyfile is None:
+        return []
+    cert = snapshot.add_file(TLS_CERT_FILE, settings.ssl_certfile)
+    key = snapshot.add_file(TLS_KEY_FILE, settings.ssl_keyfile)
+    return check_pair(cert, key, shown_cert=str(settings.ssl_certfile), shown_key=str(settings.ssl_keyfile))
 
 
 def restart_only_changes(running: Settings, ready: list[WorkerReady]) -> list[str]:

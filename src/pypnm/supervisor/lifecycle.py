@@ -10,7 +10,8 @@ worker that dies is replaced from its own generation by the same bring-up
 
 At most `max_draining_generations` generations drain at once: a swap beyond that closes the
 oldest one early, and the next candidate is brought up only once it is gone, so the service
-never runs more than `workers * (2 + max_draining_generations)` workers.
+never runs more than `workers * (2 + max_draining_generations)` workers (the largest `workers` among them:
+a reload may change the count).
 
 It logs under the master's logger name for the lines operators grep ("generation N drained",
 "stopped early", "worker exited", "respawned").
@@ -74,14 +75,16 @@ class Generations:
 
     # ----- a reload -----------------------------------------------------------------------------
 
-    async def validate(self, number: int, snapshot: Snapshot, spec: WorkerSpec, timeout: float) -> list[WorkerReady]:
-        """Bring up the candidate generation; what its workers reported once validated.
+    async def validate(
+        self, number: int, snapshot: Snapshot, spec: WorkerSpec, size: int, timeout: float
+    ) -> list[WorkerReady]:
+        """Bring up the candidate generation of `size` workers (its own settings' count); what they reported.
 
         Raises CandidateFailed, SpawnError or TimeoutError; `discard` then ends the candidate.
         """
         if self._closing:  # generations closed early leave before the candidate's workers are forked
             await asyncio.wait(self._closing)
-        self.candidate = Generation(number, snapshot, spec, self._settings().workers)
+        self.candidate = Generation(number, snapshot, spec, size)
         async with asyncio.timeout(timeout):
             workers = await self.candidate.bring_up(self.template, self.listeners, self.candidate.size)
         return [worker.ready.result() for worker in workers]

@@ -39,6 +39,7 @@ from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import Compiler, Snapshot, SnapshotError, SourceLocator, take_snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
 from pypnm.supervisor.systemd import Notifier
+from pypnm.supervisor.tls import TLSError
 from pypnm.supervisor.triggers import FileWatch, control_handler, install_signals
 
 logger = logging.getLogger("pypnm.supervisor.master")
@@ -184,10 +185,10 @@ class Master:
         record.begin(number)
         logger.info("reload %s: building generation %d", record.id, number)
         try:
-            snapshot, settings = await self._build(number)
+            snapshot, settings, tls_warnings = await self._build(number)
             spec = build.supervised_spec(self.app, number, snapshot, settings, self.overrides, self.control_path)
-            ready = await self.generations.validate(number, snapshot, spec, settings.reload_timeout)
-            record.warnings = build.restart_only_changes(self.settings, ready)
+            ready = await self.generations.validate(number, snapshot, spec, settings.workers, settings.reload_timeout)
+            record.warnings = tls_warnings + build.restart_only_changes(self.settings, ready)
             record.validated()
             logger.info(
                 "reload %s: generation %d validated (code_version %s)", record.id, number, snapshot.code_version
@@ -216,8 +217,12 @@ class Master:
         if old is not None:
             self.generations.drain(old)
 
-    async def _build(self, number: int) -> tuple[Snapshot, Settings]:
-        """A snapshot of the code and settings file as they are now, and the settings it brings."""
+    async def _build(self, number: int) -> tuple[Snapshot, Settings, list[str]]:
+        """A snapshot of the code, settings file and TLS pair as they are now, the settings it brings, TLS warnings.
+
+        The pair is checked here, before any worker is forked: a bad one fails the reload with a
+        reason that names the file (TLSError), instead of every candidate worker failing on it.
+        """
         await self.template.refresh_if_stale()
         self.files.follow(await asyncio.to_thread(self.locator.find))
         snapshot = take_snapshot(
@@ -225,7 +230,12 @@ class Master:
         )
         settings = build.settings_for(snapshot, self.settings, self.overrides)
         self.config_watch.read_by_reload(snapshot, settings)  # the content this reload read is the one to compare
-        return snapshot, settings
+        try:
+            tls_warnings = build.freeze_tls(snapshot, settings)
+        except (TLSError, SnapshotError):
+            snapshot.remove()  # no candidate owns it yet, so no discard() would
+            raise
+        return snapshot, settings, tls_warnings
 
     def _apply(self, settings: Settings, number: int) -> None:
         """The master takes on the settings of the generation that now serves, and stamps its lines with it."""
@@ -235,7 +245,7 @@ class Master:
 
     def _failed(self, record: ReloadRecord, number: int, exc: Exception) -> None:
         """Record and log why the reload failed; an unexpected error with its traceback."""
-        known = (SnapshotError, CandidateFailed, SpawnError, TimeoutError)
+        known = (SnapshotError, TLSError, CandidateFailed, SpawnError, TimeoutError)
         if not isinstance(exc, known):
             logger.exception("reload %s: unexpected error", record.id)
         reason = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"

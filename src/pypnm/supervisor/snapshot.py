@@ -29,7 +29,14 @@ from pypnm.supervisor.timeouts import LOCATE_SOURCES
 # The settings files a snapshot freezes, by the name of their copy, and how an operator calls them.
 CONFIG_FILE = "settings.toml"
 TOKENS_FILE = "tokens"
-_FILE_SETTING = {CONFIG_FILE: "config file", TOKENS_FILE: "api_tokens_file"}
+TLS_CERT_FILE = "tls-cert.pem"
+TLS_KEY_FILE = "tls-key.pem"
+_FILE_SETTING = {
+    CONFIG_FILE: "config file",
+    TOKENS_FILE: "api_tokens_file",
+    TLS_CERT_FILE: "ssl_certfile",
+    TLS_KEY_FILE: "ssl_keyfile",
+}
 
 
 class SnapshotError(Exception):
