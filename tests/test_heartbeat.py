@@ -114,6 +114,9 @@ def test_a_worker_whose_event_loop_blocks_is_replaced_while_the_other_keeps_answ
     blocked_request.join(10)
     assert outcome and isinstance(outcome[0], httpx.HTTPError)  # the killed worker's own request was cut
 
+    [entry] = supervisor_status(service)["worker_exits"]
+    assert (entry["pid"], entry["reason"]) == (blocked, "hung")
+    assert entry["ended"].startswith("event loop blocked for ")
     metrics = service.get("/metrics").text
     assert metric(metrics, "pypnm_worker_restarts_total", reason="hung") == 1
     assert metric(metrics, "pypnm_worker_restarts_total", reason="crash") == 0
@@ -136,6 +139,11 @@ def test_a_worker_ends_are_reported_with_its_signal_or_exit_code(start_service: 
     wait_until(lambda: f"worker exited pid={second} generation=1 (exit code 7)" in service.output())
     wait_until(lambda: worker_pids(service) - {first, second} or None)
     assert service.get("/marker").status_code == 200
+    exits = [(e["pid"], e["generation"], e["reason"], e["ended"]) for e in supervisor_status(service)["worker_exits"]]
+    assert exits == [
+        (second, 1, "crash", "exit code 7"),
+        (first, 1, "crash", "killed by SIGKILL (killed, out of memory?)"),
+    ]
 
 
 def test_a_candidate_that_dies_fails_the_reload_with_its_exit_code(

@@ -23,9 +23,11 @@ import asyncio
 import logging
 import signal
 import socket
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from pypnm.identity import utc_now
 from pypnm.settings import Settings
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
@@ -67,6 +69,8 @@ class Generations:
         self.serving: Generation | None = None
         self.draining: set[Generation] = set()
         self._closing: set[asyncio.Task[None]] = set()  # generations being closed early
+        # The last serving workers that ended and were replaced, newest last: /status's `worker_exits`.
+        self.exits: deque[dict[str, Any]] = deque(maxlen=10)
 
     def all(self) -> list[Generation]:
         """Every generation with live workers: candidate, serving, draining."""
@@ -188,12 +192,14 @@ class Generations:
                         continue
                     failures = 1  # killed, not replaced yet: tried again below, after a back-off
                 else:
+                    ended = await worker.ended()
                     logger.warning(
                         "worker exited pid=%d generation=%d (%s): replacing it from the same generation",
                         worker.pid,
                         generation.number,
-                        await worker.ended(),
+                        ended,
                     )
+                    self._record_exit(worker, "crash", ended)
                     self._worker_restarted("crash")
                     generation.forget(worker)
             await asyncio.sleep(min(RESPAWN_BACKOFF_FIRST * 2**failures, RESPAWN_BACKOFF_MAX))  # keeps dying: slower
@@ -269,15 +275,22 @@ class Generations:
         worker.signal(signal.SIGKILL)
         generation.forget(worker)
         await asyncio.wait([worker.exited], timeout=AFTER_KILL)
+        ended = await worker.ended()
         logger.warning(
             "worker killed pid=%d generation=%d (%s): %s; %s",
             worker.pid,
             generation.number,
             reason,
-            await worker.ended(),
+            ended,
             f"replaced by pid={replacement.pid}" if replacement else "replacing it from the same generation",
         )
+        self._record_exit(worker, "hung", f"{reason}, {ended}")
         return replacement
+
+    def _record_exit(self, worker: WorkerProcess, reason: str, ended: str) -> None:
+        self.exits.append(
+            {"pid": worker.pid, "generation": worker.generation, "reason": reason, "ended": ended, "at": utc_now()}
+        )
 
     # ----- stop ---------------------------------------------------------------------------------
 
