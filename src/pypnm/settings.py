@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # Old generations allowed to drain at once; a swap beyond it closes the oldest one's connections now,
     # so long-lived responses (streams) cannot pile up processes. At least 1: a swap never cuts its own old one.
     max_draining_generations: int = Field(2, ge=1, le=64)
+    # Seconds a serving worker's event loop may leave the master's heartbeat unanswered before the
+    # worker counts as hung and is replaced (the new one first), then killed. 0 turns the check off.
+    worker_timeout: float = Field(30.0, ge=0, le=3600)
     reload_dirs: list[Path] = Field(default_factory=list)
     reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])

@@ -8,8 +8,11 @@ also be *closed* early (`close_now`, over `max_draining_generations`): its worke
 what they still have open and leave at once.
 
 Each worker talks to the master over a socketpair of its own (protocol.py, "worker");
-end-of-file on it is how the master learns that a worker is gone. A worker's `state` is
-written by `WorkerProcess` alone, from what it commands and what the worker reports.
+end-of-file on it is how the master learns that a worker is gone, and the fork template
+then reports how it ended (`exit_status`, see template.py). A worker that announced
+heartbeats answers them from its event loop: `heartbeat()` says for how long it has not.
+A worker's `state` is written by `WorkerProcess` alone, from what it commands and what
+the worker reports.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pypnm.supervisor import protocol
 from pypnm.supervisor.metrics import worker_gone
 from pypnm.supervisor.protocol import (
     Close,
+    Heartbeat,
+    HeartbeatAnswer,
     StartAccepting,
     StopAccepting,
     WorkerAccepting,
@@ -41,7 +46,7 @@ from pypnm.supervisor.protocol import (
 )
 from pypnm.supervisor.snapshot import Snapshot
 from pypnm.supervisor.spawner import ForkTemplate
-from pypnm.supervisor.timeouts import AFTER_KILL, CLOSE_GRACE, START_ACCEPTING, STOP_ACCEPTING
+from pypnm.supervisor.timeouts import AFTER_KILL, CLOSE_GRACE, EXIT_STATUS_WAIT, START_ACCEPTING, STOP_ACCEPTING
 
 logger = logging.getLogger("pypnm.supervisor.generation")
 
@@ -71,15 +76,39 @@ class Closed:
     killed: int = 0
 
 
+def describe_exit(status: int | None, killed_by_master: bool = False) -> str:
+    """A wait status in words: "exit code 3", "killed by SIGKILL (killed, out of memory?)"."""
+    if status is None:
+        return "exit status unknown"
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        if number == signal.SIGKILL:
+            # Nobody but the master and the kernel's OOM killer sends SIGKILL to a worker, as a rule.
+            return f"killed by {name} ({'by the master' if killed_by_master else 'killed, out of memory?'})"
+        return f"killed by {name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
 class WorkerProcess:
     """One worker process, through its socketpair and its pid; the one writer of its `state`."""
 
-    def __init__(self, generation: int, pid: int, channel: socket.socket) -> None:
+    def __init__(
+        self, generation: int, pid: int, channel: socket.socket, exit_status: asyncio.Future[int] | None = None
+    ) -> None:
         self.generation = generation
         self.pid = pid
         self.started_at = utc_now()
         self.state = WorkerState.STARTING
         loop = asyncio.get_running_loop()
+        # Its wait status, from the fork template (never set when the template left first).
+        self.exit_status: asyncio.Future[int] = exit_status if exit_status is not None else loop.create_future()
+        self.killed_by_master = False
+        self.heartbeats = False  # it said in WorkerReady that it answers them
+        self._heartbeat_sent: float | None = None  # loop time of the unanswered heartbeat
         self.ready: asyncio.Future[WorkerReady] = loop.create_future()
         self.accepting: asyncio.Future[None] = loop.create_future()
         self.stopped_accepting: asyncio.Future[None] = loop.create_future()
@@ -111,7 +140,11 @@ class WorkerProcess:
             self.state = WorkerState.EXITED
             self._writer.close()
             if not self.ready.done():
-                self.ready.set_exception(CandidateFailed("a worker exited before it was ready (see its log)"))
+                how = await self.ended()  # waits for the template's report: the reload's reason names it
+                if not self.ready.done():
+                    self.ready.set_exception(
+                        CandidateFailed(f"a worker exited before it was ready ({how}; see its log)")
+                    )
             if not self.accepting.done():
                 self.accepting.set_exception(CandidateFailed("a worker exited before it served"))
             if not self.stopped_accepting.done():
@@ -121,9 +154,27 @@ class WorkerProcess:
             worker_gone(self.pid)  # its live gauges go at once (mark_process_dead, supervisor/metrics.py)
             self.exited.set_result(None)
 
+    async def ended(self) -> str:
+        """How the process ended, in words, once the template says (waits at most EXIT_STATUS_WAIT)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.exit_status), EXIT_STATUS_WAIT)
+        return describe_exit(self.exit_status.result() if self.exit_status.done() else None, self.killed_by_master)
+
+    def heartbeat(self) -> float:
+        """Send a heartbeat unless one is unanswered; the seconds the oldest unanswered one has waited (0: none)."""
+        now = asyncio.get_running_loop().time()
+        if self._heartbeat_sent is None:
+            self._heartbeat_sent = now
+            self._command(Heartbeat())
+            return 0.0
+        return now - self._heartbeat_sent
+
     def _on_event(self, event: protocol.WorkerMessage) -> None:
-        if isinstance(event, WorkerReady) and not self.ready.done():
+        if isinstance(event, HeartbeatAnswer):
+            self._heartbeat_sent = None
+        elif isinstance(event, WorkerReady) and not self.ready.done():
             self.state = WorkerState.READY
+            self.heartbeats = event.heartbeat
             self.ready.set_result(event)
         elif isinstance(event, WorkerFailed) and not self.ready.done():
             self.ready.set_exception(CandidateFailed(event.reason))
@@ -151,6 +202,8 @@ class WorkerProcess:
             self._writer.write(protocol.encode_worker(command))
 
     def signal(self, signum: int) -> None:
+        if signum == signal.SIGKILL:
+            self.killed_by_master = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
 
@@ -212,7 +265,7 @@ class Generation:
             raise
         finally:
             theirs.close()
-        worker = WorkerProcess(self.number, pid, ours)
+        worker = WorkerProcess(self.number, pid, ours, template.exit_status(pid))
         self.workers.append(worker)
         logger.info("worker spawned pid=%d generation=%d", pid, self.number)
         return worker

@@ -6,7 +6,8 @@ drain, and is the only one to change that. A reload goes
 beside the serving one) -> `swap` (the candidate serves, the one it replaces stops accepting)
 -> `drain` (the replaced one's workers finish and leave). A serving
 worker that dies is replaced from its own generation by the same bring-up
-(`Generation.bring_up`), never from what is on disk now.
+(`Generation.bring_up`), never from what is on disk now; so is one whose event loop
+stops answering heartbeats for `worker_timeout` (hung), the replacement first, then the kill.
 
 At most `max_draining_generations` generations drain at once: a swap beyond that closes the
 oldest one early, and the next candidate is brought up only once it is gone, so the service
@@ -14,7 +15,7 @@ never runs more than `workers * (2 + max_draining_generations)` workers (the lar
 a reload may change the count).
 
 It logs under the master's logger name for the lines operators grep ("generation N drained",
-"stopped early", "worker exited", "respawned").
+"stopped early", "worker exited", "worker hung", "worker killed", "respawned").
 """
 
 from __future__ import annotations
@@ -23,15 +24,23 @@ import asyncio
 import logging
 import signal
 import socket
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from pypnm.identity import utc_now
 from pypnm.settings import Settings
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
 from pypnm.supervisor.snapshot import Snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
-from pypnm.supervisor.timeouts import CLOSE_GRACE, RESPAWN_BACKOFF_FIRST, RESPAWN_BACKOFF_MAX
+from pypnm.supervisor.timeouts import (
+    AFTER_KILL,
+    CLOSE_GRACE,
+    HEARTBEAT_INTERVAL,
+    RESPAWN_BACKOFF_FIRST,
+    RESPAWN_BACKOFF_MAX,
+)
 
 logger = logging.getLogger("pypnm.supervisor.master")
 
@@ -61,6 +70,8 @@ class Generations:
         self.serving: Generation | None = None
         self.draining: set[Generation] = set()
         self._closing: set[asyncio.Task[None]] = set()  # generations being closed early
+        # The last serving workers that ended and were replaced, newest last: /status's `worker_exits`.
+        self.exits: deque[dict[str, Any]] = deque(maxlen=10)
 
     def all(self) -> list[Generation]:
         """Every generation with live workers: candidate, serving, draining."""
@@ -161,48 +172,128 @@ class Generations:
         return not self._stopping() and generation is self.serving
 
     async def _keep_up(self, generation: Generation, worker: WorkerProcess) -> None:
-        """Replace a serving worker that dies, from its own generation's snapshot, by the same bring-up.
+        """Replace a serving worker that dies or hangs, from its own generation's snapshot, by the same bring-up.
 
+        A dead worker is replaced after a back-off that grows while replacements keep failing.
+        A hung one (its event loop has not answered a heartbeat for `worker_timeout`) is
+        replaced first and killed after, so its share of the connections is taken over at once.
         Each wait is followed by a check that the generation still serves: a reload may
         swap it out meanwhile, and a replacement must never outlive its generation.
         """
         failures = 0
         while True:
-            # Shielded: cancelling this task (at shutdown) must not cancel the shared future, or
-            # the worker would look exited and the graceful drain would not wait for it.
-            await asyncio.shield(worker.exited)
-            if not self._still_serving(generation):
-                return
-            if not failures:  # a serving worker died (after a failed attempt, `worker` is the one that died)
-                logger.warning(
-                    "worker exited pid=%d generation=%d: replacing it from the same generation",
-                    worker.pid,
-                    generation.number,
-                )
-                self._worker_restarted("crash")
-                generation.forget(worker)
+            if not failures:  # `worker` serves (after a failed attempt, it is the one that ended)
+                blocked = await self._watch(generation, worker)
+                if not self._still_serving(generation):
+                    return
+                if blocked is not None:
+                    hung_replacement = await self._replace_hung(generation, worker, blocked)
+                    if not self._still_serving(generation):
+                        return
+                    if hung_replacement is not None:
+                        worker = hung_replacement
+                        continue
+                    failures = 1  # killed, not replaced yet: tried again below, after a back-off
+                else:
+                    ended = await worker.ended()
+                    logger.warning(
+                        "worker exited pid=%d generation=%d (%s): replacing it from the same generation",
+                        worker.pid,
+                        generation.number,
+                        ended,
+                    )
+                    self._record_exit(worker, "crash", ended)
+                    self._worker_restarted("crash")
+                    generation.forget(worker)
             await asyncio.sleep(min(RESPAWN_BACKOFF_FIRST * 2**failures, RESPAWN_BACKOFF_MAX))  # keeps dying: slower
             if not self._still_serving(generation):
                 return
-            replacement: WorkerProcess | None = None
             try:
-                async with asyncio.timeout(self._settings().reload_timeout):
-                    [replacement] = await generation.bring_up(self.template, self.listeners, 1)
-                    if not self._still_serving(generation):
-                        replacement.signal(signal.SIGKILL)
-                        return
-                    await generation.start_accepting([replacement])
+                replacement = await self._bring_up_one(generation)
             except (CandidateFailed, SpawnError, TimeoutError) as exc:
                 failures += 1
                 logger.error(
                     "cannot respawn a worker of generation %d: %s", generation.number, str(exc) or type(exc).__name__
                 )
-                if replacement is not None:  # brought up but not accepting (bring_up ends its own failures)
-                    replacement.signal(signal.SIGKILL)
-                    generation.forget(replacement)
-                continue  # `worker` is still the one that died: next attempt, after a longer back-off
+                continue  # `worker` is still the one that ended: next attempt, after a longer back-off
+            if replacement is None:
+                return
             worker, failures = replacement, 0
             logger.info("worker respawned pid=%d generation=%d", worker.pid, generation.number)
+
+    async def _bring_up_one(self, generation: Generation) -> WorkerProcess | None:
+        """One more accepting worker for `generation`; None if it stopped serving meanwhile (the new one is killed)."""
+        replacement: WorkerProcess | None = None
+        try:
+            async with asyncio.timeout(self._settings().reload_timeout):
+                [replacement] = await generation.bring_up(self.template, self.listeners, 1)
+                if not self._still_serving(generation):
+                    replacement.signal(signal.SIGKILL)
+                    return None
+                await generation.start_accepting([replacement])
+        except BaseException:
+            if replacement is not None:  # brought up but not accepting (bring_up ends its own failures)
+                replacement.signal(signal.SIGKILL)
+                generation.forget(replacement)
+            raise
+        return replacement
+
+    async def _watch(self, generation: Generation, worker: WorkerProcess) -> float | None:
+        """Wait until `worker` exits (None) or has left a heartbeat unanswered for `worker_timeout` (the seconds).
+
+        Only a worker that announced heartbeats is asked (one of an older pypnm is not, and is
+        never taken for hung); worker_timeout = 0 turns the check off. A reload applies a new value.
+        """
+        while self._still_serving(generation):
+            timeout = self._settings().worker_timeout
+            if worker.heartbeats and timeout > 0 and not worker.exited.done():
+                waited = worker.heartbeat()
+                if waited >= timeout:
+                    return waited
+            done, _ = await asyncio.wait([worker.exited], timeout=HEARTBEAT_INTERVAL)
+            if done:
+                return None
+        return None
+
+    async def _replace_hung(
+        self, generation: Generation, worker: WorkerProcess, blocked: float
+    ) -> WorkerProcess | None:
+        """Bring up a worker in place of a hung one, then kill the hung one (SIGTERM would need its blocked loop)."""
+        reason = f"event loop blocked for {blocked:.0f} s"
+        logger.warning(
+            "worker hung pid=%d generation=%d: %s (worker_timeout=%gs): replacing it, then killing it",
+            worker.pid,
+            generation.number,
+            reason,
+            self._settings().worker_timeout,
+        )
+        self._worker_restarted("hung")
+        replacement: WorkerProcess | None = None
+        try:
+            replacement = await self._bring_up_one(generation)
+        except (CandidateFailed, SpawnError, TimeoutError) as exc:
+            logger.error(
+                "cannot respawn a worker of generation %d: %s", generation.number, str(exc) or type(exc).__name__
+            )
+        worker.signal(signal.SIGKILL)
+        generation.forget(worker)
+        await asyncio.wait([worker.exited], timeout=AFTER_KILL)
+        ended = await worker.ended()
+        logger.warning(
+            "worker killed pid=%d generation=%d (%s): %s; %s",
+            worker.pid,
+            generation.number,
+            reason,
+            ended,
+            f"replaced by pid={replacement.pid}" if replacement else "replacing it from the same generation",
+        )
+        self._record_exit(worker, "hung", f"{reason}, {ended}")
+        return replacement
+
+    def _record_exit(self, worker: WorkerProcess, reason: str, ended: str) -> None:
+        self.exits.append(
+            {"pid": worker.pid, "generation": worker.generation, "reason": reason, "ended": ended, "at": utc_now()}
+        )
 
     # ----- stop ---------------------------------------------------------------------------------
 

@@ -6,11 +6,15 @@ Three channels, one JSON object per message, UTF-8:
   message, so the kernel keeps message boundaries; file descriptors travel beside a
   `SpawnRequest` as SCM_RIGHTS ancillary data (the worker's channel first, then the
   listeners). The template says `TemplateHello` once its modules are imported, then answers
-  each `SpawnRequest` with `Spawned` or `SpawnRefused`. End-of-file: the peer is gone.
+  each `SpawnRequest` with `Spawned` or `SpawnRefused`, and reports each worker's end with
+  `WorkerExited` (its wait status: only the template, the workers' parent, can read it).
+  End-of-file: the peer is gone.
 - **worker** (master <-> each worker, a SOCK_STREAM socketpair): JSON lines, one message per
-  line ending in "\\n". The master sends commands (`StartAccepting`, `StopAccepting`, `Close`),
-  the worker answers with events (`WorkerReady` or `WorkerFailed`, `WorkerAccepting`,
-  `WorkerStoppedAccepting`, `WorkerClosing`). End-of-file: the worker is gone.
+  line ending in "\\n". The master sends commands (`StartAccepting`, `StopAccepting`, `Close`,
+  `Heartbeat`), the worker answers with events (`WorkerReady` or `WorkerFailed`, `WorkerAccepting`,
+  `WorkerStoppedAccepting`, `WorkerClosing`, `HeartbeatAnswer`). End-of-file: the worker is gone.
+  `Heartbeat` goes only to a worker whose `WorkerReady` said `heartbeat: true`: a worker of an
+  older pypnm never announces it, so it is never asked, and never taken for hung.
 - **control** (a worker or the CLI -> the master, a Unix socket in the runtime directory):
   JSON lines, one request and one answer per connection (`ReloadRequest` -> `ReloadAccepted`,
   `StatusRequest` -> `StatusAnswer`, either -> `Refused`).
@@ -129,7 +133,15 @@ class SpawnRefused:
     error: str
 
 
-TemplateMessage = TemplateHello | SpawnRequest | Spawned | SpawnRefused
+@dataclass(frozen=True)
+class WorkerExited:
+    """template -> master: a worker it forked has ended; `status` is its wait status (os.waitpid)."""
+
+    pid: int
+    status: int
+
+
+TemplateMessage = TemplateHello | SpawnRequest | Spawned | SpawnRefused | WorkerExited
 
 
 def encode_template(message: TemplateMessage) -> bytes:
@@ -143,6 +155,8 @@ def encode_template(message: TemplateMessage) -> bytes:
             body = {"pid": pid}
         case SpawnRefused(error=error):
             body = {"error": error}
+        case WorkerExited(pid=pid, status=status):
+            body = {"exited": pid, "status": status}
     return _dump(body)
 
 
@@ -156,6 +170,8 @@ def decode_template(data: bytes) -> TemplateMessage:
         return SpawnRequest(WorkerSpec.from_dict(_get(body, "spec", dict, channel), channel))
     if "error" in body:
         return SpawnRefused(_get(body, "error", str, channel))
+    if "exited" in body:
+        return WorkerExited(_get(body, "exited", int, channel), _get(body, "status", int, channel))
     if body.get("ready") is True:
         return TemplateHello(_get(body, "pid", int, channel))
     if "pid" in body:
@@ -181,7 +197,12 @@ class Close:
     """master -> worker: its draining generation is over the cap; report what is open, cut it, leave."""
 
 
-WorkerCommand = StartAccepting | StopAccepting | Close
+@dataclass(frozen=True)
+class Heartbeat:
+    """master -> worker: answer from the event loop (HeartbeatAnswer); sent only to workers that announced it."""
+
+
+WorkerCommand = StartAccepting | StopAccepting | Close | Heartbeat
 
 
 @dataclass(frozen=True)
@@ -189,9 +210,11 @@ class WorkerReady:
     """worker -> master: validated (imported, lifespan started, checks answered), waiting to accept.
 
     `restart_only`: the new code's reading of the settings only a restart applies, when it has one.
+    `heartbeat`: it answers `Heartbeat` (a worker of an older pypnm leaves it out: False).
     """
 
     restart_only: dict[str, Any] | None = None
+    heartbeat: bool = False
 
 
 @dataclass(frozen=True)
@@ -219,20 +242,32 @@ class WorkerClosing:
     requests: int
 
 
-WorkerEvent = WorkerReady | WorkerFailed | WorkerAccepting | WorkerStoppedAccepting | WorkerClosing
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    """worker -> master: its event loop ran the Heartbeat command."""
+
+
+WorkerEvent = WorkerReady | WorkerFailed | WorkerAccepting | WorkerStoppedAccepting | WorkerClosing | HeartbeatAnswer
 WorkerMessage = WorkerCommand | WorkerEvent
 
-_COMMANDS: dict[str, WorkerCommand] = {"serve": StartAccepting(), "drain": StopAccepting(), "close": Close()}
+_COMMANDS: dict[str, WorkerCommand] = {
+    "serve": StartAccepting(),
+    "drain": StopAccepting(),
+    "close": Close(),
+    "heartbeat": Heartbeat(),
+}
 _COMMAND_NAMES = {type(command): name for name, command in _COMMANDS.items()}
 
 
 def encode_worker(message: WorkerMessage) -> bytes:
     """One JSON line."""
     match message:
-        case StartAccepting() | StopAccepting() | Close():
+        case StartAccepting() | StopAccepting() | Close() | Heartbeat():
             body: dict[str, Any] = {"cmd": _COMMAND_NAMES[type(message)]}
-        case WorkerReady(restart_only=restart_only):
+        case WorkerReady(restart_only=restart_only, heartbeat=heartbeat):
             body = {"event": "ready", "restart_only": restart_only}
+            if heartbeat:  # left out when False: exactly version 1's "ready" of before
+                body["heartbeat"] = True
         case WorkerFailed(reason=reason):
             body = {"event": "failed", "reason": reason}
         case WorkerAccepting():
@@ -241,6 +276,8 @@ def encode_worker(message: WorkerMessage) -> bytes:
             body = {"event": "draining"}
         case WorkerClosing(connections=connections, requests=requests):
             body = {"event": "closing", "connections": connections, "requests": requests}
+        case HeartbeatAnswer():
+            body = {"event": "heartbeat"}
     return _dump(body) + b"\n"
 
 
@@ -257,7 +294,7 @@ def decode_worker(line: bytes) -> WorkerMessage:
         restart_only = body.get("restart_only")
         if restart_only is not None and not isinstance(restart_only, dict):
             raise ProtocolError(channel, "field 'restart_only' must be an object or null")
-        return WorkerReady(restart_only)
+        return WorkerReady(restart_only, body.get("heartbeat") is True)
     if kind == "failed":
         return WorkerFailed(_get(body, "reason", str, channel))
     if kind == "serving":
@@ -266,6 +303,8 @@ def decode_worker(line: bytes) -> WorkerMessage:
         return WorkerStoppedAccepting()
     if kind == "closing":
         return WorkerClosing(_get(body, "connections", int, channel), _get(body, "requests", int, channel))
+    if kind == "heartbeat":
+        return HeartbeatAnswer()
     raise ProtocolError(channel, f"unknown event {kind!r}")
 
 

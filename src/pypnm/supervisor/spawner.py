@@ -5,6 +5,10 @@ disk (pip install -U fastapi), workers forked from the old template would still 
 the old versions, so before each generation the spawner compares the installed
 versions with those the template started with and, if they differ, starts a new
 template and says so in the log.
+
+One task reads the template's channel: the answers to spawn requests go to the request
+waiting for them (one at a time, under a lock), and the exit statuses the template reports
+at any time (`WorkerExited`) to whoever asked `exit_status(pid)`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import subprocess
 import sys
 
 from pypnm.supervisor import protocol
-from pypnm.supervisor.protocol import Spawned, SpawnRefused, SpawnRequest, TemplateHello, WorkerSpec
+from pypnm.supervisor.protocol import Spawned, SpawnRefused, SpawnRequest, TemplateHello, WorkerExited, WorkerSpec
 from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.timeouts import SPAWN_ANSWER, TEMPLATE_START, TEMPLATE_STOP
 
@@ -61,6 +65,10 @@ class ForkTemplate:
         self.channel: socket.socket | None = None
         self.versions: dict[str, str] = {}
         self._lock = asyncio.Lock()
+        self._answers: asyncio.Queue[protocol.TemplateMessage | SpawnError] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        # pid -> its wait status: awaited by the worker's WorkerProcess, or reported before it asked.
+        self._exits: dict[int, asyncio.Future[int]] = {}
 
     @property
     def pid(self) -> int | None:
@@ -92,6 +100,8 @@ class ForkTemplate:
         hello = await asyncio.wait_for(self._receive(), TEMPLATE_START)
         if not isinstance(hello, TemplateHello):
             raise SpawnError(f"the fork template did not start: {hello}")
+        self._answers = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
         logger.info("fork template started pid=%d", self.process.pid)
 
     def is_running(self) -> bool:
@@ -124,14 +134,45 @@ class ForkTemplate:
             assert self.channel is not None
             try:
                 socket.send_fds(self.channel, [protocol.encode_template(SpawnRequest(spec))], fds)
-                answer = await asyncio.wait_for(self._receive(), SPAWN_ANSWER)
+                answer = await asyncio.wait_for(self._answers.get(), SPAWN_ANSWER)
             except (OSError, TimeoutError) as exc:
                 raise SpawnError(f"the fork template did not answer: {exc or type(exc).__name__}") from exc
+        if isinstance(answer, SpawnError):
+            raise answer
         if isinstance(answer, SpawnRefused):
             raise SpawnError(answer.error)
         if not isinstance(answer, Spawned):
             raise SpawnError(f"the fork template answered {answer} to a spawn request")
         return answer.pid
+
+    def exit_status(self, pid: int) -> asyncio.Future[int]:
+        """The wait status of worker `pid`, once the template reports it (never, if the template left first)."""
+        future = self._exits.pop(pid, None) or asyncio.get_running_loop().create_future()
+        if not future.done():
+            self._exits[pid] = future
+        return future
+
+    async def _read(self) -> None:
+        """Every message after the hello: exit statuses to their futures, the rest to the spawn request."""
+        assert self.channel is not None
+        while True:
+            data = await asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE)
+            if not data:  # a spawn request waiting now learns why; the next one starts a new template
+                self._answers.put_nowait(SpawnError("the fork template exited"))
+                return
+            try:
+                message = protocol.decode_template(data)
+            except protocol.ProtocolError as exc:  # e.g. a template of another pypnm version, after an upgrade
+                self._answers.put_nowait(SpawnError(str(exc)))
+                continue
+            if isinstance(message, WorkerExited):
+                future = self._exits.pop(message.pid, None)
+                if future is None:  # reported before its WorkerProcess asked: kept for it
+                    self._exits[message.pid] = future = asyncio.get_running_loop().create_future()
+                if not future.done():
+                    future.set_result(message.status)
+            else:
+                self._answers.put_nowait(message)
 
     async def _restart(self) -> None:
         if not self.is_running():
@@ -150,6 +191,9 @@ class ForkTemplate:
             raise SpawnError(str(exc)) from exc
 
     async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
         if self.channel is not None:
             self.channel.close()  # end-of-file tells the template to exit
             self.channel = None

@@ -52,6 +52,7 @@ def status_view(
             for generation in generations.all()
             for worker in generation.live_workers()
         ],
+        "worker_exits": list(reversed(generations.exits)),
         "reload_state": reload_state(queue, bool(generations.draining)),
         "last_reload": queue.history[-1].as_dict() if queue.history else None,
         "pending_reload": queue.pending.id if queue.pending else None,

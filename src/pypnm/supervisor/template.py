@@ -11,17 +11,30 @@ It talks with the master over a SEQPACKET socketpair (protocol.py, "fork templat
 says hello once its modules are imported, then answers each spawn request, whose file
 descriptors are [worker channel, listeners...], with the worker's pid or the error.
 End-of-file means the master is gone: the template exits. It runs in a session of its
-own (so a terminal's signals reach only the master) and lets the kernel reap its children
-(SIGCHLD ignored); the master learns of a worker's exit from the worker's own socketpair.
+own (so a terminal's signals reach only the master).
+
+Exit statuses. The workers are the template's children, so only the template can wait for
+them: it reaps them and sends each one's wait status to the master (`WorkerExited`), which
+names it wherever it reports a worker's end ("exit code 3", "killed by SIGKILL"). That is the
+simplest way that works: the master cannot `waitpid` a grandchild, a pidfd tells it only *that*
+a process ended, not how, and making the master a subreaper would give it the workers only
+after the template died. The reaping is done by the template's one thread, in the loop that
+answers spawn requests (SIGCHLD wakes its `select` through a wakeup pipe), not by a thread of
+its own: forking while another thread may hold a lock (logging's, the channel's) could leave
+a worker deadlocked. A worker that ends after its template left (a template is replaced when
+packages change on disk) is reaped by init, and the master says its status is unknown. The
+master still learns *that* a worker is gone from the worker's own socketpair.
 It holds the master's runtime directory lock, which its workers inherit by fork; whichever
 of them leaves last after the master died removes that directory (runtime.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -29,7 +42,7 @@ from pathlib import Path
 
 from pypnm.logs import setup_logging
 from pypnm.supervisor import protocol, runtime, worker
-from pypnm.supervisor.protocol import Spawned, SpawnRefused, SpawnRequest, TemplateHello
+from pypnm.supervisor.protocol import Spawned, SpawnRefused, SpawnRequest, TemplateHello, WorkerExited
 
 logger = logging.getLogger("pypnm.supervisor.template")
 
@@ -66,7 +79,7 @@ def preload(names: list[str]) -> None:
             logger.warning("cannot preload %s: %s", name, exc)
 
 
-def fork_worker(channel: socket.socket, request: SpawnRequest, fds: list[int]) -> int:
+def fork_worker(channel: socket.socket, wakeup: tuple[int, int], request: SpawnRequest, fds: list[int]) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -74,7 +87,10 @@ def fork_worker(channel: socket.socket, request: SpawnRequest, fds: list[int]) -
     code = 1
     try:
         channel.close()
+        signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in wakeup:
+            os.close(fd)
         for fd in fds:
             os.set_inheritable(fd, False)  # SCM_RIGHTS fds arrive inheritable; the app's children must not get them
         worker_channel = socket.socket(fileno=fds[0])
@@ -88,10 +104,35 @@ def fork_worker(channel: socket.socket, request: SpawnRequest, fds: list[int]) -
         os._exit(code)
 
 
+def report_exits(channel: socket.socket, wakeup: int) -> None:
+    """Reap every worker that has ended and send its wait status to the master."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(wakeup, 512):  # empty the wakeup pipe: one SIGCHLD may stand for many exits
+            pass
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # no children left
+            return
+        if pid == 0:
+            return
+        with contextlib.suppress(OSError):  # the master is gone: the loop reads end-of-file next and exits
+            channel.sendall(protocol.encode_template(WorkerExited(pid, status)))
+
+
 def answer_spawn_requests(channel: socket.socket) -> None:
-    """Say hello, then fork a worker for each spawn request until the master is gone."""
+    """Say hello, then fork a worker for each spawn request and report each exit, until the master is gone."""
+    wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)
+    # A handler, not SIG_DFL: with SIG_DFL the signal is discarded before Python's wakeup fd sees it.
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     channel.sendall(protocol.encode_template(TemplateHello(os.getpid())))
     while True:
+        readable, _, _ = select.select([channel.fileno(), wakeup[0]], [], [])
+        if wakeup[0] in readable:
+            report_exits(channel, wakeup[0])
+        if channel.fileno() not in readable:
+            continue
         try:
             message, fds, _flags, _addr = socket.recv_fds(channel, protocol.MAX_MESSAGE, 32)
         except OSError:
@@ -104,7 +145,7 @@ def answer_spawn_requests(channel: socket.socket) -> None:
             request = protocol.decode_template(message)
             if not isinstance(request, SpawnRequest):
                 raise protocol.ProtocolError("fork template", f"expected a spawn request, got {request}")
-            answer = Spawned(fork_worker(channel, request, fds))
+            answer = Spawned(fork_worker(channel, wakeup, request, fds))
         except protocol.ProtocolError as exc:  # e.g. a master of another pypnm version: say so, fork nothing
             logger.error("cannot fork a worker: %s", exc)
             answer = SpawnRefused(str(exc))
@@ -121,7 +162,6 @@ def main() -> None:
     channel_fd, lock_fd, runtime_dir, log_level, *extra = sys.argv[1:]
     runtime.adopt(int(lock_fd), Path(runtime_dir))
     setup_logging("template", log_level)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     try:
         preload([*PRELOADED, *extra])
         answer_spawn_requests(socket.socket(fileno=int(channel_fd)))

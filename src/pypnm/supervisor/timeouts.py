@@ -37,6 +37,15 @@ AFTER_KILL = 5.0
 # one-off crash, and no busy fork loop for an app that dies at every request.
 RESPAWN_BACKOFF_FIRST = 0.1
 RESPAWN_BACKOFF_MAX = 5.0
+# A serving worker that announced heartbeats is sent one this often (one short line each way,
+# so negligible); `worker_timeout` counts from the oldest unanswered one, so a hung loop is seen
+# within worker_timeout + this. Only one is outstanding at a time: a master whose own loop was
+# busy has sent none meanwhile, so it does not take its own delay for the worker's.
+HEARTBEAT_INTERVAL = 1.0
+# The template reports a worker's wait status milliseconds after the worker's channel closes;
+# a report of the worker's end waits this long for it, then says the status is unknown (its
+# template was replaced and left first).
+EXIT_STATUS_WAIT = 2.0
 
 # ----- inside a worker --------------------------------------------------------------------------
 # Each smoke request of a candidate's validation (GET /health, /openapi.json) answers in

@@ -15,6 +15,8 @@ read. Here such a connection may still deliver one request, answered with
 A draining worker told to close (its generation is over `max_draining_generations`)
 reports what it still has open, cuts it, and leaves without waiting for it.
 The size and time limits on request heads come from `LimitedHttpToolsProtocol`.
+The worker answers the master's heartbeats from its event loop, so a handler that blocks
+the loop is seen by the master, which replaces the worker (`worker_timeout`, lifecycle.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from pypnm.supervisor import protocol, runtime
 from pypnm.supervisor.http_limits import HeadLimits, LimitedHttpToolsProtocol
 from pypnm.supervisor.protocol import (
     Close,
+    Heartbeat,
+    HeartbeatAnswer,
     StartAccepting,
     StopAccepting,
     WorkerAccepting,
@@ -207,7 +211,7 @@ class MasterChannel:
                 except protocol.ProtocolError as exc:  # e.g. a master of another pypnm version
                     logger.error("ignoring a message from the master: %s", exc)
                     continue
-                if isinstance(message, StartAccepting | StopAccepting | Close):
+                if isinstance(message, StartAccepting | StopAccepting | Close | Heartbeat):
                     on_command(message)
         logger.warning("master is gone; leaving within %.1fs", ORPHAN_GRACE)
         on_master_gone()
@@ -245,7 +249,7 @@ class GenerationServer(uvicorn.Server):
             self._report(WorkerFailed(self.failure))
             self.should_exit = True
             return
-        self._report(WorkerReady(self._restart_only_settings()))
+        self._report(WorkerReady(self._restart_only_settings(), heartbeat=True))
         if self.channel is None:
             self.should_exit = True  # `pypnm check`: validated, nothing to serve
             await self.lifespan.shutdown()
@@ -308,7 +312,11 @@ class GenerationServer(uvicorn.Server):
             self.channel.send(event)
 
     def _on_command(self, command: WorkerCommand) -> None:
-        if isinstance(command, StartAccepting):
+        """Run by the event loop (the channel's thread only hands commands over): so a Heartbeat
+        answered here proves the loop runs, and a loop blocked by a handler goes unanswered."""
+        if isinstance(command, Heartbeat):
+            self._report(HeartbeatAnswer())
+        elif isinstance(command, StartAccepting):
             self._go.set()
         elif isinstance(command, StopAccepting):
             # Stop accepting now, not at uvicorn's next tick, and say so: the master records

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from markerpkg.marker import MARKER
-from pypnm.identity import SUPERVISOR_ENV
+from pypnm.api.metrics import add_metrics
+from pypnm.identity import SUPERVISOR_ENV, ProcessIdentity
 from pypnm.supervisor import control
 from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
 
 app = FastAPI(title="markerpkg")
+app.state.identity = ProcessIdentity(version="test", code_version=MARKER)  # pypnm_build_info
+add_metrics(app)  # GET /metrics: the master's counters (worker restarts by reason) included
 _in_flight = 0  # /slow requests this worker is answering now
 
 
@@ -69,3 +74,21 @@ async def supervisor() -> dict[str, Any]:
     status = answer.status
     status["control_socket"] = os.environ[SUPERVISOR_ENV]  # in the master's runtime directory
     return status
+
+
+@app.get("/block")
+async def block(seconds: float = 10.0, touch: str = "") -> dict[str, Any]:
+    """Blocks this worker's event loop (a sync call in an async handler): what a hung worker looks like.
+
+    `touch`: a file created just before, so a test knows the loop is blocked from then on.
+    """
+    if touch:
+        Path(touch).touch()
+    time.sleep(min(seconds, 60.0))
+    return {"pid": os.getpid()}
+
+
+@app.get("/exit")
+async def exit_now(code: int = 3) -> dict[str, Any]:
+    """Ends this worker at once with `code`, as a crashing extension or a sys.exit in a handler would."""
+    os._exit(code)
