@@ -246,6 +246,24 @@ class Service:
         record: dict[str, Any] = wait_until(lambda: self.reload_record(reload_id), timeout=timeout, interval=0.1)
         return record
 
+    def reload_and_settle(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Trigger a reload over HTTP; its record once it has an outcome and, if it succeeded, its workers alone serve.
+
+        "succeeded" is recorded when the new generation accepts; the old one stops accepting a
+        moment later (it is sent SIGTERM and drains), so wait until only the new one is left.
+        """
+        record = self.wait_reload(self.trigger_reload(), timeout=timeout)
+        if record["outcome"] == "succeeded":
+
+            def settled() -> bool:
+                status = self.status()
+                return status["reload_state"] == "idle" and all(
+                    w["generation"] == record["generation"] for w in status["workers"]
+                )
+
+            wait_until(settled, timeout=30.0, interval=0.1)
+        return record
+
 
 def launch(
     command: list[str], *, log: Path, port: int, cwd: Path, env: dict[str, str], host: str = "127.0.0.1"

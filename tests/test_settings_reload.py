@@ -12,7 +12,6 @@ import secrets
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -32,22 +31,6 @@ ci-runner = "{TOKEN}"
 def from_127_0_0_2(service: Service, path: str = STATUS_PATH, **headers: str) -> httpx.Response:
     with client_from("127.0.0.2", base_url=service.base_url) as client:
         return client.get(path, headers=headers)
-
-
-def reload_and_wait(service: Service) -> dict[str, Any]:
-    """Trigger a reload over HTTP; return its record once it has an outcome."""
-    record = service.wait_reload(service.trigger_reload(), timeout=60.0)
-    if record["outcome"] == "succeeded":
-        # "succeeded" is recorded when the new generation accepts; the old one stops accepting
-        # a moment later (it is sent SIGTERM and drains). Wait until only the new one is left.
-        def settled() -> bool:
-            status = service.status()
-            return status["reload_state"] == "idle" and all(
-                w["generation"] == record["generation"] for w in status["workers"]
-            )
-
-        wait_until(settled, timeout=30.0, interval=0.1)
-    return record
 
 
 def serving_workers(service: Service) -> set[int]:
@@ -115,7 +98,7 @@ def test_broken_settings_file_fails_reload_and_old_settings_stay(
     generation, workers = service.status()["generation"], serving_workers(service)
 
     config.write_text(broken)  # every variant would let 127.0.0.2 in, were any of it applied
-    record = reload_and_wait(service)
+    record = service.reload_and_settle()
 
     assert record["outcome"] == "failed", record
     assert record["generation"] > generation  # a candidate was built, and discarded
@@ -144,7 +127,7 @@ def test_reloadable_settings_change_takes_effect(configured: Callable[..., tuple
         'cors_origins = ["https://dash.example"]\n'
         f'[api_tokens]\nops = "{NEW_TOKEN}"\n'
     )
-    record = reload_and_wait(service)
+    record = service.reload_and_settle()
 
     assert record["outcome"] == "succeeded", record
     assert record["warnings"] == []
@@ -165,12 +148,12 @@ def test_tokens_file_is_read_again_on_reload(tmp_path: Path, configured: Callabl
     assert from_127_0_0_2(service, Authorization=f"Bearer {TOKEN}").status_code == 200
 
     tokens.write_text(f"# rotated\ndeploy:{NEW_TOKEN}\n")
-    assert reload_and_wait(service)["outcome"] == "succeeded"
+    assert service.reload_and_settle()["outcome"] == "succeeded"
     assert from_127_0_0_2(service, Authorization=f"Bearer {TOKEN}").status_code == 401
     assert from_127_0_0_2(service, Authorization=f"Bearer {NEW_TOKEN}").status_code == 200
 
     tokens.unlink()
-    record = reload_and_wait(service)
+    record = service.reload_and_settle()
     assert record["outcome"] == "failed"
     assert "api_tokens_file" in record["reason"] and "cannot read it" in record["reason"]
     assert from_127_0_0_2(service, Authorization=f"Bearer {NEW_TOKEN}").status_code == 200  # still the old set
@@ -181,7 +164,7 @@ def test_restart_only_changes_are_reported_not_applied(configured: Callable[...,
     config.write_text(
         INITIAL.replace("trusted_networks", 'host = "127.0.0.5"\nlog_file_backups = 7\ntrusted_networks', 1)
     )
-    record = reload_and_wait(service)
+    record = service.reload_and_settle()
 
     assert record["outcome"] == "succeeded", record
     warnings = record["warnings"]
@@ -197,7 +180,7 @@ def test_restart_only_changes_are_reported_not_applied(configured: Callable[...,
 def test_environment_outranks_the_file_on_reload(configured: Callable[..., tuple[Service, Path]]) -> None:
     service, config = configured(INITIAL, PYPNM_TRUSTED_NETWORKS='["127.0.0.1/32"]')
     config.write_text(INITIAL.replace('["127.0.0.1/32"]', '["127.0.0.1/32", "127.0.0.2/32"]'))
-    assert reload_and_wait(service)["outcome"] == "succeeded"
+    assert service.reload_and_settle()["outcome"] == "succeeded"
     assert from_127_0_0_2(service).status_code == 403  # PYPNM_TRUSTED_NETWORKS still decides
     assert from_127_0_0_2(service, Authorization=f"Bearer {TOKEN}").status_code == 200  # the file's token
 

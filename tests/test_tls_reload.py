@@ -15,7 +15,6 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -66,21 +65,6 @@ def settings_text(cert: Certificate, key: Path | None = None) -> str:
     return f'ssl = true\nssl_certfile = "{cert.cert}"\nssl_keyfile = "{key or cert.key}"\n'
 
 
-def reload_and_wait(service: Service) -> dict[str, Any]:
-    """Trigger a reload; its record once it has an outcome and, if it succeeded, only its generation is left."""
-    record = service.wait_reload(service.trigger_reload(), timeout=60.0)
-    if record["outcome"] == "succeeded":
-
-        def settled() -> bool:
-            status = service.status()
-            return status["reload_state"] == "idle" and all(
-                w["generation"] == record["generation"] for w in status["workers"]
-            )
-
-        wait_until(settled, timeout=30.0, interval=0.1)
-    return record
-
-
 def worker_count(service: Service) -> int:
     status = service.status()
     return sum(1 for w in status["workers"] if w["generation"] == status["generation"])
@@ -116,7 +100,7 @@ def test_new_certificate_paths_are_served_after_a_reload(
     assert served_certificate(service.port) == der_of(first)
 
     config.write_text(settings_text(second))
-    record = reload_and_wait(service)
+    record = service.reload_and_settle()
     assert record["outcome"] == "succeeded", record
     assert record["warnings"] == []
     assert served_certificate(service.port) == der_of(second)
@@ -131,13 +115,13 @@ def test_bad_pairs_fail_the_reload_and_the_old_certificate_keeps_serving(
     service, config = tls_service(good)
 
     config.write_text(settings_text(expired))
-    record = reload_and_wait(service)
+    record = service.reload_and_settle()
     assert record["outcome"] == "failed", record
     assert f"ssl_certfile {str(expired.cert)!r} has expired" in record["reason"]
     assert served_certificate(service.port) == der_of(good)
 
     config.write_text(settings_text(good, key=other.key))  # the key of another certificate
-    record = reload_and_wait(service)
+    record = service.reload_and_settle()
     assert record["outcome"] == "failed", record
     assert f"ssl_keyfile {str(other.key)!r} does not match ssl_certfile {str(good.cert)!r}" in record["reason"]
     assert served_certificate(service.port) == der_of(good)
@@ -151,7 +135,7 @@ def test_a_certificate_expiring_within_14_days_is_served_with_a_warning(
     service, config = tls_service(certificate(tmp_path / "first"))
     soon = certificate(tmp_path / "soon", days=5)
     config.write_text(settings_text(soon))
-    record = reload_and_wait(service)
+    record = service.reload_and_settle()
     assert record["outcome"] == "succeeded", record
     [warning] = record["warnings"]
     assert warning.startswith(f"ssl_certfile {str(soon.cert)!r} expires in 5.0 days"), warning
@@ -181,7 +165,7 @@ def test_a_respawned_worker_serves_the_pair_its_generation_checked(
     wait_until(respawned, timeout=30.0, interval=0.1)
     assert served_certificate(service.port) == served
 
-    record = reload_and_wait(service)  # a reload reads the files again
+    record = service.reload_and_settle()  # a reload reads the files again
     assert record["outcome"] == "succeeded", record
     assert served_certificate(service.port) == der_of(other)
 
@@ -220,7 +204,7 @@ def test_the_worker_count_follows_the_settings_file_on_reload(tmp_path: Path, st
     assert worker_count(service) == 1
     for workers in (3, 1):
         config.write_text(f"workers = {workers}\n")
-        record = reload_and_wait(service)
+        record = service.reload_and_settle()
         assert record["outcome"] == "succeeded", record
         assert record["warnings"] == []
         assert worker_count(service) == workers
@@ -240,7 +224,7 @@ def test_the_workers_flag_outranks_the_settings_file(tmp_path: Path, start_servi
     )
     assert worker_count(service) == 2
     config.write_text("workers = 1\n")
-    assert reload_and_wait(service)["outcome"] == "succeeded"
+    assert service.reload_and_settle()["outcome"] == "succeeded"
     assert worker_count(service) == 2
 
 
