@@ -76,9 +76,9 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pypnm.api.middleware import request_id_of
+from pypnm.api.middleware import StatusRecorder, request_id_of
 from pypnm.identity import utc_now
 from pypnm.logs import log_field
 from pypnm.settings import IPNetwork, Settings, canonical_host, is_host_name
@@ -383,18 +383,11 @@ class SystemOperationsGuard:
             audit(decision, scope, decision.status)
             return
 
-        status = 500  # what the client gets if the app fails before it answers
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        recorder = StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive, recorder)
         finally:
-            audit(decision, scope, status)
+            audit(decision, scope, recorder.status)
 
 
 # ----- the OpenAPI document ---------------------------------------------------------------------

@@ -56,6 +56,7 @@ from starlette.routing import BaseRoute, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pypnm import metrics as names
+from pypnm.api.middleware import StatusRecorder
 from pypnm.identity import SUPERVISOR_ENV, ProcessIdentity
 from pypnm.supervisor import control
 from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
@@ -163,22 +164,17 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500  # what the client gets if the app fails before it answers
-
-        async def send_noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        recorder = StatusRecorder(send)
         path, root_path = scope["path"], scope.get("root_path", "")  # a mount rewrites them on the way in
         started = time.perf_counter()
         _pending.started()
         try:
-            await self.app(scope, receive, send_noting_status)
+            await self.app(scope, receive, recorder)
         finally:
             method = scope["method"] if scope["method"] in names.KNOWN_METHODS else names.OTHER_METHOD
-            _pending.finished(method, self.route_of(scope, path, root_path), status, time.perf_counter() - started)
+            _pending.finished(
+                method, self.route_of(scope, path, root_path), recorder.status, time.perf_counter() - started
+            )
 
     @staticmethod
     def _flush_at_shutdown(receive: Receive) -> Receive:

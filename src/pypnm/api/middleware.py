@@ -31,6 +31,23 @@ def request_id_of(scope: Scope) -> str:
     return str(scope.get("state", {}).get("request_id", "-"))
 
 
+class StatusRecorder:
+    """A `send` that passes every message on and remembers the status of the response.
+
+    The status stays 500 until the app answers: that is what the client gets if the app fails
+    first. Shared by the middlewares that log, audit or count requests by status.
+    """
+
+    def __init__(self, send: Send) -> None:
+        self.status = 500
+        self._send = send
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+
 class RequestLogMiddleware:
     def __init__(self, app: ASGIApp, access_log: bool = True) -> None:
         self.app = app
@@ -45,16 +62,14 @@ class RequestLogMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         bound = bind_request_id(request_id)  # every line logged while it runs carries it (JSON `request_id`)
         started = time.perf_counter()
-        status = 500  # what the client gets if the app fails before it answers
+        recorder = StatusRecorder(send)
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
                 message = {**message, "headers": headers}
-            await send(message)
+            await recorder(message)
 
         try:
             await self.app(scope, receive, send_with_id)
@@ -65,7 +80,7 @@ class RequestLogMiddleware:
                     "%s %s %d %.1fms client=%s request_id=%s",
                     log_field(scope["method"]),
                     log_field(scope["path"]),
-                    status,
+                    recorder.status,
                     (time.perf_counter() - started) * 1000,
                     log_field(f"{client[0]}:{client[1]}") if client else "-",
                     log_field(request_id),
