@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import re
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from conftest import (
     NotifySocket,
     Service,
     StartService,
+    base_env,
+    pypnm_command,
     rewrite,
     run_cli,
     serve_marker,
@@ -204,27 +207,48 @@ def _sighup_reload(service: Service, notify_socket: NotifySocket) -> str:
 
 
 def test_a_stable_generation_is_kept_and_its_predecessors_snapshot_removed_after_the_window(
-    start_service: StartService, marker_app: Path
+    start_service: StartService, pypnm_copy: Path, tmp_path: Path
 ) -> None:
-    service = serve_marker(start_service, marker_app, PYPNM_ROLLBACK_WINDOW="5")
+    service = serve_pypnm(
+        start_service, PYTHONPATH=str(pypnm_copy), PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_ROLLBACK_WINDOW="5"
+    )
     snapshots = runtime_dir(service)
-    set_marker(marker_app, "v2")
+    rewrite(pypnm_copy / "pypnm" / "__init__.py", '__version__ = "0.1.0"', '__version__ = "0.2.0"')
 
-    reload_id = _reload_by_sighup_id(service)
+    waiting = subprocess.Popen(
+        pypnm_command("reload", "--url", service.base_url, "--wait", "--timeout", "30"),
+        env=base_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        watched = status_when(service, lambda s: s["generation"] == 2 and s["rollback_watch"] is not None)
+        assert watched["rollback_watch"]["kept_generation"] == 1 and watched["rollback_watch"]["crashes"] == []
+        reload_id = watched["rollback_watch"]["reload"]
+        assert record(watched, reload_id)["stability"] == "watching"
+        assert record(watched, reload_id)["rollback_window"] == 5
+        shown = run_cli("status", "--url", service.base_url, cwd=tmp_path)
+        assert "watching:     generation 2 for 5 s (rollback_window), 0 of 3 crashes" in shown.stdout, shown.stdout
+        # Kept through the window, although generation 1 has nothing left to drain.
+        status_when(service, lambda s: all(w["generation"] == 2 for w in s["workers"]))
+        assert (snapshots / "gen-1").is_dir()
+        stdout, stderr = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait(10)
 
-    watched = supervisor_status(service)
-    assert record(watched, reload_id)["stability"] == "watching"
-    assert record(watched, reload_id)["rollback_window"] == 5
-    assert watched["rollback_watch"]["generation"] == 2 and watched["rollback_watch"]["kept_generation"] == 1
-    # Kept through the window, although generation 1 has nothing left to drain.
-    status_when(service, lambda s: all(w["generation"] == 2 for w in s["workers"]))
-    assert (snapshots / "gen-1").is_dir()
-
-    stable = status_when(service, lambda s: record(s, reload_id)["stability"] == "stable", timeout=30)
+    # --wait returned once the window had passed: the reload succeeded and its generation stayed up.
+    assert waiting.returncode == 0, stdout + stderr
+    assert re.search(rf"reload {reload_id} succeeded: generation 2 serving \(.*\), stable for 5 s\n", stdout), stdout
+    stable = supervisor_status(service)
+    assert record(stable, reload_id)["stability"] == "stable" and stable["rollback_watch"] is None
     assert not (snapshots / "gen-1").exists(), "released once the window passed"
     assert (snapshots / "gen-2").is_dir()
-    assert stable["generation"] == 2 and stable["rollback_watch"] is None
-    assert service.get("/marker").json()["marker"] == "v2"
+    assert service.get("/health").json()["version"] == "0.2.0"
     assert re.search(r"generation 2 stable for 5 s \(rollback_window\), 0 crash\(es\)", service.output())
 
 

@@ -849,6 +849,14 @@ def _format_status(info: dict[str, Any]) -> str:
         )
         if last.get("reason"):
             lines.append(f"  reason:     {last['reason']}")
+    watch = info.get("rollback_watch")
+    if watch:
+        kept = watch.get("kept_generation")
+        lines.append(
+            f"watching:     generation {watch.get('generation')} for {watch.get('window'):g} s (rollback_window), "
+            f"{len(watch.get('crashes', []))} of {watch.get('rollback_crashes')} crashes"
+            + (f", generation {kept}'s snapshot kept" if kept is not None else ", nothing to roll back to")
+        )
     if info.get("pending_reload"):
         lines.append(f"queued:       {info['pending_reload']}")
     return "\n".join(lines) + "\n"

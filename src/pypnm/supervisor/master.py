@@ -168,6 +168,7 @@ class Master:
         for sock in self.listeners:
             sock.close()  # with the workers' copies closed too, new connections are refused
         await self.generations.shutdown(self.settings.graceful_timeout)
+        self.rollback.stop()
         await self.template.stop()
         logger.info("stopped")
 

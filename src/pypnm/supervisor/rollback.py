@@ -168,6 +168,10 @@ class Rollback:
             watch.rollback.id,
         )
 
+    def stop(self) -> None:
+        """The master stops: the kept snapshot goes now (the runtime directory's removal would take it anyway)."""
+        self._keep(None)
+
     def view(self) -> dict[str, Any] | None:
         """The watch for /status: which generation, since which reload, its crashes so far, what is kept."""
         watch = self.watch
