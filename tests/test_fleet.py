@@ -593,8 +593,12 @@ def test_wait_on_a_terminal_shows_the_phases(
     frames = output.split("\r")
     progress = [frame for frame in frames if re.match(rf"reload {RELOAD_ID}: ", frame)]
     assert progress, output
-    phase = rf"(queued|(validating \d+ ms -> swapping|validating) generation {generation})"
+    phase = (
+        rf"(queued|(validating \d+ ms -> swapping|validating) generation {generation}"
+        rf"|generation {generation} serving, watched for crashes for 1 s \(rollback_window\), 0 so far)"
+    )
     assert all(re.fullmatch(rf"reload {RELOAD_ID}: {phase} \(\d+\.\d s\) *", frame) for frame in progress), progress
+    assert any("watched for crashes" in frame for frame in progress), progress  # --wait waits out rollback_window
     outcome = re.search(rf"reload {succeeded(generation)}\r?\n", output)
     assert outcome, output
     # Drawn in place: the outcome replaces the status line, which was blanked first.
