@@ -571,6 +571,7 @@ def _await_outcome(
     began = time.monotonic()
     deadline = began + timeout
     watching_since: float | None = None
+    rolling_back = False
     while time.monotonic() < deadline and not stop.is_set():
         try:
             response: httpx.Response | None = client.get(STATUS_PATH)
@@ -588,6 +589,10 @@ def _await_outcome(
                 watching_since = time.monotonic()
                 window = float(record.get("rollback_window") or 0) if record else 0.0
                 deadline = max(deadline, watching_since + window + STABLE_MARGIN)
+            watch = info.get("rollback_watch") or {}
+            if watching and watch.get("reload") == reload_id and watch.get("rollback") and not rolling_back:
+                rolling_back = True  # the rollback is a reload of its own: it gets the same time again
+                deadline = max(deadline, time.monotonic() + timeout)
             show(_phase(reload_id, info, record, time.monotonic() - began))
         stop.wait(0.1)
     if stop.is_set():
@@ -612,6 +617,11 @@ def _phase(reload_id: str, info: dict[str, Any], record: dict[str, Any] | None, 
     if record.get("stability") == "watching":
         watch = info.get("rollback_watch") or {}
         crashes = len(watch.get("crashes", [])) if watch.get("reload") == reload_id else 0
+        if watch.get("reload") == reload_id and watch.get("rollback"):
+            return (
+                f"reload {reload_id}: generation {record.get('generation')} crashed {crashes} times: "
+                f"rolling back (reload {watch['rollback']}) ({elapsed:.1f} s)"
+            )
         return (
             f"reload {reload_id}: generation {record.get('generation')} serving, watched for crashes for "
             f"{record.get('rollback_window'):g} s (rollback_window), {crashes} so far ({elapsed:.1f} s)"
