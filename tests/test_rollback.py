@@ -288,3 +288,58 @@ def test_the_first_generation_has_nothing_to_roll_back_to(start_service: StartSe
     assert "nothing to roll back to" in after["last_reload"]["stability_detail"]
     assert service.get("/marker").json()["marker"] == "v1"
     assert re.search(r"generation 1 \(reload \w+\) crashed 1 times .*no earlier generation", service.output())
+
+
+def test_a_generation_replaced_within_its_window_is_never_the_one_to_go_back_to(
+    start_service: StartService, marker_app: Path
+) -> None:
+    service = serve_marker(start_service, marker_app, PYPNM_ROLLBACK_CRASHES="1")
+    set_marker(marker_app, "v2")
+    second = _reload_by_sighup_id(service)
+    set_marker(marker_app, "v3")
+    third = _reload_by_sighup_id(service)
+    status = supervisor_status(service)
+    assert record(status, second)["stability"] == "replaced"
+    assert status["rollback_watch"]["generation"] == 3
+    assert status["rollback_watch"]["kept_generation"] == 1, "generation 2 had not proved itself"
+
+    crash_one(service)
+
+    after = status_when(service, lambda s: s["generation"] == 4 and s["reload_state"] == "idle")
+    assert service.get("/marker").json()["marker"] == "v1"
+    assert record(after, third)["stability"] == "rolled_back"
+    assert "generation 4 serves generation 1's code" in service.output()
+
+
+def test_a_hung_worker_counts_like_a_crash(start_service: StartService, marker_app: Path) -> None:
+    service = serve_marker(start_service, marker_app, PYPNM_ROLLBACK_CRASHES="1", PYPNM_WORKER_TIMEOUT="1")
+    set_marker(marker_app, "v2")
+    reload_id = _reload_by_sighup_id(service)
+
+    with contextlib.suppress(httpx.HTTPError):
+        service.get("/block", params={"seconds": 20}, timeout=30)  # killed by the master before it answers
+
+    after = status_when(service, lambda s: s["generation"] == 3 and s["reload_state"] == "idle")
+    assert service.get("/marker").json()["marker"] == "v1"
+    undone = record(after, reload_id)
+    assert undone["stability"] == "rolled_back"
+    assert re.search(r"hung \(event loop blocked for \d+ s\), killed by SIGKILL", undone["stability_detail"])
+
+
+def test_a_rollback_that_cannot_bring_the_kept_snapshot_up_leaves_the_new_generation_serving(
+    start_service: StartService, marker_app: Path
+) -> None:
+    service = serve_marker(start_service, marker_app, PYPNM_ROLLBACK_CRASHES="1")
+    kept = runtime_dir(service) / "gen-1" / "markerpkg" / "marker.py"
+    set_marker(marker_app, "v2")
+    reload_id = _reload_by_sighup_id(service)
+    kept.write_text('raise RuntimeError("the kept snapshot is broken")\n')  # what a rollback would import
+
+    crash_one(service)
+
+    after = status_when(service, lambda s: s["last_reload"]["source"] == "rollback" and s["reload_state"] == "idle")
+    assert after["last_reload"]["outcome"] == "failed"
+    assert "the kept snapshot is broken" in after["last_reload"]["reason"]
+    assert after["generation"] == 2 and service.get("/marker").json()["marker"] == "v2"
+    undone = record(after, reload_id)
+    assert undone["stability"] == "unstable" and "the rollback failed" in undone["stability_detail"]
