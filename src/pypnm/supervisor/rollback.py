@@ -104,12 +104,12 @@ class Rollback:
                 logger.info(
                     "rollback of generation %d withdrawn: reload %s replaced it first", earlier.generation, record.id
                 )
-        self._keep(previous)
         window, allowed = self._settings().rollback_window, self._settings().rollback_crashes
         if window <= 0:
             self._keep(None)
             self.proven = True  # not watched: the next reload's generation goes back to this one
             return
+        self._keep(previous)
         self.proven = False
         self.watch = Watch(generation, record, previous, window, allowed)
         record.watch(window)
