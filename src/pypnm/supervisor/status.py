@@ -42,6 +42,7 @@ def status_view(
     watching_source: bool,
     watching_config: list[str],
     template_pid: int | None,
+    rollback: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     serving = generations.serving
     return {
@@ -57,6 +58,7 @@ def status_view(
         "last_reload": queue.history[-1].as_dict() if queue.history else None,
         "pending_reload": queue.pending.id if queue.pending else None,
         "reloads": [r.as_dict() for r in reversed(queue.records())],
+        "rollback_watch": rollback,  # the generation in its rollback_window (rollback.py), else None
         "master": {
             "pid": os.getpid(),
             "started_at": started_at,
