@@ -68,7 +68,22 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--key", type=Path, help="TLS private key file (PEM)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON objects")
-    serve.add_argument("--workers", type=int, help="worker processes per generation (default 1)")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        help="worker processes per generation, or 'auto' to size it from CPUs and memory (default 1)",
+    )
+    serve.add_argument(
+        "--limit-max-requests",
+        type=int,
+        metavar="N",
+        help="recycle a worker after about N requests (the new one first; default 0: never)",
+    )
+    serve.add_argument(
+        "--limit-worker-memory",
+        metavar="SIZE",
+        help="recycle a worker whose resident memory passes SIZE, e.g. 512MiB (default 0: never)",
+    )
     serve.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     serve.add_argument("--reload", action="store_true", help="also reload when watched source files change")
     serve.add_argument("--reload-dir", action="append", type=Path, help="directory to watch (repeatable)")
@@ -106,6 +121,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file (default: $PYPNM_CONFIG)")
+
+
+def _workers(text: str) -> int | str:
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of workers or 'auto': {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -185,6 +209,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": args.log_level,
         "log_format": args.log_format,
         "workers": args.workers,
+        "limit_max_requests": args.limit_max_requests,
+        "limit_worker_memory": args.limit_worker_memory,
         "access_log": False if args.no_access_log else None,
         "reload_dirs": args.reload_dir,
         "reload_includes": args.reload_include,
