@@ -27,7 +27,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from pypnm.settings import Settings
 
 GIB = 1024**3
 MIB = 1024**2
@@ -109,27 +112,24 @@ def workers_for_auto(worker_budget: int = 0) -> int:
 
 
 def runtime_profile(
-    *,
-    active_workers: int | None,
-    workers_setting: int | str,
-    active_source: SettingSource,
-    limit_max_requests: int,
-    limit_max_requests_jitter: int,
-    limit_worker_memory: int,
-    worker_timeout: float,
+    settings: Settings, *, active_workers: int | None, source: SettingSource, given: Any
 ) -> dict[str, Any]:
-    """The runtime profile: what was detected, what runs, and where the worker count came from."""
+    """The runtime profile: what was detected, what runs, and where the worker count came from.
+
+    `source` and `given` are `setting_source("workers", ...)`: where the value came from, as given there.
+    """
     cpus = detect_cpu_count()
     memory = detect_total_memory()
+    auto = isinstance(given, str) and given.strip() == "auto"
     return {
         "detected_cpu_count": cpus,
         "detected_total_memory_gib": round(memory / GIB, 2) if memory is not None else None,
         "active_workers": active_workers,
-        "active_limit_max_requests": limit_max_requests,
-        "active_source": active_source,
-        "workers_setting": workers_setting,  # "auto", or the number as given
-        "auto_workers": auto_workers(cpus, memory, limit_worker_memory),  # what "auto" gives here
-        "limit_max_requests_jitter": limit_max_requests_jitter,
-        "limit_worker_memory": limit_worker_memory,  # bytes; 0: no limit
-        "worker_timeout": worker_timeout,
+        "active_limit_max_requests": settings.limit_max_requests,
+        "active_source": source,
+        "workers_setting": "auto" if auto else settings.workers,
+        "auto_workers": auto_workers(cpus, memory, settings.limit_worker_memory),  # what "auto" gives here
+        "limit_max_requests_jitter": settings.max_requests_jitter,
+        "limit_worker_memory": settings.limit_worker_memory,  # bytes; 0: no limit
+        "worker_timeout": settings.worker_timeout,
     }

@@ -353,10 +353,14 @@ class Generation:
 
         The same steps as `drain` for one worker: it stops accepting, finishes what is in
         flight (uvicorn's graceful shutdown, at most `timeout`), and is killed only if late.
+        StopAccepting alone starts that shutdown; SIGTERM only goes to a worker that did not
+        answer it, so that one that drained says "exit code 0" (uvicorn re-raises a SIGTERM
+        it caught once it is done, and the worker would end "killed by SIGTERM").
         """
         worker.stop_accepting()
         await asyncio.wait([worker.stopped_accepting], timeout=STOP_ACCEPTING)
-        worker.signal(signal.SIGTERM)
+        if not worker.stopped_accepting.done():
+            worker.signal(signal.SIGTERM)
         done, _ = await asyncio.wait([worker.exited], timeout=timeout)
         if not done:
             logger.warning(
