@@ -187,12 +187,16 @@ def test_workers_past_limit_max_requests_are_recycled_under_load_with_no_failed_
     )
     first = wait_until(lambda: pids if len(pids := worker_pids(service)) == 2 else None)
     with Load(service) as load:
-        # Until each of the first two workers has been recycled at least once and has left.
-        wait_until(lambda: {int(m[0]) for m in RECYCLED.findall(service.output())} >= first, timeout=60)
+        # Until each of the first two workers has been recycled and has left, and a replacement
+        # has been recycled in its turn.
+        def recycled() -> set[int]:
+            return {int(m[0]) for m in RECYCLED.findall(service.output())}
+
+        wait_until(lambda: recycled() >= first and recycled() - first, timeout=90)
         wait_until(lambda: not any(pid_alive(pid) for pid in first), timeout=30)
         recycles = RECYCLED.findall(service.output())
         replacements = {int(m[3]) for m in recycles}
-        wait_until(lambda: load.answered_by & (replacements - first), timeout=30)  # a new worker serves
+        assert load.answered_by & (replacements - first)  # new workers served
     assert load.failures == [], load.failures[:5]
     assert load.answers > 200
     for _old, served, limit, _new in recycles:

@@ -202,7 +202,7 @@ class Generations:
         predecessor: asyncio.Task[Any] | None = None  # the recycled worker this slot's worker replaced, draining
         while True:
             if not failures:  # `worker` serves (after a failed attempt, it is the one that ended)
-                blocked = await self._watch(generation, worker, may_recycle=predecessor is None or predecessor.done())
+                blocked = await self._watch(generation, worker, predecessor)
                 if not self._still_serving(generation):
                     return
                 if isinstance(blocked, Recycle):
@@ -268,10 +268,10 @@ class Generations:
         return replacement
 
     async def _watch(
-        self, generation: Generation, worker: WorkerProcess, *, may_recycle: bool = True
+        self, generation: Generation, worker: WorkerProcess, predecessor: asyncio.Task[Any] | None = None
     ) -> float | Recycle | None:
         """Wait until `worker` exits (None), has left a heartbeat unanswered for `worker_timeout` (the seconds),
-        or is past a recycling limit (Recycle; only when `may_recycle`).
+        or is past a recycling limit (Recycle; only once the `predecessor` it replaced has drained).
 
         Only a worker that announced heartbeats is asked (one of an older pypnm is not, and is
         never taken for hung); worker_timeout = 0 turns the check off. A reload applies new values.
@@ -282,6 +282,7 @@ class Generations:
                 waited = worker.heartbeat()
                 if waited >= settings.worker_timeout:
                     return waited
+            may_recycle = predecessor is None or predecessor.done()
             if may_recycle and (recycle := self._past_limit(worker, settings)) is not None:
                 return recycle
             wake: list[asyncio.Future[Any]] = [worker.exited]
