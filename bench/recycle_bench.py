@@ -27,7 +27,7 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-from reload_bench import LOG_LINE, SERVERS, LoadGenerator, Sample, Server, kinds, msecs, percentile
+from reload_bench import LOG_LINE, SERVERS, LoadGenerator, Sample, Server, _setting, kinds, msecs, percentile
 
 SWITCH_SETTLE = 3.0  # seconds after the reload that turns recycling on, left out of both phases
 RECYCLED = re.compile(r"worker recycled pid=\d+ generation=\d+: (served \d+ requests \(limit \d+\)|RSS .*?):")
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     config = workdir / "pypnm.toml"
     workdir.mkdir(parents=True)
     settings_file(config, 0, None)
-    env = {"PYPNM_CONFIG": str(config), "PYPNM_WATCH_CONFIG": "false"}  # SIGHUP is the one trigger
+    env = {f"PYPNM_{name.upper()}": value for name, value in args.pypnm_setting}
+    env |= {"PYPNM_CONFIG": str(config), "PYPNM_WATCH_CONFIG": "false"}  # SIGHUP is the one trigger
     load_before = os.getloadavg()[0]
     server = Server(SERVERS["pypnm"], workdir, env)
     load: LoadGenerator | None = None
@@ -108,6 +109,14 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     recycling_text, recycling_p99 = describe(f"recycling ({len(recycles)} recycles)", recycling_samples)
     near_text, near_p99 = describe("  of which near a recycle (-0.5 s .. +1 s)", near)
     ratio = recycling_p99 / steady_p99 if recycling_p99 and steady_p99 else None
+    # Where the tail sits: requests by when they were sent, from the nearest recycle line (logged once
+    # the replacement accepts: before it, the replacement is being forked and brought up; after it,
+    # the old worker drains).
+    offsets = ((-1.0, -0.5), (-0.5, -0.25), (-0.25, 0.0), (0.0, 0.25), (0.25, 0.5), (0.5, 1.0))
+    by_offset = []
+    for low, high in offsets:
+        latencies = [s.latency for s in recycling_samples if any(low <= s.sent - t < high for t in recycles)]
+        by_offset.append(f"[{low:+.2f},{high:+.2f}) s: {len(latencies)} p99 {msecs(percentile(latencies, 99))}")
     print(
         "\n".join(
             [
@@ -119,6 +128,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 steady_text,
                 recycling_text,
                 near_text,
+                "  p99 by send time from the nearest recycle line: " + "; ".join(by_offset),
                 f"recycles: {len(recycles)} in {args.seconds:g} s "
                 f"({len(recycles) / args.seconds:.2f}/s; the switch reload at +{switched - steady[1]:.1f} s "
                 "is in neither phase)",
@@ -159,6 +169,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the recycling phase (default 60)")
     parser.add_argument("--steady", type=float, default=20.0, help="length of the steady phase (default 20)")
+    parser.add_argument(
+        "--pypnm-setting",
+        action="append",
+        type=_setting,
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pypnm setting, passed as PYPNM_NAME (repeatable), e.g. 'check_paths=[\"/\"]'",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory with the server log")
     args = parser.parse_args(argv)
