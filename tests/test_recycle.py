@@ -294,6 +294,10 @@ def test_runtime_profile_from_the_command_line(start_service: StartService) -> N
     assert (shown["active_workers"], shown["active_source"], shown["workers_setting"]) == (2, "explicit_cli", 2)
     assert (shown["active_limit_max_requests"], shown["limit_max_requests_jitter"]) == (500, 50)
     assert shown["limit_worker_memory"] == GIB
+    printed = run_cli("status", "--url", service.base_url)
+    assert printed.returncode == 0, printed.stderr
+    assert "profile:      2 workers (from explicit_cli) on " in printed.stdout
+    assert "recycle after 500 requests (+0..50); recycle past 1024 MiB RSS; worker_timeout 30.0s" in printed.stdout
 
 
 def test_runtime_profile_from_the_settings_file(start_service: StartService, tmp_path: Path) -> None:

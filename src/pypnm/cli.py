@@ -818,4 +818,25 @@ def _format_status(info: dict[str, Any]) -> str:
             lines.append(f"  reason:     {last['reason']}")
     if info.get("pending_reload"):
         lines.append(f"queued:       {info['pending_reload']}")
+    profile = info.get("runtime_profile")
+    if isinstance(profile, dict):
+        lines.append(f"profile:      {_format_profile(profile)}")
     return "\n".join(lines) + "\n"
+
+
+def _format_profile(profile: dict[str, Any]) -> str:
+    """The runtime profile on one line: workers and where the count came from, the machine, the limits."""
+    setting = "auto, " if profile.get("workers_setting") == "auto" else ""
+    requests = profile.get("active_limit_max_requests") or 0
+    memory = profile.get("limit_worker_memory") or 0
+    limits = [
+        f"recycle after {requests} requests (+0..{profile.get('limit_max_requests_jitter')})" if requests else "",
+        f"recycle past {memory / 1024**2:.0f} MiB RSS" if memory else "",
+    ]
+    return (
+        f"{profile.get('active_workers')} workers ({setting}from {profile.get('active_source')}) on "
+        f"{profile.get('detected_cpu_count')} CPUs, {profile.get('detected_total_memory_gib')} GiB; "
+        + "; ".join(limit for limit in limits if limit)
+        + ("; " if any(limits) else "")
+        + f"worker_timeout {profile.get('worker_timeout')}s"
+    )
