@@ -35,6 +35,7 @@ from pypnm.settings import Settings
 
 TOKEN = "fuzz-0123456789-abcdefghij"
 LOG_DOWNLOAD = "/pypnm/system/log/download"
+RUNTIME_PROFILE = "/pypnm/system/webService/runtimeProfile"
 DOCUMENTED_500_PREFIX = "Failed to trigger reload: "
 TRUSTED = [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.9.0.0/16")]
 FUZZ_SETTINGS: dict[str, Any] = {
@@ -124,6 +125,7 @@ def test_openapi_fuzz_finds_no_undocumented_5xx(fuzz_app: FastAPI) -> None:
         RELOAD_PATH: {200},
         STATUS_PATH: {200},
         LOG_DOWNLOAD: {200},
+        RUNTIME_PROFILE: {200},
         "/metrics": {200},
     }
     assert calls >= len(operations)

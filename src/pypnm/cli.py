@@ -70,7 +70,22 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--key", type=Path, help="TLS private key file (PEM)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON objects")
-    serve.add_argument("--workers", type=int, help="worker processes per generation (default 1)")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        help="worker processes per generation, or 'auto' to size it from CPUs and memory (default 1)",
+    )
+    serve.add_argument(
+        "--limit-max-requests",
+        type=int,
+        metavar="N",
+        help="recycle a worker after about N requests (the new one first; default 0: never)",
+    )
+    serve.add_argument(
+        "--limit-worker-memory",
+        metavar="SIZE",
+        help="recycle a worker whose resident memory passes SIZE, e.g. 512MiB (default 0: never)",
+    )
     serve.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     serve.add_argument("--reload", action="store_true", help="also reload when watched source files change")
     serve.add_argument("--reload-dir", action="append", type=Path, help="directory to watch (repeatable)")
@@ -121,6 +136,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file (default: $PYPNM_CONFIG)")
+
+
+def _workers(text: str) -> int | str:
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of workers or 'auto': {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -200,6 +224,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": args.log_level,
         "log_format": args.log_format,
         "workers": args.workers,
+        "limit_max_requests": args.limit_max_requests,
+        "limit_worker_memory": args.limit_worker_memory,
         "access_log": False if args.no_access_log else None,
         "reload_dirs": args.reload_dir,
         "reload_includes": args.reload_include,
@@ -869,4 +895,25 @@ def _format_status(info: dict[str, Any]) -> str:
         )
     if info.get("pending_reload"):
         lines.append(f"queued:       {info['pending_reload']}")
+    profile = info.get("runtime_profile")
+    if isinstance(profile, dict):
+        lines.append(f"profile:      {_format_profile(profile)}")
     return "\n".join(lines) + "\n"
+
+
+def _format_profile(profile: dict[str, Any]) -> str:
+    """The runtime profile on one line: workers and where the count came from, the machine, the limits."""
+    setting = "auto, " if profile.get("workers_setting") == "auto" else ""
+    requests = profile.get("active_limit_max_requests") or 0
+    memory = profile.get("limit_worker_memory") or 0
+    limits = [
+        f"recycle after {requests} requests (+0..{profile.get('limit_max_requests_jitter')})" if requests else "",
+        f"recycle past {memory / 1024**2:.0f} MiB RSS" if memory else "",
+    ]
+    return (
+        f"{profile.get('active_workers')} workers ({setting}from {profile.get('active_source')}) on "
+        f"{profile.get('detected_cpu_count')} CPUs, {profile.get('detected_total_memory_gib')} GiB; "
+        + "; ".join(limit for limit in limits if limit)
+        + ("; " if any(limits) else "")
+        + f"worker_timeout {profile.get('worker_timeout')}s"
+    )

@@ -29,8 +29,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BeforeValidator,
+    ByteSize,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -43,6 +45,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from pypnm.profile import SettingSource, workers_for_auto
+
 
 def _network(value: object) -> object:
     """Parse an address or network (`10.0.0.0/8`, `::1`); host bits are allowed and dropped."""
@@ -51,6 +55,21 @@ def _network(value: object) -> object:
             return ipaddress.ip_network(value.strip(), strict=False)
         except ValueError:
             raise ValueError(f"{value!r} is not an IP address or network (like 10.0.0.0/8 or ::1/128)") from None
+    return value
+
+
+def _byte_size(value: object) -> object:
+    """A size in bytes: a number, or a number and a unit (`512MiB`, `1 GiB`, `1.5GB`, `300kB`)."""
+    if isinstance(value, str):
+        try:
+            return int(TypeAdapter(ByteSize).validate_python(value.strip()))
+        except ValidationError:
+            raise ValueError(
+                f"{value!r} is not a size; write bytes (536870912) or a number and a unit "
+                "(512MiB, 1GiB, 1.5GB: KiB, MiB, GiB are powers of 1024, kB, MB, GB of 1000)"
+            ) from None
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise ValueError(f"{value} is negative; write 0 for no limit")
     return value
 
 
@@ -91,7 +110,8 @@ class Settings(BaseSettings):
     # Listening (host and port restart-only)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64)  # a reload's new generation has this many
+    # A reload's new generation has this many; "auto" sizes it from CPUs and memory (pypnm.profile.auto_workers).
+    workers: int = Field(1, ge=1, le=64)
     # HTTPS: a reload checks the pair (pypnm.supervisor.tls) and freezes it into the new generation's snapshot.
     ssl: bool = False
     ssl_certfile: Path | None = None
@@ -135,6 +155,13 @@ class Settings(BaseSettings):
     # rolled back to it if its workers crash (or hang) `rollback_crashes` times (supervisor/rollback.py). 0: off.
     rollback_window: float = Field(30.0, ge=0, le=3600)
     rollback_crashes: int = Field(3, ge=1, le=1000)
+    # Worker recycling (lifecycle.py): a serving worker past a limit is replaced (the new one first) and drains.
+    # Requests a worker serves before it is recycled; 0: no limit. Each worker adds 0..jitter to it, at random,
+    # so that workers started together are not recycled together; None: a tenth of limit_max_requests.
+    limit_max_requests: int = Field(0, ge=0)
+    limit_max_requests_jitter: int | None = Field(None, ge=0)
+    # Resident memory (RSS) past which a worker is recycled: bytes, or "512MiB", "1GiB", "1.5GB"; 0: no limit.
+    limit_worker_memory: Annotated[int, BeforeValidator(_byte_size)] = 0
     reload_dirs: list[Path] = Field(default_factory=list)
     reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])
@@ -166,6 +193,29 @@ class Settings(BaseSettings):
             return value
         kind = _container_kind(cls.model_fields[info.field_name].annotation)
         return value if kind is None else parse_text(value, kind)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_workers(cls, data: Any) -> Any:
+        """`workers = "auto"` (file, PYPNM_WORKERS=auto, --workers auto): sized from this machine, now.
+
+        Resolved when the settings are read, so each reload sizes its generation again; the
+        memory budget per worker is `limit_worker_memory` when it is valid, else the default.
+        """
+        if isinstance(data, dict) and isinstance(data.get("workers"), str) and data["workers"].strip() == "auto":
+            try:
+                budget = _byte_size(data.get("limit_worker_memory", 0))
+            except ValueError:
+                budget = 0  # reported by the field's own validation
+            data = {**data, "workers": workers_for_auto(budget if isinstance(budget, int) else 0)}
+        return data
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_number(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip().isdigit():
+            raise ValueError(f"{value!r} is neither a number of workers (1 to 64) nor 'auto'")
+        return value
 
     @field_validator("log_file", mode="before")
     @classmethod
@@ -226,6 +276,13 @@ class Settings(BaseSettings):
         if self.api_tokens_file is not None:
             tokens.update(read_tokens_file(self.api_tokens_file))
         return tokens
+
+    @property
+    def max_requests_jitter(self) -> int:
+        """`limit_max_requests_jitter` in force: as set, else a tenth of `limit_max_requests`."""
+        if self.limit_max_requests_jitter is not None:
+            return self.limit_max_requests_jitter
+        return self.limit_max_requests // 10
 
     def restart_only(self) -> dict[str, Any]:
         """The settings a reload cannot apply, in a form that compares and prints plainly."""
@@ -361,6 +418,30 @@ def _check_file(path: Path) -> None:
         tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SettingsError(f"config file {str(path)!r}: not valid TOML ({exc})") from None
+
+
+def setting_source(
+    name: str, overrides: collections.abc.Mapping[str, Any], config_file: Path | None
+) -> tuple[SettingSource, Any]:
+    """Where a setting's value comes from, by the precedence `load_settings` applies, and the value as given there.
+
+    The runtime profile's `active_source`. The file is the one the settings were read from
+    (a generation's snapshot of it); one that cannot be read counts as not setting it.
+    """
+    if name in overrides:
+        return "explicit_cli", overrides[name]
+    wanted = f"{ENV_PREFIX}{name}".lower()  # pydantic-settings matches names case-insensitively
+    for key, value in os.environ.items():
+        if key.lower() == wanted:
+            return "environment", value
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            data = {}
+        if name in data:
+            return "settings_file", data[name]
+    return "default", None
 
 
 def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

@@ -1,4 +1,4 @@
-"""System Operations: `/pypnm/system/webService/reload` and `/status`.
+"""System Operations: `/pypnm/system/webService/reload`, `/status` and `/runtimeProfile`.
 
 This file is "the route module" of the seed document: in an unsupervised process the
 reload endpoint touches this very file, so that an auto-reloader watching it
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from pypnm.identity import SUPERVISOR_ENV, ProcessIdentity
+from pypnm.profile import SettingSource, runtime_profile
+from pypnm.settings import config_path, setting_source
 from pypnm.supervisor import control
 from pypnm.supervisor.protocol import ReloadAccepted, ReloadRequest, StatusAnswer, StatusRequest
 from pypnm.supervisor.timeouts import CONTROL_ASK
@@ -34,6 +36,24 @@ class ReloadTriggered(BaseModel):
 
 class ErrorDetail(BaseModel):
     detail: str
+
+
+class RuntimeProfile(BaseModel):
+    detected_cpu_count: int
+    detected_total_memory_gib: float | None
+    active_workers: int | None
+    active_limit_max_requests: int
+    active_source: SettingSource
+    workers_setting: int | Literal["auto"]
+    auto_workers: int
+    limit_max_requests_jitter: int
+    limit_worker_memory: int
+    worker_timeout: float
+
+
+class RuntimeProfileAnswer(BaseModel):
+    status: Literal["success"] = "success"
+    profile: RuntimeProfile
 
 
 async def trigger_reload(request: Request) -> str | None:
@@ -80,21 +100,51 @@ async def reload_web_service(request: Request) -> JSONResponse:
     return JSONResponse({"status": "reload triggered"}, headers=headers)
 
 
+async def supervisor_status(socket_path: str) -> dict[str, Any]:
+    """The master's status view; 503 when it does not answer."""
+    try:
+        supervisor = await control.ask(socket_path, StatusRequest())
+        if not isinstance(supervisor, StatusAnswer):
+            raise control.ControlError(f"it answered {type(supervisor).__name__} to a status request")
+    except Exception as exc:
+        raise HTTPException(
+            status_code=503,
+            detail=f"The supervisor did not answer ({str(exc) or type(exc).__name__}); "
+            "retry, or check the pypnm master's log",
+        ) from exc
+    return supervisor.status
+
+
 @router.get("/status", summary="What is serving now, and how the last reload ended")
 async def web_service_status(request: Request) -> dict[str, Any]:
     identity: ProcessIdentity = request.app.state.identity
     status = identity.as_dict()
     socket_path = os.environ.get(SUPERVISOR_ENV)
     if socket_path:
-        try:
-            supervisor = await control.ask(socket_path, StatusRequest())
-            if not isinstance(supervisor, StatusAnswer):
-                raise control.ControlError(f"it answered {type(supervisor).__name__} to a status request")
-        except Exception as exc:
+        status.update(await supervisor_status(socket_path))
+    return status
+
+
+@router.get(
+    "/runtimeProfile",
+    summary="CPUs and memory detected, the worker count in force and where it came from, the workers' limits",
+    response_model=RuntimeProfileAnswer,
+    responses={503: {"model": ErrorDetail, "description": "The supervisor did not answer"}},
+)
+async def web_service_runtime_profile(request: Request) -> dict[str, Any]:
+    """The runtime profile. Under the supervisor it is the master's (it knows the serving generation's
+    size and whether `workers` came from the command line, the environment, the settings file or the
+    default); in a process without one (plain uvicorn), this process's own settings, without a worker count.
+    """
+    socket_path = os.environ.get(SUPERVISOR_ENV)
+    if socket_path:
+        profile = (await supervisor_status(socket_path)).get("runtime_profile")
+        if not isinstance(profile, dict):
             raise HTTPException(
                 status_code=503,
-                detail=f"The supervisor did not answer ({str(exc) or type(exc).__name__}); "
-                "retry, or check the pypnm master's log",
-            ) from exc
-        status.update(supervisor.status)
-    return status
+                detail="The supervisor runs an older pypnm that has no runtime profile; restart pypnm to update it",
+            )
+        return {"status": "success", "profile": profile}
+    source, given = setting_source("workers", {}, config_path())
+    profile = runtime_profile(request.app.state.settings, active_workers=None, source=source, given=given)
+    return {"status": "success", "profile": profile}

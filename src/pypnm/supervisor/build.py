@@ -56,6 +56,8 @@ def generation_spec(app: str, number: int, snapshot: Snapshot, settings: Setting
         limit_request_header_size=settings.limit_request_header_size,
         timeout_request_header=settings.timeout_request_header,
         limit_concurrency=settings.limit_concurrency,
+        limit_max_requests=settings.limit_max_requests,
+        limit_max_requests_jitter=settings.max_requests_jitter,
     )
 
 

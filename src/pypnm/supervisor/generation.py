@@ -40,6 +40,7 @@ from pypnm.supervisor.protocol import (
     WorkerClosing,
     WorkerCommand,
     WorkerFailed,
+    WorkerLimitReached,
     WorkerReady,
     WorkerSpec,
     WorkerStoppedAccepting,
@@ -115,6 +116,8 @@ class WorkerProcess:
         # What the worker still had open when told to close, or None if it left without saying.
         self.closing: asyncio.Future[WorkerClosing | None] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
+        # Set when it says it is past limit_max_requests (and its jitter): the master recycles it.
+        self.limit_reached: asyncio.Future[WorkerLimitReached] = loop.create_future()
         for future in (self.ready, self.accepting):
             # Only the first failure of a candidate is awaited; the others are expected, not lost.
             future.add_done_callback(_mark_retrieved)
@@ -185,6 +188,8 @@ class WorkerProcess:
             self.stopped_accepting.set_result(None)
         elif isinstance(event, WorkerClosing) and not self.closing.done():
             self.closing.set_result(event)
+        elif isinstance(event, WorkerLimitReached) and not self.limit_reached.done():
+            self.limit_reached.set_result(event)
 
     def start_accepting(self) -> None:
         self._command(StartAccepting())
@@ -207,6 +212,15 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
 
+    def resident_memory(self) -> int | None:
+        """Its resident set size (RSS) in bytes, as the kernel counts it (pages shared with the fork
+        template included), from /proc/<pid>/statm; None where there is no /proc or it is gone."""
+        try:
+            with open(f"/proc/{self.pid}/statm", "rb") as statm:
+                return int(statm.read().split()[1]) * _PAGE_SIZE
+        except (OSError, IndexError, ValueError):
+            return None
+
     def describe(self, code_version: str) -> dict[str, Any]:
         return {
             "pid": self.pid,
@@ -215,6 +229,9 @@ class WorkerProcess:
             "started_at": self.started_at,
             "state": self.state.value,
         }
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _mark_retrieved(future: asyncio.Future[Any]) -> None:
@@ -330,6 +347,29 @@ class Generation:
         if closed.killed:
             await asyncio.wait([w.exited for w in workers], timeout=AFTER_KILL)
         return closed
+
+    async def retire(self, worker: WorkerProcess, timeout: float) -> bool:
+        """Drain one worker (recycled: its replacement already accepts) and forget it; True when it left in time.
+
+        The same steps as `drain` for one worker: it stops accepting, finishes what is in
+        flight (uvicorn's graceful shutdown, at most `timeout`), and is killed only if late.
+        StopAccepting alone starts that shutdown; SIGTERM only goes to a worker that did not
+        answer it, so that one that drained says "exit code 0" (uvicorn re-raises a SIGTERM
+        it caught once it is done, and the worker would end "killed by SIGTERM").
+        """
+        worker.stop_accepting()
+        await asyncio.wait([worker.stopped_accepting], timeout=STOP_ACCEPTING)
+        if not worker.stopped_accepting.done():
+            worker.signal(signal.SIGTERM)
+        done, _ = await asyncio.wait([worker.exited], timeout=timeout)
+        if not done:
+            logger.warning(
+                "worker pid=%d generation=%d did not finish in %.0fs; killing it", worker.pid, self.number, timeout
+            )
+            worker.signal(signal.SIGKILL)
+            await asyncio.wait([worker.exited], timeout=AFTER_KILL)
+        self.forget(worker)
+        return bool(done)
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting, finish in-flight requests and leave; True when every worker left in time."""

@@ -7,7 +7,16 @@ beside the serving one) -> `swap` (the candidate serves, the one it replaces sto
 -> `drain` (the replaced one's workers finish and leave). A serving
 worker that dies is replaced from its own generation by the same bring-up
 (`Generation.bring_up`), never from what is on disk now; so is one whose event loop
-stops answering heartbeats for `worker_timeout` (hung), the replacement first, then the kill.
+stops answering heartbeats for `worker_timeout` (hung), the replacement first, then the kill;
+and so is one past `limit_max_requests` or `limit_worker_memory` (recycled), the replacement
+first, then the old one drains (it stops accepting and finishes what it has in flight).
+
+Who sees a recycle's limit: the request count is the worker's own (it says so once,
+`WorkerLimitReached`; the master would otherwise have to ask every worker all the time),
+the memory is read by the master from /proc/<pid>/statm on its heartbeat tick (one small
+read per worker per second, and it works for a worker whose loop is busy, or of an older
+pypnm). A slot recycles again only once its previous worker has left, so recycling adds
+at most `workers` processes to the bound below.
 
 A generation's snapshot is removed once no generation uses it any more, unless it is `kept`: the
 last-known-good one that rollback.py holds on to during a new generation's `rollback_window`
@@ -19,7 +28,7 @@ never runs more than `workers * (2 + max_draining_generations)` workers (the lar
 a reload may change the count).
 
 It logs under the master's logger name for the lines operators grep ("generation N drained",
-"stopped early", "worker exited", "worker hung", "worker killed", "respawned").
+"stopped early", "worker exited", "worker hung", "worker killed", "worker recycled", "respawned").
 """
 
 from __future__ import annotations
@@ -30,9 +39,11 @@ import signal
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from pypnm.identity import utc_now
+from pypnm.profile import MIB
 from pypnm.settings import Settings
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
@@ -49,6 +60,13 @@ from pypnm.supervisor.timeouts import (
 logger = logging.getLogger("pypnm.supervisor.master")
 
 SpawnTask = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
+
+
+@dataclass(frozen=True)
+class Recycle:
+    """A serving worker is past a limit; `reason` says which ("served 1003 requests (limit 1000)")."""
+
+    reason: str
 
 
 class Generations:
@@ -193,11 +211,22 @@ class Generations:
         swap it out meanwhile, and a replacement must never outlive its generation.
         """
         failures = 0
+        predecessor: asyncio.Task[Any] | None = None  # the recycled worker this slot's worker replaced, draining
         while True:
             if not failures:  # `worker` serves (after a failed attempt, it is the one that ended)
-                blocked = await self._watch(generation, worker)
+                blocked = await self._watch(generation, worker, predecessor)
                 if not self._still_serving(generation):
                     return
+                if isinstance(blocked, Recycle):
+                    recycled = await self._recycle(generation, worker, blocked.reason)
+                    if not self._still_serving(generation):
+                        return
+                    if recycled is None:  # no replacement came up: the old one serves on, and is tried again
+                        await asyncio.sleep(RESPAWN_BACKOFF_MAX)
+                        continue
+                    predecessor = self._spawn_task(self._retire(generation, worker, blocked.reason))
+                    worker = recycled
+                    continue
                 if blocked is not None:
                     hung_replacement = await self._replace_hung(generation, worker, blocked)
                     if not self._still_serving(generation):
@@ -251,22 +280,72 @@ class Generations:
             raise
         return replacement
 
-    async def _watch(self, generation: Generation, worker: WorkerProcess) -> float | None:
-        """Wait until `worker` exits (None) or has left a heartbeat unanswered for `worker_timeout` (the seconds).
+    async def _watch(
+        self, generation: Generation, worker: WorkerProcess, predecessor: asyncio.Task[Any] | None = None
+    ) -> float | Recycle | None:
+        """Wait until `worker` exits (None), has left a heartbeat unanswered for `worker_timeout` (the seconds),
+        or is past a recycling limit (Recycle; only once the `predecessor` it replaced has drained).
 
         Only a worker that announced heartbeats is asked (one of an older pypnm is not, and is
-        never taken for hung); worker_timeout = 0 turns the check off. A reload applies a new value.
+        never taken for hung); worker_timeout = 0 turns the check off. A reload applies new values.
         """
-        while self._still_serving(generation):
-            timeout = self._settings().worker_timeout
-            if worker.heartbeats and timeout > 0 and not worker.exited.done():
+        while self._still_serving(generation) and not worker.exited.done():
+            settings = self._settings()
+            if worker.heartbeats and settings.worker_timeout > 0:
                 waited = worker.heartbeat()
-                if waited >= timeout:
+                if waited >= settings.worker_timeout:
                     return waited
-            done, _ = await asyncio.wait([worker.exited], timeout=HEARTBEAT_INTERVAL)
-            if done:
-                return None
+            may_recycle = predecessor is None or predecessor.done()
+            if may_recycle and (recycle := self._past_limit(worker, settings)) is not None:
+                return recycle
+            wake: list[asyncio.Future[Any]] = [worker.exited]
+            if not worker.limit_reached.done():  # wakes at once when it says so; once said, no more
+                wake.append(worker.limit_reached)
+            await asyncio.wait(wake, timeout=HEARTBEAT_INTERVAL)
         return None
+
+    @staticmethod
+    def _past_limit(worker: WorkerProcess, settings: Settings) -> Recycle | None:
+        if worker.limit_reached.done():
+            reached = worker.limit_reached.result()
+            return Recycle(f"served {reached.requests} requests (limit {reached.limit})")
+        if settings.limit_worker_memory > 0:
+            rss = worker.resident_memory()
+            if rss is not None and rss > settings.limit_worker_memory:
+                return Recycle(
+                    f"RSS {rss / MIB:.0f} MiB over limit_worker_memory {settings.limit_worker_memory / MIB:.0f} MiB"
+                )
+        return None
+
+    async def _recycle(self, generation: Generation, worker: WorkerProcess, reason: str) -> WorkerProcess | None:
+        """Bring up a worker in place of one past its limit; the replacement, accepting (None: none came up)."""
+        try:
+            replacement = await self._bring_up_one(generation)
+        except (CandidateFailed, SpawnError, TimeoutError) as exc:
+            logger.error(
+                "cannot recycle worker pid=%d generation=%d (%s): no replacement came up: %s; it serves on",
+                worker.pid,
+                generation.number,
+                reason,
+                str(exc) or type(exc).__name__,
+            )
+            return None
+        if replacement is None:  # its generation stopped serving meanwhile: its drain takes the old one
+            return None
+        logger.info(
+            "worker recycled pid=%d generation=%d: %s: replaced by pid=%d, draining it",
+            worker.pid,
+            generation.number,
+            reason,
+            replacement.pid,
+        )
+        self._worker_restarted("recycle")
+        return replacement
+
+    async def _retire(self, generation: Generation, worker: WorkerProcess, reason: str) -> None:
+        """Drain a recycled worker (its replacement already accepts); its end goes in `worker_exits`."""
+        await generation.retire(worker, self._settings().graceful_timeout)
+        self._record_exit(worker, "recycle", f"{reason}, {await worker.ended()}")
 
     async def _replace_hung(
         self, generation: Generation, worker: WorkerProcess, blocked: float

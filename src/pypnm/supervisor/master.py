@@ -28,7 +28,8 @@ from typing import Any
 
 from pypnm.identity import utc_now
 from pypnm.logs import set_generation, set_level, set_reload_id_source
-from pypnm.settings import Settings
+from pypnm.profile import runtime_profile
+from pypnm.settings import Settings, setting_source
 from pypnm.supervisor import build, control, status
 from pypnm.supervisor.build import DEFAULT_APP
 from pypnm.supervisor.config_watch import ConfigWatch, as_given
@@ -312,6 +313,19 @@ class Master:
     # ----- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        return {**self._status_view(), "runtime_profile": self.runtime_profile()}
+
+    def runtime_profile(self) -> dict[str, Any]:
+        """GET /pypnm/system/webService/runtimeProfile: the serving generation's worker count and
+        limits, and where `workers` came from (the command line, the environment, the settings
+        file that generation read, or the default)."""
+        serving = self.generations.serving
+        source, given = setting_source("workers", self.overrides, serving.snapshot.config_file if serving else None)
+        return runtime_profile(
+            self.settings, active_workers=serving.size if serving else None, source=source, given=given
+        )
+
+    def _status_view(self) -> dict[str, Any]:
         return status.status_view(
             self.queue,
             self.generations,

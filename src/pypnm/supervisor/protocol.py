@@ -12,9 +12,11 @@ Three channels, one JSON object per message, UTF-8:
 - **worker** (master <-> each worker, a SOCK_STREAM socketpair): JSON lines, one message per
   line ending in "\\n". The master sends commands (`StartAccepting`, `StopAccepting`, `Close`,
   `Heartbeat`), the worker answers with events (`WorkerReady` or `WorkerFailed`, `WorkerAccepting`,
-  `WorkerStoppedAccepting`, `WorkerClosing`, `HeartbeatAnswer`). End-of-file: the worker is gone.
-  `Heartbeat` goes only to a worker whose `WorkerReady` said `heartbeat: true`: a worker of an
-  older pypnm never announces it, so it is never asked, and never taken for hung.
+  `WorkerStoppedAccepting`, `WorkerClosing`, `HeartbeatAnswer`, `WorkerLimitReached`). End-of-file:
+  the worker is gone. `Heartbeat` goes only to a worker whose `WorkerReady` said `heartbeat: true`:
+  a worker of an older pypnm never announces it, so it is never asked, and never taken for hung.
+  `WorkerLimitReached` is sent only by a worker whose spec set `limit_max_requests`, a field an
+  older master never sends: so an older master never receives the event it would not know.
 - **control** (a worker or the CLI -> the master, a Unix socket in the runtime directory):
   JSON lines, one request and one answer per connection (`ReloadRequest` -> `ReloadAccepted`,
   `StatusRequest` -> `StatusAnswer`, either -> `Refused`).
@@ -89,6 +91,9 @@ class WorkerSpec:
     limit_request_header_size: int = 65536
     timeout_request_header: float = 10.0
     limit_concurrency: int = 1000
+    # Worker recycling: after limit_max_requests + a random 0..jitter requests (0: never) the worker says so.
+    limit_max_requests: int = 0
+    limit_max_requests_jitter: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,7 +252,26 @@ class HeartbeatAnswer:
     """worker -> master: its event loop ran the Heartbeat command."""
 
 
-WorkerEvent = WorkerReady | WorkerFailed | WorkerAccepting | WorkerStoppedAccepting | WorkerClosing | HeartbeatAnswer
+@dataclass(frozen=True)
+class WorkerLimitReached:
+    """worker -> master, once: it has served `requests` requests, its `limit` (limit_max_requests + its jitter).
+
+    The master recycles it: a replacement first, then this one drains (lifecycle.py).
+    """
+
+    requests: int
+    limit: int
+
+
+WorkerEvent = (
+    WorkerReady
+    | WorkerFailed
+    | WorkerAccepting
+    | WorkerStoppedAccepting
+    | WorkerClosing
+    | HeartbeatAnswer
+    | WorkerLimitReached
+)
 WorkerMessage = WorkerCommand | WorkerEvent
 
 _COMMANDS: dict[str, WorkerCommand] = {
@@ -278,6 +302,8 @@ def encode_worker(message: WorkerMessage) -> bytes:
             body = {"event": "closing", "connections": connections, "requests": requests}
         case HeartbeatAnswer():
             body = {"event": "heartbeat"}
+        case WorkerLimitReached(requests=requests, limit=limit):
+            body = {"event": "limit", "requests": requests, "limit": limit}
     return _dump(body) + b"\n"
 
 
@@ -305,6 +331,8 @@ def decode_worker(line: bytes) -> WorkerMessage:
         return WorkerClosing(_get(body, "connections", int, channel), _get(body, "requests", int, channel))
     if kind == "heartbeat":
         return HeartbeatAnswer()
+    if kind == "limit":
+        return WorkerLimitReached(_get(body, "requests", int, channel), _get(body, "limit", int, channel))
     raise ProtocolError(channel, f"unknown event {kind!r}")
 
 

@@ -17,6 +17,10 @@ reports what it still has open, cuts it, and leaves without waiting for it.
 The size and time limits on request heads come from `LimitedHttpToolsProtocol`.
 The worker answers the master's heartbeats from its event loop, so a handler that blocks
 the loop is seen by the master, which replaces the worker (`worker_timeout`, lifecycle.py).
+With `limit_max_requests` it counts its requests (uvicorn's own count, checked on uvicorn's
+tick) and tells the master once it is past its limit: the master recycles it, replacement
+first. uvicorn's own `limit_max_requests` is not used: it makes the worker exit by itself,
+before anything replaces it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import asyncio
 import importlib
 import logging
 import os
+import random
 import socket
 import sys
 import threading
@@ -51,6 +56,7 @@ from pypnm.supervisor.protocol import (
     WorkerCommand,
     WorkerEvent,
     WorkerFailed,
+    WorkerLimitReached,
     WorkerReady,
     WorkerSpec,
     WorkerStoppedAccepting,
@@ -235,6 +241,14 @@ class GenerationServer(uvicorn.Server):
         self.head_limits = HeadLimits(
             spec.limit_request_line_size, spec.limit_request_header_size, spec.timeout_request_header
         )
+        # This worker's own limit: the jitter is drawn here, after the fork (which reseeds `random`),
+        # so that the workers of a generation, started together, are not recycled together.
+        self.request_limit = (
+            spec.limit_max_requests + random.randint(0, spec.limit_max_requests_jitter)
+            if spec.limit_max_requests > 0
+            else 0
+        )
+        self._limit_reported = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -306,6 +320,14 @@ class GenerationServer(uvicorn.Server):
         settings = getattr(getattr(self.app, "state", None), "settings", None)
         restart_only = getattr(settings, "restart_only", None)
         return restart_only() if callable(restart_only) else None
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's tick (every 0.1 s): also tells the master, once, that this worker is past its request limit."""
+        served = self.server_state.total_requests
+        if self.request_limit and not self._limit_reported and served >= self.request_limit:
+            self._limit_reported = True
+            self._report(WorkerLimitReached(served, self.request_limit))
+        return await super().on_tick(counter)
 
     def _report(self, event: WorkerEvent) -> None:
         if self.channel is not None:

@@ -26,6 +26,7 @@ app = FastAPI(title="markerpkg")
 app.state.identity = ProcessIdentity(version="test", code_version=MARKER)  # pypnm_build_info
 add_metrics(app)  # GET /metrics: the master's counters (worker restarts by reason) included
 _in_flight = 0  # /slow requests this worker is answering now
+_held: list[bytes] = []  # what /allocate keeps: this worker's memory grows until it ends
 
 
 @app.get("/health")
@@ -92,3 +93,10 @@ async def block(seconds: float = 10.0, touch: str = "") -> dict[str, Any]:
 async def exit_now(code: int = 3) -> dict[str, Any]:
     """Ends this worker at once with `code`, as a crashing extension or a sys.exit in a handler would."""
     os._exit(code)
+
+
+@app.get("/allocate")
+async def allocate(mib: int = 100) -> dict[str, Any]:
+    """Keeps `mib` MiB more (written, so resident) for the worker's life: a worker that grows."""
+    _held.append(b"x" * (min(mib, 1024) * 1024 * 1024))
+    return {"pid": os.getpid(), "held_mib": sum(map(len, _held)) // (1024 * 1024)}
