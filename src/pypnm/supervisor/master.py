@@ -186,6 +186,7 @@ class Master:
         logger.info("reload %s: building generation %d", record.id, number)
         try:
             snapshot, settings, tls_warnings = await self._build(number)
+            logger.info("reload %s: snapshot of generation %d: %s", record.id, number, snapshot.summary())
             spec = build.supervised_spec(self.app, number, snapshot, settings, self.overrides, self.control_path)
             ready = await self.generations.validate(number, snapshot, spec, settings.workers, settings.reload_timeout)
             record.warnings = tls_warnings + build.restart_only_changes(self.settings, ready)
@@ -225,8 +226,13 @@ class Master:
         """
         await self.template.refresh_if_stale()
         self.files.follow(await asyncio.to_thread(self.locator.find))
+        serving = self.generations.serving  # its snapshot shares what did not change with the new one
         snapshot = take_snapshot(
-            self.files.sources, self.runtime.path / f"gen-{number}", self.config_file, self.compiler
+            self.files.sources,
+            self.runtime.path / f"gen-{number}",
+            self.config_file,
+            self.compiler,
+            serving.snapshot if serving is not None else None,
         )
         settings = build.settings_for(snapshot, self.settings, self.overrides)
         self.config_watch.read_by_reload(snapshot, settings)  # the content this reload read is the one to compare
