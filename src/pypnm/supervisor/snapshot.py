@@ -11,6 +11,7 @@ and bytecode; only changed and new files are copied and compiled (`_Freezer`). R
 the previous snapshot after its generation drains leaves the links of the new one whole.
 Where hard links are refused (another file system, a file system without them, a
 permission), files are copied instead. `Snapshot.changes` says which modules changed.
+
 The master only reads and compiles these files; it never imports them. Where the
 project's sources are is asked again before each snapshot (`SourceLocator`), so a reload
 after a reinstall copies the newly installed code.
