@@ -881,6 +881,7 @@ LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ \[(\w+) pi
 PHASE_NAMES = (
     ("SIGHUP -> queued", "hup", "queued"),
     ("queued -> building", "queued", "building"),
+    ("building -> snapshot taken", "building", "snapshot"),
     ("building -> workers spawned", "building", "spawned"),
     ("spawned -> validated", "spawned", "validated"),
     ("validated -> swapped", "validated", "swapped"),
@@ -908,6 +909,8 @@ def pypnm_phases(lines: list[str], rounds: list[Round]) -> tuple[dict[str, float
             events.setdefault(number, {})["building"] = stamp
             if found.group(1) in queued:
                 events[number]["queued"] = queued[found.group(1)]
+        elif found := re.match(r"reload \w+: snapshot of generation (\d+)", message):
+            events.setdefault(int(found.group(1)), {})["snapshot"] = stamp
         elif found := re.match(r"worker spawned pid=\d+ generation=(\d+)", message):
             events.setdefault(int(found.group(1)), {})["spawned"] = stamp  # the last one wins
         elif found := re.match(r"reload \w+: generation (\d+) validated", message):
