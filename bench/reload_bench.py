@@ -140,7 +140,9 @@ SERVERS = {
         "uvicorn-workers",
         "uvicorn --workers 2, kill -HUP <master>",
         "hup",
-        _uvicorn("--workers", "2"),
+        # 30 s for a new worker to answer its health check, as pypnm's reload_timeout gives a candidate: with
+        # uvicorn's default of 5 s, a busy machine makes it abort every restart of the large app.
+        _uvicorn("--workers", "2", "--timeout-worker-healthcheck", "30"),
         r"SyntaxError|not ready in time|aborting the restart",
     ),
     "pypnm-reload": ServerKind(
