@@ -1,13 +1,15 @@
-"""Reload benchmark: uvicorn --reload vs uvicorn --workers 2 + SIGHUP vs pypnm serve --workers 2.
+"""Reload benchmark: pypnm against uvicorn (--reload, --workers 2 + SIGHUP) and gunicorn (-w 2 + HUP).
 
-Each server serves the same small app (bench/app.py, copied into a scratch directory)
-under an open-loop load of keep-alive and fresh-connection requests. The benchmark
-rewrites the app's MARKER before every reload and triggers it the way that server
-offers, then reads from the responses when new code answered first and when every
-response came from new code, what failed and how latency behaved. See bench/README.md.
+Each server serves the same app (the small bench/app.py, or with `--app big` the large
+one bench/bigapp.py generates), copied into a scratch directory, under an open-loop load
+of keep-alive and fresh-connection requests. The benchmark rewrites one module's MARKER
+before every reload and triggers it the way that server offers, then reads from the
+responses when new code answered first and when every response came from new code, what
+failed, how latency behaved, and how much memory the server's processes use. See bench/README.md.
 
-    python bench/reload_bench.py                       # all three servers, 20 reloads each
+    python bench/reload_bench.py                       # the small app: uvicorn and pypnm, 20 reloads each
     python bench/reload_bench.py --only pypnm --reloads 5
+    python bench/reload_bench.py --app big --reloads 10   # the large app: every server, gunicorn too
 """
 
 from __future__ import annotations
@@ -39,15 +41,21 @@ from typing import Any
 
 import httpx
 
+import bigapp
+
 BENCH_DIR = Path(__file__).resolve().parent
 APP_SOURCE = BENCH_DIR / "app.py"
-PACKAGE = "benchpkg"  # the scratch package every server imports: benchpkg/__init__.py re-exports app.py's app
+PACKAGE = "benchpkg"  # the small app's scratch package: benchpkg/__init__.py re-exports app.py's app
 APP_SPEC = f"{PACKAGE}:app"
 MARKER_LINE = re.compile(r'^MARKER = "[^"\n]*"', re.MULTILINE)
 HOST = "127.0.0.1"  # the only address this benchmark ever talks to
 
 BASELINE = "uvicorn-workers"
-SERVER_NAMES = ("uvicorn-reload", "uvicorn-workers", "pypnm")
+GUNICORN = "gunicorn"
+SERVER_NAMES = ("uvicorn-reload", "pypnm-reload", "uvicorn-workers", GUNICORN, "pypnm", "pypnm-4")
+DEFAULT_SERVERS = ("uvicorn-reload", "uvicorn-workers", "pypnm")  # the small app's run; --app big runs them all
+# The development loop: one process, the file write is the trigger. Compared with each other.
+DEV_LOOP = ("uvicorn-reload", "pypnm-reload")
 
 REQUEST_TIMEOUT = 5.0  # a request without an answer by then (from when it was sent) counts as a "timeout"
 SLOW_SECONDS = 2.0
@@ -73,17 +81,17 @@ class ServerKind:
     name: str
     title: str
     trigger: str  # "file": writing the file is the trigger; "hup": SIGHUP to the process we started
-    args: Callable[[int], list[str]]
+    args: Callable[[int, str], list[str]]  # (port, app spec) -> command
     broken_pattern: str  # what its log says when it meets the broken code (for the report)
 
 
-def _uvicorn(*extra: str) -> Callable[[int], list[str]]:
-    def args(port: int) -> list[str]:
+def _uvicorn(*extra: str) -> Callable[[int, str], list[str]]:
+    def args(port: int, app: str) -> list[str]:
         return [
             sys.executable,
             "-m",
             "uvicorn",
-            APP_SPEC,
+            app,
             "--host",
             HOST,
             "--port",
@@ -95,21 +103,28 @@ def _uvicorn(*extra: str) -> Callable[[int], list[str]]:
     return args
 
 
-def _pypnm(port: int) -> list[str]:
+def _pypnm(*extra: str) -> Callable[[int, str], list[str]]:
+    def args(port: int, app: str) -> list[str]:
+        command = [sys.executable, "-m", "pypnm", "serve", "--host", HOST, "--port", str(port)]
+        return [*command, "--app", app, "--no-access-log", *extra]
+
+    return args
+
+
+def _gunicorn(port: int, app: str) -> list[str]:
+    # uvicorn.workers is deprecated since uvicorn 0.30 (still there in 0.54, with a warning): its
+    # successor is the uvicorn-worker package, which the bench extra installs.
     return [
         sys.executable,
         "-m",
-        "pypnm",
-        "serve",
-        "--host",
-        HOST,
-        "--port",
-        str(port),
+        "gunicorn",
+        app,
+        "--bind",
+        f"{HOST}:{port}",
         "--workers",
         "2",
-        "--app",
-        APP_SPEC,
-        "--no-access-log",
+        "--worker-class",
+        "uvicorn_worker.UvicornWorker",
     ]
 
 
@@ -125,14 +140,37 @@ SERVERS = {
         "uvicorn-workers",
         "uvicorn --workers 2, kill -HUP <master>",
         "hup",
-        _uvicorn("--workers", "2"),
+        # 30 s for a new worker to answer its health check, as pypnm's reload_timeout gives a candidate: with
+        # uvicorn's default of 5 s, a busy machine makes it abort every restart of the large app.
+        _uvicorn("--workers", "2", "--timeout-worker-healthcheck", "30"),
         r"SyntaxError|not ready in time|aborting the restart",
+    ),
+    "pypnm-reload": ServerKind(
+        "pypnm-reload",
+        "pypnm serve --reload (file change is the trigger)",
+        "file",
+        _pypnm("--reload"),
+        r"reload \w+ failed",
+    ),
+    GUNICORN: ServerKind(
+        GUNICORN,
+        "gunicorn -w 2 -k uvicorn_worker.UvicornWorker, kill -HUP <master>",
+        "hup",
+        _gunicorn,
+        r"SyntaxError|Worker failed to boot|Exception in worker process",
     ),
     "pypnm": ServerKind(
         "pypnm",
         "pypnm serve --workers 2, kill -HUP <master>",
         "hup",
-        _pypnm,
+        _pypnm("--workers", "2"),
+        r"reload \w+ failed",
+    ),
+    "pypnm-4": ServerKind(
+        "pypnm-4",
+        "pypnm serve --workers 4, kill -HUP <master>",
+        "hup",
+        _pypnm("--workers", "4"),
         r"reload \w+ failed",
     ),
 }
@@ -159,40 +197,61 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-class AppCopy:
-    """The scratch package a server imports; every write is atomic (write a dotfile, rename it over)."""
+@dataclass(frozen=True)
+class AppChoice:
+    name: str  # "small" or "big"
+    modules: int  # route modules of the big app
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.package = root / PACKAGE
-        self.package.mkdir(parents=True)
-        self.template = APP_SOURCE.read_text()
+    @property
+    def spec(self) -> str:
+        return APP_SPEC if self.name == "small" else bigapp.APP_SPEC
+
+
+class AppCopy:
+    """The scratch package a server imports; every write is atomic (write a dotfile, rename it over).
+
+    In both apps `<package>/__init__.py` is pypnm's "route module file" (the one its master
+    watches) and never changes; the module whose MARKER line is rewritten does, so SIGHUP is
+    pypnm's only trigger here, as it is uvicorn --workers' and gunicorn's (see README.md).
+    """
+
+    def __init__(self, root: Path, app: AppChoice) -> None:
+        if app.name == "small":
+            package = root / PACKAGE
+            package.mkdir(parents=True)
+            (package / "__init__.py").write_text('from .app import app\n\n__all__ = ["app"]\n')
+            self.path = package / "app.py"
+            self.template = APP_SOURCE.read_text()
+        else:
+            bigapp.generate(root, app.modules)
+            self.path = root / bigapp.MARKER_MODULE
+            self.template = self.path.read_text()
         if not MARKER_LINE.search(self.template):
-            raise SystemExit(f"{APP_SOURCE}: no line 'MARKER = \"...\"' to rewrite")
-        # __init__.py is pypnm's "route module file" (the one its master watches); app.py is what changes,
-        # so SIGHUP is pypnm's only trigger here, as it is uvicorn --workers' (see README.md).
-        (self.package / "__init__.py").write_text('from .app import app\n\n__all__ = ["app"]\n')
+            raise SystemExit(f"{self.path}: no line 'MARKER = \"...\"' to rewrite")
         self.write("r000")
 
     def write(self, marker: str, *, broken: bool = False) -> None:
         source = MARKER_LINE.sub(f'MARKER = "{marker}"', self.template, count=1)
         if broken:
             source += "\n\ndef broken(:  # a syntax error, written by reload_bench.py\n    pass\n"
-        scratch = self.package / ".app.py.tmp"
+        scratch = self.path.with_name(f".{self.path.name}.tmp")
         scratch.write_text(source)
-        os.replace(scratch, self.package / "app.py")
+        os.replace(scratch, self.path)
 
 
 class Server:
-    def __init__(self, kind: ServerKind, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, kind: ServerKind, workdir: Path, app: AppChoice, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.kind = kind
         self.port = free_port()
         self.base_url = f"http://{HOST}:{self.port}"
-        self.app = AppCopy(workdir)
+        self.app = AppCopy(workdir, app)
+        self.command = kind.args(self.port, app.spec)
         self.log_path = workdir / "server.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            kind.args(self.port),
+            self.command,
             cwd=workdir,
             env={**clean_env(), **(extra_env or {})},
             stdin=subprocess.DEVNULL,
@@ -236,6 +295,51 @@ class Server:
 
     def log_lines(self) -> list[str]:
         return self.log_path.read_text(errors="replace").splitlines()
+
+
+# ----- memory --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Memory:
+    processes: int
+    rss_kb: int  # summed over the processes: pages shared between them count once per process
+    pss_kb: int  # proportional: a page shared by n processes counts 1/n in each, so the sum is the real total
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every descendant (children, grandchildren: a pypnm master's fork template and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    tree: list[int] = []
+    todo = [root]
+    while todo and len(tree) < 1000:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def tree_memory(root: int) -> Memory:
+    """RSS and PSS of a server's whole process tree, from each process's /proc/<pid>/smaps_rollup."""
+    processes = rss = pss = 0
+    for pid in process_tree(root):
+        try:
+            lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        values = {line.split(":", 1)[0]: int(line.split()[1]) for line in lines if len(line.split()) == 3}
+        processes += 1
+        rss += values.get("Rss", 0)
+        pss += values.get("Pss", 0)
+    return Memory(processes, rss, pss)
 
 
 # ----- the load ------------------------------------------------------------------------------------
@@ -408,6 +512,7 @@ class Round:
 
 @dataclass
 class RunData:
+    name: str  # the server's name, with pypnm's reload_import mode when one was given: "pypnm[clean]"
     kind: ServerKind
     rate: float
     quiet: tuple[float, float]
@@ -416,6 +521,7 @@ class RunData:
     log_lines: list[str]
     elapsed: float
     load: tuple[float, float]  # 1-minute load average before the server started and after it stopped
+    memory: dict[str, Memory]  # "steady": after the quiet phase; "after reloads": once the last reload settled
 
 
 def converged(samples: Sequence[Sample], since: float, marker: str, oldest_pending: float | None) -> bool:
@@ -436,8 +542,12 @@ def converged(samples: Sequence[Sample], since: float, marker: str, oldest_pendi
 
 
 class Bench:
-    def __init__(self, kind: ServerKind, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(
+        self, kind: ServerKind, args: argparse.Namespace, workdir: Path, name: str, settings: dict[str, str]
+    ) -> None:
         self.kind = kind
+        self.name = name
+        self.settings = settings  # pypnm settings, passed as PYPNM_NAME
         self.args = args
         self.workdir = workdir
         self.rounds: list[Round] = []
@@ -445,17 +555,19 @@ class Bench:
         self.current = "r000"
 
     def log(self, message: str) -> None:
-        sys.stderr.write(f"[{self.kind.name}] {message}\n")
+        sys.stderr.write(f"[{self.name}] {message}\n")
         sys.stderr.flush()
 
     def run(self) -> RunData:
         began = time.monotonic()
         load_before = os.getloadavg()[0]
-        settings = dict(self.args.pypnm_setting) if self.kind.name == "pypnm" else {}
-        server = Server(self.kind, self.workdir, {f"PYPNM_{name.upper()}": value for name, value in settings.items()})
+        env = {f"PYPNM_{name.upper()}": value for name, value in self.settings.items()}
+        server = Server(self.kind, self.workdir, self.args.app_choice, env)
         load: LoadGenerator | None = None
+        memory: dict[str, Memory] = {}
         try:
-            self.log(f"starting on port {server.port} (pid {server.pid}): {' '.join(self.kind.args(server.port)[1:])}")
+            shown = " ".join([*(f"{k}={v}" for k, v in env.items()), *server.command[1:]])
+            self.log(f"starting on port {server.port} (pid {server.pid}): {shown}")
             server.wait_ready("r000")
             time.sleep(1.5)  # let every worker come up
             load = LoadGenerator(server.base_url, self.args.rate)
@@ -464,12 +576,15 @@ class Bench:
             quiet_start = time.monotonic()
             time.sleep(self.args.quiet)
             quiet = (quiet_start, time.monotonic())
+            memory["steady"] = tree_memory(server.pid)
             self.log(f"quiet phase done; {self.args.reloads} reloads follow")
             for number in range(1, self.args.reloads + 1):
                 self._reload_round(server, load, "reload")
                 last = self.rounds[-1]
                 shown = f"{last.converged - last.trigger:.3f}s" if last.converged else "NOT converged"
                 self.log(f"reload {number}/{self.args.reloads}: all new code after {shown}")
+            time.sleep(1.0)  # the replaced workers leave
+            memory["after reloads"] = tree_memory(server.pid)
             if not self.args.no_inflight:
                 self._inflight_round(server, load)
             if not self.args.no_broken:
@@ -483,6 +598,7 @@ class Bench:
         if self.args.keep:
             self._dump(samples)
         return RunData(
+            self.name,
             self.kind,
             self.args.rate,
             quiet,
@@ -491,6 +607,7 @@ class Bench:
             server.log_lines(),
             time.monotonic() - began,
             (load_before, os.getloadavg()[0]),
+            memory,
         )
 
     def _dump(self, samples: list[Sample]) -> None:
@@ -622,6 +739,7 @@ class Report:
     broken: dict[str, Any] | None
     phases: dict[str, float | None] = field(default_factory=dict)
     phase_count: int = 0
+    memory: dict[str, Memory] = field(default_factory=dict)
 
     def reload_rounds(self) -> list[RoundResult]:
         return [r for r in self.rounds if r.kind == "reload"]
@@ -689,7 +807,7 @@ def analyse(data: RunData) -> Report:
         failed.update(counts)
 
     report = Report(
-        name=data.kind.name,
+        name=data.name,
         title=data.kind.title,
         elapsed=data.elapsed,
         load=data.load,
@@ -705,8 +823,9 @@ def analyse(data: RunData) -> Report:
         window_max=median(r.window_max for r in results if r.kind == "reload"),
         inflight=_inflight(data, results),
         broken=_broken(data, results),
+        memory=data.memory,
     )
-    if data.kind.name == "pypnm":
+    if data.kind.name.startswith("pypnm") and data.kind.trigger == "hup":
         report.phases, report.phase_count = pypnm_phases(data.log_lines, data.rounds)
     return report
 
@@ -764,6 +883,7 @@ LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ \[(\w+) pi
 PHASE_NAMES = (
     ("SIGHUP -> queued", "hup", "queued"),
     ("queued -> building", "queued", "building"),
+    ("building -> snapshot taken", "building", "snapshot"),
     ("building -> workers spawned", "building", "spawned"),
     ("spawned -> validated", "spawned", "validated"),
     ("validated -> swapped", "validated", "swapped"),
@@ -791,6 +911,8 @@ def pypnm_phases(lines: list[str], rounds: list[Round]) -> tuple[dict[str, float
             events.setdefault(number, {})["building"] = stamp
             if found.group(1) in queued:
                 events[number]["queued"] = queued[found.group(1)]
+        elif found := re.match(r"reload \w+: snapshot of generation (\d+)", message):
+            events.setdefault(int(found.group(1)), {})["snapshot"] = stamp
         elif found := re.match(r"worker spawned pid=\d+ generation=(\d+)", message):
             events.setdefault(int(found.group(1)), {})["spawned"] = stamp  # the last one wins
         elif found := re.match(r"reload \w+: generation (\d+) validated", message):
@@ -903,14 +1025,36 @@ def print_report(report: Report) -> None:
         if swapped is not None and report.all_new is not None:
             tail = report.all_new - swapped
             out.append(f"  {'swapped -> last old-code answer':<36} {msecs(tail)} (from the client's side)")
+    for when, memory in report.memory.items():
+        out.append(
+            f"memory {when}: {memory.processes} processes, RSS {mb(memory.rss_kb)}, PSS {mb(memory.pss_kb)} in all"
+        )
     print("\n".join(out))
+
+
+def mb(kilobytes: int | None) -> str:
+    return "-" if kilobytes is None else f"{kilobytes / 1024:.0f} MB"
+
+
+def pss(report: Report) -> int | None:
+    memory = report.memory.get("after reloads") or report.memory.get("steady")
+    return memory.pss_kb if memory else None
+
+
+def rss(report: Report) -> int | None:
+    memory = report.memory.get("after reloads") or report.memory.get("steady")
+    return memory.rss_kb if memory else None
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value is not None and base else "-"
 
 
 def print_summary(reports: list[Report]) -> None:
     print("\n=== summary (medians over the reloads; steady = outside reload windows) ===")
     header = (
-        f"{'server':<16} {'->first new':>11} {'->all new':>10} {'failed':>7} {'win p99':>9} "
-        f"{'steady p99':>10} {'win/steady':>10} {'in-flight stall':>15} {'broken code':>12}"
+        f"{'server':<20} {'->first new':>11} {'->all new':>10} {'failed':>7} {'win p99':>9} "
+        f"{'steady p99':>10} {'win/steady':>10} {'in-flight stall':>15} {'broken code':>12} {'RSS':>8} {'PSS':>8}"
     )
     print(header)
     for r in reports:
@@ -920,30 +1064,49 @@ def print_summary(reports: list[Report]) -> None:
         if r.broken:
             broken = "kept serving" if r.broken["old_code"] == r.broken["sent"] else "down"
         print(
-            f"{r.name:<16} {secs(r.first_new):>11} {secs(r.all_new):>10} {sum(r.failed.values()):>7} "
-            f"{msecs(r.window_p99):>9} {msecs(r.steady_p99):>10} {shown:>10} {stall:>15} {broken:>12}"
+            f"{r.name:<20} {secs(r.first_new):>11} {secs(r.all_new):>10} {sum(r.failed.values()):>7} "
+            f"{msecs(r.window_p99):>9} {msecs(r.steady_p99):>10} {shown:>10} {stall:>15} {broken:>12} "
+            f"{mb(rss(r)):>8} {mb(pss(r)):>8}"
         )
-    base = next((r for r in reports if r.name == BASELINE), None)
-    if base is not None and base.all_new:
-        print()
+    print("(RSS, PSS: all processes of the server, after the reloads)")
+    by_name = {r.name: r for r in reports}
+    bases = [by_name[name] for name in (BASELINE, GUNICORN) if name in by_name]
+    if bases:
+        print("\nratios to the servers in this run (trigger -> all new; PSS):")
         for r in reports:
-            if r is base or r.all_new is None:
+            if r in bases or r.name in DEV_LOOP:
                 continue
-            print(
-                f"{r.name} trigger->all: {secs(r.all_new)} = {r.all_new / base.all_new:.2f}x {BASELINE} "
-                f"({secs(base.all_new)})"
-            )
-    pypnm = next((r for r in reports if r.name == "pypnm"), None)
-    if pypnm is not None:
-        print("\npypnm targets:")
+            parts = [
+                f"{ratio(r.all_new, base.all_new)} {base.name}'s {secs(base.all_new)}, "
+                f"PSS {ratio(pss(r), pss(base))} {base.name}'s {mb(pss(base))}"
+                for base in bases
+            ]
+            print(f"  {r.name}: " + "; ".join(parts))
+    for name, r in by_name.items():
+        two = by_name.get(name.replace("pypnm-4", "pypnm", 1)) if name.startswith("pypnm-4") else None
+        if two is not None:
+            print(f"  {name}: trigger -> all new {ratio(r.all_new, two.all_new)} {two.name}'s (4 workers vs 2)")
+    if all(name in by_name for name in DEV_LOOP):
+        uvicorn, ours = (by_name[name] for name in DEV_LOOP)
+        print(
+            f"\ndevelopment loop (file write -> first response from new code): {ours.name} {secs(ours.first_new)}, "
+            f"{uvicorn.name} {secs(uvicorn.first_new)}: {ratio(ours.first_new, uvicorn.first_new)}"
+        )
+    base = by_name.get(BASELINE)
+    for pypnm in (r for r in reports if r.name.startswith("pypnm") and r.name not in DEV_LOOP):
+        print(f"\n{pypnm.name} targets:")
         failed = sum(pypnm.failed.values())
         print(f"  0 failed requests:              {failed} failed  -> {'MET' if failed == 0 else 'MISSED'}")
         if pypnm.window_p99 and pypnm.steady_p99:
-            ratio = pypnm.window_p99 / pypnm.steady_p99
-            print(f"  window p99 <= 1.5x steady p99:  {ratio:.2f}x -> {'MET' if ratio <= 1.5 else 'MISSED'}")
+            factor = pypnm.window_p99 / pypnm.steady_p99
+            print(f"  window p99 <= 1.5x steady p99:  {factor:.2f}x -> {'MET' if factor <= 1.5 else 'MISSED'}")
         if base is not None and base.all_new and pypnm.all_new is not None:
-            ratio = pypnm.all_new / base.all_new
-            print(f"  trigger->all <= 0.25x {BASELINE}: {ratio:.2f}x -> {'MET' if ratio <= 0.25 else 'MISSED'}")
+            factor = pypnm.all_new / base.all_new
+            print(f"  trigger->all <= 0.25x {BASELINE}: {factor:.2f}x -> {'MET' if factor <= 0.25 else 'MISSED'}")
+        ours, theirs = pss(pypnm), pss(base) if base is not None else None
+        if ours is not None and theirs:
+            verdict = "MET" if ours <= theirs else "MISSED"
+            print(f"  PSS <= {BASELINE}'s:          {ours / theirs:.2f}x -> {verdict}")
 
 
 # ----- main ----------------------------------------------------------------------------------------
@@ -954,6 +1117,24 @@ def _setting(text: str) -> tuple[str, str]:
     if not sep or not re.fullmatch(r"[a-z_]+", name):
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a lower-case setting name, got {text!r}")
     return name, value
+
+
+def runs(args: argparse.Namespace) -> list[tuple[str, str, dict[str, str]]]:
+    """(name, server kind, pypnm settings) of every run: a pypnm server once per --reload-import mode."""
+    names = args.only or (SERVER_NAMES if args.app == "big" else DEFAULT_SERVERS)
+    settings = dict(args.pypnm_setting)
+    if args.app == "big":
+        # What a real deployment of such an app does: numpy and pandas imported once, in the fork template.
+        settings.setdefault("preload_modules", '["numpy", "pandas"]')
+    chosen: list[tuple[str, str, dict[str, str]]] = []
+    for name in (n for n in SERVER_NAMES if n in names):
+        if not name.startswith("pypnm"):
+            chosen.append((name, name, {}))
+        elif args.reload_import and name not in DEV_LOOP:
+            chosen += [(f"{name}[{mode}]", name, {**settings, "reload_import": mode}) for mode in args.reload_import]
+        else:
+            chosen.append((name, name, settings))
+    return chosen
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -981,6 +1162,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a pypnm setting for the pypnm server, passed as PYPNM_NAME (repeatable), "
         "e.g. 'preload_modules=[\"pydantic.v1\"]'",
     )
+    parser.add_argument(
+        "--app",
+        choices=("small", "big"),
+        default="small",
+        help="small: bench/app.py; big: the app bench/bigapp.py generates (default small)",
+    )
+    parser.add_argument("--modules", type=int, default=bigapp.DEFAULT_MODULES, help="the big app's route modules")
+    parser.add_argument(
+        "--reload-import",
+        action="append",
+        choices=("clean", "incremental"),
+        help="run each pypnm server (but pypnm-reload) once per mode, with PYPNM_RELOAD_IMPORT=MODE (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory with the server logs")
     args = parser.parse_args(argv)
@@ -992,12 +1186,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--spacing must be between 1 and 30 (pypnm coalesces triggers within 1 s)")
     if not 1.0 <= args.quiet <= 120:
         parser.error("--quiet must be between 1 and 120")
+    if not 1 <= args.modules <= 1000:
+        parser.error("--modules must be between 1 and 1000")
+    args.app_choice = AppChoice(args.app, args.modules)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = [n for n in SERVER_NAMES if not args.only or n in args.only]
+    chosen = runs(args)
     if os.getloadavg()[0] > 0.5:
         sys.stderr.write(
             f"warning: load average {os.getloadavg()[0]:.2f} before the run: other work on this "
@@ -1006,9 +1203,9 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="pypnm-reload-bench-"))
     reports: list[Report] = []
     try:
-        for name in names:
+        for name, kind, settings in chosen:
             try:
-                data = Bench(SERVERS[name], args, scratch / name).run()
+                data = Bench(SERVERS[kind], args, scratch / name, name, settings).run()
             except RuntimeError as exc:
                 print(f"\n=== {name}: could not run: {exc} ===")
                 continue

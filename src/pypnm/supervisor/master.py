@@ -198,6 +198,7 @@ class Master:
         replaced = KnownGood(serving.number, serving.snapshot, self.settings) if serving else None
         try:
             snapshot, settings, tls_warnings = await self._build(number)
+            logger.info("reload %s: snapshot of generation %d: %s", record.id, number, snapshot.summary())
             old = await self._swap_in(record, number, snapshot, settings, tls_warnings)
         except Exception as exc:
             self._failed(record, number, exc)
@@ -280,8 +281,13 @@ class Master:
         """
         await self.template.refresh_if_stale()
         self.files.follow(await asyncio.to_thread(self.locator.find))
+        serving = self.generations.serving  # its snapshot shares what did not change with the new one
         snapshot = take_snapshot(
-            self.files.sources, self.runtime.path / f"gen-{number}", self.config_file, self.compiler
+            self.files.sources,
+            self.runtime.path / f"gen-{number}",
+            self.config_file,
+            self.compiler,
+            serving.snapshot if serving is not None else None,
         )
         settings = build.settings_for(snapshot, self.settings, self.overrides)
         self.config_watch.read_by_reload(snapshot, settings)  # the content this reload read is the one to compare

@@ -2,9 +2,16 @@
 
 Why copy: a worker that crashes must come back on its own generation's code, not on
 whatever is on disk by then, and a candidate must not import a tree that an editor
-or a deploy is still half-way through writing. Copying the project's own packages
-(not third-party ones) costs milliseconds. Compiling the copy here, in the master,
+or a deploy is still half-way through writing. Compiling the copy here, in the master,
 finds syntax errors before any worker starts and saves each worker the compile.
+
+A snapshot costs what changed, not the size of the tree: a file whose content is as in
+the previous snapshot (the serving generation's) is a hard link to that snapshot's copy
+and bytecode; only changed and new files are copied and compiled (`_Freezer`). Removing
+the previous snapshot after its generation drains leaves the links of the new one whole.
+Where hard links are refused (another file system, a file system without them, a
+permission), files are copied instead. `Snapshot.changes` says which modules changed.
+
 The master only reads and compiles these files; it never imports them. Where the
 project's sources are is asked again before each snapshot (`SourceLocator`), so a reload
 after a reinstall copies the newly installed code.
@@ -12,6 +19,7 @@ after a reinstall copies the newly installed code.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -20,8 +28,12 @@ import py_compile
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
+from stat import S_ISREG
 
 from pypnm.identity import code_version
 from pypnm.supervisor.timeouts import LOCATE_SOURCES
@@ -39,8 +51,48 @@ _FILE_SETTING = {
 }
 
 
+# A file whose modification or change time is this close to the moment it was read may be written
+# again within the same timestamp tick (coarse kernel clocks, 1-2 s on some file systems, a skewed
+# network server) without its stat changing: the next snapshot hashes it instead of trusting the stat.
+RACY_NS = 3_000_000_000
+READ_ONLY = 0o555  # a snapshot's files keep their read and execute bits, never a write bit
+BYTECODE_MODE = 0o444
+
+
 class SnapshotError(Exception):
     """The code or the settings file cannot be frozen; the message is the reload's reason."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a snapshot: the stat of the source it was read from, and a hash of its content."""
+
+    stat: tuple[int, int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of the source
+    digest: bytes  # sha256 of the bytes in the snapshot
+    racy: bool  # written so shortly before it was read that the next snapshot must hash it (see RACY_NS)
+
+
+@dataclass(frozen=True)
+class SnapshotChanges:
+    """What differs from the previous snapshot (the serving generation's), by content.
+
+    Modules are dotted names (`pkg.sub.mod`; a package's `__init__.py` is `pkg.sub`). A file
+    only touched, or rewritten with the same bytes, is not a change.
+    """
+
+    changed: frozenset[str] = frozenset()  # Python modules whose source differs
+    added: frozenset[str] = frozenset()  # Python modules new in this snapshot
+    removed: frozenset[str] = frozenset()  # Python modules gone from it
+    native: frozenset[str] = frozenset()  # C extension modules changed, added or removed
+    other: frozenset[str] = frozenset()  # any other file changed, added or removed (paths, as in `manifest`)
+
+    @property
+    def modules(self) -> frozenset[str]:
+        """Every Python module changed, added or removed."""
+        return self.changed | self.added | self.removed
+
+    def __bool__(self) -> bool:
+        return bool(self.modules or self.native or self.other)
 
 
 @dataclass
@@ -50,6 +102,11 @@ class Snapshot:
     source_dirs: dict[str, str]  # copy → original, to name files as the operator knows them
     code_version: str
     files: dict[str, Path] = field(default_factory=dict)  # frozen copies of settings files, by role
+    # Every code file, by its path relative to `directory` (posix, e.g. "pkg/sub/mod.py").
+    manifest: dict[str, FileRecord] = field(default_factory=dict)
+    changes: SnapshotChanges | None = None  # None: no previous snapshot to compare with, everything is new
+    shared: int = 0  # files hard-linked from the previous snapshot rather than copied
+    took_ms: float = 0.0
 
     @property
     def config_file(self) -> Path | None:
@@ -70,6 +127,13 @@ class Snapshot:
         self.files[role] = copy
         self.source_dirs[str(copy)] = str(source)  # reasons name the operator's file
         return copy
+
+    def summary(self) -> str:
+        """How the snapshot was made, for the master's log."""
+        made = f"{len(self.manifest)} files in {self.took_ms:.0f}ms"
+        if self.changes is None:
+            return f"{made}, all copied (no previous snapshot)"
+        return f"{made}, {self.shared} shared with the previous one, {len(self.changes.modules)} modules changed"
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -170,8 +234,14 @@ class SourceLocator:
 
 
 def take_snapshot(
-    sources: dict[str, Path], directory: Path, config_file: Path | None, compiler: Compiler | None = None
+    sources: dict[str, Path],
+    directory: Path,
+    config_file: Path | None,
+    compiler: Compiler | None = None,
+    previous: Snapshot | None = None,
 ) -> Snapshot:
+    """Freeze `sources` into `directory`, sharing with `previous` (the serving generation's) what did not change."""
+    started = time.perf_counter()
     compiler = compiler or Compiler()
     try:
         directory.mkdir(parents=True)
@@ -179,31 +249,173 @@ def take_snapshot(
         raise SnapshotError(_write_problem(exc)) from None
     source_dirs: dict[str, str] = {}
     digest = hashlib.sha256()
+    package_version = ""
+    freezer = _Freezer(directory, compiler, previous)
     try:
         for top, source in sources.items():
             if source.is_dir():
                 target = directory / top
-                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-                compiler.compile_tree(target, source)
-                digest.update(code_version(target).encode())
+                for original, relative in _walk(source):
+                    freezer.freeze(original, f"{top}/{relative}")
+                package_version = code_version(target)
+                digest.update(package_version.encode())
             else:
                 target = directory / source.name
-                shutil.copy2(source, target)
-                compiler.compile(target, source)
+                freezer.freeze(source, source.name)
                 digest.update(target.read_bytes())
             source_dirs[str(target)] = str(source)
         single_package = len(sources) == 1 and next(iter(sources.values())).is_dir()
-        version = code_version(directory / next(iter(sources))) if single_package else digest.hexdigest()[:16]
-        snapshot = Snapshot(directory, list(sources), source_dirs, version)
+        version = package_version if single_package else digest.hexdigest()[:16]
+        snapshot = Snapshot(
+            directory,
+            list(sources),
+            source_dirs,
+            version,
+            manifest=freezer.manifest,
+            changes=_changes(previous.manifest, freezer.manifest) if previous is not None else None,
+            shared=freezer.shared,
+        )
         if config_file is not None:
             snapshot.add_file(CONFIG_FILE, config_file)
-    except OSError as exc:  # shutil.Error too: a file that vanished or a dangling link mid-copy
+    except OSError as exc:  # a file that vanished mid-copy, a dangling link, a full file system
         shutil.rmtree(directory, ignore_errors=True)
         raise SnapshotError(_copy_problem(exc)) from None
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
+    snapshot.took_ms = (time.perf_counter() - started) * 1000
     return snapshot
+
+
+def _walk(source: Path) -> Iterator[tuple[Path, str]]:
+    """Every file below `source` but compiled bytecode, in a stable order: (its path, its path relative to `source`).
+
+    Symbolic links are followed, as a copy would (a linked directory is copied as a directory);
+    a directory met again through a link is not entered twice, so a link loop ends.
+    """
+    seen: set[tuple[int, int]] = set()
+
+    def refuse(exc: OSError) -> None:
+        raise exc  # an unreadable directory fails the snapshot instead of leaving files out silently
+
+    for root, dirs, files in os.walk(source, onerror=refuse, followlinks=True):
+        info = os.stat(root)
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirs[:] = sorted(name for name in dirs if name != "__pycache__")
+        base = Path(root)
+        prefix = base.relative_to(source).as_posix()
+        for name in sorted(files):
+            if not name.endswith(".pyc"):
+                yield base / name, name if prefix == "." else f"{prefix}/{name}"
+
+
+class _Freezer:
+    """Puts each file into a new snapshot: a hard link to the previous snapshot's copy when unchanged, else a copy.
+
+    Correctness rests on two rules. A snapshot's files are written once, read-only, and never
+    opened for writing again (new files are created exclusively, bytecode is written to a
+    temporary name and renamed), so a file shared by several snapshots cannot change under
+    any generation that runs it. And a file counts as unchanged only when its content is: the
+    source's stat (device, inode, size, modification and change times) saves reading it,
+    unless the previous snapshot read it so soon after it was written that a second write in
+    the same clock tick could leave the stat as it was ("racy", as git calls it): then, and
+    whenever the stat differs, the content is hashed and compared.
+    """
+
+    def __init__(self, directory: Path, compiler: Compiler, previous: Snapshot | None) -> None:
+        self.directory = directory
+        self.compiler = compiler
+        self.previous = previous
+        self.manifest: dict[str, FileRecord] = {}
+        self.shared = 0  # files hard-linked from the previous snapshot
+        self._made: set[Path] = set()
+
+    def freeze(self, original: Path, relative: str) -> None:
+        target = self.directory / relative
+        self._parent(target)
+        stat = os.stat(original)  # before reading: a write after this changes the stat seen next time
+        if not S_ISREG(stat.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(original))
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        before = self.previous.manifest.get(relative) if self.previous is not None else None
+        if before is not None and before.stat == key and not before.racy and self._link(relative, target):
+            self.manifest[relative] = before
+            return
+        data = original.read_bytes()
+        now = time.time_ns()
+        racy = max(stat.st_mtime_ns, stat.st_ctime_ns) > now - RACY_NS
+        record = FileRecord(key, hashlib.sha256(data).digest(), racy)
+        self.manifest[relative] = record
+        if before is not None and before.digest == record.digest and self._link(relative, target):
+            return  # touched, or rewritten with the same bytes
+        _write_new(target, data, stat.st_mode)
+        if target.suffix == ".py":
+            self.compiler.compile(target, original, record.digest)
+
+    def _link(self, relative: str, target: Path) -> bool:
+        """Hard-link the previous snapshot's copy and its bytecode; False when the file system refuses."""
+        assert self.previous is not None
+        source = self.previous.directory / relative
+        try:
+            os.link(source, target)
+        except OSError:  # EXDEV, EPERM, EMLINK, a file system without links, or the copy is gone
+            return False
+        if target.suffix == ".py":
+            cfile = Path(importlib.util.cache_from_source(str(target)))
+            self._parent(cfile)
+            try:
+                os.link(importlib.util.cache_from_source(str(source)), cfile)
+            except OSError:
+                target.unlink()  # its bytecode could not follow: the caller copies and compiles both
+                return False
+        self.shared += 1
+        return True
+
+    def _parent(self, path: Path) -> None:
+        if path.parent not in self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` (it must not exist: nothing is ever written through a shared link), read-only."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & READ_ONLY)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
+def _module(relative: str) -> str:
+    """The dotted module name of a file path relative to the snapshot directory."""
+    parts = relative.split("/")
+    name = parts.pop()
+    for suffix in sorted(EXTENSION_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = name.removesuffix(".py")
+    return ".".join(parts if name == "__init__" else [*parts, name])
+
+
+def _changes(before: dict[str, FileRecord], after: dict[str, FileRecord]) -> SnapshotChanges:
+    changed = {path for path in before.keys() & after.keys() if before[path].digest != after[path].digest}
+    added = after.keys() - before.keys()
+    removed = before.keys() - after.keys()
+
+    def modules(paths: set[str]) -> frozenset[str]:
+        return frozenset(_module(path) for path in paths if path.endswith(".py"))
+
+    every = changed | added | removed
+    return SnapshotChanges(
+        changed=modules(changed),
+        added=modules(added),
+        removed=modules(removed),
+        native=frozenset(_module(path) for path in every if path.endswith(tuple(EXTENSION_SUFFIXES))),
+        other=frozenset(path for path in every if not path.endswith((".py", *EXTENSION_SUFFIXES))),
+    )
 
 
 def _write_problem(exc: OSError) -> str:
@@ -212,10 +424,6 @@ def _write_problem(exc: OSError) -> str:
 
 
 def _copy_problem(exc: OSError) -> str:
-    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
-        source, _target, why = exc.args[0][0]
-        more = f" (and {len(exc.args[0]) - 1} more)" if len(exc.args[0]) > 1 else ""
-        return f"cannot copy the code: {source}: {str(why).split(': ', 1)[0]}{more}"
     return f"cannot copy the code: {exc.filename or ''}: {exc.strerror or exc}"
 
 
@@ -231,18 +439,15 @@ class Compiler:
     def __init__(self) -> None:
         self._cache: dict[tuple[str, bytes], bytes] = {}
 
-    def compile_tree(self, target: Path, source: Path) -> None:
-        for path in sorted(target.rglob("*.py")):
-            self.compile(path, source / path.relative_to(target))
-
-    def compile(self, path: Path, original: Path) -> None:
+    def compile(self, path: Path, original: Path, digest: bytes) -> None:
+        """Compile `path` (a snapshot's copy of `original`, whose content hashes to `digest`), read-only."""
         try:
-            key = (str(original), hashlib.sha256(path.read_bytes()).digest())
+            key = (str(original), digest)
             cfile = Path(importlib.util.cache_from_source(str(path)))
             cached = self._cache.get(key)
             if cached is not None:
                 cfile.parent.mkdir(exist_ok=True)
-                cfile.write_bytes(cached)
+                _write_new(cfile, cached, BYTECODE_MODE)
                 return
             py_compile.compile(
                 str(path),
@@ -250,7 +455,8 @@ class Compiler:
                 dfile=str(original),
                 doraise=True,
                 invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
-            )
+            )  # written to a temporary name and renamed: never through an existing file
+            os.chmod(cfile, BYTECODE_MODE)
             if len(self._cache) >= self.MAX_ENTRIES:
                 self._cache.clear()
             self._cache[key] = cfile.read_bytes()

@@ -1,0 +1,272 @@
+"""Snapshots cost what changed: unchanged files are hard links to the previous snapshot's copies.
+
+The function that makes a snapshot is tested in-process (what it links, copies, reports as
+changed, and its fallback when the file system refuses links); the reload that uses it, with
+a real master, workers and runtime directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import shutil
+import signal
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import StartService, reload_by_sighup, serve_marker, set_marker, supervisor_status, wait_until
+from pypnm.supervisor.snapshot import Compiler, Snapshot, SnapshotChanges, SnapshotError, take_snapshot
+
+
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return write_tree(
+        tmp_path / "src" / "pkg",
+        {
+            "__init__.py": "",
+            "main.py": "from pkg.util import VALUE\n",
+            "util.py": "VALUE = 1\n",
+            "sub/__init__.py": "",
+            "sub/leaf.py": "LEAF = 'a'\n",
+            "data.json": "{}\n",
+        },
+    )
+
+
+def snap(
+    project: Path, directory: Path, previous: Snapshot | None = None, compiler: Compiler | None = None
+) -> Snapshot:
+    return take_snapshot({"pkg": project}, directory, None, compiler or Compiler(), previous)
+
+
+def inode(snapshot: Snapshot, relative: str) -> int:
+    return os.stat(snapshot.directory / relative).st_ino
+
+
+def bytecode(snapshot: Snapshot, relative: str) -> Path:
+    return Path(importlib.util.cache_from_source(str(snapshot.directory / relative)))
+
+
+def test_unchanged_files_are_links_to_the_previous_snapshot_and_only_changes_are_copied(
+    project: Path, tmp_path: Path
+) -> None:
+    first = snap(project, tmp_path / "gen-1")
+    assert first.changes is None and first.shared == 0  # nothing to compare with: all copied
+
+    (project / "util.py").write_text("VALUE = 2\n")
+    (project / "sub" / "leaf.py").unlink()
+    (project / "sub" / "new.py").write_text("NEW = True\n")
+    (project / "data.json").write_text('{"a": 1}\n')
+    second = snap(project, tmp_path / "gen-2", first)
+
+    assert second.changes == SnapshotChanges(
+        changed=frozenset({"pkg.util"}),
+        added=frozenset({"pkg.sub.new"}),
+        removed=frozenset({"pkg.sub.leaf"}),
+        other=frozenset({"pkg/data.json"}),
+    )
+    for shared in ("pkg/__init__.py", "pkg/main.py", "pkg/sub/__init__.py"):
+        assert inode(second, shared) == inode(first, shared), shared
+        assert bytecode(second, shared).stat().st_ino == bytecode(first, shared).stat().st_ino, shared
+    assert second.shared == 3
+    assert inode(second, "pkg/util.py") != inode(first, "pkg/util.py")
+    assert (second.directory / "pkg" / "util.py").read_text() == "VALUE = 2\n"
+    assert (first.directory / "pkg" / "util.py").read_text() == "VALUE = 1\n"  # the old generation's code stays
+    assert bytecode(second, "pkg/util.py").read_bytes() != bytecode(first, "pkg/util.py").read_bytes()
+    assert not (second.directory / "pkg" / "sub" / "leaf.py").exists()
+    assert second.code_version != first.code_version
+
+
+def test_a_file_rewritten_with_the_same_size_and_time_is_still_a_change(project: Path, tmp_path: Path) -> None:
+    """An editor that writes twice within one timestamp tick: the content decides, not the stat."""
+    util = project / "util.py"
+    first = snap(project, tmp_path / "gen-1")
+    before = util.stat()
+    util.write_text("VALUE = 3\n")  # same size
+    os.utime(util, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the same modification time
+    second = snap(project, tmp_path / "gen-2", first)
+    assert second.changes is not None and second.changes.changed == {"pkg.util"}
+    assert (second.directory / "pkg" / "util.py").read_text() == "VALUE = 3\n"
+
+
+def test_a_touched_file_is_not_a_change_and_stays_shared(project: Path, tmp_path: Path) -> None:
+    first = snap(project, tmp_path / "gen-1")
+    os.utime(project / "util.py", ns=(1, 1))
+    (project / "main.py").write_text((project / "main.py").read_text())  # rewritten with the same bytes
+    second = snap(project, tmp_path / "gen-2", first)
+    assert second.changes is not None and not second.changes
+    assert inode(second, "pkg/util.py") == inode(first, "pkg/util.py")
+    assert inode(second, "pkg/main.py") == inode(first, "pkg/main.py")
+
+
+def test_snapshot_files_are_read_only(project: Path, tmp_path: Path) -> None:
+    """Shared files must never change under a running generation: no write bit on any of them."""
+    first = snap(project, tmp_path / "gen-1")
+    second = snap(project, tmp_path / "gen-2", first)
+    files = [path for path in second.directory.rglob("*") if path.is_file()]
+    assert len(files) == 11  # 5 sources, their bytecode, data.json
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0, path
+
+
+def test_removing_the_previous_snapshot_leaves_the_new_one_whole(project: Path, tmp_path: Path) -> None:
+    first = snap(project, tmp_path / "gen-1")
+    second = snap(project, tmp_path / "gen-2", first)
+    contents = {
+        path.relative_to(second.directory): path.read_bytes() for path in second.directory.rglob("*") if path.is_file()
+    }
+    first.remove()
+    assert not first.directory.exists()
+    after = {
+        path.relative_to(second.directory): path.read_bytes() for path in second.directory.rglob("*") if path.is_file()
+    }
+    assert after == contents
+
+    third = snap(project, tmp_path / "gen-3", second)  # and it is the previous one of the next
+    assert third.shared == 6 and inode(third, "pkg/util.py") == inode(second, "pkg/util.py")
+
+
+def test_files_are_copied_when_the_file_system_refuses_links(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = snap(project, tmp_path / "gen-1")
+
+    def refuse(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(source))
+
+    monkeypatch.setattr(os, "link", refuse)
+    (project / "util.py").write_text("VALUE = 4\n")
+    second = snap(project, tmp_path / "gen-2", first)
+
+    assert second.shared == 0
+    assert second.changes is not None and second.changes.changed == {"pkg.util"}
+    for relative in ("pkg/__init__.py", "pkg/main.py", "pkg/util.py", "pkg/sub/leaf.py"):
+        assert inode(second, relative) != inode(first, relative), relative
+        assert bytecode(second, relative).is_file(), relative
+    assert (second.directory / "pkg" / "util.py").read_text() == "VALUE = 4\n"
+    assert second.code_version == snap(project, tmp_path / "gen-3").code_version
+
+
+def test_a_bytecode_file_that_cannot_be_linked_is_compiled_again(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = snap(project, tmp_path / "gen-1")
+    link = os.link
+
+    def only_sources(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        if str(source).endswith(".pyc"):
+            raise OSError(errno.EPERM, "Operation not permitted", str(source))
+        link(source, target)
+
+    monkeypatch.setattr(os, "link", only_sources)
+    second = snap(project, tmp_path / "gen-2", first)
+    assert second.shared == 1  # data.json: the only file without bytecode
+    assert bytecode(second, "pkg/util.py").read_bytes() == bytecode(first, "pkg/util.py").read_bytes()
+
+
+def test_a_syntax_error_in_a_changed_file_names_the_source_and_line(project: Path, tmp_path: Path) -> None:
+    first = snap(project, tmp_path / "gen-1")
+    (project / "sub" / "leaf.py").write_text("LEAF = 'a'\ndef broken(:\n    pass\n")
+    with pytest.raises(SnapshotError, match=rf"SyntaxError: .*\({project / 'sub' / 'leaf.py'}, line 2\)"):
+        snap(project, tmp_path / "gen-2", first)
+    assert not (tmp_path / "gen-2").exists()  # a failed snapshot leaves nothing behind
+    assert first.directory.exists()
+
+
+def test_module_names_of_extensions_and_single_module_projects(tmp_path: Path) -> None:
+    project = write_tree(tmp_path / "src" / "pkg", {"__init__.py": "", "fast.cpython-311-x86_64-linux-gnu.so": "x"})
+    first = snap(project, tmp_path / "gen-1")
+    (project / "fast.cpython-311-x86_64-linux-gnu.so").write_text("y")
+    second = snap(project, tmp_path / "gen-2", first)
+    assert second.changes == SnapshotChanges(native=frozenset({"pkg.fast"}))
+
+    module = write_tree(tmp_path / "single", {"app.py": "A = 1\n"}) / "app.py"
+    one = take_snapshot({"app": module}, tmp_path / "one-1", None)
+    module.write_text("A = 22\n")
+    two = take_snapshot({"app": module}, tmp_path / "one-2", None, previous=one)
+    assert two.changes == SnapshotChanges(changed=frozenset({"app"}))
+
+
+def test_a_link_loop_in_the_project_is_copied_once(project: Path, tmp_path: Path) -> None:
+    (project / "sub" / "again").symlink_to(project)
+    made = snap(project, tmp_path / "gen-1")
+    assert "pkg/sub/leaf.py" in made.manifest
+    assert not any(name.startswith("pkg/sub/again/sub/again") for name in made.manifest)
+    shutil.rmtree(made.directory)
+
+
+# ----- with a real master -------------------------------------------------------------------------
+
+
+def runtime_dir(parent: Path) -> Path:
+    (found,) = [path for path in parent.iterdir() if path.name.startswith("pypnm-")]
+    return found
+
+
+def test_a_reload_links_what_did_not_change_and_serves_what_did(
+    start_service: StartService, marker_app: Path, tmp_path: Path
+) -> None:
+    parent = tmp_path / "run"
+    parent.mkdir()
+    # No rollback window: the old snapshot goes as soon as its generation has drained.
+    service = serve_marker(
+        start_service, marker_app, graceful_timeout=5, PYPNM_RUNTIME_DIR=str(parent), PYPNM_ROLLBACK_WINDOW="0"
+    )
+    runtime = runtime_dir(parent)
+    before = supervisor_status(service)
+    old = runtime / f"gen-{before['generation']}" / "markerpkg"
+    inodes = {name: (old / name).stat().st_ino for name in ("__init__.py", "main.py", "marker.py")}
+
+    set_marker(marker_app, "v2")
+    after = reload_by_sighup(service, before["generation"])
+    assert after["last_reload"]["outcome"] == "succeeded", after["last_reload"]
+    assert service.get("/marker").json()["marker"] == "v2"
+    new = runtime / f"gen-{after['generation']}" / "markerpkg"
+    assert (new / "__init__.py").stat().st_ino == inodes["__init__.py"]
+    assert (new / "main.py").stat().st_ino == inodes["main.py"]
+    assert (new / "marker.py").stat().st_ino != inodes["marker.py"]
+    wait_until(lambda: "2 shared with the previous one, 1 modules changed" in service.output(), timeout=10)
+
+    # The old generation drains and its snapshot goes; a worker of the new one that dies comes back from
+    # the new snapshot, whose shared files are still whole.
+    wait_until(lambda: not old.exists(), timeout=20)
+    (worker,) = supervisor_status(service)["workers"]
+    os.kill(worker["pid"], signal.SIGKILL)
+
+    def replaced() -> dict[str, Any] | None:
+        workers = supervisor_status(service)["workers"]
+        return workers[0] if len(workers) == 1 and workers[0]["pid"] != worker["pid"] else None
+
+    wait_until(replaced, timeout=30)
+    answer = wait_until(lambda: service.get("/marker").json())
+    assert answer["marker"] == "v2" and answer["pid"] != worker["pid"]
+
+    # A broken file still fails the reload, named with its line, and the linked generation keeps serving.
+    marker = marker_app / "markerpkg" / "marker.py"
+    marker.write_text(marker.read_text() + "def broken(:\n    pass\n")
+    bad_line = marker.read_text().count("\n") - 1
+    failed = reload_by_sighup(service, after["generation"])["last_reload"]
+    assert failed["outcome"] == "failed"
+    for part in ("SyntaxError", str(marker), f"line {bad_line}"):
+        assert part in failed["reason"], (part, failed["reason"])
+    assert service.get("/marker").json()["marker"] == "v2"
+
+
+def test_a_file_that_is_not_a_regular_file_fails_the_snapshot_in_one_line(project: Path, tmp_path: Path) -> None:
+    fifo = project / "pipe"
+    os.mkfifo(fifo)  # a copy would block on it forever
+    with pytest.raises(SnapshotError, match=rf"^cannot copy the code: {fifo}: not a regular file$"):
+        snap(project, tmp_path / "gen-1")
+    assert not (tmp_path / "gen-1").exists()
