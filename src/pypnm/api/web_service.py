@@ -1,4 +1,4 @@
-"""System Operations: `/pypnm/system/webService/reload` and `/status`.
+"""System Operations: `/pypnm/system/webService/reload`, `/upgrade` and `/status`.
 
 This file is "the route module" of the seed document: in an unsupervised process the
 reload endpoint touches this very file, so that an auto-reloader watching it
@@ -19,11 +19,19 @@ from pydantic import BaseModel
 
 from pypnm.identity import SUPERVISOR_ENV, ProcessIdentity
 from pypnm.supervisor import control
-from pypnm.supervisor.protocol import ReloadAccepted, ReloadRequest, StatusAnswer, StatusRequest
+from pypnm.supervisor.protocol import (
+    ReloadAccepted,
+    ReloadRequest,
+    StatusAnswer,
+    StatusRequest,
+    UpgradeAccepted,
+    UpgradeRequest,
+)
 from pypnm.supervisor.timeouts import CONTROL_ASK
 
 ROUTE_MODULE_FILE = Path(__file__)
 RELOAD_ID_HEADER = "X-Reload-Id"
+UPGRADE_ID_HEADER = "X-Upgrade-Id"
 
 router = APIRouter(prefix="/pypnm/system/webService", tags=["PyPNM System Web Service"])
 
@@ -78,6 +86,38 @@ async def reload_web_service(request: Request) -> JSONResponse:
         raise HTTPException(status_code=500, detail=f"Failed to trigger reload: {reason}") from exc
     headers = {RELOAD_ID_HEADER: reload_id} if reload_id else None
     return JSONResponse({"status": "reload triggered"}, headers=headers)
+
+
+class UpgradeTriggered(BaseModel):
+    status: str = "upgrade triggered"
+
+
+@router.get(
+    "/upgrade",
+    summary="Hand the service over to a new master running the pypnm installed now",
+    response_model=UpgradeTriggered,
+    responses={500: {"model": ErrorDetail, "description": "The upgrade could not be triggered"}},
+)
+async def upgrade_web_service(request: Request) -> JSONResponse:
+    """Ask the supervisor to start a new master (a fresh interpreter) that takes the listening sockets over.
+
+    Answers as soon as the upgrade is started; the `X-Upgrade-Id` header names it. Poll
+    `/pypnm/system/webService/status` until `upgrade.id` is that id and `upgrade.outcome` is set.
+    Only a supervised service upgrades itself.
+    """
+    socket_path = os.environ.get(SUPERVISOR_ENV)
+    try:
+        if not socket_path:
+            raise control.ControlError("the service runs without the pypnm supervisor; restart it instead")
+        answer = await control.ask(
+            socket_path, UpgradeRequest(source="http", request_id=request.state.request_id), timeout=CONTROL_ASK
+        )
+        if not isinstance(answer, UpgradeAccepted):
+            raise control.ControlError(f"the supervisor answered {type(answer).__name__} to an upgrade request")
+    except Exception as exc:  # like the reload: any failure is a 500 that says why
+        reason = str(exc) or type(exc).__name__
+        raise HTTPException(status_code=500, detail=f"Failed to trigger upgrade: {reason}") from exc
+    return JSONResponse({"status": "upgrade triggered"}, headers={UPGRADE_ID_HEADER: answer.upgrade_id})
 
 
 @router.get("/status", summary="What is serving now, and how the last reload ended")
