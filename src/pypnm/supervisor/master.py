@@ -178,9 +178,13 @@ class Master:
             self._spawn_task(self.config_watch.run(self._stop))
 
         await self._stop.wait()
-        self.systemd.stopping(self.generations.serving_number())
-        control_server.close()
+        self.systemd.stopping(self.generations.serving_number())  # a no-op after a handover: the service goes on
+        if not self.upgrades.handed_over:
+            control_server.close()
+        # After a handover the old workers still answer their keep-alive clients while they drain,
+        # /status included: the channel stays open until they have left.
         await self._shutdown()
+        control_server.close()
 
     def _on_stop_signal(self, signum: int) -> None:
         if self.stopping:

@@ -1,8 +1,8 @@
 """What asks the master for a reload or a stop: signals, the control channel, and files.
 
 - Signals: SIGHUP asks for a reload; SIGUSR2 for a self-upgrade (upgrade.py); SIGTERM and
-  SIGINT for a graceful stop; SIGUSR1 (logrotate's `postrotate`) reopens the log file here and in the fork template and the
-  workers (logfile.py).
+  SIGINT for a graceful stop; SIGUSR1 (logrotate's `postrotate`) reopens the log file here
+  and in the fork template and the workers (logfile.py).
 - The control channel (`control_handler`): a reload request (the HTTP endpoint, the CLI)
   is queued unless the service is stopping or the request's deadline has passed; a status
   request is answered with the master's status view.

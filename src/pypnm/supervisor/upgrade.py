@@ -67,6 +67,7 @@ from pypnm.supervisor.timeouts import AFTER_KILL, HANDOVER_ANSWER, UPGRADE_START
 logger = logging.getLogger("pypnm.supervisor.master")
 
 HANDOVER_ENV = "PYPNM_HANDOVER_FD"  # the new master's end of the handover channel; taken out of the environment
+BOOTSTRAP_ENV = "PYPNM_HANDOVER_BOOTSTRAP"  # BOOTSTRAP, run by a one-line `-c` (keeps `ps` readable)
 MAX_LISTENERS = 16  # systemd may pass several sockets; far more than anyone configures
 
 # The new master's entry point: `python -m pypnm ARGS`, plus one thing the new install cannot do for
@@ -75,6 +76,7 @@ MAX_LISTENERS = 16  # systemd may pass several sockets; far more than anyone con
 _FAILED = json.loads(protocol.encode_handover(HandoverFailed("")))
 BOOTSTRAP = f"""\
 import json, os, runpy, sys
+os.environ.pop({BOOTSTRAP_ENV!r}, None)
 try:
     report = os.dup(int(os.environ[{HANDOVER_ENV!r}]))
 except (KeyError, ValueError, OSError):
@@ -229,9 +231,14 @@ class Upgrades:
             self.current = None
 
     def _start(self, channel: socket.socket) -> subprocess.Popen[bytes]:
-        env = {**os.environ, HANDOVER_ENV: str(channel.fileno()), **self.notifier.successor_env()}
+        env = {
+            **os.environ,
+            HANDOVER_ENV: str(channel.fileno()),
+            BOOTSTRAP_ENV: BOOTSTRAP,
+            **self.notifier.successor_env(),
+        }
         process = subprocess.Popen(
-            [sys.executable, "-c", BOOTSTRAP, *self.command],
+            [sys.executable, "-c", f"import os; exec(os.environ[{BOOTSTRAP_ENV!r}])", *self.command],
             env=env,
             pass_fds=[channel.fileno()],
             stdin=subprocess.DEVNULL,
