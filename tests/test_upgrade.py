@@ -11,6 +11,8 @@ import contextlib
 import os
 import signal
 import socket
+import struct
+import subprocess
 import sys
 import threading
 import time
@@ -22,6 +24,7 @@ import httpx
 import pytest
 
 from conftest import (
+    Message,
     Service,
     StartService,
     base_env,
@@ -37,6 +40,7 @@ from pypnm.supervisor import protocol
 from pypnm.supervisor.protocol import HandoverComplete, HandoverFailed, HandoverOffer, HandoverServing
 from pypnm.supervisor.upgrade import PidFile
 from test_reinstall import build_wheel, make_venv, pip
+from test_systemd import activation_command, assert_children_do_not_see, listening_inodes
 
 # ----- unit: the handover channel's messages and the pid file ------------------------------------
 
@@ -351,3 +355,112 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+class CredentialedNotifySocket:
+    """systemd's end of NOTIFY_SOCKET, with the sender's pid of each datagram (SO_PASSCRED), as systemd sees it."""
+
+    def __init__(self, path: Path) -> None:
+        self.env = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+
+    def next(self, timeout: float = 60.0) -> tuple[int, Message]:
+        """The next datagram other than a watchdog ping, and who sent it."""
+        deadline = time.monotonic() + timeout
+        for _ in range(100_000):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.sock.settimeout(left)
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(struct.calcsize("3i")))
+            except TimeoutError:
+                break
+            sender = next(
+                struct.unpack("3i", cdata[: struct.calcsize("3i")])[0]
+                for level, kind, cdata in ancillary
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+            )
+            message = dict(line.split("=", 1) for line in data.decode().split("\n"))
+            if message != {"WATCHDOG": "1"}:
+                return sender, message
+        raise AssertionError(f"no notification within {timeout}s")
+
+
+def test_under_systemd_the_old_master_names_the_new_main_pid_and_the_activated_socket_is_kept(
+    tmp_path: Path, masters: Masters
+) -> None:
+    """NotifyAccess=main: each notification comes from the main pid of the moment; fd 3's socket is kept."""
+    notify = CredentialedNotifySocket(tmp_path / "notify.sock")
+    passed = socket.create_server(("127.0.0.1", 0))
+    port = passed.getsockname()[1]
+    inode = os.fstat(passed.fileno()).st_ino
+    configured = free_ports(1)[0]  # the port setting: not used under activation, an upgrade keeps it so
+    env = {"LISTEN_FDS": "1", "NOTIFY_SOCKET": notify.env, "WATCHDOG_USEC": "2000000"}
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        activation_command(passed.fileno(), env, "serve", "--port", str(configured), "--graceful-timeout", "10"),
+        pass_fds=[passed.fileno()],
+        env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0"),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    passed.close()
+    old = proc.pid
+    masters.track(old)
+    service = Service(proc, port, log)
+    try:
+        service.wait_ready()
+        sender, ready = notify.next()
+        assert (sender, ready["READY"], ready["MAINPID"]) == (old, "1", str(old))
+
+        service.signal(signal.SIGUSR2)
+        sender, handed = notify.next()
+        new = int(handed["MAINPID"])
+        masters.track(new)
+        assert sender == old and new != old and handed["STATUS"].startswith(f"upgraded: pid {new}"), handed
+        sender, ready = notify.next()
+        assert sender == new and ready["READY"] == "1" and f"upgraded from pid {old}" in ready["STATUS"], ready
+        status = wait_handed_over(service, old)
+        assert status["master"]["pid"] == new
+        assert listening_inodes(new) == {inode: port}  # systemd's socket, nothing bound on the port setting
+        assert_children_do_not_see(service)
+
+        assert service.get("/pypnm/system/webService/reload").status_code == 200  # the new master reloads
+        sender, reloading = notify.next()
+        assert sender == new and reloading["RELOADING"] == "1"
+        assert notify.next()[0] == new
+    finally:
+        for pid in masters.pids[1:]:
+            masters.stop(pid)
+        service.stop()
+        notify.sock.close()
+    assert masters.leftovers() == []
+
+
+def test_a_master_stopped_during_its_upgrade_takes_the_new_master_with_it(
+    start_service: StartService, pypnm_copy: Path, masters: Masters
+) -> None:
+    service = serve_pypnm(start_service, "--graceful-timeout", "5", PYTHONPATH=str(pypnm_copy))
+    old = service.proc.pid
+    masters.track(old)
+    # The new master's workers take long to import the app: the upgrade is still running when the stop comes.
+    health = pypnm_copy / "pypnm" / "api" / "health.py"
+    future = "from __future__ import annotations\n"
+    rewrite(health, future, future + "\nimport time\n\ntime.sleep(60)\n")
+    service.signal(signal.SIGUSR2)
+    first = wait_until(lambda: (upgrade_record(service) or {}).get("to"), timeout=30)
+    new = int(first["pid"])
+    wait_until(lambda: len(process_tree(new)) > 2, timeout=60)  # its fork template and a worker
+    masters.track(new)
+    second = run_cli("upgrade", "--url", service.base_url)  # joins the running one
+    assert second.returncode == 0 and (upgrade_record(service) or {})["id"] in second.stdout, second.stdout
+
+    assert service.stop() == 0
+    assert "upgrade aborted: this master stops; stopping the new master" in service.output()
+    wait_until(lambda: masters.leftovers() == [], timeout=30)
