@@ -27,8 +27,14 @@ from conftest import (
     Message,
     Service,
     StartService,
+    activation_command,
+    assert_one_line_error,
     base_env,
+    build_wheel,
+    listening_inodes,
+    make_venv,
     pid_alive,
+    pip,
     process_tree,
     pypnm_command,
     rewrite,
@@ -39,8 +45,6 @@ from conftest import (
 from pypnm.supervisor import protocol
 from pypnm.supervisor.protocol import HandoverComplete, HandoverFailed, HandoverOffer, HandoverServing
 from pypnm.supervisor.upgrade import PidFile
-from test_reinstall import build_wheel, make_venv, pip
-from test_systemd import activation_command, assert_children_do_not_see, listening_inodes
 
 # ----- unit: the handover channel's messages and the pid file ------------------------------------
 
@@ -429,7 +433,6 @@ def test_under_systemd_the_old_master_names_the_new_main_pid_and_the_activated_s
         status = wait_handed_over(service, old)
         assert status["master"]["pid"] == new
         assert listening_inodes(new) == {inode: port}  # systemd's socket, nothing bound on the port setting
-        assert_children_do_not_see(service)
 
         assert service.get("/pypnm/system/webService/reload").status_code == 200  # the new master reloads
         sender, reloading = notify.next()
@@ -464,3 +467,24 @@ def test_a_master_stopped_during_its_upgrade_takes_the_new_master_with_it(
     assert service.stop() == 0
     assert "upgrade aborted: this master stops; stopping the new master" in service.output()
     wait_until(lambda: masters.leftovers() == [], timeout=30)
+
+
+def test_a_pid_file_that_cannot_be_written_ends_the_start_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "pypnm.pid"
+    result = run_cli("serve", "--port", str(free_ports(1)[0]), "--pid-file", str(missing), timeout=60)
+    assert_one_line_error(result, 2, "cannot write pid_file", str(missing))
+
+
+def test_a_reload_moves_the_pid_file(start_service: StartService, tmp_path: Path) -> None:
+    first, second = tmp_path / "first.pid", tmp_path / "second.pid"
+    config = tmp_path / "pypnm.toml"
+    config.write_text(f'pid_file = "{first}"\n')
+    service = start_service(
+        pypnm_command("--port", "{port}", "--config", str(config)), env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0")
+    )
+    assert first.read_text() == f"{service.proc.pid}\n"
+    config.write_text(f'pid_file = "{second}"\n')
+    wait_until(lambda: second.exists() and not first.exists(), timeout=30)  # the settings file is watched
+    assert second.read_text() == f"{service.proc.pid}\n"
+    assert service.stop() == 0
+    assert not second.exists()

@@ -222,7 +222,7 @@ def serve(args: argparse.Namespace) -> int:
     from pypnm.supervisor.master import Master
     from pypnm.supervisor.runtime import RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError
-    from pypnm.supervisor.upgrade import HandoverError, Successor
+    from pypnm.supervisor.upgrade import HandoverError, PidFileError, Successor
 
     try:
         successor = Successor.take()  # started by a self-upgrade: the old master's sockets, and answers owed
@@ -275,7 +275,7 @@ def serve(args: argparse.Namespace) -> int:
             activated=bool(activated) or (successor is not None and successor.offer.activated),
             successor=successor,
         )
-    except (SnapshotError, RuntimeDirError) as exc:
+    except (SnapshotError, RuntimeDirError, PidFileError) as exc:
         return fail(str(exc))
     return master.run()
 

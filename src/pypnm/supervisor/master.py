@@ -39,13 +39,13 @@ from pypnm.supervisor.generation import CandidateFailed
 from pypnm.supervisor.lifecycle import Generations
 from pypnm.supervisor.metrics import MasterMetrics
 from pypnm.supervisor.reloads import ReloadOutcome, ReloadQueue, ReloadRecord
-from pypnm.supervisor.runtime import RuntimeDir
+from pypnm.supervisor.runtime import RuntimeDir, RuntimeDirError
 from pypnm.supervisor.snapshot import Compiler, Snapshot, SnapshotError, SourceLocator, take_snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
 from pypnm.supervisor.systemd import Notifier
 from pypnm.supervisor.tls import TLSError
 from pypnm.supervisor.triggers import FileWatch, control_handler, install_signals
-from pypnm.supervisor.upgrade import PidFile, Successor, UpgradeRefused, Upgrades
+from pypnm.supervisor.upgrade import PidFile, PidFileError, Successor, UpgradeRefused, Upgrades
 
 logger = logging.getLogger("pypnm.supervisor.master")
 
@@ -80,8 +80,15 @@ class Master:
         self.overrides = overrides or {}
         self.locator = SourceLocator(app)
         self.compiler = Compiler()
+        self.pid_file = PidFile()
+        if successor is None:  # PidFileError (one line); a new master of an upgrade writes it once it took over
+            self._write_pid_file()
         # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
-        self.runtime = RuntimeDir.create(settings.runtime_dir)
+        try:
+            self.runtime = RuntimeDir.create(settings.runtime_dir)
+        except RuntimeDirError:
+            self.pid_file.remove()
+            raise
         self.metrics = MasterMetrics.start(self.runtime.path)  # before the fork template starts: it inherits the dir
         self.control_path = str(self.runtime.path / "control.sock")
         self.template = ForkTemplate(settings.log_level, settings.preload_modules, self.runtime)
@@ -99,7 +106,6 @@ class Master:
         self.files = FileWatch(app, self.locator.find(), watch, lambda: self.settings, self.queue.request)
         self.config_watch = ConfigWatch(self.config_file, self.queue.request, always=watch)
         self.successor = successor  # the handover this master was started for, if any
-        self.pid_file = PidFile()
         self.upgrades = Upgrades(
             command or [],
             listeners,
@@ -113,6 +119,7 @@ class Master:
         self.upgrades.last = successor.record if successor else None
         self.started_at = utc_now()
         self.exit_code = 0
+
         self.stopping = False
         self._next_generation = 1
         self._stop = asyncio.Event()
@@ -137,8 +144,6 @@ class Master:
         install_signals(
             self.queue.request, self._on_stop_signal, log_writers=self.generations.child_pids, on_upgrade=self._upgrade
         )
-        if self.successor is None:  # a new master of an upgrade writes it once it took over
-            self._write_pid_file()
         self.systemd.start_watchdog()  # WATCHDOG=1 from this loop: a hung loop stops the pings
         set_reload_id_source(self.queue.current_id)  # the master's JSON lines carry the running reload's id
         handler = control_handler(self.queue, lambda: self.stopping, self.status, self.upgrades.request)
@@ -168,7 +173,10 @@ class Master:
         elif first.outcome == ReloadOutcome.SUCCEEDED:
             if self.successor:
                 await self.successor.took_over(self.generations.serving_number())
-                self._write_pid_file()
+                try:
+                    self._write_pid_file()
+                except PidFileError as exc:  # the old master is gone: serve on, and say so
+                    logger.error("%s", exc)
                 self.systemd.became_main(
                     self.generations.serving_number(), f"upgraded from pid {self.successor.offer.pid}"
                 )
@@ -210,7 +218,7 @@ class Master:
         try:
             self.pid_file.write(self.settings.pid_file)
         except OSError as exc:
-            raise OSError(f"cannot write pid_file {self.settings.pid_file}: {exc.strerror or exc}") from None
+            raise PidFileError(f"cannot write pid_file {self.settings.pid_file}: {exc.strerror or exc}") from None
 
     async def _shutdown(self) -> None:
         await self.upgrades.abort()  # a new master still coming up does not outlive this one

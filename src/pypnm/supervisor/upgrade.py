@@ -100,6 +100,10 @@ class HandoverError(Exception):
     """The handover channel is unusable (the new master's side); one line for the operator."""
 
 
+class PidFileError(Exception):
+    """The pid_file cannot be written; one line for the operator."""
+
+
 class UpgradeRefused(Exception):
     """An upgrade cannot start now; the message says why."""
 
