@@ -28,6 +28,7 @@ from conftest import (
     Service,
     StartService,
     activation_command,
+    asgi_request,
     assert_one_line_error,
     base_env,
     build_wheel,
@@ -42,6 +43,9 @@ from conftest import (
     serve_pypnm,
     wait_until,
 )
+from pypnm.api.app import create_app
+from pypnm.identity import SUPERVISOR_ENV
+from pypnm.settings import Settings
 from pypnm.supervisor import protocol
 from pypnm.supervisor.protocol import HandoverComplete, HandoverFailed, HandoverOffer, HandoverServing
 from pypnm.supervisor.upgrade import PidFile
@@ -72,6 +76,16 @@ def test_an_upgrade_request_and_its_answer_travel_the_control_channel() -> None:
     assert protocol.decode_control(protocol.encode_control(request)) == request
     answer = protocol.UpgradeAccepted("u1")
     assert protocol.decode_control(protocol.encode_control(answer)) == answer
+
+
+def test_the_upgrade_endpoint_follows_the_access_rules_and_needs_a_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SUPERVISOR_ENV, raising=False)
+    app = create_app(Settings(trusted_networks=["127.0.0.1/32"]))
+    refused = asgi_request(app, "GET", "/pypnm/system/webService/upgrade", peer="10.1.2.3")
+    assert refused.status_code == 403
+    unsupervised = asgi_request(app, "GET", "/pypnm/system/webService/upgrade", peer="127.0.0.1")
+    assert unsupervised.status_code == 500
+    assert "Failed to trigger upgrade: the service runs without the pypnm supervisor" in unsupervised.json()["detail"]
 
 
 def test_the_pid_file_is_replaced_whole_and_removed_only_while_it_names_us(tmp_path: Path) -> None:

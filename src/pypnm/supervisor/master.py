@@ -205,6 +205,8 @@ class Master:
 
     def _upgrade(self) -> None:
         try:
+            if self.stopping:
+                raise UpgradeRefused("the service is stopping")
             self.upgrades.request("SIGUSR2")
         except UpgradeRefused as exc:
             logger.warning("upgrade requested by SIGUSR2 refused: %s", exc)
