@@ -168,6 +168,7 @@ class Upgrades:
         self.current: UpgradeRecord | None = None
         self.last: UpgradeRecord | None = None  # the running one, else the last that ended (or the one we came from)
         self.handed_over = False
+        self._aborted = False
         self._process: subprocess.Popen[bytes] | None = None
 
     def request(self, source: str) -> UpgradeRecord:
@@ -194,6 +195,7 @@ class Upgrades:
         if process is None or process.poll() is not None or self.handed_over:
             return
         logger.warning("upgrade aborted: this master stops; stopping the new master pid=%d", process.pid)
+        self._aborted = True
         process.send_signal(signal.SIGTERM)
         await _wait_exit(process, self._settings().graceful_timeout + AFTER_KILL)
 
@@ -311,6 +313,9 @@ class Upgrades:
         self._on_handed_over()
 
     def _failed(self, record: UpgradeRecord, reason: str) -> None:
+        if self._aborted:
+            record.finish("failed", "aborted: this master was stopped before the new one served")
+            return  # abort() said so in the log
         record.finish("failed", reason)
         logger.error("upgrade %s failed: %s; this master pid=%d keeps serving", record.id, reason, os.getpid())
 
