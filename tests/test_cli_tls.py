@@ -195,7 +195,7 @@ def test_reload_wait_and_status_against_the_real_service_over_tls(
 ) -> None:
     service = start_service(
         pypnm_command("--port", "{port}", "--ssl", "--cert", str(certificate.cert), "--key", str(certificate.key)),
-        env=base_env(PYPNM_API_TOKENS=json.dumps({"tls-test": TOKEN})),
+        env=base_env(PYPNM_API_TOKENS=json.dumps({"tls-test": TOKEN}), PYPNM_ROLLBACK_WINDOW="1"),
         wait=False,
     )
     url = f"https://127.0.0.1:{service.port}"

@@ -56,7 +56,10 @@ RELOAD_ID = r"[0-9a-f]{12}"
 
 def succeeded(generation: int | str = r"\d+") -> str:
     """The pattern of the outcome line of a reload that succeeded (after "reload ")."""
-    return rf"{RELOAD_ID} succeeded: generation {generation} serving \(\d+ ms: validating \d+ ms, swapping \d+ ms\)"
+    return (
+        rf"{RELOAD_ID} succeeded: generation {generation} serving \(\d+ ms: validating \d+ ms, swapping \d+ ms\)"
+        r", stable for 1 s"  # the fleet's rollback_window: `--wait` waits it out
+    )
 
 
 # ----- the fleet ---------------------------------------------------------------------------------
@@ -117,7 +120,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Instance]]:
             copy_package(SRC / "pypnm", copy)
             # The fleet's name is one of the service's names (as a headless Service's is), so
             # the DNS-rebinding guard admits requests addressed to it from trusted addresses.
-            env = base_env(PYTHONPATH=str(copy), PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_ALLOWED_HOSTS=FLEET_NAME)
+            env = base_env(
+                PYTHONPATH=str(copy),
+                PYPNM_RELOAD_MIN_INTERVAL="0",
+                PYPNM_ALLOWED_HOSTS=FLEET_NAME,
+                PYPNM_ROLLBACK_WINDOW="1",
+            )
             service = launch(
                 pypnm_command("serve", "--host", address, "--port", "{port}", "--graceful-timeout", "5"),
                 log=root / f"instance-{number}.log",
@@ -585,8 +593,12 @@ def test_wait_on_a_terminal_shows_the_phases(
     frames = output.split("\r")
     progress = [frame for frame in frames if re.match(rf"reload {RELOAD_ID}: ", frame)]
     assert progress, output
-    phase = rf"(queued|(validating \d+ ms -> swapping|validating) generation {generation})"
+    phase = (
+        rf"(queued|(validating \d+ ms -> swapping|validating) generation {generation}"
+        rf"|generation {generation} serving, watched for crashes for 1 s \(rollback_window\), 0 so far)"
+    )
     assert all(re.fullmatch(rf"reload {RELOAD_ID}: {phase} \(\d+\.\d s\) *", frame) for frame in progress), progress
+    assert any("watched for crashes" in frame for frame in progress), progress  # --wait waits out rollback_window
     outcome = re.search(rf"reload {succeeded(generation)}\r?\n", output)
     assert outcome, output
     # Drawn in place: the outcome replaces the status line, which was blanked first.

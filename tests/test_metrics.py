@@ -343,6 +343,21 @@ def test_compaction_folds_dead_processes_and_keeps_every_total(directory: Path) 
     assert master_metrics.compact(directory) == 0
 
 
+def test_a_file_whose_process_died_before_sizing_it_is_skipped_and_folded_away(directory: Path) -> None:
+    # A worker killed (os._exit, SIGKILL) between creating its file and sizing it leaves it empty:
+    # prometheus-client's reader fails on it, which failed every scrape and every compaction.
+    crashed, finished = dead_pid(), dead_pid()
+    (directory / f"counter_{crashed}.db").touch()
+    worker_files(directory, finished, requests=5, fast=4, slow=1)
+
+    assert str(directory / f"counter_{crashed}.db") not in names.value_files(directory)
+    assert master_metrics.compact(directory) == 3  # the empty file goes with the others of dead processes
+    assert not (directory / f"counter_{crashed}.db").exists()
+    files = names.value_files(directory)
+    requests = ("pypnm_http_requests_total", frozenset({"method": "GET", "route": "/health"}.items()))
+    assert totals(directory)[requests] == 5 and len(files) == 2  # the two archives
+
+
 def test_compaction_never_swaps_files_under_a_scrape(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(master_metrics, "LOCK_WAIT", 0.05)
     pid = dead_pid()

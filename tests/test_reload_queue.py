@@ -164,6 +164,11 @@ def test_the_records_view_is_the_documented_one() -> None:
         "finished_at",
         "duration_ms",
         "validated_ms",
+        "rollback_window",
+        "stability",
+        "stability_detail",
+        "rolled_back_by",
+        "rolls_back",
     ]
     assert type(shown["outcome"]) is str and shown["outcome"] == "failed"  # a plain string in the JSON
 

@@ -41,6 +41,7 @@ def serve_pypnm_copy(
     start_service: StartService, copy_root: Path, *flags: str, workers: int = 1, **env: str
 ) -> Service:
     env.setdefault("PYPNM_RELOAD_MIN_INTERVAL", "0")
+    env.setdefault("PYPNM_ROLLBACK_WINDOW", "1")  # `reload --wait` waits it out: keep the tests short
     service = serve_pypnm(
         start_service, "--workers", str(workers), "--graceful-timeout", "10", *flags, PYTHONPATH=str(copy_root), **env
     )

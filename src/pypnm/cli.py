@@ -48,6 +48,8 @@ CACERT_ENV = "PYPNM_CACERT"
 RELOAD_PATH = "/pypnm/system/webService/reload"
 UPGRADE_PATH = "/pypnm/system/webService/upgrade"
 STATUS_PATH = "/pypnm/system/webService/status"
+# How long past a reload's rollback_window `reload --wait` waits for the service to say it was stable.
+STABLE_MARGIN = 10.0
 STATUS_CONCURRENCY = 8  # instances `pypnm status` asks at once: a large fleet answers in seconds, not minutes
 
 
@@ -85,9 +87,22 @@ def _build_parser() -> argparse.ArgumentParser:
     reload.add_argument(
         "--wait",
         action="store_true",
-        help="wait for the outcome: exit 0 succeeded, 1 failed (always, with several instances)",
+        help="wait for the outcome, then for the new generation to stay up for the service's rollback_window: "
+        "exit 0 succeeded (and stable), 1 failed or rolled back (always waits, with several instances)",
     )
-    reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each instance (default 60)")
+    reload.add_argument(
+        "--no-wait-stable",
+        dest="wait_stable",
+        action="store_false",
+        help="with --wait: exit 0 once the new generation serves, without waiting out rollback_window "
+        "(an automatic rollback after that is then not reported)",
+    )
+    reload.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for each instance's outcome (default 60); the rollback_window is waited on top",
+    )
     reload.add_argument(
         "--parallel",
         type=_positive_int,
@@ -542,7 +557,12 @@ def reload(args: argparse.Namespace) -> int:
         console = _Console(sys.stdout)
         try:
             outcome = _await_outcome(
-                client, reload_id, args.timeout, lambda text: console.progress("", text), threading.Event()
+                client,
+                reload_id,
+                args.timeout,
+                lambda text: console.progress("", text),
+                threading.Event(),
+                stable=args.wait_stable,
             )
         finally:
             console.finish("")  # the status line goes before anything else is written, stderr included
@@ -563,15 +583,28 @@ class _Outcome:
 
 
 def _await_outcome(
-    client: httpx.Client, reload_id: str, timeout: float, show: Callable[[str], None], stop: threading.Event
+    client: httpx.Client,
+    reload_id: str,
+    timeout: float,
+    show: Callable[[str], None],
+    stop: threading.Event,
+    *,
+    stable: bool = True,
 ) -> _Outcome:
     """Poll the status until the reload has an outcome; `show` gets each phase seen on the way.
 
-    Raises _Unanswered when the status is refused, when no outcome comes within `timeout`,
-    and when `stop` is set (the command was interrupted).
+    With `stable`, a reload that succeeded is waited on while the service watches its generation
+    (`stability` "watching", for the record's `rollback_window`), so that a rollback in that time is
+    reported as the failure it is. A service that does not watch (an older pypnm, rollback_window = 0)
+    has no "watching": its outcome is final at once.
+
+    Raises _Unanswered when the status is refused, when no outcome comes within `timeout` (and the
+    window after it), and when `stop` is set (the command was interrupted).
     """
     began = time.monotonic()
     deadline = began + timeout
+    watching_since: float | None = None
+    rolling_back = False
     while time.monotonic() < deadline and not stop.is_set():
         try:
             response: httpx.Response | None = client.get(STATUS_PATH)
@@ -582,12 +615,23 @@ def _await_outcome(
         info = _json_object(response) if response is not None and response.status_code == 200 else None
         if info is not None:
             record = next((r for r in info.get("reloads", []) if r.get("id") == reload_id), None)
-            if record is not None and record.get("outcome"):
+            watching = record is not None and stable and record.get("stability") == "watching"
+            if record is not None and record.get("outcome") and not watching:
                 return _ended(reload_id, record)
+            if watching and watching_since is None:
+                watching_since = time.monotonic()
+                window = float(record.get("rollback_window") or 0) if record else 0.0
+                deadline = max(deadline, watching_since + window + STABLE_MARGIN)
+            watch = info.get("rollback_watch") or {}
+            if watching and watch.get("reload") == reload_id and watch.get("rollback") and not rolling_back:
+                rolling_back = True  # the rollback is a reload of its own: it gets the same time again
+                deadline = max(deadline, time.monotonic() + timeout)
             show(_phase(reload_id, info, record, time.monotonic() - began))
         stop.wait(0.1)
     if stop.is_set():
         raise _Unanswered(f"reload {reload_id}: interrupted before its outcome", 130)
+    if watching_since is not None:
+        raise _Unanswered(f"reload {reload_id} succeeded but was still watched for a rollback when the wait ended", 2)
     raise _Unanswered(f"reload {reload_id} had no outcome within {timeout:.0f}s", 2)
 
 
@@ -603,6 +647,18 @@ def _phase(reload_id: str, info: dict[str, Any], record: dict[str, Any] | None, 
     """The progress line: queued -> validating -> swapping, with the generation and the time so far."""
     if record is None or not record.get("started_at"):
         return f"reload {reload_id}: queued ({elapsed:.1f} s)"  # behind another reload, or its minimum interval
+    if record.get("stability") == "watching":
+        watch = info.get("rollback_watch") or {}
+        crashes = len(watch.get("crashes", [])) if watch.get("reload") == reload_id else 0
+        if watch.get("reload") == reload_id and watch.get("rollback"):
+            return (
+                f"reload {reload_id}: generation {record.get('generation')} crashed {crashes} times: "
+                f"rolling back (reload {watch['rollback']}) ({elapsed:.1f} s)"
+            )
+        return (
+            f"reload {reload_id}: generation {record.get('generation')} serving, watched for crashes for "
+            f"{record.get('rollback_window'):g} s (rollback_window), {crashes} so far ({elapsed:.1f} s)"
+        )
     state = info.get("reload_state") or "validating"
     done = f"validating {record['validated_ms']:.0f} ms -> " if record.get("validated_ms") is not None else ""
     return f"reload {reload_id}: {done}{state} generation {record.get('generation')} ({elapsed:.1f} s)"
@@ -611,11 +667,20 @@ def _phase(reload_id: str, info: dict[str, Any], record: dict[str, Any] | None, 
 def _ended(reload_id: str, record: dict[str, Any]) -> _Outcome:
     if record["outcome"] != "succeeded":
         return _Outcome(1, f"reload {reload_id} {record['outcome']}: {record.get('reason')}")
+    if record.get("stability") == "rolled_back":
+        by = record.get("rolled_back_by")
+        return _Outcome(1, f"reload {reload_id} rolled back (by reload {by}): {record.get('stability_detail')}")
+    if record.get("stability") == "unstable":
+        return _Outcome(1, f"reload {reload_id} unstable: {record.get('stability_detail')}")
     total = record.get("duration_ms") or 0.0
     validated = record.get("validated_ms")
     # The phases go last: scripts that read "succeeded: generation N serving" keep working.
     phases = f": validating {validated:.0f} ms, swapping {total - validated:.0f} ms" if validated is not None else ""
     serving = f"generation {record.get('generation')} serving ({total:.0f} ms{phases})"
+    if record.get("stability") == "stable":  # after the phases: the line's start stays what scripts read
+        serving += f", stable for {record.get('rollback_window'):g} s"
+    elif record.get("stability") == "replaced":
+        serving += f", {record.get('stability_detail')}"
     warnings = [f"warning: {warning}" for warning in record.get("warnings", [])]
     return _Outcome(0, f"reload {reload_id} succeeded: {serving}", warnings)
 
@@ -687,7 +752,9 @@ def _rolling_reload(args: argparse.Namespace, targets: list[_Target], verify: ss
                 failed = any(outcome.code for outcome in outcomes.values())
                 while waiting and len(running) < args.parallel and not failed:
                     url = waiting.pop(0)
-                    future = pool.submit(_reload_instance, clients[url], url, args.timeout, console, stop)
+                    future = pool.submit(
+                        _reload_instance, clients[url], url, args.timeout, console, stop, args.wait_stable
+                    )
                     running[future] = url
                 if not running:
                     break
@@ -705,13 +772,15 @@ def _rolling_reload(args: argparse.Namespace, targets: list[_Target], verify: ss
 
 
 def _reload_instance(
-    client: httpx.Client, url: str, timeout: float, console: _Console, stop: threading.Event
+    client: httpx.Client, url: str, timeout: float, console: _Console, stop: threading.Event, stable: bool
 ) -> _Outcome:
     try:
         reload_id = _get(client, RELOAD_PATH, "reload").headers.get("X-Reload-Id")
         if not reload_id:
             return _Outcome(2, _UNTRACKED)
-        return _await_outcome(client, reload_id, timeout, lambda text: console.progress(url, f"{url}: {text}"), stop)
+        return _await_outcome(
+            client, reload_id, timeout, lambda text: console.progress(url, f"{url}: {text}"), stop, stable=stable
+        )
     except _Unanswered as exc:
         return _Outcome(exc.code, str(exc))
 
@@ -875,6 +944,14 @@ def _format_status(info: dict[str, Any]) -> str:
         )
         if last.get("reason"):
             lines.append(f"  reason:     {last['reason']}")
+    watch = info.get("rollback_watch")
+    if watch:
+        kept = watch.get("kept_generation")
+        lines.append(
+            f"watching:     generation {watch.get('generation')} for {watch.get('window'):g} s (rollback_window), "
+            f"{len(watch.get('crashes', []))} of {watch.get('rollback_crashes')} crashes"
+            + (f", generation {kept}'s snapshot kept" if kept is not None else ", nothing to roll back to")
+        )
     if info.get("pending_reload"):
         lines.append(f"queued:       {info['pending_reload']}")
     upgraded = info.get("upgrade")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +68,24 @@ def directory() -> Path | None:
     """The multiprocess directory of this process, or None when it runs without one (plain uvicorn)."""
     path = os.environ.get(MULTIPROC_ENV)
     return Path(path) if path and os.path.isdir(path) else None
+
+
+# prometheus-client's files start with 8 bytes (the used size, padding) before any value. A shorter
+# one was created by a process that died (or is) between creating it and sizing it: it holds nothing,
+# and prometheus-client's reader fails on it, which would fail every scrape.
+FILE_HEADER = 8
+
+
+def value_files(path: Path) -> list[str]:
+    """The `*.db` files of the directory that a reader can read (see FILE_HEADER)."""
+    files = []
+    for name in glob.glob(os.path.join(path, "*.db")):
+        try:
+            if os.stat(name).st_size >= FILE_HEADER:
+                files.append(name)
+        except FileNotFoundError:  # folded into an archive meanwhile
+            continue
+    return files
 
 
 @contextlib.contextmanager

@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     # Seconds a serving worker's event loop may leave the master's heartbeat unanswered before the
     # worker counts as hung and is replaced (the new one first), then killed. 0 turns the check off.
     worker_timeout: float = Field(30.0, ge=0, le=3600)
+    # Seconds after a swap during which the replaced generation's snapshot is kept, and the new generation
+    # rolled back to it if its workers crash (or hang) `rollback_crashes` times (supervisor/rollback.py). 0: off.
+    rollback_window: float = Field(30.0, ge=0, le=3600)
+    rollback_crashes: int = Field(3, ge=1, le=1000)
     reload_dirs: list[Path] = Field(default_factory=list)
     reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import glob
 import logging
 import os
 import re
@@ -232,7 +231,7 @@ class _Scrape(Collector):
             yield from _registry.collect()
         else:
             with names.reading(self.directory):  # the master does not swap files in or out meanwhile
-                files = glob.glob(os.path.join(self.directory, "*.db"))
+                files = names.value_files(self.directory)
                 families = list(MultiProcessCollector.merge(files, accumulate=True))
             yield from families
             yield GaugeMetricFamily(

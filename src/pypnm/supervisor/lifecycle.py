@@ -9,6 +9,10 @@ worker that dies is replaced from its own generation by the same bring-up
 (`Generation.bring_up`), never from what is on disk now; so is one whose event loop
 stops answering heartbeats for `worker_timeout` (hung), the replacement first, then the kill.
 
+A generation's snapshot is removed once no generation uses it any more, unless it is `kept`: the
+last-known-good one that rollback.py holds on to during a new generation's `rollback_window`
+(a rollback serves it again, as a new generation on the same snapshot).
+
 At most `max_draining_generations` generations drain at once: a swap beyond that closes the
 oldest one early, and the next candidate is brought up only once it is gone, so the service
 never runs more than `workers * (2 + max_draining_generations)` workers (the largest `workers` among them:
@@ -59,6 +63,7 @@ class Generations:
         spawn_task: SpawnTask,
         *,
         worker_restarted: Callable[[str], object] = lambda reason: None,
+        worker_failed: Callable[[int, str], object] = lambda generation, ended: None,
     ) -> None:
         self.template = template
         self.listeners = listeners
@@ -66,6 +71,8 @@ class Generations:
         self._stopping = stopping  # the master's: once it stops, nothing is respawned
         self._spawn_task = spawn_task  # the master's: its tasks end with it
         self._worker_restarted = worker_restarted  # the metrics' pypnm_worker_restarts_total{reason}
+        self._worker_failed = worker_failed  # rollback.py counts a serving worker's crash or hang, by generation
+        self.kept: Snapshot | None = None  # the snapshot a rollback would serve again (rollback.py sets it)
         self.candidate: Generation | None = None
         self.serving: Generation | None = None
         self.draining: set[Generation] = set()
@@ -104,8 +111,13 @@ class Generations:
         """End the candidate of a failed or interrupted reload; the serving generation is untouched."""
         if self.candidate is not None:
             self.candidate.kill()
-            self.candidate.snapshot.remove()
-            self.candidate = None
+            snapshot, self.candidate = self.candidate.snapshot, None
+            self.release(snapshot)
+
+    def release(self, snapshot: Snapshot) -> None:
+        """Remove a snapshot that no live generation uses and that is not `kept` (a rollback reuses one)."""
+        if snapshot is not self.kept and all(g.snapshot is not snapshot for g in self.all()):
+            snapshot.remove()
 
     async def start_accepting(self) -> None:
         """The validated candidate accepts beside the serving generation; CandidateFailed or TimeoutError if not."""
@@ -132,7 +144,7 @@ class Generations:
     async def _drain(self, generation: Generation) -> None:
         clean = await generation.drain(self._settings().graceful_timeout)
         self.draining.discard(generation)
-        generation.snapshot.remove()
+        self.release(generation.snapshot)
         if not generation.closed_early:  # _close_early says how that one ended
             logger.info("generation %d drained%s", generation.number, "" if clean else " (some workers were killed)")
 
@@ -204,6 +216,7 @@ class Generations:
                     )
                     self._record_exit(worker, "crash", ended)
                     self._worker_restarted("crash")
+                    self._worker_failed(generation.number, f"pid {worker.pid} {ended}")
                     generation.forget(worker)
             await asyncio.sleep(min(RESPAWN_BACKOFF_FIRST * 2**failures, RESPAWN_BACKOFF_MAX))  # keeps dying: slower
             if not self._still_serving(generation):
@@ -288,6 +301,7 @@ class Generations:
             f"replaced by pid={replacement.pid}" if replacement else "replacing it from the same generation",
         )
         self._record_exit(worker, "hung", f"{reason}, {ended}")
+        self._worker_failed(generation.number, f"pid {worker.pid} hung ({reason}), {ended}")
         return replacement
 
     def _record_exit(self, worker: WorkerProcess, reason: str, ended: str) -> None:

@@ -9,6 +9,7 @@ One asyncio loop handles everything that can happen to the service. A reload, to
     swap     it accepts, the master applies its settings, the old generation stops accepting
     drain    the old generation finishes its requests and leaves
     record   the outcome, in the reload's record; /status shows it (status.py), systemd hears it (systemd.py)
+    watch    the new generation for `rollback_window`; rolled back to the kept snapshot if it crashes (rollback.py)
 
 A self-upgrade (SIGUSR2, the control channel) hands the whole service to a new master in a fresh
 interpreter (upgrade.py): this one only starts it (`upgrades`), and stops once it serves; a master
@@ -35,10 +36,11 @@ from pypnm.settings import Settings
 from pypnm.supervisor import build, control, status
 from pypnm.supervisor.build import DEFAULT_APP
 from pypnm.supervisor.config_watch import ConfigWatch, as_given
-from pypnm.supervisor.generation import CandidateFailed
+from pypnm.supervisor.generation import CandidateFailed, Generation
 from pypnm.supervisor.lifecycle import Generations
 from pypnm.supervisor.metrics import MasterMetrics
 from pypnm.supervisor.reloads import ReloadOutcome, ReloadQueue, ReloadRecord
+from pypnm.supervisor.rollback import KnownGood, Rollback
 from pypnm.supervisor.runtime import RuntimeDir, RuntimeDirError
 from pypnm.supervisor.snapshot import Compiler, Snapshot, SnapshotError, SourceLocator, take_snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
@@ -55,7 +57,8 @@ class Master:
 
     `queue` (reloads), `generations` (which serves, which drain), `files` (the watch and where the
     sources are), `config_watch` (the settings files' content), `template` (the fork template),
-    `systemd` (sd_notify), `metrics` (the master's counters), `settings` (the serving generation's).
+    `systemd` (sd_notify), `metrics` (the master's counters), `settings` (the serving generation's),
+    `rollback` (the watch after a swap, and the snapshot kept for it).
     """
 
     def __init__(
@@ -102,7 +105,9 @@ class Master:
             lambda: self.stopping,
             self._spawn_task,
             worker_restarted=self.metrics.worker_restarted,
+            worker_failed=lambda generation, ended: self.rollback.worker_failed(generation, ended),
         )
+        self.rollback = Rollback(self.queue, self.generations, lambda: self.settings, self._spawn_task)
         self.files = FileWatch(app, self.locator.find(), watch, lambda: self.settings, self.queue.request)
         self.config_watch = ConfigWatch(self.config_file, self.queue.request, always=watch)
         self.successor = successor  # the handover this master was started for, if any
@@ -119,7 +124,6 @@ class Master:
         self.upgrades.last = successor.record if successor else None
         self.started_at = utc_now()
         self.exit_code = 0
-
         self.stopping = False
         self._next_generation = 1
         self._stop = asyncio.Event()
@@ -231,6 +235,7 @@ class Master:
         for sock in self.listeners:
             sock.close()  # with the workers' copies closed too, new connections are refused
         await self.generations.shutdown(self.settings.graceful_timeout)
+        self.rollback.stop()
         await self.template.stop()
         logger.info("stopped")
 
@@ -248,33 +253,23 @@ class Master:
     # ----- reloads: trigger -> queue -> build -> validate -> swap -> drain -> record ----------
 
     async def _reload(self, record: ReloadRecord) -> None:
+        if record.rolls_back is not None:
+            await self._roll_back(record)
+            return
         number = self._next_generation
         self._next_generation += 1
         record.begin(number)
         logger.info("reload %s: building generation %d", record.id, number)
+        serving = self.generations.serving
+        replaced = KnownGood(serving.number, serving.snapshot, self.settings) if serving else None
         try:
             snapshot, settings, tls_warnings = await self._build(number)
-            spec = build.supervised_spec(self.app, number, snapshot, settings, self.overrides, self.control_path)
-            ready = await self.generations.validate(number, snapshot, spec, settings.workers, settings.reload_timeout)
-            record.warnings = tls_warnings + build.restart_only_changes(self.settings, ready)
-            record.validated()
-            logger.info(
-                "reload %s: generation %d validated (code_version %s)", record.id, number, snapshot.code_version
-            )
-            await self.generations.start_accepting()
-        except asyncio.CancelledError:
-            self.generations.discard()
-            raise
+            old = await self._swap_in(record, number, snapshot, settings, tls_warnings)
         except Exception as exc:
-            self.generations.discard()
             self._failed(record, number, exc)
             return
-
-        self._apply(settings, number)  # only now: a reload that failed changed nothing in the master
-        old = await self.generations.swap(record.id)
-        for warning in record.warnings:
-            logger.warning("reload %s: %s", record.id, warning)
         record.finish(ReloadOutcome.SUCCEEDED)
+        self.rollback.swapped(record, number, replaced)  # before the drain: the replaced snapshot is kept
         logger.info(
             "reload %s: swapped in %.0fms: generation %d serving%s",
             record.id,
@@ -284,6 +279,64 @@ class Master:
         )
         if old is not None:
             self.generations.drain(old)
+
+    async def _roll_back(self, record: ReloadRecord) -> None:
+        """Serve the kept snapshot again, with its settings, as a new generation: a reload from it, not from disk."""
+        watch, good = self.rollback.target(record)
+        number = self._next_generation
+        self._next_generation += 1
+        record.begin(number)
+        logger.warning(
+            "reload %s: rolling back generation %d: building generation %d from generation %d's snapshot",
+            record.id,
+            watch.generation,
+            number,
+            good.generation,
+        )
+        try:
+            old = await self._swap_in(record, number, good.snapshot, good.settings, [])
+        except Exception as exc:
+            self._failed(record, number, exc)
+            self.rollback.rollback_failed(record)
+            return
+        record.finish(ReloadOutcome.ROLLED_BACK, watch.summary())
+        self.rollback.rolled_back(record)
+        logger.warning(
+            "reload %s: rolled back in %.0fms: generation %d serves generation %d's code (code_version %s) again%s",
+            record.id,
+            record.duration_ms or 0,
+            number,
+            good.generation,
+            good.snapshot.code_version,
+            f", generation {old.number} draining" if old else "",
+        )
+        if old is not None:
+            self.generations.drain(old)
+
+    async def _swap_in(
+        self, record: ReloadRecord, number: int, snapshot: Snapshot, settings: Settings, warnings: list[str]
+    ) -> Generation | None:
+        """Validate generation `number`, let it accept, apply its settings and swap; the generation it replaced.
+
+        What validation raises is raised, the candidate discarded (and the master unchanged).
+        """
+        try:
+            spec = build.supervised_spec(self.app, number, snapshot, settings, self.overrides, self.control_path)
+            ready = await self.generations.validate(number, snapshot, spec, settings.workers, settings.reload_timeout)
+            record.warnings = warnings + build.restart_only_changes(self.settings, ready)
+            record.validated()
+            logger.info(
+                "reload %s: generation %d validated (code_version %s)", record.id, number, snapshot.code_version
+            )
+            await self.generations.start_accepting()
+        except BaseException:  # CancelledError too: a stop during the reload
+            self.generations.discard()
+            raise
+        self._apply(settings, number)  # only now: a reload that failed changed nothing in the master
+        old = await self.generations.swap(record.id)
+        for warning in record.warnings:
+            logger.warning("reload %s: %s", record.id, warning)
+        return old
 
     async def _build(self, number: int) -> tuple[Snapshot, Settings, list[str]]:
         """A snapshot of the code, settings file and TLS pair as they are now, the settings it brings, TLS warnings.
@@ -341,4 +394,5 @@ class Master:
             watching_config=self.config_watch.watched(),
             template_pid=self.template.pid,
             upgrade=self.upgrades.view(),
+            rollback=self.rollback.view(),
         )

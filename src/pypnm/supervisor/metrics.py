@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 from pypnm.metrics import (
     ARCHIVE,
     DIRECTORY,
+    FILE_HEADER,
     LOCK_FILE,
     MULTIPROC_ENV,
     RELOAD_BUCKETS,
@@ -189,6 +190,8 @@ def compact(path: Path) -> int:
             archive = path / f"{kind}_{ARCHIVE}.db"
             totals: dict[str, float] = {}
             for source in ([archive] if archive.exists() else []) + files:
+                if source.stat().st_size < FILE_HEADER:  # its process died before it sized it: nothing in it
+                    continue
                 for key, value, *_ in MmapedDict.read_all_values_from_file(str(source)):
                     totals[key] = totals.get(key, 0.0) + value
             staging = archive.with_name(archive.name + ".new")  # not `*.db`: no scrape reads it

@@ -2,7 +2,10 @@
 
 Requests that arrive while one is queued join it (coalesce) and share its record, so a storm
 of triggers builds at most two generations: the one running and one follow-up. The queued
-one starts no sooner than `reload_min_interval` after the previous one started. A request
+one starts no sooner than `reload_min_interval` after the previous one started. An automatic
+rollback (rollback.py) is a reload too, queued in a slot of its own: it never joins an ordinary
+reload (that one builds from what is on disk, which may be the code that crashed), and it runs
+before one that is queued. A request
 carrying a deadline (from the control channel) that is read after it is dropped: its
 caller has already answered "not started", and a retry must not reload twice.
 
@@ -41,6 +44,15 @@ ReloadPhase = Literal["validating", "swapping"]
 class ReloadOutcome(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    ROLLED_BACK = "rolled_back"  # a rollback's own record: the previous generation's snapshot serves again
+
+
+# What became of a succeeded reload's generation during its `rollback_window` (rollback.py):
+# "watching" while the window runs; then "stable" (the window passed), "rolled_back" (its
+# workers crashed `rollback_crashes` times and the previous snapshot serves again), "unstable"
+# (they did, but there was nothing to roll back to or the rollback failed), or "replaced" (another
+# reload swapped it out first). None: no window (rollback_window = 0, or a failed reload).
+Stability = Literal["watching", "stable", "rolled_back", "unstable", "replaced"]
 
 
 class ReloadDropped(Exception):
@@ -63,6 +75,11 @@ class ReloadRecord:
     finished_at: str | None = None
     duration_ms: float | None = None
     validated_ms: float | None = None  # start -> candidate validated; the rest of duration_ms is the swap
+    rollback_window: float | None = None  # seconds its generation is watched after the swap (None: not watched)
+    stability: Stability | None = None
+    stability_detail: str | None = None  # the crashes, when rolled_back or unstable; who replaced it
+    rolled_back_by: str | None = None  # the id of the rollback that undid it
+    rolls_back: str | None = None  # on a rollback's record: the id of the reload it undoes
     _phase: ReloadPhase | None = field(default=None, repr=False)
     _requested_monotonic: float = field(default_factory=time.monotonic, repr=False)  # for the metrics' durations
     _t0: float = field(default=0.0, repr=False)
@@ -98,6 +115,16 @@ class ReloadRecord:
     async def wait(self) -> None:
         await self._finished.wait()
 
+    def watch(self, window: float) -> None:
+        self.rollback_window = window
+        self.stability = "watching"
+
+    def settle(self, stability: Stability, detail: str | None = None, by: str | None = None) -> None:
+        """The end of its watch (rollback.py): see `Stability`."""
+        self.stability = stability
+        self.stability_detail = detail
+        self.rolled_back_by = by
+
     def as_dict(self) -> dict[str, Any]:
         shown = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
         if self.outcome is not None:
@@ -119,6 +146,7 @@ class ReloadQueue:
         self._clock = clock  # CLOCK_MONOTONIC, the clock of the control channel's deadlines
         self._sleep = sleep
         self.pending: ReloadRecord | None = None
+        self.rollback: ReloadRecord | None = None  # a queued rollback: it runs before `pending`
         self.current: ReloadRecord | None = None
         self.history: list[ReloadRecord] = []
         self._last_started = -1e9
@@ -147,16 +175,35 @@ class ReloadQueue:
         self._wanted.set()
         return self.pending
 
+    def request_rollback(self, rolls_back: str) -> ReloadRecord:
+        """Queue the rollback of reload `rolls_back` (rollback.py asks once per watched generation)."""
+        self.rollback = ReloadRecord(source="rollback", rolls_back=rolls_back)
+        logger.info("reload %s queued: rollback of reload %s", self.rollback.id, rolls_back)
+        self._wanted.set()
+        return self.rollback
+
+    def withdraw_rollback(self) -> ReloadRecord | None:
+        """Take back a queued rollback that is not needed any more (never started: nothing to record)."""
+        record, self.rollback = self.rollback, None
+        return record
+
     async def next(self) -> ReloadRecord:
-        """Wait for a queued reload and for `min_interval` since the previous start; it is `current` then."""
-        while self.pending is None:
-            self._wanted.clear()
-            await self._wanted.wait()
-        delay = self._last_started + self._min_interval() - self._clock()
-        if delay > 0:
-            await self._sleep(delay)  # triggers arriving now join self.pending
-        assert self.pending is not None  # nothing but next() takes it
-        record, self.pending = self.pending, None
+        """Wait for a queued reload and for `min_interval` since the previous start; it is `current` then.
+
+        A queued rollback goes first. One withdrawn during the wait leaves nothing to take: wait again.
+        """
+        record: ReloadRecord | None = None
+        while record is None:
+            while self.pending is None and self.rollback is None:
+                self._wanted.clear()
+                await self._wanted.wait()
+            delay = self._last_started + self._min_interval() - self._clock()
+            if delay > 0:
+                await self._sleep(delay)  # triggers arriving now join self.pending
+            if self.rollback is not None:
+                record, self.rollback = self.rollback, None
+            else:
+                record, self.pending = self.pending, None
         self._last_started = self._clock()
         self.current = record
         return record

@@ -44,6 +44,7 @@ def status_view(
     watching_config: list[str],
     template_pid: int | None,
     upgrade: dict[str, Any] | None = None,
+    rollback: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     serving = generations.serving
     return {
@@ -60,6 +61,7 @@ def status_view(
         "pending_reload": queue.pending.id if queue.pending else None,
         "reloads": [r.as_dict() for r in reversed(queue.records())],
         "upgrade": upgrade,  # the running self-upgrade, else the last one (upgrade.py)
+        "rollback_watch": rollback,  # the generation in its rollback_window (rollback.py), else None
         "master": {
             "pid": os.getpid(),
             "version": pypnm.__version__,  # the master's own pypnm; a self-upgrade changes it

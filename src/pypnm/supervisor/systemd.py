@@ -169,6 +169,8 @@ class Notifier:
             return
         if record.outcome == "succeeded":
             outcome = f"reload {record.id} succeeded"
+        elif record.outcome == "rolled_back":
+            outcome = f"reload {record.id} rolled back: {record.reason}"
         else:
             outcome = f"reload {record.id} failed: {record.reason}"
         self._send("READY=1", f"STATUS=generation {serving} serving; {outcome}")
