@@ -338,8 +338,10 @@ def test_a_new_port_in_the_settings_file_takes_effect_on_an_upgrade(
     masters.track(old)
 
     config.write_text(f"port = {second}\ngraceful_timeout = 10\n")
+    # --wait follows the service at the address it asks; with a new port it says where to look instead.
     result = run_cli("upgrade", "--wait", "--url", service.base_url, timeout=150)
-    assert result.returncode == 0, result.stdout + result.stderr
+    if result.returncode != 0:  # the old address closed before an answer carried the outcome
+        assert result.returncode == 2 and "if host or port changed" in result.stderr, result.stdout + result.stderr
     moved = Service(service.proc, second, service.log)
     status = wait_handed_over(moved, old)
     masters.track(status["master"]["pid"])

@@ -50,6 +50,7 @@ UPGRADE_PATH = "/pypnm/system/webService/upgrade"
 STATUS_PATH = "/pypnm/system/webService/status"
 # How long past a reload's rollback_window `reload --wait` waits for the service to say it was stable.
 STABLE_MARGIN = 10.0
+UPGRADE_GONE = 3.0  # seconds of refused connections after which `upgrade --wait` stops asking (see _await_upgrade)
 STATUS_CONCURRENCY = 8  # instances `pypnm status` asks at once: a large fleet answers in seconds, not minutes
 
 
@@ -819,11 +820,27 @@ def upgrade(args: argparse.Namespace) -> int:
 
 
 def _await_upgrade(client: httpx.Client, upgrade_id: str, timeout: float) -> tuple[int, str]:
-    """Poll the status (whichever master answers it) until the upgrade has an outcome."""
+    """Poll the status (whichever master answers it) until the upgrade has an outcome.
+
+    Both masters share the listening sockets, so the address never refuses a connection during
+    an upgrade, unless the new master listens elsewhere (host or port changed) and the old one
+    has left: then the outcome cannot be read here, and the command says where to look.
+    """
     deadline = time.monotonic() + timeout
+    refused_since: float | None = None
     while time.monotonic() < deadline:
         try:
             response: httpx.Response | None = client.get(STATUS_PATH)
+            refused_since = None
+        except httpx.ConnectError:
+            response = None
+            refused_since = refused_since or time.monotonic()
+            if time.monotonic() - refused_since >= UPGRADE_GONE:
+                raise _Unanswered(
+                    f"upgrade {upgrade_id}: {client.base_url} stopped answering before the outcome was seen; "
+                    "if host or port changed, the new master serves there: ask 'pypnm status --url NEW_URL'",
+                    2,
+                ) from None
         except httpx.HTTPError:
             response = None  # the masters may be handing over; keep asking until the deadline
         if response is not None and response.status_code in (401, 403):
