@@ -22,6 +22,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import uuid
@@ -847,3 +848,93 @@ def abstract_notify_socket() -> Iterator[NotifySocket]:
     listener = NotifySocket(f"@pypnm-test-{uuid.uuid4().hex}")
     yield listener
     listener.close()
+
+
+# ----- installs of pypnm: wheels of a given version, a virtual environment --------------------------
+
+
+def pip(python: Path, *args: str) -> None:
+    """pip of the test environment, run by `python`, so it installs into `python`'s environment; offline."""
+    env = base_env(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [str(python), "-m", "pip", *args, "--no-index", "--no-deps", "--no-build-isolation", "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, f"pip {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def versioned_copy(parent: Path, version: str) -> Path:
+    """The project (pyproject, README, src/pypnm) with `__version__ = version`."""
+    root = project_copy(parent / f"pypnm-{version}")
+    init = root / "src" / "pypnm" / "__init__.py"
+    text = init.read_text()
+    assert '__version__ = "' in text
+    start = text.index('__version__ = "')
+    end = text.index('"', start + len('__version__ = "'))
+    init.write_text(text[:start] + f'__version__ = "{version}"' + text[end + 1 :])
+    return root
+
+
+def build_wheel(parent: Path, version: str) -> Path:
+    """A wheel of the project at `version`, built by hatchling (the [test] extra) in this environment."""
+    source = versioned_copy(parent / "sources", version)
+    pip(Path(sys.executable), "wheel", "-w", str(parent / "wheels"), str(source))
+    (wheel,) = (parent / "wheels").glob(f"pypnm-{version}-*.whl")
+    return wheel
+
+
+def make_venv(root: Path) -> tuple[Path, Path]:
+    """A venv that sees the test environment's packages (after its own); returns (python, site-packages)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=60)
+    python = root / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+    )
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    # Processed after the venv's own `.pth` files (names sort after '_'), so an editable install comes first.
+    (site / "zz-test-environment.pth").write_text("".join(f"{path}\n" for path in sorted(ours)))
+    return python, site
+
+
+# ----- systemd's socket activation: a socket passed as fd 3 ------------------------------------------
+
+WRAPPER = (
+    "import json, os, sys\n"
+    "os.dup2(int(sys.argv[1]), 3)\n"
+    "os.environ.update(json.loads(sys.argv[2]), LISTEN_PID=str(os.getpid()))\n"
+    "os.environ.setdefault('WATCHDOG_PID', os.environ['LISTEN_PID'])\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'pypnm', *sys.argv[3:]])\n"
+)
+
+
+def activation_command(fd: int, env: dict[str, str], *args: str) -> list[str]:
+    return [sys.executable, "-c", WRAPPER, str(fd), json.dumps(env), *args]
+
+
+def listening_inodes(pid: int) -> dict[int, int]:
+    """Listening TCP sockets the process holds: inode -> local port (/proc/net/tcp and tcp6)."""
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                held.add(int(target[8:-1]))
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[9]) in held:  # 0A: LISTEN
+                    found[int(fields[9])] = int(fields[1].rsplit(":", 1)[1], 16)
+    return found

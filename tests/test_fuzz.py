@@ -6,8 +6,9 @@ a file in a temporary directory (and `PYPNM_SUPERVISOR` is removed), so the fuzz
 touches `src/pypnm/api/web_service.py`: touching it would make every supervised pypnm
 running from this checkout (other test runs, a developer's server) reload.
 
-The one 5xx the API documents is the seed's `500 {"detail": "Failed to trigger reload: ..."}`
-of the reload route; `no_undocumented_server_error` accepts that one and nothing else.
+The 5xx the API documents are the seed's `500 {"detail": "Failed to trigger reload: ..."}`
+of the reload route and its sibling `500 {"detail": "Failed to trigger upgrade: ..."}` of the
+upgrade route (always, unsupervised); `no_undocumented_server_error` accepts those and nothing else.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from pypnm.settings import Settings
 TOKEN = "fuzz-0123456789-abcdefghij"
 LOG_DOWNLOAD = "/pypnm/system/log/download"
 RUNTIME_PROFILE = "/pypnm/system/webService/runtimeProfile"
-DOCUMENTED_500_PREFIX = "Failed to trigger reload: "
+UPGRADE_PATH = "/pypnm/system/webService/upgrade"
+DOCUMENTED_500_PREFIXES = {RELOAD_PATH: "Failed to trigger reload: ", UPGRADE_PATH: "Failed to trigger upgrade: "}
 TRUSTED = [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.9.0.0/16")]
 FUZZ_SETTINGS: dict[str, Any] = {
     "trusted_networks": ["127.0.0.1/32", "10.9.0.0/16"],
@@ -60,11 +62,11 @@ def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
 
 def is_documented_server_error(path: str, status: int, body: Any) -> bool:
     return (
-        path == RELOAD_PATH
+        path in DOCUMENTED_500_PREFIXES
         and status == 500
         and isinstance(body, dict)
         and set(body) == {"detail"}
-        and str(body["detail"]).startswith(DOCUMENTED_500_PREFIX)
+        and str(body["detail"]).startswith(DOCUMENTED_500_PREFIXES[path])
     )
 
 
@@ -123,6 +125,7 @@ def test_openapi_fuzz_finds_no_undocumented_5xx(fuzz_app: FastAPI) -> None:
         "/health": {200},
         "/ready": {200},
         RELOAD_PATH: {200},
+        UPGRADE_PATH: {500},  # unsupervised: the documented "Failed to trigger upgrade: ..."
         STATUS_PATH: {200},
         LOG_DOWNLOAD: {200},
         RUNTIME_PROFILE: {200},

@@ -9,70 +9,12 @@ an editable install (the wheel's directory disappears), then a wheel again.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 from typing import Any
 
-from conftest import Service, StartService, base_env, project_copy, wait_until
+from conftest import Service, StartService, base_env, build_wheel, make_venv, pip, versioned_copy, wait_until
 
 ROUTE_MODULE = Path("pypnm", "api", "web_service.py")
-
-
-def pip(python: Path, *args: str) -> None:
-    """pip of the test environment, run by `python`, so it installs into `python`'s environment; offline."""
-    env = base_env(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [str(python), "-m", "pip", *args, "--no-index", "--no-deps", "--no-build-isolation", "-q"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, f"pip {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-
-
-def versioned_copy(parent: Path, version: str) -> Path:
-    """The project (pyproject, README, src/pypnm) with `__version__ = version`."""
-    root = project_copy(parent / f"pypnm-{version}")
-    init = root / "src" / "pypnm" / "__init__.py"
-    text = init.read_text()
-    assert '__version__ = "' in text
-    start = text.index('__version__ = "')
-    end = text.index('"', start + len('__version__ = "'))
-    init.write_text(text[:start] + f'__version__ = "{version}"' + text[end + 1 :])
-    return root
-
-
-def build_wheel(parent: Path, version: str) -> Path:
-    """A wheel of the project at `version`, built by hatchling (the [test] extra) in this environment."""
-    source = versioned_copy(parent / "sources", version)
-    pip(Path(sys.executable), "wheel", "-w", str(parent / "wheels"), str(source))
-    (wheel,) = (parent / "wheels").glob(f"pypnm-{version}-*.whl")
-    return wheel
-
-
-def make_venv(root: Path) -> tuple[Path, Path]:
-    """A venv that sees the test environment's packages (after its own); returns (python, site-packages)."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=60)
-    python = root / "bin" / "python"
-    site = Path(
-        subprocess.run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout.strip()
-    )
-    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    # Processed after the venv's own `.pth` files (names sort after '_'), so an editable install comes first.
-    (site / "zz-test-environment.pth").write_text("".join(f"{path}\n" for path in sorted(ours)))
-    return python, site
 
 
 def reload_and_wait(service: Service) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import configparser
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -31,9 +30,11 @@ from conftest import (
     NotifySocket,
     Service,
     StartService,
+    activation_command,
     assert_one_line_error,
     base_env,
     free_port,
+    listening_inodes,
     pypnm_command,
     wait_until,
 )
@@ -245,39 +246,9 @@ def test_watchdog_pings_come_from_the_running_master_until_it_stops(
 
 # ----- socket activation ---------------------------------------------------------------------
 
+
 # Puts the inherited fd argv[1] at fd 3 and execs pypnm in this same process, so LISTEN_PID is
 # pypnm's pid, as systemd sets it; argv[2] is a JSON object of variables to set.
-WRAPPER = (
-    "import json, os, sys\n"
-    "os.dup2(int(sys.argv[1]), 3)\n"
-    "os.environ.update(json.loads(sys.argv[2]), LISTEN_PID=str(os.getpid()))\n"
-    "os.environ.setdefault('WATCHDOG_PID', os.environ['LISTEN_PID'])\n"
-    "os.execv(sys.executable, [sys.executable, '-m', 'pypnm', *sys.argv[3:]])\n"
-)
-
-
-def activation_command(fd: int, env: dict[str, str], *args: str) -> list[str]:
-    return [sys.executable, "-c", WRAPPER, str(fd), json.dumps(env), *args]
-
-
-def listening_inodes(pid: int) -> dict[int, int]:
-    """Listening TCP sockets the process holds: inode -> local port (/proc/net/tcp and tcp6)."""
-    held = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                held.add(int(target[8:-1]))
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[9]) in held:  # 0A: LISTEN
-                    found[int(fields[9])] = int(fields[1].rsplit(":", 1)[1], 16)
-    return found
-
-
 def test_a_socket_passed_as_fd_3_is_served_and_nothing_is_bound(tmp_path: Path, notify_socket: NotifySocket) -> None:
     passed = socket.create_server(("127.0.0.1", 0))
     port = passed.getsockname()[1]

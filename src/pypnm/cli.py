@@ -1,4 +1,4 @@
-"""The `pypnm` command: serve (the default), reload, status and check.
+"""The `pypnm` command: serve (the default), reload, upgrade, status and check.
 
 Flags of `serve` follow upstream PyPNM's launcher, so `pypnm --port 8080 --reload`
 works as before; every problem with the input ends in one line on stderr and a
@@ -42,13 +42,15 @@ import httpx
 import pypnm
 from pypnm.settings import Settings, SettingsError, config_path, load_settings
 
-COMMANDS = ("serve", "reload", "status", "check")
+COMMANDS = ("serve", "reload", "upgrade", "status", "check")
 TOKEN_ENV = "PYPNM_TOKEN"
 CACERT_ENV = "PYPNM_CACERT"
 RELOAD_PATH = "/pypnm/system/webService/reload"
+UPGRADE_PATH = "/pypnm/system/webService/upgrade"
 STATUS_PATH = "/pypnm/system/webService/status"
 # How long past a reload's rollback_window `reload --wait` waits for the service to say it was stable.
 STABLE_MARGIN = 10.0
+UPGRADE_GONE = 3.0  # seconds of refused connections after which `upgrade --wait` stops asking (see _await_upgrade)
 STATUS_CONCURRENCY = 8  # instances `pypnm status` asks at once: a large fleet answers in seconds, not minutes
 
 
@@ -93,6 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload-exclude", action="append", help="glob of files that never trigger (repeatable)")
     serve.add_argument("--graceful-timeout", type=float, help="seconds old workers get to finish (default 30)")
     serve.add_argument("--app", default="pypnm.main:app", help="ASGI app as module:attribute")
+    serve.add_argument("--pid-file", type=Path, help="write the master's pid to FILE (rewritten by a self-upgrade)")
     _config_flag(serve)
 
     reload = commands.add_parser("reload", help="reload running services over HTTP, one instance after another")
@@ -123,6 +126,15 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="reload up to N instances at once; none is started after a failure (default 1)",
     )
+
+    upgrade = commands.add_parser(
+        "upgrade", help="hand a running service over to a new master running the pypnm installed now"
+    )
+    _url_flags(upgrade)
+    upgrade.add_argument(
+        "--wait", action="store_true", help="wait for the outcome: exit 0 the new master serves, 1 the upgrade failed"
+    )
+    upgrade.add_argument("--timeout", type=float, default=150.0, help="seconds to wait (default 150)")
 
     status = commands.add_parser("status", help="show what running services serve")
     _url_flags(status)
@@ -202,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args_in or (args_in[0] not in COMMANDS and args_in[0] not in ("-h", "--help", "-v", "--version")):
         args_in.insert(0, "serve")  # bare `pypnm [flags]` serves, as upstream PyPNM does
     args = _build_parser().parse_args(args_in)
-    handlers = {"serve": serve, "reload": reload, "status": status, "check": check}
+    args.argv = args_in  # a self-upgrade starts the new master with the same command line
+    handlers = {"serve": serve, "reload": reload, "upgrade": upgrade, "status": status, "check": check}
     try:
         return handlers[args.command](args)
     except _Unanswered as exc:
@@ -231,6 +244,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "reload_includes": args.reload_include,
         "reload_excludes": args.reload_exclude,
         "graceful_timeout": args.graceful_timeout,
+        "pid_file": args.pid_file,
     }
     if args.cert and args.key and args.ssl is None:
         given["ssl"] = True
@@ -250,29 +264,46 @@ def serve(args: argparse.Namespace) -> int:
     from pypnm.supervisor.master import Master
     from pypnm.supervisor.runtime import RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError
+    from pypnm.supervisor.upgrade import HandoverError, PidFileError, Successor
+
+    try:
+        successor = Successor.take()  # started by a self-upgrade: the old master's sockets, and answers owed
+    except HandoverError as exc:
+        return _fail(str(exc))
+
+    def fail(message: str) -> int:
+        if successor is not None:
+            successor.failed(f"the new master cannot start: {message}")
+        return _fail(message)
 
     overrides = _serve_overrides(args)
     try:
         settings = load_settings(args.config, **overrides)
     except SettingsError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     try:
         setup_logging("master", settings.log_level, LogOutput.from_settings(settings))
     except LogFileError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     sys.path.insert(0, os.getcwd())  # find --app modules where uvicorn would, without importing them
     # systemd (pypnm.supervisor.systemd): take NOTIFY_SOCKET, WATCHDOG_* and LISTEN_* out of the
     # environment before any process is started, and serve on the sockets systemd passed, if any.
     notifier = systemd.take_notifier()
+    if successor is not None:
+        notifier.defer_until_main()  # the old master is systemd's main pid until it hands over
     try:
         activated = systemd.activated_listeners()
     except systemd.ActivationError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     try:
         # With sockets from systemd the host and port settings are informational: nothing is bound here.
-        listeners = activated or bind_listeners(settings.host, settings.port)
+        # A self-upgrade's new master serves on the old one's sockets unless host or port changed.
+        if successor is not None:
+            listeners = successor.listeners(settings, bind_listeners)
+        else:
+            listeners = activated or bind_listeners(settings.host, settings.port)
     except OSError as exc:
-        return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
+        return fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
     try:
         master = Master(
             settings,
@@ -282,9 +313,12 @@ def serve(args: argparse.Namespace) -> int:
             overrides=overrides,
             watch=args.reload,
             notifier=notifier,
+            command=args.argv,
+            activated=bool(activated) or (successor is not None and successor.offer.activated),
+            successor=successor,
         )
-    except (SnapshotError, RuntimeDirError) as exc:
-        return _fail(str(exc))
+    except (SnapshotError, RuntimeDirError, PidFileError) as exc:
+        return fail(str(exc))
     return master.run()
 
 
@@ -791,6 +825,70 @@ def _roll_summary(urls: list[str], outcomes: dict[str, _Outcome], not_attempted:
     return "\n".join(lines) + "\n"
 
 
+# ----- upgrade ---------------------------------------------------------------------------------------
+
+
+def upgrade(args: argparse.Namespace) -> int:
+    """Ask one instance's master to hand over to a new master; with --wait, report how it ended."""
+    targets = _targets(args)
+    if _several(args):
+        return _fail("pypnm upgrade talks to one instance: upgrade a fleet one --url at a time")
+    with _client(args, targets[0], _tls_verify(args)) as client:
+        upgrade_id = _get(client, UPGRADE_PATH, "upgrade").headers.get("X-Upgrade-Id")
+        if not upgrade_id:
+            return _fail(_UNTRACKED)
+        if not args.wait:
+            sys.stdout.write(f"upgrade triggered (id {upgrade_id})\n")
+            return 0
+        code, message = _await_upgrade(client, upgrade_id, args.timeout)
+    sys.stdout.write(message + "\n")
+    return code
+
+
+def _await_upgrade(client: httpx.Client, upgrade_id: str, timeout: float) -> tuple[int, str]:
+    """Poll the status (whichever master answers it) until the upgrade has an outcome.
+
+    Both masters share the listening sockets, so the address never refuses a connection during
+    an upgrade, unless the new master listens elsewhere (host or port changed) and the old one
+    has left: then the outcome cannot be read here, and the command says where to look.
+    """
+    deadline = time.monotonic() + timeout
+    refused_since: float | None = None
+    while time.monotonic() < deadline:
+        try:
+            response: httpx.Response | None = client.get(STATUS_PATH)
+            refused_since = None
+        except httpx.ConnectError:
+            response = None
+            refused_since = refused_since or time.monotonic()
+            if time.monotonic() - refused_since >= UPGRADE_GONE:
+                raise _Unanswered(
+                    f"upgrade {upgrade_id}: {client.base_url} stopped answering before the outcome was seen; "
+                    "if host or port changed, the new master serves there: ask 'pypnm status --url NEW_URL'",
+                    2,
+                ) from None
+        except httpx.HTTPError:
+            response = None  # the masters may be handing over; keep asking until the deadline
+        if response is not None and response.status_code in (401, 403):
+            raise _Unanswered(f"status refused ({response.status_code}): {_detail(response)}", 1)
+        info = _json_object(response) if response is not None and response.status_code == 200 else None
+        record = (info or {}).get("upgrade") or {}
+        if record.get("id") == upgrade_id and record.get("outcome"):
+            return _upgrade_outcome(record)
+        time.sleep(0.2)
+    raise _Unanswered(f"upgrade {upgrade_id} had no outcome within {timeout:.0f}s", 2)
+
+
+def _upgrade_outcome(record: dict[str, Any]) -> tuple[int, str]:
+    was, now = record.get("from") or {}, record.get("to") or {}
+    if record["outcome"] != "succeeded":
+        return 1, f"upgrade {record['id']} failed: {record.get('reason')}; master pid {was.get('pid')} keeps serving"
+    return 0, (
+        f"upgrade {record['id']} succeeded: master pid {was.get('pid')} (pypnm {was.get('version')}) -> "
+        f"pid {now.get('pid')} (pypnm {now.get('version')})"
+    )
+
+
 # ----- status ----------------------------------------------------------------------------------------
 
 
@@ -870,6 +968,10 @@ def _format_status(info: dict[str, Any]) -> str:
     if info.get("mode") != "supervised":
         lines.append(f"pid:          {info.get('pid')} since {info.get('started_at')}")
         return "\n".join(lines) + "\n"
+    master = info.get("master") or {}
+    lines.append(
+        f"master:       pid {master.get('pid')} (pypnm {master.get('version')}) since {master.get('started_at')}"
+    )
     lines.append(f"generation:   {info.get('generation')} (reload state: {info.get('reload_state')})")
     for worker in info.get("workers", []):
         lines.append(
@@ -898,6 +1000,15 @@ def _format_status(info: dict[str, Any]) -> str:
     profile = info.get("runtime_profile")
     if isinstance(profile, dict):
         lines.append(f"profile:      {_format_profile(profile)}")
+    upgraded = info.get("upgrade")
+    if upgraded:
+        was, now = upgraded.get("from") or {}, upgraded.get("to") or {}
+        lines.append(
+            f"last upgrade: {upgraded['id']} {upgraded.get('outcome') or 'in progress'} via {upgraded['source']}: "
+            f"pid {was.get('pid')} (pypnm {was.get('version')}) -> pid {now.get('pid')} (pypnm {now.get('version')})"
+        )
+        if upgraded.get("reason"):
+            lines.append(f"  reason:     {upgraded['reason']}")
     return "\n".join(lines) + "\n"
 
 

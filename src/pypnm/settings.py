@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     # it is replaced (a Kubernetes ConfigMap or Secret volume swaps a `..data` symlink); see config_watch.py.
     watch_config: bool = True
     preload_modules: list[str] = Field(default_factory=list)
+    # The master writes its pid here (atomically; a self-upgrade's new master rewrites it), and removes
+    # it at a clean stop if it still names the master. None: no file. A reload moves it.
+    pid_file: Path | None = None
     # Parent of the master's private runtime directory (control socket, snapshots); restart only.
     # None: $RUNTIME_DIRECTORY (systemd), else the temporary directory.
     runtime_dir: Path | None = None

@@ -1,4 +1,4 @@
-"""System Operations: `/pypnm/system/webService/reload`, `/status` and `/runtimeProfile`.
+"""System Operations: `/pypnm/system/webService/reload`, `/upgrade`, `/status` and `/runtimeProfile`.
 
 This file is "the route module" of the seed document: in an unsupervised process the
 reload endpoint touches this very file, so that an auto-reloader watching it
@@ -21,11 +21,19 @@ from pypnm.identity import SUPERVISOR_ENV, ProcessIdentity
 from pypnm.profile import SettingSource, runtime_profile
 from pypnm.settings import config_path, setting_source
 from pypnm.supervisor import control
-from pypnm.supervisor.protocol import ReloadAccepted, ReloadRequest, StatusAnswer, StatusRequest
+from pypnm.supervisor.protocol import (
+    ReloadAccepted,
+    ReloadRequest,
+    StatusAnswer,
+    StatusRequest,
+    UpgradeAccepted,
+    UpgradeRequest,
+)
 from pypnm.supervisor.timeouts import CONTROL_ASK
 
 ROUTE_MODULE_FILE = Path(__file__)
 RELOAD_ID_HEADER = "X-Reload-Id"
+UPGRADE_ID_HEADER = "X-Upgrade-Id"
 
 router = APIRouter(prefix="/pypnm/system/webService", tags=["PyPNM System Web Service"])
 
@@ -113,6 +121,38 @@ async def supervisor_status(socket_path: str) -> dict[str, Any]:
             "retry, or check the pypnm master's log",
         ) from exc
     return supervisor.status
+
+
+class UpgradeTriggered(BaseModel):
+    status: str = "upgrade triggered"
+
+
+@router.get(
+    "/upgrade",
+    summary="Hand the service over to a new master running the pypnm installed now",
+    response_model=UpgradeTriggered,
+    responses={500: {"model": ErrorDetail, "description": "The upgrade could not be triggered"}},
+)
+async def upgrade_web_service(request: Request) -> JSONResponse:
+    """Ask the supervisor to start a new master (a fresh interpreter) that takes the listening sockets over.
+
+    Answers as soon as the upgrade is started; the `X-Upgrade-Id` header names it. Poll
+    `/pypnm/system/webService/status` until `upgrade.id` is that id and `upgrade.outcome` is set.
+    Only a supervised service upgrades itself.
+    """
+    socket_path = os.environ.get(SUPERVISOR_ENV)
+    try:
+        if not socket_path:
+            raise control.ControlError("the service runs without the pypnm supervisor; restart it instead")
+        answer = await control.ask(
+            socket_path, UpgradeRequest(source="http", request_id=request.state.request_id), timeout=CONTROL_ASK
+        )
+        if not isinstance(answer, UpgradeAccepted):
+            raise control.ControlError(f"the supervisor answered {type(answer).__name__} to an upgrade request")
+    except Exception as exc:  # like the reload: any failure is a 500 that says why
+        reason = str(exc) or type(exc).__name__
+        raise HTTPException(status_code=500, detail=f"Failed to trigger upgrade: {reason}") from exc
+    return JSONResponse({"status": "upgrade triggered"}, headers={UPGRADE_ID_HEADER: answer.upgrade_id})
 
 
 @router.get("/status", summary="What is serving now, and how the last reload ended")

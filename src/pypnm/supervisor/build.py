@@ -100,6 +100,9 @@ def freeze_tls(snapshot: Snapshot, settings: Settings) -> list[str]:
     return check_pair(cert, key, shown_cert=str(settings.ssl_certfile), shown_key=str(settings.ssl_keyfile))
 
 
+UPGRADE_APPLIES = " or a self-upgrade (pypnm upgrade, SIGUSR2)"  # a new master binds anew (upgrade.py)
+
+
 def restart_only_changes(running: Settings, ready: list[WorkerReady]) -> list[str]:
     """Name each setting that the candidate's settings change but only a restart can apply."""
     seen = next((event.restart_only for event in ready if event.restart_only), None)
@@ -107,8 +110,8 @@ def restart_only_changes(running: Settings, ready: list[WorkerReady]) -> list[st
         return []
     current = running.restart_only()
     return [
-        f"setting {name!r} changed ({current.get(name)!r} -> {value!r}) but needs a restart; "
-        f"still using {current.get(name)!r}"
+        f"setting {name!r} changed ({current.get(name)!r} -> {value!r}) but needs a restart"
+        f"{UPGRADE_APPLIES if name in ('host', 'port') else ''}; still using {current.get(name)!r}"
         for name, value in seen.items()
         if name in current and current[name] != value
     ]

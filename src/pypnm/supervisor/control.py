@@ -27,7 +27,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 from pypnm.supervisor import protocol
-from pypnm.supervisor.protocol import ControlAnswer, ControlRequest, Refused, ReloadAccepted, StatusAnswer
+from pypnm.supervisor.protocol import (
+    ControlAnswer,
+    ControlRequest,
+    Refused,
+    ReloadAccepted,
+    StatusAnswer,
+    UpgradeAccepted,
+)
 from pypnm.supervisor.timeouts import ANSWER_MARGIN, CONTROL_ASK, CONTROL_READ
 
 logger = logging.getLogger("pypnm.supervisor.control")
@@ -60,7 +67,9 @@ def expired_by(deadline: float | None, now: float | None = None) -> float | None
     return late if late > 0 else None
 
 
-async def ask(path: str, request: ControlRequest, timeout: float = CONTROL_ASK) -> ReloadAccepted | StatusAnswer:
+async def ask(
+    path: str, request: ControlRequest, timeout: float = CONTROL_ASK
+) -> ReloadAccepted | UpgradeAccepted | StatusAnswer:
     """Send one request to the master and return its answer; ControlTimeout after `timeout` seconds."""
     request = dataclasses.replace(request, deadline=clock() + max(timeout - ANSWER_MARGIN, timeout / 2))
     try:
@@ -84,7 +93,7 @@ async def ask(path: str, request: ControlRequest, timeout: float = CONTROL_ASK) 
         raise ControlError(str(exc)) from None
     if isinstance(answer, Refused):
         raise ControlError(answer.error)
-    if not isinstance(answer, ReloadAccepted | StatusAnswer):
+    if not isinstance(answer, ReloadAccepted | UpgradeAccepted | StatusAnswer):
         raise ControlError(f"the supervisor answered with a request: {answer}")
     return answer
 

@@ -11,6 +11,10 @@ One asyncio loop handles everything that can happen to the service. A reload, to
     record   the outcome, in the reload's record; /status shows it (status.py), systemd hears it (systemd.py)
     watch    the new generation for `rollback_window`; rolled back to the kept snapshot if it crashes (rollback.py)
 
+A self-upgrade (SIGUSR2, the control channel) hands the whole service to a new master in a fresh
+interpreter (upgrade.py): this one only starts it (`upgrades`), and stops once it serves; a master
+started that way (`successor`) takes its sockets and tells the old one when its first generation serves.
+
 The master never imports the application: it copies and compiles the code and leaves
 importing it to the candidate workers, so it can always load new code. The protocol its
 processes speak is in protocol.py; every fixed timeout in timeouts.py.
@@ -38,12 +42,13 @@ from pypnm.supervisor.lifecycle import Generations
 from pypnm.supervisor.metrics import MasterMetrics
 from pypnm.supervisor.reloads import ReloadOutcome, ReloadQueue, ReloadRecord
 from pypnm.supervisor.rollback import KnownGood, Rollback
-from pypnm.supervisor.runtime import RuntimeDir
+from pypnm.supervisor.runtime import RuntimeDir, RuntimeDirError
 from pypnm.supervisor.snapshot import Compiler, Snapshot, SnapshotError, SourceLocator, take_snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
 from pypnm.supervisor.systemd import Notifier
 from pypnm.supervisor.tls import TLSError
 from pypnm.supervisor.triggers import FileWatch, control_handler, install_signals
+from pypnm.supervisor.upgrade import PidFile, PidFileError, Successor, UpgradeRefused, Upgrades
 
 logger = logging.getLogger("pypnm.supervisor.master")
 
@@ -67,6 +72,9 @@ class Master:
         overrides: dict[str, Any] | None = None,
         watch: bool = False,
         notifier: Notifier | None = None,
+        command: list[str] | None = None,
+        activated: bool = False,
+        successor: Successor | None = None,
     ) -> None:
         self.settings = settings  # the serving generation's, as far as the master applies them
         self.systemd = notifier or Notifier()  # a no-op without NOTIFY_SOCKET
@@ -76,8 +84,15 @@ class Master:
         self.overrides = overrides or {}
         self.locator = SourceLocator(app)
         self.compiler = Compiler()
+        self.pid_file = PidFile()
+        if successor is None:  # PidFileError (one line); a new master of an upgrade writes it once it took over
+            self._write_pid_file()
         # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
-        self.runtime = RuntimeDir.create(settings.runtime_dir)
+        try:
+            self.runtime = RuntimeDir.create(settings.runtime_dir)
+        except RuntimeDirError:
+            self.pid_file.remove()
+            raise
         self.metrics = MasterMetrics.start(self.runtime.path)  # before the fork template starts: it inherits the dir
         self.control_path = str(self.runtime.path / "control.sock")
         self.template = ForkTemplate(settings.log_level, settings.preload_modules, self.runtime)
@@ -96,6 +111,18 @@ class Master:
         self.rollback = Rollback(self.queue, self.generations, lambda: self.settings, self._spawn_task)
         self.files = FileWatch(app, self.locator.find(), watch, lambda: self.settings, self.queue.request)
         self.config_watch = ConfigWatch(self.config_file, self.queue.request, always=watch)
+        self.successor = successor  # the handover this master was started for, if any
+        self.upgrades = Upgrades(
+            command or [],
+            listeners,
+            lambda: self.settings,
+            self.systemd,
+            activated=activated,
+            serving=lambda: self.generations.serving is not None,
+            on_handed_over=self._handed_over,
+            spawn_task=self._spawn_task,
+        )
+        self.upgrades.last = successor.record if successor else None
         self.started_at = utc_now()
         self.exit_code = 0
         self.stopping = False
@@ -110,16 +137,21 @@ class Master:
             asyncio.run(self._main())
         except (SpawnError, TimeoutError, OSError) as exc:  # the fork template or control socket could not start
             logger.error("cannot start: %s", str(exc) or type(exc).__name__)
+            if self.successor:
+                self.successor.failed(f"the new master cannot start: {str(exc) or type(exc).__name__}")
             self.exit_code = 1
         finally:
+            self.pid_file.remove()
             self.runtime.remove()
         return self.exit_code
 
     async def _main(self) -> None:
-        install_signals(self.queue.request, self._on_stop_signal, log_writers=self.generations.child_pids)
+        install_signals(
+            self.queue.request, self._on_stop_signal, log_writers=self.generations.child_pids, on_upgrade=self._upgrade
+        )
         self.systemd.start_watchdog()  # WATCHDOG=1 from this loop: a hung loop stops the pings
         set_reload_id_source(self.queue.current_id)  # the master's JSON lines carry the running reload's id
-        handler = control_handler(self.queue, lambda: self.stopping, self.status)
+        handler = control_handler(self.queue, lambda: self.stopping, self.status, self.upgrades.request)
         control_server = await control.listen(self.control_path, handler)
         await self.template.start()
 
@@ -139,18 +171,33 @@ class Master:
             wait.cancel()
         if first.outcome == ReloadOutcome.FAILED:
             logger.error("cannot start: %s", first.reason)
+            if self.successor:
+                self.successor.failed(f"the new master's generation failed: {first.reason}")
             self.exit_code = 1
             self._stop.set()
         elif first.outcome == ReloadOutcome.SUCCEEDED:
+            if self.successor:
+                await self.successor.took_over(self.generations.serving_number())
+                try:
+                    self._write_pid_file()
+                except PidFileError as exc:  # the old master is gone: serve on, and say so
+                    logger.error("%s", exc)
+                self.systemd.became_main(
+                    self.generations.serving_number(), f"upgraded from pid {self.successor.offer.pid}"
+                )
             status.log_serving(self.settings, self.app, self.listeners, self.files.route_file)
             status.log_access(self.settings)
             self._spawn_task(self.files.run())
             self._spawn_task(self.config_watch.run(self._stop))
 
         await self._stop.wait()
-        self.systemd.stopping(self.generations.serving_number())
-        control_server.close()
+        self.systemd.stopping(self.generations.serving_number())  # a no-op after a handover: the service goes on
+        if not self.upgrades.handed_over:
+            control_server.close()
+        # After a handover the old workers still answer their keep-alive clients while they drain,
+        # /status included: the channel stays open until they have left.
         await self._shutdown()
+        control_server.close()
 
     def _on_stop_signal(self, signum: int) -> None:
         if self.stopping:
@@ -161,7 +208,27 @@ class Master:
         self.stopping = True  # before any worker's exit is seen, so none is respawned
         self._stop.set()
 
+    def _upgrade(self) -> None:
+        try:
+            if self.stopping:
+                raise UpgradeRefused("the service is stopping")
+            self.upgrades.request("SIGUSR2")
+        except UpgradeRefused as exc:
+            logger.warning("upgrade requested by SIGUSR2 refused: %s", exc)
+
+    def _handed_over(self) -> None:
+        """A new master serves: this one stops accepting, drains and exits 0 (no STOPPING=1: the service goes on)."""
+        self.stopping = True
+        self._stop.set()
+
+    def _write_pid_file(self) -> None:
+        try:
+            self.pid_file.write(self.settings.pid_file)
+        except OSError as exc:
+            raise PidFileError(f"cannot write pid_file {self.settings.pid_file}: {exc.strerror or exc}") from None
+
     async def _shutdown(self) -> None:
+        await self.upgrades.abort()  # a new master still coming up does not outlive this one
         self.stopping = True
         self.files.stop()
         for task in list(self._tasks):
@@ -300,6 +367,11 @@ class Master:
 
     def _apply(self, settings: Settings, number: int) -> None:
         """The master takes on the settings of the generation that now serves, and stamps its lines with it."""
+        if settings.pid_file != self.settings.pid_file:  # reloadable: the new file is written, ours removed
+            try:
+                self.pid_file.write(settings.pid_file)
+            except OSError as exc:
+                logger.error("cannot write pid_file %s: %s", settings.pid_file, exc.strerror or exc)
         self.settings = settings
         set_level(settings.log_level)
         set_generation(number)
@@ -341,5 +413,6 @@ class Master:
             watching_source=self.files.watch,
             watching_config=self.config_watch.watched(),
             template_pid=self.template.pid,
+            upgrade=self.upgrades.view(),
             rollback=self.rollback.view(),
         )

@@ -19,7 +19,14 @@ Three channels, one JSON object per message, UTF-8:
   older master never sends: so an older master never receives the event it would not know.
 - **control** (a worker or the CLI -> the master, a Unix socket in the runtime directory):
   JSON lines, one request and one answer per connection (`ReloadRequest` -> `ReloadAccepted`,
-  `StatusRequest` -> `StatusAnswer`, either -> `Refused`).
+  `UpgradeRequest` -> `UpgradeAccepted`, `StatusRequest` -> `StatusAnswer`, any -> `Refused`).
+  A master that predates `UpgradeRequest` refuses it as an unknown command: a clear error.
+- **handover** (an old master <-> the new master it started for a self-upgrade, a SOCK_SEQPACKET
+  socketpair; upgrade.py): the old master sends `HandoverOffer` with its listening sockets as
+  SCM_RIGHTS ancillary data; the new one answers `HandoverServing` once its first generation
+  serves, or `HandoverFailed`; the old one then confirms with `HandoverComplete` (it has told
+  systemd, and stops accepting). End-of-file: the peer is gone. The two masters run different
+  pypnm versions by design, so this channel follows the version rules below like the others.
 
 Versions. The processes on either end may run different pypnm code: the fork template is a
 fresh interpreter that imports pypnm as installed *now* (after `pip install -U pypnm` it is
@@ -58,7 +65,7 @@ VERSION_KEY = "v"
 # Larger than any message (a spawn request carries the worker spec; a status answer, 20 reloads).
 MAX_MESSAGE = 64 * 1024
 
-Channel = Literal["fork template", "worker", "control"]
+Channel = Literal["fork template", "worker", "control", "handover"]
 
 
 class ProtocolError(ValueError):
@@ -349,6 +356,15 @@ class ReloadRequest:
 
 
 @dataclass(frozen=True)
+class UpgradeRequest:
+    """Start a self-upgrade (a new master in a fresh interpreter); fields as ReloadRequest's."""
+
+    source: str = "control"
+    request_id: str | None = None
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
 class StatusRequest:
     """Ask for the master's status view."""
 
@@ -360,6 +376,13 @@ class ReloadAccepted:
     """The reload is queued (or joined the queued one); its id."""
 
     reload_id: str
+
+
+@dataclass(frozen=True)
+class UpgradeAccepted:
+    """The upgrade started (or one already running was joined); its id."""
+
+    upgrade_id: str
 
 
 @dataclass(frozen=True)
@@ -376,8 +399,8 @@ class Refused:
     error: str
 
 
-ControlRequest = ReloadRequest | StatusRequest
-ControlAnswer = ReloadAccepted | StatusAnswer | Refused
+ControlRequest = ReloadRequest | UpgradeRequest | StatusRequest
+ControlAnswer = ReloadAccepted | UpgradeAccepted | StatusAnswer | Refused
 ControlMessage = ControlRequest | ControlAnswer
 
 
@@ -390,10 +413,18 @@ def encode_control(message: ControlMessage) -> bytes:
                 body["request_id"] = request_id
             if deadline is not None:
                 body["deadline"] = deadline
+        case UpgradeRequest(source=source, request_id=request_id, deadline=deadline):
+            body = {"cmd": "upgrade", "source": source}
+            if request_id is not None:
+                body["request_id"] = request_id
+            if deadline is not None:
+                body["deadline"] = deadline
         case StatusRequest(deadline=deadline):
             body = {"cmd": "status"} if deadline is None else {"cmd": "status", "deadline": deadline}
         case ReloadAccepted(reload_id=reload_id):
             body = {"reload_id": reload_id}
+        case UpgradeAccepted(upgrade_id=upgrade_id):
+            body = {"upgrade_id": upgrade_id}
         case StatusAnswer(status=status):
             body = dict(status)
         case Refused(error=error):
@@ -408,9 +439,10 @@ def decode_control(line: bytes) -> ControlMessage:
     if "cmd" in body:
         command = body["cmd"]
         deadline = _deadline(body)
-        if command == "reload":
+        if command in ("reload", "upgrade"):
             request_id = body.get("request_id")
-            return ReloadRequest(
+            kind = ReloadRequest if command == "reload" else UpgradeRequest
+            return kind(
                 source=str(body.get("source", "control")),
                 request_id=str(request_id) if request_id else None,
                 deadline=deadline,
@@ -422,9 +454,93 @@ def decode_control(line: bytes) -> ControlMessage:
         return Refused(str(body["error"]))
     if "reload_id" in body:
         return ReloadAccepted(_get(body, "reload_id", str, channel))
+    if "upgrade_id" in body:
+        return UpgradeAccepted(_get(body, "upgrade_id", str, channel))
     if "reload_state" in body:  # the view, without the channel's "v" (_load took it out)
         return StatusAnswer(body)
     raise ProtocolError(channel, f"unknown message with fields {sorted(body)}")
+
+
+# ----- handover channel (self-upgrade: old master <-> new master) -----------------------------------
+
+
+@dataclass(frozen=True)
+class HandoverOffer:
+    """old -> new, first: who hands over, and where it listened; the listening sockets travel beside it.
+
+    `host`/`port` are the old master's settings: the new master binds anew when its own differ
+    (unless `activated`: the sockets came from systemd and the settings do not choose them).
+    """
+
+    upgrade_id: str
+    source: str
+    requested_at: str
+    pid: int
+    version: str
+    host: str
+    port: int
+    activated: bool = False
+
+
+@dataclass(frozen=True)
+class HandoverServing:
+    """new -> old: its first generation serves; the old master may stop accepting and leave."""
+
+    pid: int
+    version: str
+
+
+@dataclass(frozen=True)
+class HandoverFailed:
+    """new -> old: it cannot serve (and exits); `reason` is what the upgrade records."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class HandoverComplete:
+    """old -> new: systemd was told the new main pid, and the old master stops accepting now."""
+
+
+HandoverMessage = HandoverOffer | HandoverServing | HandoverFailed | HandoverComplete
+
+
+def encode_handover(message: HandoverMessage) -> bytes:
+    """One datagram (SOCK_SEQPACKET keeps the boundary)."""
+    match message:
+        case HandoverOffer():
+            body: dict[str, Any] = {"handover": "offer", **asdict(message)}
+        case HandoverServing(pid=pid, version=version):
+            body = {"handover": "serving", "pid": pid, "version": version}
+        case HandoverFailed(reason=reason):
+            body = {"handover": "failed", "reason": reason}
+        case HandoverComplete():
+            body = {"handover": "complete"}
+    return _dump(body)
+
+
+def decode_handover(data: bytes) -> HandoverMessage:
+    channel: Channel = "handover"
+    body = _load(data, channel)
+    kind = _get(body, "handover", str, channel)
+    if kind == "offer":
+        return HandoverOffer(
+            upgrade_id=_get(body, "upgrade_id", str, channel),
+            source=_get(body, "source", str, channel),
+            requested_at=_get(body, "requested_at", str, channel),
+            pid=_get(body, "pid", int, channel),
+            version=_get(body, "version", str, channel),
+            host=_get(body, "host", str, channel),
+            port=_get(body, "port", int, channel),
+            activated=body.get("activated") is True,
+        )
+    if kind == "serving":
+        return HandoverServing(_get(body, "pid", int, channel), _get(body, "version", str, channel))
+    if kind == "failed":
+        return HandoverFailed(_get(body, "reason", str, channel))
+    if kind == "complete":
+        return HandoverComplete()
+    raise ProtocolError(channel, f"unknown message {kind!r}")
 
 
 # ----- framing and fields ------------------------------------------------------------------------

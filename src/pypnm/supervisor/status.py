@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
+import pypnm
 from pypnm.settings import Settings, SettingsError
 from pypnm.supervisor.build import DEFAULT_APP
 from pypnm.supervisor.lifecycle import Generations
@@ -42,6 +43,7 @@ def status_view(
     watching_source: bool,
     watching_config: list[str],
     template_pid: int | None,
+    upgrade: dict[str, Any] | None = None,
     rollback: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     serving = generations.serving
@@ -58,9 +60,11 @@ def status_view(
         "last_reload": queue.history[-1].as_dict() if queue.history else None,
         "pending_reload": queue.pending.id if queue.pending else None,
         "reloads": [r.as_dict() for r in reversed(queue.records())],
+        "upgrade": upgrade,  # the running self-upgrade, else the last one (upgrade.py)
         "rollback_watch": rollback,  # the generation in its rollback_window (rollback.py), else None
         "master": {
             "pid": os.getpid(),
+            "version": pypnm.__version__,  # the master's own pypnm; a self-upgrade changes it
             "started_at": started_at,
             "app": app,
             "route_module_file": str(route_file),

@@ -6,6 +6,10 @@ Notifications (sd_notify(3)): when `NOTIFY_SOCKET` is set, `Notifier` sends data
 - for every reload, `RELOADING=1` with `MONOTONIC_USEC=<CLOCK_MONOTONIC now, µs>` when it starts,
   then `READY=1` when it ends, each with a `STATUS=` naming the serving generation and the outcome;
 - `STOPPING=1` when the master starts to stop (nothing after it: systemd ignores a READY=1 then);
+- on a self-upgrade (upgrade.py), the old master sends `MAINPID=<new master>` once the new one
+  serves, and nothing after it; the new master, started with NOTIFY_SOCKET and WATCHDOG_USEC,
+  stays silent until then (`defer_until_main`: with `NotifyAccess=main` systemd refuses
+  notifications from any other pid), then sends `READY=1` and pings the watchdog;
 - `WATCHDOG=1` every `WATCHDOG_USEC`/2 when `WATCHDOG_USEC` is set (and `WATCHDOG_PID` is unset or
   the master's pid), from a task on the master's event loop: a loop that hangs stops the pings, and
   systemd stops the service (and starts it again with Restart=on-failure). The pings end with
@@ -135,6 +139,7 @@ class Notifier:
         self._failing = False
         self._serving = False  # READY=1 sent for the first generation
         self._stopping = False
+        self._deferred = False  # a new master of an upgrade, not yet the main pid
         self._watchdog: asyncio.Task[None] | None = None
 
     @property
@@ -170,6 +175,34 @@ class Notifier:
             outcome = f"reload {record.id} failed: {record.reason}"
         self._send("READY=1", f"STATUS=generation {serving} serving; {outcome}")
 
+    def defer_until_main(self) -> None:
+        """A new master of an upgrade: say nothing until `became_main` (the old master is the main pid)."""
+        self._deferred = True
+        self._serving = True  # the service is up: its first generation's end is a reload's to systemd
+
+    def became_main(self, serving: int | None, status: str) -> None:
+        """The old master has made this one the main pid: notifications go through from now on."""
+        if self._deferred:
+            self._deferred = False
+            self._send("READY=1", f"STATUS=generation {serving} serving; {status}")
+
+    def handed_over(self, pid: int, status: str) -> None:
+        """The old master's last word: `pid` is the main process now; nothing is sent after it."""
+        self._send(f"MAINPID={pid}", f"STATUS={status}")
+        self._stopping = True  # no STOPPING=1 from here: the service goes on
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def successor_env(self) -> dict[str, str]:
+        """The variables a new master needs to notify in the service's name (take_notifier removed ours)."""
+        if self.address is None:
+            return {}
+        raw = "@" + self.address[1:] if self.address.startswith("\0") else self.address
+        env = {"NOTIFY_SOCKET": raw}
+        if self.watchdog_usec:
+            env["WATCHDOG_USEC"] = str(self.watchdog_usec)
+        return env
+
     def stopping(self, serving: int | None) -> None:
         what = f"draining generation {serving}" if serving is not None else "nothing serves"
         self._send("STOPPING=1", f"STATUS=stopping: {what}")
@@ -185,7 +218,7 @@ class Notifier:
     async def _ping(self) -> None:
         interval = self.watchdog_usec / 2e6 if self.watchdog_usec else 0.0
         while not self._stopping:
-            if not self._backlog:
+            if not self._backlog and not self._deferred:
                 with contextlib.suppress(BlockingIOError):
                     self._sendto("WATCHDOG=1")
             await asyncio.sleep(interval)
@@ -194,7 +227,7 @@ class Notifier:
 
     def _send(self, *fields: str) -> None:
         """Queue one state change for systemd and send what the receiver has room for."""
-        if self.address is None or self._stopping:
+        if self.address is None or self._stopping or self._deferred:
             return
         message = "\n".join(
             f"STATUS={status_text(f[len('STATUS=') :])}" if f.startswith("STATUS=") else f for f in fields

@@ -77,3 +77,11 @@ ANSWER_MARGIN = 0.5
 CONTROL_READ = 5.0
 # The runtime-directory sweep probes an old master's control socket; a live one accepts at once.
 CONTROL_PROBE = 1.0
+
+# ----- self-upgrade (upgrade.py) ------------------------------------------------------------------
+# A new master gets reload_timeout for its first generation, like a reload, plus this to start: a
+# fresh interpreter importing pypnm and starting its fork template (TEMPLATE_START's cold imports).
+UPGRADE_START = 60.0
+# Each step of the handover between two live masters (the offer, the confirmation) takes
+# milliseconds; a peer silent for this long is hung or gone.
+HANDOVER_ANSWER = 10.0

@@ -1,8 +1,8 @@
 """What asks the master for a reload or a stop: signals, the control channel, and files.
 
-- Signals: SIGHUP asks for a reload; SIGTERM and SIGINT for a graceful stop; SIGUSR1
-  (logrotate's `postrotate`) reopens the log file here and in the fork template and the
-  workers (logfile.py).
+- Signals: SIGHUP asks for a reload; SIGUSR2 for a self-upgrade (upgrade.py); SIGTERM and
+  SIGINT for a graceful stop; SIGUSR1 (logrotate's `postrotate`) reopens the log file here
+  and in the fork template and the workers (logfile.py).
 - The control channel (`control_handler`): a reload request (the HTTP endpoint, the CLI)
   is queued unless the service is stopping or the request's deadline has passed; a status
   request is answered with the master's status view.
@@ -34,6 +34,7 @@ from pypnm.supervisor import control, protocol
 from pypnm.supervisor.build import DEFAULT_APP
 from pypnm.supervisor.logfile import reopen_log_files
 from pypnm.supervisor.reloads import ReloadDropped, ReloadQueue
+from pypnm.supervisor.upgrade import UpgradeRecord, UpgradeRefused
 
 logger = logging.getLogger("pypnm.supervisor.master")
 
@@ -44,6 +45,7 @@ def install_signals(
     on_reload: Callable[[str], object],
     on_stop: Callable[[int], object],
     log_writers: Callable[[], Iterable[int | None]],
+    on_upgrade: Callable[[], object] | None = None,
 ) -> None:
     """Route the process's signals to the master's loop (call from inside it).
 
@@ -55,21 +57,35 @@ def install_signals(
         loop.add_signal_handler(signum, on_stop, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload, "SIGHUP")
     loop.add_signal_handler(signal.SIGUSR1, reopen_log_files, log_writers)
+    if on_upgrade is not None:
+        loop.add_signal_handler(signal.SIGUSR2, on_upgrade)
 
 
 def control_handler(
-    queue: ReloadQueue, stopping: Callable[[], bool], status: Callable[[], dict[str, Any]]
+    queue: ReloadQueue,
+    stopping: Callable[[], bool],
+    status: Callable[[], dict[str, Any]],
+    upgrade: Callable[[str], UpgradeRecord] | None = None,
 ) -> control.Handler:
     """How the master answers its control channel."""
 
     async def answer(request: protocol.ControlRequest) -> protocol.ControlAnswer:
-        if not isinstance(request, protocol.ReloadRequest):
+        if isinstance(request, protocol.StatusRequest):
             return protocol.StatusAnswer(status())
         if stopping():
             return protocol.Refused("the service is stopping")
         source = request.source
         if request.request_id:
             source += f" (request {request.request_id})"  # ties the master's log to the access log
+        if isinstance(request, protocol.UpgradeRequest):
+            if upgrade is None:
+                return protocol.Refused("this master does not upgrade itself")
+            if control.expired_by(request.deadline) is not None:
+                return protocol.Refused("the request arrived after its caller stopped waiting: not started")
+            try:
+                return protocol.UpgradeAccepted(upgrade(source).id)
+            except UpgradeRefused as exc:
+                return protocol.Refused(str(exc))
         try:
             return protocol.ReloadAccepted(queue.request(source, request.deadline).id)
         except ReloadDropped as exc:  # its caller already answered "not started": a retry must not reload twice

@@ -1,0 +1,468 @@
+"""Self-upgrade: a new master, in a fresh interpreter, takes the listening sockets over from this one.
+
+`SIGUSR2` to the master, or `pypnm upgrade` (the System Operation `GET .../upgrade`, through the
+control channel), starts `python -m pypnm` again with the same command line, in a session of its
+own, so it runs whatever pypnm, FastAPI, uvicorn, ... are installed *now*. The two masters speak
+protocol.py's "handover" channel over a SOCK_SEQPACKET socketpair, the only descriptor the new one
+inherits (named by `HANDOVER_ENV`):
+
+    old                                            new
+    HandoverOffer + the listening sockets    ->    takes them (or binds anew: host/port changed)
+                                                   builds and validates generation 1, like a reload
+                                             <-    HandoverServing (its generation accepts)
+    MAINPID=<new> to systemd
+    HandoverComplete                         ->    writes pid_file; notifies systemd from now on
+    stops accepting, drains, exits 0               serves on
+
+While both serve, both accept on the same sockets, exactly as the two generations of a reload's
+swap do, so no connection is refused. Anything else ends the upgrade as failed, with the reason,
+and the old master serves on: the new one says `HandoverFailed` (its settings, its sockets or its
+generation failed), or exits first (the reason is the exception it died of: `BOOTSTRAP` reports
+one that escapes even an import of the new install), or does not serve within `reload_timeout`
+plus `UPGRADE_START` (it is stopped). A stop of the old master while the new one is coming up stops
+the new one too (`abort`): neither master is left behind by the other.
+
+Why the sockets travel as SCM_RIGHTS rather than systemd's `LISTEN_FDS`/`LISTEN_PID`: `LISTEN_PID`
+must name the new process, whose pid exists only after the fork, and setting it there needs a
+`preexec_fn`, which is unsafe in a process with threads (the master has some). The new master's
+`activated` flag still says when the sockets were systemd's. systemd: with `NotifyAccess=main`
+(deploy/systemd) only the main pid may notify, so the *old* master sends `MAINPID=<new>` on the
+new one's behalf, and the new one stays silent until `HandoverComplete` (`Notifier.defer_until_main`).
+
+`PidFile` is the `pid_file` setting: written atomically (a temporary file renamed over it), by a
+fresh master at start and by a new master once it took over, and removed at a clean stop only
+while it still names this process (after a handover it names the successor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pypnm
+from pypnm.identity import utc_now
+from pypnm.settings import Settings
+from pypnm.supervisor import protocol
+from pypnm.supervisor.protocol import (
+    HandoverComplete,
+    HandoverFailed,
+    HandoverOffer,
+    HandoverServing,
+)
+from pypnm.supervisor.systemd import Notifier
+from pypnm.supervisor.timeouts import AFTER_KILL, HANDOVER_ANSWER, UPGRADE_START
+
+logger = logging.getLogger("pypnm.supervisor.master")
+
+HANDOVER_ENV = "PYPNM_HANDOVER_FD"  # the new master's end of the handover channel; taken out of the environment
+BOOTSTRAP_ENV = "PYPNM_HANDOVER_BOOTSTRAP"  # BOOTSTRAP, run by a one-line `-c` (keeps `ps` readable)
+MAX_LISTENERS = 16  # systemd may pass several sockets; far more than anyone configures
+
+# The new master's entry point: `python -m pypnm ARGS`, plus one thing the new install cannot do for
+# itself when it is broken: report the exception that kills it (say a SyntaxError in a module it
+# imports) to the old master, as a HandoverFailed in this (old) master's encoding. Standard library only.
+_FAILED = json.loads(protocol.encode_handover(HandoverFailed("")))
+BOOTSTRAP = f"""\
+import json, os, runpy, sys
+os.environ.pop({BOOTSTRAP_ENV!r}, None)
+try:
+    report = os.dup(int(os.environ[{HANDOVER_ENV!r}]))
+except (KeyError, ValueError, OSError):
+    report = None
+try:
+    runpy.run_module("pypnm", run_name="__main__", alter_sys=True)
+except (SystemExit, KeyboardInterrupt):
+    raise
+except BaseException as exc:
+    if report is not None:
+        body = dict({_FAILED!r}, reason=f"the new master died: {{type(exc).__name__}}: {{exc}}")
+        try:
+            os.write(report, json.dumps(body).encode())
+        except OSError:
+            pass
+    raise
+"""
+
+
+class HandoverError(Exception):
+    """The handover channel is unusable (the new master's side); one line for the operator."""
+
+
+class PidFileError(Exception):
+    """The pid_file cannot be written; one line for the operator."""
+
+
+class UpgradeRefused(Exception):
+    """An upgrade cannot start now; the message says why."""
+
+
+@dataclass
+class UpgradeRecord:
+    """One self-upgrade, as `/status` shows it under `upgrade`."""
+
+    source: str
+    from_pid: int
+    from_version: str
+    id: str = field(default_factory=lambda: "u" + uuid.uuid4().hex[:11])
+    requested_at: str = field(default_factory=utc_now)
+    to_pid: int | None = None
+    to_version: str | None = None
+    outcome: Literal["succeeded", "failed"] | None = None
+    reason: str | None = None
+    finished_at: str | None = None
+
+    def finish(self, outcome: Literal["succeeded", "failed"], reason: str | None = None) -> None:
+        self.outcome, self.reason, self.finished_at = outcome, reason, utc_now()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source": self.source,
+            "requested_at": self.requested_at,
+            "finished_at": self.finished_at,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "from": {"pid": self.from_pid, "version": self.from_version},
+            "to": {"pid": self.to_pid, "version": self.to_version} if self.to_pid else None,
+        }
+
+
+# ----- the old master's side ---------------------------------------------------------------------
+
+
+class Upgrades:
+    """Starts new masters and hands over to the first that serves; one upgrade at a time."""
+
+    def __init__(
+        self,
+        command: list[str],
+        listeners: list[socket.socket],
+        settings: Callable[[], Settings],
+        notifier: Notifier,
+        *,
+        activated: bool,
+        serving: Callable[[], bool],
+        on_handed_over: Callable[[], None],
+        spawn_task: Callable[[Any], asyncio.Task[Any]],
+    ) -> None:
+        self.command = command  # `pypnm ...` as this master was started, without the interpreter
+        self.listeners = listeners
+        self._settings = settings
+        self.notifier = notifier
+        self.activated = activated
+        self._serving = serving  # the first generation serves: there is something to hand over
+        self._on_handed_over = on_handed_over
+        self._spawn_task = spawn_task
+        self.current: UpgradeRecord | None = None
+        self.last: UpgradeRecord | None = None  # the running one, else the last that ended (or the one we came from)
+        self.handed_over = False
+        self._aborted = False
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def request(self, source: str) -> UpgradeRecord:
+        """Start an upgrade, or join the one running; UpgradeRefused when there is nothing to hand over."""
+        if self.current is not None:
+            logger.info("upgrade requested by %s: joined upgrade %s, which is running", source, self.current.id)
+            return self.current
+        if self.handed_over:
+            raise UpgradeRefused("this master has handed over to a new one and is stopping")
+        if not self._serving():
+            raise UpgradeRefused("nothing serves yet: wait until the first generation serves")
+        record = UpgradeRecord(source, os.getpid(), pypnm.__version__)
+        self.current = self.last = record
+        logger.info("upgrade %s requested by %s: starting a new master", record.id, source)
+        self._spawn_task(self._run(record))
+        return record
+
+    def view(self) -> dict[str, Any] | None:
+        return self.last.as_dict() if self.last else None
+
+    async def abort(self) -> None:
+        """This master stops: a new master still coming up is stopped too (and waited for)."""
+        process = self._process
+        if process is None or process.poll() is not None or self.handed_over:
+            return
+        logger.warning("upgrade aborted: this master stops; stopping the new master pid=%d", process.pid)
+        self._aborted = True
+        process.send_signal(signal.SIGTERM)
+        await _wait_exit(process, self._settings().graceful_timeout + AFTER_KILL)
+
+    async def _run(self, record: UpgradeRecord) -> None:
+        self._process = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            try:
+                process = self._start(theirs)
+            finally:
+                theirs.close()
+            record.to_pid = process.pid
+            ours.setblocking(False)
+            offer = HandoverOffer(
+                upgrade_id=record.id,
+                source=record.source,
+                requested_at=record.requested_at,
+                pid=os.getpid(),
+                version=pypnm.__version__,
+                host=self._settings().host,
+                port=self._settings().port,
+                activated=self.activated,
+            )
+            socket.send_fds(ours, [protocol.encode_handover(offer)], [sock.fileno() for sock in self.listeners])
+            timeout = self._settings().reload_timeout + UPGRADE_START
+            answer = await self._answer(ours, process, timeout)
+            if isinstance(answer, HandoverServing):
+                record.to_version = answer.version
+                self._hand_over(record, ours, answer)
+                return
+            await self._stop(process)
+            self._failed(record, answer)
+        except OSError as exc:  # the interpreter cannot be started, or the channel broke
+            self._failed(record, f"cannot start the new master: {exc.strerror or exc}")
+            if self._process is not None:
+                await self._stop(self._process)
+        finally:
+            ours.close()
+            self.current = None
+
+    def _start(self, channel: socket.socket) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            HANDOVER_ENV: str(channel.fileno()),
+            BOOTSTRAP_ENV: BOOTSTRAP,
+            **self.notifier.successor_env(),
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-c", f"import os; exec(os.environ[{BOOTSTRAP_ENV!r}])", *self.command],
+            env=env,
+            pass_fds=[channel.fileno()],
+            stdin=subprocess.DEVNULL,
+            # Its own session: it outlives this master, and a terminal's SIGINT is for this one alone.
+            start_new_session=True,
+        )
+        self._process = process
+        logger.info(
+            "upgrade %s: new master started pid=%d (%s -m pypnm)", self.current_id(), process.pid, sys.executable
+        )
+        return process
+
+    def current_id(self) -> str | None:
+        return self.current.id if self.current else None
+
+    async def _answer(
+        self, channel: socket.socket, process: subprocess.Popen[bytes], timeout: float
+    ) -> HandoverServing | str:
+        """The new master's HandoverServing, or the reason it will not serve."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(channel, protocol.MAX_MESSAGE), 0.25)
+            except TimeoutError:
+                if process.poll() is not None:  # it died without a word (or its word is still queued)
+                    with contextlib.suppress(BlockingIOError):
+                        data = channel.recv(protocol.MAX_MESSAGE)
+                        if data:
+                            return self._read(data)
+                    return f"the new master exited ({_ended(process.returncode)}) before serving; see its log lines"
+                continue
+            if not data:
+                code = await _wait_exit(process, AFTER_KILL, kill=False)
+                return f"the new master exited ({_ended(code)}) before serving; see its log lines"
+            return self._read(data)
+        return f"the new master did not serve within {timeout:g}s (reload_timeout + {UPGRADE_START:g}s to start)"
+
+    @staticmethod
+    def _read(data: bytes) -> HandoverServing | str:
+        try:
+            message = protocol.decode_handover(data)
+        except protocol.ProtocolError as exc:
+            return str(exc)
+        if isinstance(message, HandoverServing):
+            return message
+        if isinstance(message, HandoverFailed):
+            return message.reason
+        return f"the new master sent {type(message).__name__} instead of an answer"
+
+    def _hand_over(self, record: UpgradeRecord, channel: socket.socket, serving: HandoverServing) -> None:
+        self.handed_over = True
+        record.finish("succeeded")
+        # Before HandoverComplete: the new master notifies systemd only once it is the main pid.
+        self.notifier.handed_over(serving.pid, f"upgraded: pid {serving.pid} (pypnm {serving.version}) serving")
+        with contextlib.suppress(OSError):
+            channel.send(protocol.encode_handover(HandoverComplete()))
+        logger.info(
+            "upgrade %s succeeded: new master pid=%d (pypnm %s) serving; pid=%d (pypnm %s) stops accepting and drains",
+            record.id,
+            serving.pid,
+            serving.version,
+            os.getpid(),
+            pypnm.__version__,
+        )
+        self._on_handed_over()
+
+    def _failed(self, record: UpgradeRecord, reason: str) -> None:
+        if self._aborted:
+            record.finish("failed", "aborted: this master was stopped before the new one served")
+            return  # abort() said so in the log
+        record.finish("failed", reason)
+        logger.error("upgrade %s failed: %s; this master pid=%d keeps serving", record.id, reason, os.getpid())
+
+    async def _stop(self, process: subprocess.Popen[bytes]) -> None:
+        """The new master leaves, whatever state it is in: SIGTERM (it stops its own workers), then SIGKILL."""
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        await _wait_exit(process, self._settings().graceful_timeout + AFTER_KILL)
+
+
+async def _wait_exit(process: subprocess.Popen[bytes], timeout: float, *, kill: bool = True) -> int | None:
+    """Its exit code once it ended (reaped); SIGKILL after `timeout` (unless `kill` is False: None)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while process.poll() is None and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if process.poll() is None and kill:
+        process.kill()
+        await asyncio.to_thread(process.wait, AFTER_KILL)
+    return process.returncode
+
+
+def _ended(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+# ----- the new master's side ----------------------------------------------------------------------
+
+
+class Successor:
+    """A master started by an upgrade: the old master's offer, its sockets, and the answers owed to it."""
+
+    def __init__(self, channel: socket.socket, offer: HandoverOffer, inherited: list[socket.socket]) -> None:
+        self.channel = channel
+        self.offer = offer
+        self.inherited = inherited
+        self.record = UpgradeRecord(
+            offer.source, offer.pid, offer.version, id=offer.upgrade_id, requested_at=offer.requested_at
+        )
+        self.record.to_pid, self.record.to_version = os.getpid(), pypnm.__version__
+
+    @classmethod
+    def take(cls) -> Successor | None:
+        """The handover this process was started for (HANDOVER_ENV), or None; HandoverError if unusable."""
+        raw = os.environ.pop(HANDOVER_ENV, None)
+        if raw is None:
+            return None
+        try:
+            channel = socket.socket(fileno=int(raw))
+            channel.set_inheritable(False)
+            channel.settimeout(HANDOVER_ANSWER)
+            data, fds, _, _ = socket.recv_fds(channel, protocol.MAX_MESSAGE, MAX_LISTENERS)
+        except (ValueError, OSError) as exc:
+            raise HandoverError(f"{HANDOVER_ENV}={raw}: no handover from an old master: {exc}") from None
+        inherited = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            offer = protocol.decode_handover(data)
+        except protocol.ProtocolError as exc:
+            raise HandoverError(str(exc)) from None
+        if not isinstance(offer, HandoverOffer) or not inherited:
+            raise HandoverError(f"expected an offer with the listening sockets, got {type(offer).__name__}")
+        logger.info("upgrade %s: taking over from master pid=%d (pypnm %s)", offer.upgrade_id, offer.pid, offer.version)
+        return cls(channel, offer, inherited)
+
+    def listeners(self, settings: Settings, bind: Callable[[str, int], list[socket.socket]]) -> list[socket.socket]:
+        """The old master's sockets, unless this master's host or port differ (then new ones; OSError if not)."""
+        offer = self.offer
+        if offer.activated or (settings.host, settings.port) == (offer.host, offer.port):
+            return self.inherited
+        listeners = bind(settings.host, settings.port)
+        logger.warning(
+            "upgrade %s: host/port changed (%s:%d -> %s:%d): listening anew; the old one closes with the old master",
+            offer.upgrade_id,
+            offer.host,
+            offer.port,
+            settings.host,
+            settings.port,
+        )
+        for sock in self.inherited:
+            sock.close()
+        return listeners
+
+    def failed(self, reason: str) -> None:
+        """Tell the old master that this one will not serve (it exits next)."""
+        with contextlib.suppress(OSError):
+            self.channel.send(protocol.encode_handover(HandoverFailed(reason)))
+
+    async def took_over(self, generation: int | None) -> None:
+        """The first generation serves: say so, and wait (bounded) until the old master has let go."""
+        loop = asyncio.get_running_loop()
+        self.channel.setblocking(False)
+        try:
+            await loop.sock_sendall(
+                self.channel, protocol.encode_handover(HandoverServing(os.getpid(), pypnm.__version__))
+            )
+            data = await asyncio.wait_for(loop.sock_recv(self.channel, protocol.MAX_MESSAGE), HANDOVER_ANSWER)
+            answer = protocol.decode_handover(data) if data else None
+        except (OSError, TimeoutError, protocol.ProtocolError) as exc:
+            answer = None
+            logger.warning("upgrade %s: no word from the old master (%s); serving on", self.offer.upgrade_id, exc)
+        finally:
+            self.channel.close()
+        self.record.finish("succeeded")
+        logger.info(
+            "upgrade %s: generation %s serving; master pid=%d (pypnm %s) took over from pid=%d (pypnm %s)%s",
+            self.offer.upgrade_id,
+            generation,
+            os.getpid(),
+            pypnm.__version__,
+            self.offer.pid,
+            self.offer.version,
+            "" if isinstance(answer, HandoverComplete) else " (the old master did not confirm)",
+        )
+
+
+# ----- pid_file ------------------------------------------------------------------------------------
+
+
+class PidFile:
+    """The `pid_file` setting: this master's pid, for scripts and process managers."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def write(self, path: Path | None) -> None:
+        """Write (atomically) our pid to `path`, and remove the previous file if it was another one; OSError."""
+        if path is not None:
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                temporary.write_text(f"{os.getpid()}\n")
+                os.replace(temporary, path)
+            except OSError:
+                temporary.unlink(missing_ok=True)
+                raise
+        if self.path is not None and self.path != path:
+            self.remove()
+        self.path = path
+
+    def remove(self) -> None:
+        """Remove the file if it still names this process (after a handover it names the new master)."""
+        if self.path is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if int(self.path.read_text().strip()) == os.getpid():
+                self.path.unlink()
+        self.path = None
