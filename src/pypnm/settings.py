@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     # Seconds a serving worker's event loop may leave the master's heartbeat unanswered before the
     # worker counts as hung and is replaced (the new one first), then killed. 0 turns the check off.
     worker_timeout: float = Field(30.0, ge=0, le=3600)
+    # How a reload imports the new code: `incremental` re-imports only the modules whose files changed and
+    # their importers, in a zygote forked from the serving generation's; `clean` imports it all in a fresh
+    # one. None: incremental with --reload (development), clean otherwise (supervisor/import_graph.py).
+    reload_import: Literal["incremental", "clean"] | None = None
     reload_dirs: list[Path] = Field(default_factory=list)
     reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])

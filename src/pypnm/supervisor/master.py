@@ -32,6 +32,7 @@ from pypnm.supervisor import build, control, status
 from pypnm.supervisor.build import DEFAULT_APP
 from pypnm.supervisor.config_watch import ConfigWatch, as_given
 from pypnm.supervisor.generation import CandidateFailed
+from pypnm.supervisor.import_graph import CodeScan, ImportScanner
 from pypnm.supervisor.lifecycle import Generations
 from pypnm.supervisor.metrics import MasterMetrics
 from pypnm.supervisor.reloads import ReloadOutcome, ReloadQueue, ReloadRecord
@@ -72,6 +73,7 @@ class Master:
         self.overrides = overrides or {}
         self.locator = SourceLocator(app)
         self.compiler = Compiler()
+        self.imports = ImportScanner()  # the snapshots' import graphs, for incremental imports
         # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
         self.runtime = RuntimeDir.create(settings.runtime_dir)
         self.metrics = MasterMetrics.start(self.runtime.path)  # before the fork template starts: it inherits the dir
@@ -187,7 +189,14 @@ class Master:
         try:
             snapshot, settings, tls_warnings = await self._build(number)
             spec = build.supervised_spec(self.app, number, snapshot, settings, self.overrides, self.control_path)
-            ready = await self.generations.validate(number, snapshot, spec, settings.workers, settings.reload_timeout)
+            code = self._scan(snapshot, settings)
+            try:
+                ready = await self.generations.validate(
+                    number, snapshot, spec, settings.workers, settings.reload_timeout, code
+                )
+            finally:
+                candidate = self.generations.candidate
+                record.import_ = candidate.imported if candidate is not None else None
             record.warnings = tls_warnings + build.restart_only_changes(self.settings, ready)
             record.validated()
             logger.info(
@@ -236,6 +245,17 @@ class Master:
             snapshot.remove()  # no candidate owns it yet, so no discard() would
             raise
         return snapshot, settings, tls_warnings
+
+    def _scan(self, snapshot: Snapshot, settings: Settings) -> CodeScan | None:
+        """The snapshot's import graph when the generation's code is to be imported incrementally."""
+        mode = settings.reload_import or ("incremental" if self.files.watch else "clean")
+        if mode == "clean":
+            return None
+        try:
+            return self.imports.scan(snapshot.directory, snapshot.packages)
+        except (OSError, SyntaxError, ValueError) as exc:  # a file gone mid-read: this reload imports clean
+            logger.warning("cannot read the import graph of %s: %s", snapshot.directory, exc)
+            return None
 
     def _apply(self, settings: Settings, number: int) -> None:
         """The master takes on the settings of the generation that now serves, and stamps its lines with it."""

@@ -63,6 +63,9 @@ class ReloadRecord:
     finished_at: str | None = None
     duration_ms: float | None = None
     validated_ms: float | None = None  # start -> candidate validated; the rest of duration_ms is the swap
+    # How the candidate's code was imported: {"mode": "incremental", "reimported": N} or
+    # {"mode": "clean"} (with "reason" when incremental was asked for); shown as "import".
+    import_: dict[str, Any] | None = None
     _phase: ReloadPhase | None = field(default=None, repr=False)
     _requested_monotonic: float = field(default_factory=time.monotonic, repr=False)  # for the metrics' durations
     _t0: float = field(default=0.0, repr=False)
@@ -99,7 +102,7 @@ class ReloadRecord:
         await self._finished.wait()
 
     def as_dict(self) -> dict[str, Any]:
-        shown = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        shown = {k.rstrip("_"): v for k, v in self.__dict__.items() if not k.startswith("_")}
         if self.outcome is not None:
             shown["outcome"] = self.outcome.value
         return shown
