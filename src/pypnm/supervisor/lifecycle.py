@@ -12,7 +12,7 @@ stops answering heartbeats for `worker_timeout` (hung), the replacement first, t
 At most `max_draining_generations` generations drain at once: a swap beyond that closes the
 oldest one early, and the next candidate is brought up only once it is gone, so the service
 never runs more than `workers * (2 + max_draining_generations)` workers (the largest `workers` among them:
-a reload may change the count).
+a reload may change the count), and one zygote per generation.
 
 It logs under the master's logger name for the lines operators grep ("generation N drained",
 "stopped early", "worker exited", "worker hung", "worker killed", "respawned").

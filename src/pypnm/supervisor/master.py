@@ -10,8 +10,9 @@ One asyncio loop handles everything that can happen to the service. A reload, to
     drain    the old generation finishes its requests and leaves
     record   the outcome, in the reload's record; /status shows it (status.py), systemd hears it (systemd.py)
 
-The master never imports the application: it copies and compiles the code and leaves
-importing it to the candidate workers, so it can always load new code. The protocol its
+The master never imports the application: it copies and compiles the code (and, for an
+incremental import, reads its import graph: import_graph.py) and leaves importing it to the
+candidate's zygote, which forks the workers (template.py), so it can always load new code. The protocol its
 processes speak is in protocol.py; every fixed timeout in timeouts.py.
 """
 
@@ -189,7 +190,7 @@ class Master:
         try:
             snapshot, settings, tls_warnings = await self._build(number)
             spec = build.supervised_spec(self.app, number, snapshot, settings, self.overrides, self.control_path)
-            code = self._scan(snapshot, settings)
+            code = await self._scan(snapshot, settings)
             try:
                 ready = await self.generations.validate(
                     number, snapshot, spec, settings.workers, settings.reload_timeout, code
@@ -246,13 +247,17 @@ class Master:
             raise
         return snapshot, settings, tls_warnings
 
-    def _scan(self, snapshot: Snapshot, settings: Settings) -> CodeScan | None:
-        """The snapshot's import graph when the generation's code is to be imported incrementally."""
+    async def _scan(self, snapshot: Snapshot, settings: Settings) -> CodeScan | None:
+        """The snapshot's import graph when the generation's code is to be imported incrementally.
+
+        In a thread: the first scan parses every module (a few hundred milliseconds for a large
+        app), which the master's loop must not wait for; later ones parse only changed files.
+        """
         mode = settings.reload_import or ("incremental" if self.files.watch else "clean")
         if mode == "clean":
             return None
         try:
-            return self.imports.scan(snapshot.directory, snapshot.packages)
+            return await asyncio.to_thread(self.imports.scan, snapshot.directory, snapshot.packages)
         except (OSError, SyntaxError, ValueError) as exc:  # a file gone mid-read: this reload imports clean
             logger.warning("cannot read the import graph of %s: %s", snapshot.directory, exc)
             return None

@@ -97,9 +97,15 @@ class ExitTable:
             self._exits[pid] = future
         return future
 
+    # Statuses nobody asked for (a zygote that left with its generation) are kept up to this many.
+    MAX_UNCLAIMED = 1024
+
     def report(self, pid: int, status: int) -> None:
         future = self._exits.pop(pid, None)
         if future is None:  # reported before its owner asked: kept for it
+            if len(self._exits) >= self.MAX_UNCLAIMED:
+                for old in [other for other, kept in self._exits.items() if kept.done()]:
+                    del self._exits[old]
             self._exits[pid] = future = asyncio.get_running_loop().create_future()
         if not future.done():
             future.set_result(status)
