@@ -164,6 +164,7 @@ def test_the_records_view_is_the_documented_one() -> None:
         "finished_at",
         "duration_ms",
         "validated_ms",
+        "import",
     ]
     assert type(shown["outcome"]) is str and shown["outcome"] == "failed"  # a plain string in the JSON
 
