@@ -64,7 +64,7 @@ async def health() -> dict[str, str]:
 @app.get("/values")
 async def values() -> dict[str, object]:
     return {
-        "leaf": leaf.VALUE,
+        "leaf": zyg.leaf.VALUE,  # through the package: a kept submodule of a package imported again is on it
         "name": NAME,
         "main": MAIN,
         "registry": registry.ITEMS,
@@ -289,6 +289,15 @@ def test_incremental_reimports_what_changed_and_its_importers(start_service: Sta
     record = reload_ok(service, 5)
     assert record["import"] == {"mode": "incremental", "reimported": 0}
     assert values(service)["main"] == "main2" and len(imports(tmp_path)) == 4
+
+    # The package itself: it and what imports it (main, and plugin: `from zyg import registry`) are imported
+    # again; its unchanged submodules that do not import from it (leaf, names, registry) are kept, and set on it.
+    (package / "__init__.py").write_text('"""The package, changed."""\n')
+    record = reload_ok(service, 6)
+    assert record["import"] == {"mode": "incremental", "reimported": 3}
+    answer = values(service)
+    assert (answer["leaf"], answer["name"], answer["main"]) == ("leaf2", "name2", "main2")
+    assert answer["registry"] == ["plugin1", "plugin1"]  # the kept registry, and plugin's import again
 
 
 def test_incremental_keeps_what_changed_code_wrote_into_unchanged_modules(

@@ -8,9 +8,10 @@ is kept by content hash, as the bytecode is (snapshot.Compiler), so a reload tha
 file parses one file.
 
 Comparing the serving generation's snapshot with the new one by content gives the changed
-files; the modules to drop are the changed ones, every module that imports one of them
-(transitively: its names would still point at the old objects), and every submodule of a
-dropped package (a package imported again does not have its old submodules as attributes).
+files; the modules to drop are the changed ones and every module that imports one of them
+(transitively: its names would still point at the old objects). A submodule does not depend on
+its package unless it imports from it: a package imported again is given its kept submodules
+as attributes (reimport.py).
 What the graph cannot vouch for makes the reload a clean import, with the reason:
 
 - a changed file that is not a `.py` module: a C extension, a data file read at import, the
@@ -121,7 +122,10 @@ def read_imports(module: str, is_package: bool, source: bytes) -> ModuleFacts:
     dynamic: int | None = None
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            for alias in node.names:
+                # `import a.b.c` binds `a` and reaches `a.b.c` through its attributes: it holds all three.
+                parts = alias.name.split(".")
+                names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
         elif isinstance(node, ast.ImportFrom):
             base = _resolve(node.module or "", node.level, package)
             if base is None:
@@ -134,10 +138,7 @@ def read_imports(module: str, is_package: bool, source: bytes) -> ModuleFacts:
                 names.add(first.value)
             elif dynamic is None:
                 dynamic = node.lineno
-    # Importing `a.b.c` runs `a` and `a.b` first.
-    for name in list(names):
-        parts = name.split(".")
-        names.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    # `from a.b import c` runs `a` first too, but holds only `a.b` and `c`: a new `a` does not concern it.
     return ModuleFacts(frozenset(names), dynamic)
 
 
@@ -184,7 +185,7 @@ def _more(items: list[str]) -> str:
 
 
 def _importers(changed: set[str], scan: CodeScan) -> set[str]:
-    """`changed`, every module that imports one of them, transitively, and every submodule of those."""
+    """`changed` and every module that imports one of them, transitively."""
     importers: dict[str, set[str]] = {}
     for name, facts in scan.modules.items():
         for imported in facts.imports:
@@ -193,8 +194,7 @@ def _importers(changed: set[str], scan: CodeScan) -> set[str]:
     todo = list(changed)
     while todo:  # bounded: each module enters `drop` (and `todo`) once
         name = todo.pop()
-        found = importers.get(name, set()) | {sub for sub in scan.modules if sub.startswith(name + ".")}
-        for other in found - drop:
+        for other in importers.get(name, set()) - drop:
             drop.add(other)
             todo.append(other)
     return drop

@@ -17,15 +17,27 @@ each file with its original path as the code's file name (snapshot.py).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import sys
+from collections.abc import Sequence
+from importlib.abc import Loader
+from importlib.machinery import ModuleSpec
 from types import ModuleType
+from typing import Any
 
 from pypnm.supervisor.protocol import WorkerSpec
 
 
-def reimport(previous: WorkerSpec, spec: WorkerSpec, drop: list[str]) -> None:
-    """Drop `drop` from `sys.modules` and move the rest from `previous`'s snapshot to `spec`'s."""
+def reimport(previous: WorkerSpec, spec: WorkerSpec, drop: list[str]) -> KeptSubmodules:
+    """Drop `drop` from `sys.modules` and move the rest from `previous`'s snapshot to `spec`'s.
+
+    Returns the finder that gives a dropped package its kept submodules when it is imported
+    again; it is on `sys.meta_path` until `remove()` (after the app's import).
+    """
+    kept = KeptSubmodules(drop)
     for name in drop:
         module = sys.modules.pop(name, None)
         if module is None:
@@ -42,6 +54,59 @@ def reimport(previous: WorkerSpec, spec: WorkerSpec, drop: list[str]) -> None:
     sys.path[:] = [new if entry == old else entry for entry in sys.path]
     sys.path_importer_cache.pop(old, None)
     importlib.invalidate_caches()
+    sys.meta_path.insert(0, kept)
+    return kept
+
+
+class KeptSubmodules(importlib.abc.MetaPathFinder):
+    """Gives each dropped package, as it is imported again, its kept submodules as attributes.
+
+    A submodule that did not change and does not import from its package is kept, but the
+    package's new module object would not have it as an attribute (the import system sets
+    that only when it loads the submodule), so `import pkg.mod; pkg.mod.f()` would fail. The
+    attributes are set before the package's own code runs, as they were when it last ran.
+    """
+
+    def __init__(self, drop: list[str]) -> None:
+        dropped = set(drop)
+        self.children: dict[str, dict[str, ModuleType]] = {}
+        for name, module in list(sys.modules.items()):
+            parent, _, child = name.rpartition(".")
+            if parent in dropped and name not in dropped and isinstance(module, ModuleType):
+                self.children.setdefault(parent, {})[child] = module
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        children = self.children.pop(fullname, None)
+        if not children:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _WithAttributes(spec.loader, children)
+        return spec
+
+    def remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+
+
+class _WithAttributes(importlib.abc.Loader):
+    """A package's own loader, which first sets the kept submodules on the new module."""
+
+    def __init__(self, loader: Loader, children: dict[str, ModuleType]) -> None:
+        self.loader = loader
+        self.children = children
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__dict__.update(self.children)
+        self.loader.exec_module(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, path, ...: the package's loader answers
+        return getattr(self.loader, name)
 
 
 def project_modules(packages: list[str]) -> dict[str, ModuleType]:
