@@ -33,7 +33,8 @@ from conftest import (
 WORKERS = 2
 CAP = 2  # the default of max_draining_generations
 RELOADS = 10
-BOUND = WORKERS * (2 + CAP) + 2  # serving + candidate + CAP draining generations, master, template
+# serving + candidate + CAP draining generations, each with its zygote; master, template
+BOUND = (WORKERS + 1) * (2 + CAP) + 2
 STOPPED = re.compile(
     r"generation (\d+) stopped early \(.*?\): closing (\d+) connection\(s\), (\d+) request\(s\) still in progress"
 )

@@ -150,8 +150,17 @@ def test_a_candidate_that_dies_fails_the_reload_with_its_exit_code(
     start_service: StartService, marker_app: Path
 ) -> None:
     service = serve_marker(start_service, marker_app, workers=1)
+    # Dies as it is imported: in the generation's zygote, which reports it like a worker.
     (marker_app / "markerpkg" / "marker.py").write_text("import os\n\nos._exit(5)\n")
     status = reload_by_sighup(service, 1)
     assert status["last_reload"]["outcome"] == "failed"
-    assert "a worker exited before it was ready (exit code 5" in status["last_reload"]["reason"]
+    assert "the zygote exited while importing the app (exit code 5" in status["last_reload"]["reason"]
     assert service.get("/marker").status_code == 200  # generation 1 keeps serving
+    # Dies after the fork, in its lifespan startup: the worker's own exit.
+    main = marker_app / "markerpkg" / "main.py"
+    main.write_text(main.read_text() + '\n\n@app.on_event("startup")\nasync def _die() -> None:\n    os._exit(6)\n')
+    (marker_app / "markerpkg" / "marker.py").write_text('MARKER = "v1"\n')
+    status = reload_by_sighup(service, 2)
+    assert status["last_reload"]["outcome"] == "failed"
+    assert "a worker exited before it was ready (exit code 6" in status["last_reload"]["reason"]
+    assert service.get("/marker").status_code == 200

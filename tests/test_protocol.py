@@ -32,6 +32,9 @@ from pypnm.supervisor.protocol import (
     WorkerReady,
     WorkerSpec,
     WorkerStoppedAccepting,
+    ZygoteFailed,
+    ZygoteReady,
+    ZygoteRequest,
 )
 
 SPEC = WorkerSpec(
@@ -47,7 +50,19 @@ SPEC = WorkerSpec(
 
 
 @pytest.mark.parametrize(
-    "message", [TemplateHello(pid=12), SpawnRequest(SPEC), Spawned(pid=13), SpawnRefused("OSError: no fork")]
+    "message",
+    [
+        TemplateHello(pid=12),
+        TemplateHello(pid=12, renice=True),
+        SpawnRequest(SPEC),
+        Spawned(pid=13),
+        SpawnRefused("OSError: no fork"),
+        ZygoteRequest(SPEC, nice=10),
+        ZygoteRequest(SPEC, nice=0, drop=["app.routes", "app.main"]),
+        ZygoteReady(pid=14, nice=10),
+        ZygoteReady(pid=14, nice=0, reimported=3),
+        ZygoteFailed("SyntaxError: invalid syntax (app/main.py, line 3)"),
+    ],
 )
 def test_template_messages_round_trip(message: protocol.TemplateMessage) -> None:
     data = protocol.encode_template(message)

@@ -169,6 +169,7 @@ def test_the_records_view_is_the_documented_one() -> None:
         "stability_detail",
         "rolled_back_by",
         "rolls_back",
+        "import",
     ]
     assert type(shown["outcome"]) is str and shown["outcome"] == "failed"  # a plain string in the JSON
 

@@ -34,10 +34,10 @@ def serve(start_service: StartService, **env: str) -> Service:
 
 
 def process_pids(service: Service) -> list[int]:
-    """The master's template and workers (the master is service.proc)."""
+    """The master's template, zygote and workers (the master is service.proc)."""
     status = service.status()
-    pids = [w["pid"] for w in status["workers"]] + [status["master"]["template_pid"]]
-    assert len(pids) == 3 and all(pid_alive(pid) for pid in pids)
+    pids = [w["pid"] for w in status["workers"]] + [status["master"]["template_pid"], *status["master"]["zygote_pids"]]
+    assert len(pids) == 4 and all(pid_alive(pid) for pid in pids)
     return pids
 
 

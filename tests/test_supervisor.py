@@ -269,11 +269,11 @@ def test_killed_worker_respawns_on_its_own_generation(start_service: StartServic
     assert marker(service) == "v2"
 
 
-def test_killed_master_takes_workers_and_template_along(start_service: StartService, marker_app: Path) -> None:
+def test_killed_master_takes_workers_zygote_and_template_along(start_service: StartService, marker_app: Path) -> None:
     service = serve_marker(start_service, marker_app, workers=2)
     status = wait_serving_alone(service, 1, workers=2)
-    others = [*worker_pids(status), status["master"]["template_pid"]]
-    assert len(others) == 3 and all(pid_alive(pid) for pid in others)
+    others = [*worker_pids(status), status["master"]["template_pid"], *status["master"]["zygote_pids"]]
+    assert len(others) == 4 and all(pid_alive(pid) for pid in others)
 
     runtime_dir = Path(status["control_socket"]).parent
 
@@ -357,7 +357,7 @@ def test_slow_request_finishes_on_old_generation_while_new_one_serves(
 def test_sigterm_lets_the_request_in_flight_finish(start_service: StartService, marker_app: Path) -> None:
     service = serve_marker(start_service, marker_app, workers=2)
     status = wait_serving_alone(service, 1, workers=2)
-    others = [*worker_pids(status), status["master"]["template_pid"]]
+    others = [*worker_pids(status), status["master"]["template_pid"], *status["master"]["zygote_pids"]]
     with ThreadPoolExecutor(max_workers=1) as pool:
         slow: Future[httpx.Response] = pool.submit(service.get, "/slow?seconds=3", timeout=30)
         # Each worker answers /in-flight for itself: ask until the one serving the slow request answers.

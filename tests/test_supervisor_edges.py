@@ -30,12 +30,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 FLAG = os.environ.get("STUBBORN_FAIL_FLAG", "")
-if FLAG and os.path.exists(FLAG):
-    raise RuntimeError("not now: the flag file exists")
 
 
 @asynccontextmanager
 async def lifespan(app):
+    # In each worker: a respawn is forked from the generation's zygote, which imported this already.
+    if FLAG and os.path.exists(FLAG):
+        raise RuntimeError("not now: the flag file exists")
     yield
     if os.environ.get("STUBBORN_HANG_ON_SHUTDOWN"):
         await asyncio.sleep(60)
@@ -77,11 +78,13 @@ def test_a_worker_that_cannot_come_back_is_retried_until_it_starts(start_service
     flag = tmp_path / "fail-now"
     service = serve_stubborn(start_service, tmp_path / "app", STUBBORN_FAIL_FLAG=str(flag))
     pid = worker_pid(service)
-    flag.touch()  # from now on the generation's code cannot be imported
+    flag.touch()  # from now on the generation's workers cannot start
 
     os.kill(pid, signal.SIGKILL)
 
-    failed = "cannot respawn a worker of generation 1: RuntimeError: not now: the flag file exists"
+    failed = (
+        "cannot respawn a worker of generation 1: lifespan startup failed: RuntimeError: not now: the flag file exists"
+    )
     wait_until(lambda: failed in service.output(), timeout=30)
     assert service.proc.poll() is None, "the master gave up"
     flag.unlink()

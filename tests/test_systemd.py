@@ -84,10 +84,10 @@ SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", 
 
 def assert_children_do_not_see(service: Service, names: tuple[str, ...] = SYSTEMD_VARS) -> None:
     status = service.status()
-    pids = [status["master"]["template_pid"], *(w["pid"] for w in status["workers"])]
+    pids = [status["master"]["template_pid"], *status["master"]["zygote_pids"], *(w["pid"] for w in status["workers"])]
     for pid in pids:
         leaked = sorted(set(environ(pid)) & set(names))
-        assert not leaked, f"pid {pid} (template or worker) sees {leaked}"
+        assert not leaked, f"pid {pid} (template, zygote or worker) sees {leaked}"
 
 
 def reload_id_of(reloading: Message) -> str:

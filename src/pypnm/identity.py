@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,16 +38,37 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# When this process started: reset in a forked child, because under pypnm the app is built (and
+# this module imported) once per generation by its zygote, and each worker is a fork of it.
+_started_at = utc_now()
+
+
+def _forked() -> None:
+    global _started_at
+    _started_at = utc_now()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 @dataclass(frozen=True)
 class ProcessIdentity:
+    """The app's build (set when the app is built) and the process serving it (read when asked)."""
+
     version: str
     code_version: str
-    pid: int = field(default_factory=os.getpid)
-    started_at: str = field(default_factory=utc_now)
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def started_at(self) -> str:
+        return _started_at
 
     @property
     def mode(self) -> str:
         return "supervised" if os.environ.get(SUPERVISOR_ENV) else "unsupervised"
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mode": self.mode}
+        return {**asdict(self), "pid": self.pid, "started_at": self.started_at, "mode": self.mode}

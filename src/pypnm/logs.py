@@ -298,8 +298,11 @@ def setup_logging(role: str, level: str = "info", output: LogOutput | None = Non
     )
     root = logging.getLogger()
     for old in root.handlers:
-        if isinstance(old, LogFileHandler):
-            old.close()  # e.g. the fork template's, inherited by a worker: its copy of the file is not ours
+        # E.g. the zygote's, inherited by a worker: its copy of the file is not ours. Every one, not
+        # only LogFileHandlers: the zygote's may be of another copy of this module (the app's
+        # import replaced pypnm's modules with the snapshot's), and closing a stream handler
+        # leaves its stream open.
+        old.close()
     root.handlers[:] = [handler]
     activate(file)
     set_level(level)

@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     limit_max_requests_jitter: int | None = Field(None, ge=0)
     # Resident memory (RSS) past which a worker is recycled: bytes, or "512MiB", "1GiB", "1.5GB"; 0: no limit.
     limit_worker_memory: Annotated[int, BeforeValidator(_byte_size)] = 0
+    # How a reload imports the new code: `incremental` re-imports only the modules whose files changed and
+    # their importers, in a zygote forked from the serving generation's; `clean` imports it all in a fresh
+    # one. None: incremental with --reload (development), clean otherwise (supervisor/import_graph.py).
+    reload_import: Literal["incremental", "clean"] | None = None
     reload_dirs: list[Path] = Field(default_factory=list)
     reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])

@@ -8,8 +8,10 @@ also be *closed* early (`close_now`, over `max_draining_generations`): its worke
 what they still have open and leave at once.
 
 Each worker talks to the master over a socketpair of its own (protocol.py, "worker");
-end-of-file on it is how the master learns that a worker is gone, and the fork template
-then reports how it ended (`exit_status`, see template.py). A worker that announced
+end-of-file on it is how the master learns that a worker is gone, and its generation's
+zygote (or the fork template, when the zygote left first) then reports how it ended
+(`exit_status`, see template.py). The zygote imported the generation's code once and forks
+its workers, the respawns too; it leaves with its generation (`stop_zygote`). A worker that announced
 heartbeats answers them from its event loop: `heartbeat()` says for how long it has not.
 A worker's `state` is written by `WorkerProcess` alone, from what it commands and what
 the worker reports.
@@ -29,7 +31,9 @@ from typing import Any
 
 from pypnm.identity import utc_now
 from pypnm.supervisor import protocol
+from pypnm.supervisor.import_graph import CodeScan
 from pypnm.supervisor.metrics import worker_gone
+from pypnm.supervisor.priority import CANDIDATE_NICE
 from pypnm.supervisor.protocol import (
     Close,
     Heartbeat,
@@ -44,9 +48,10 @@ from pypnm.supervisor.protocol import (
     WorkerReady,
     WorkerSpec,
     WorkerStoppedAccepting,
+    ZygoteRequest,
 )
 from pypnm.supervisor.snapshot import Snapshot
-from pypnm.supervisor.spawner import ForkTemplate
+from pypnm.supervisor.spawner import ForkChannel, ForkTemplate, ImportFailed, Zygote, ZygoteExited
 from pypnm.supervisor.timeouts import AFTER_KILL, CLOSE_GRACE, EXIT_STATUS_WAIT, START_ACCEPTING, STOP_ACCEPTING
 
 logger = logging.getLogger("pypnm.supervisor.generation")
@@ -158,10 +163,8 @@ class WorkerProcess:
             self.exited.set_result(None)
 
     async def ended(self) -> str:
-        """How the process ended, in words, once the template says (waits at most EXIT_STATUS_WAIT)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.exit_status), EXIT_STATUS_WAIT)
-        return describe_exit(self.exit_status.result() if self.exit_status.done() else None, self.killed_by_master)
+        """How the process ended, in words, once its zygote or the template says (waits at most EXIT_STATUS_WAIT)."""
+        return await _ended(self.exit_status, self.killed_by_master)
 
     def heartbeat(self) -> float:
         """Send a heartbeat unless one is unanswered; the seconds the oldest unanswered one has waited (0: none)."""
@@ -234,6 +237,13 @@ class WorkerProcess:
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+async def _ended(exit_status: asyncio.Future[int], killed_by_master: bool = False) -> str:
+    """How a process ended, in words, once its parent reports it (waits at most EXIT_STATUS_WAIT)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(exit_status), EXIT_STATUS_WAIT)
+    return describe_exit(exit_status.result() if exit_status.done() else None, killed_by_master)
+
+
 def _mark_retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -248,23 +258,66 @@ class Generation:
         self.stopped_accepting = False
         self.closed_early = False  # stopped before its drain ended: no longer counts against max_draining_generations
         self.workers: list[WorkerProcess] = []
+        self.zygote: Zygote | None = None  # imported its code once; forks its workers (template.py)
+        self.code: CodeScan | None = None  # its snapshot's import graph, when reload_import is incremental
+        self.imported: dict[str, Any] | None = None  # how its code was imported (the reload record's "import")
 
     @property
     def code_version(self) -> str:
         return self.snapshot.code_version
 
+    async def start_zygote(self, parent: ForkChannel, drop: list[str] | None = None) -> Zygote:
+        """Have `parent` fork this generation's zygote, which imports the code; CandidateFailed with the reason if not.
+
+        `parent` is the fork template (a clean import) or, with `drop`, the previous generation's
+        zygote (an incremental one). The zygote runs niced, and so do the workers it forks
+        until they accept, when they can give the priority back (priority.py).
+        """
+        try:
+            self.zygote = await Zygote.fork(parent, ZygoteRequest(self.spec, CANDIDATE_NICE, drop))
+        except ImportFailed as exc:
+            raise CandidateFailed(str(exc)) from None
+        except ZygoteExited as exc:
+            how = await _ended(parent.exit_status(exc.pid))
+            raise CandidateFailed(f"the zygote exited while importing the app ({how}; see its log)") from None
+        logger.info(
+            "zygote imported pid=%d generation=%d (%s)",
+            self.zygote.pid,
+            self.number,
+            "clean import" if self.zygote.reimported is None else f"{self.zygote.reimported} module(s) re-imported",
+        )
+        return self.zygote
+
+    def stop_zygote(self) -> None:
+        """The generation is over (drained, discarded, or the master stops): its zygote leaves."""
+        if self.zygote is not None:
+            self.zygote.stop()
+            self.zygote = None
+
     async def bring_up(self, template: ForkTemplate, listeners: list[socket.socket], count: int) -> list[WorkerProcess]:
-        """Fork `count` workers and wait until each is validated and waiting to accept.
+        """Fork `count` workers from the generation's zygote and wait until each is validated and waiting to accept.
 
         The one way a worker comes up: a candidate's workers and a serving generation's
-        replacements alike. Raises CandidateFailed (or SpawnError) on the first failure, and
-        then kills the workers it forked, so nothing half-started stays behind; a caller's
-        timeout (cancellation) does the same.
+        replacements alike. The zygote imported the code; a new one is forked from the
+        template (a clean import of this generation's snapshot) when there is none or it died.
+        The workers are forked one right after the other, without waiting for any to be
+        ready: they validate in parallel. Raises CandidateFailed (or SpawnError) on the first
+        failure, and then kills the workers it forked, so nothing half-started stays behind;
+        a caller's timeout (cancellation) does the same.
         """
         new: list[WorkerProcess] = []
         try:
+            zygote = self.zygote
+            if zygote is None or not zygote.is_open():
+                if zygote is not None:
+                    logger.warning(
+                        "zygote pid=%d of generation %d is gone: importing the generation's code again",
+                        zygote.pid,
+                        self.number,
+                    )
+                zygote = await self.start_zygote(template)
             for _ in range(count):
-                new.append(await self._spawn(template, listeners))
+                new.append(await self._spawn(zygote, listeners))
             await asyncio.gather(*(w.ready for w in new))
         except BaseException:
             for worker in new:
@@ -273,16 +326,16 @@ class Generation:
             raise
         return new
 
-    async def _spawn(self, template: ForkTemplate, listeners: list[socket.socket]) -> WorkerProcess:
+    async def _spawn(self, zygote: Zygote, listeners: list[socket.socket]) -> WorkerProcess:
         ours, theirs = socket.socketpair()
         try:
-            pid = await template.spawn(self.spec, [theirs.fileno(), *(s.fileno() for s in listeners)])
+            pid = await zygote.spawn(self.spec, [theirs.fileno(), *(s.fileno() for s in listeners)])
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        worker = WorkerProcess(self.number, pid, ours, template.exit_status(pid))
+        worker = WorkerProcess(self.number, pid, ours, zygote.exit_status(pid))
         self.workers.append(worker)
         logger.info("worker spawned pid=%d generation=%d", pid, self.number)
         return worker
@@ -304,9 +357,12 @@ class Generation:
         return [w for w in self.workers if not w.exited.done()]
 
     def kill(self) -> None:
-        """End every worker at once: a discarded candidate, or a second stop signal."""
+        """End every worker at once, and the zygote: a discarded candidate, or a second stop signal."""
         for worker in self.live_workers():
             worker.signal(signal.SIGKILL)
+        if self.zygote is not None:
+            self.zygote.kill()
+            self.zygote = None
 
     async def stop_accepting(self) -> None:
         """The drain's first step: every worker stops accepting; waits until each says so (or is gone)."""

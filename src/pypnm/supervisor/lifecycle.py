@@ -25,7 +25,7 @@ last-known-good one that rollback.py holds on to during a new generation's `roll
 At most `max_draining_generations` generations drain at once: a swap beyond that closes the
 oldest one early, and the next candidate is brought up only once it is gone, so the service
 never runs more than `workers * (2 + max_draining_generations)` workers (the largest `workers` among them:
-a reload may change the count).
+a reload may change the count), and one zygote per generation.
 
 It logs under the master's logger name for the lines operators grep ("generation N drained",
 "stopped early", "worker exited", "worker hung", "worker killed", "worker recycled", "respawned").
@@ -45,7 +45,9 @@ from typing import Any
 from pypnm.identity import utc_now
 from pypnm.profile import MIB
 from pypnm.settings import Settings
+from pypnm.supervisor import import_graph
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
+from pypnm.supervisor.import_graph import CodeScan, Plan
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
 from pypnm.supervisor.snapshot import Snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
@@ -106,24 +108,64 @@ class Generations:
         return self.serving.number if self.serving else None
 
     def child_pids(self) -> list[int | None]:
-        """The fork template's pid (None while it is down) and every live worker's: the master passes SIGUSR1 on."""
-        return [self.template.pid, *(worker.pid for generation in self.all() for worker in generation.live_workers())]
+        """The fork template's pid (None while it is down), each zygote's and live worker's: for SIGUSR1."""
+        return [
+            self.template.pid,
+            *(generation.zygote.pid for generation in self.all() if generation.zygote is not None),
+            *(worker.pid for generation in self.all() for worker in generation.live_workers()),
+        ]
 
     # ----- a reload -----------------------------------------------------------------------------
 
     async def validate(
-        self, number: int, snapshot: Snapshot, spec: WorkerSpec, size: int, timeout: float
+        self, number: int, snapshot: Snapshot, spec: WorkerSpec, size: int, timeout: float, code: CodeScan | None
     ) -> list[WorkerReady]:
         """Bring up the candidate generation of `size` workers (its own settings' count); what they reported.
 
+        `code`: the snapshot's import graph when `reload_import` is incremental (None: clean). An
+        incremental import that cannot be planned, or whose candidate fails, is retried clean,
+        within the same `timeout`; `candidate.imported` says which way it went.
         Raises CandidateFailed, SpawnError or TimeoutError; `discard` then ends the candidate.
         """
         if self._closing:  # generations closed early leave before the candidate's workers are forked
             await asyncio.wait(self._closing)
-        self.candidate = Generation(number, snapshot, spec, size)
+        candidate = self.candidate = Generation(number, snapshot, spec, size)
+        candidate.code = code
+        imported: dict[str, Any] = {"mode": "clean"}
+        candidate.imported = imported
         async with asyncio.timeout(timeout):
-            workers = await self.candidate.bring_up(self.template, self.listeners, self.candidate.size)
+            if code is not None:
+                plan = self._import_plan(candidate, code)
+                if plan.drop is not None and self.serving is not None and self.serving.zygote is not None:
+                    try:
+                        zygote = await candidate.start_zygote(self.serving.zygote, plan.drop)
+                        workers = await candidate.bring_up(self.template, self.listeners, candidate.size)
+                    except (CandidateFailed, SpawnError) as exc:
+                        candidate.kill()
+                        plan = Plan.clean(f"the incremental import failed: {exc}")
+                    else:
+                        candidate.imported = {"mode": "incremental", "reimported": zygote.reimported}
+                        return [worker.ready.result() for worker in workers]
+                imported["reason"] = plan.reason
+                logger.info("generation %d: clean import: %s", number, plan.reason)
+            candidate.imported = imported
+            workers = await candidate.bring_up(self.template, self.listeners, candidate.size)
         return [worker.ready.result() for worker in workers]
+
+    def _import_plan(self, candidate: Generation, code: CodeScan) -> Plan:
+        """An incremental import from the serving generation's zygote, or why not."""
+        serving = self.serving
+        if serving is None:
+            return Plan.clean("nothing serves yet")
+        if serving.code is None:
+            return Plan.clean("the serving generation's import graph is unknown (it was imported clean)")
+        if serving.zygote is None or not serving.zygote.is_open():
+            return Plan.clean("the serving generation's zygote is gone")
+        old, new = serving.spec, candidate.spec
+        moved = {name: value.replace(old.snapshot_dir, new.snapshot_dir) for name, value in old.env.items()}
+        if old.app != new.app or moved != new.env:
+            return Plan.clean("the app or the workers' environment changed")
+        return import_graph.plan(serving.code, code, new.app.partition(":")[0])
 
     def discard(self) -> None:
         """End the candidate of a failed or interrupted reload; the serving generation is untouched."""
@@ -162,6 +204,7 @@ class Generations:
     async def _drain(self, generation: Generation) -> None:
         clean = await generation.drain(self._settings().graceful_timeout)
         self.draining.discard(generation)
+        generation.stop_zygote()
         self.release(generation.snapshot)
         if not generation.closed_early:  # _close_early says how that one ended
             logger.info("generation %d drained%s", generation.number, "" if clean else " (some workers were killed)")
@@ -397,4 +440,7 @@ class Generations:
 
     async def shutdown(self, timeout: float) -> None:
         """Drain every generation (the master is stopping: nothing is respawned)."""
-        await asyncio.gather(*(g.drain(timeout) for g in self.all()))
+        generations = self.all()
+        await asyncio.gather(*(g.drain(timeout) for g in generations))
+        for generation in generations:
+            generation.stop_zygote()

@@ -15,8 +15,9 @@ A self-upgrade (SIGUSR2, the control channel) hands the whole service to a new m
 interpreter (upgrade.py): this one only starts it (`upgrades`), and stops once it serves; a master
 started that way (`successor`) takes its sockets and tells the old one when its first generation serves.
 
-The master never imports the application: it copies and compiles the code and leaves
-importing it to the candidate workers, so it can always load new code. The protocol its
+The master never imports the application: it copies and compiles the code (and, for an
+incremental import, reads its import graph: import_graph.py) and leaves importing it to the
+candidate's zygote, which forks the workers (template.py), so it can always load new code. The protocol its
 processes speak is in protocol.py; every fixed timeout in timeouts.py.
 """
 
@@ -38,6 +39,7 @@ from pypnm.supervisor import build, control, status
 from pypnm.supervisor.build import DEFAULT_APP
 from pypnm.supervisor.config_watch import ConfigWatch, as_given
 from pypnm.supervisor.generation import CandidateFailed, Generation
+from pypnm.supervisor.import_graph import CodeScan, ImportScanner
 from pypnm.supervisor.lifecycle import Generations
 from pypnm.supervisor.metrics import MasterMetrics
 from pypnm.supervisor.reloads import ReloadOutcome, ReloadQueue, ReloadRecord
@@ -87,6 +89,7 @@ class Master:
         self.pid_file = PidFile()
         if successor is None:  # PidFileError (one line); a new master of an upgrade writes it once it took over
             self._write_pid_file()
+        self.imports = ImportScanner()  # the snapshots' import graphs, for incremental imports
         # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
         try:
             self.runtime = RuntimeDir.create(settings.runtime_dir)
@@ -266,7 +269,8 @@ class Master:
         try:
             snapshot, settings, tls_warnings = await self._build(number)
             logger.info("reload %s: snapshot of generation %d: %s", record.id, number, snapshot.summary())
-            old = await self._swap_in(record, number, snapshot, settings, tls_warnings)
+            code = await self._scan(snapshot, settings)
+            old = await self._swap_in(record, number, snapshot, settings, tls_warnings, code)
         except Exception as exc:
             self._failed(record, number, exc)
             return
@@ -316,15 +320,28 @@ class Master:
             self.generations.drain(old)
 
     async def _swap_in(
-        self, record: ReloadRecord, number: int, snapshot: Snapshot, settings: Settings, warnings: list[str]
+        self,
+        record: ReloadRecord,
+        number: int,
+        snapshot: Snapshot,
+        settings: Settings,
+        warnings: list[str],
+        code: CodeScan | None = None,
     ) -> Generation | None:
         """Validate generation `number`, let it accept, apply its settings and swap; the generation it replaced.
 
+        `code`: the snapshot's import graph for an incremental import (None: a clean one, as a rollback's).
         What validation raises is raised, the candidate discarded (and the master unchanged).
         """
         try:
             spec = build.supervised_spec(self.app, number, snapshot, settings, self.overrides, self.control_path)
-            ready = await self.generations.validate(number, snapshot, spec, settings.workers, settings.reload_timeout)
+            try:
+                ready = await self.generations.validate(
+                    number, snapshot, spec, settings.workers, settings.reload_timeout, code
+                )
+            finally:
+                candidate = self.generations.candidate
+                record.import_ = candidate.imported if candidate is not None else None
             record.warnings = warnings + build.restart_only_changes(self.settings, ready)
             record.validated()
             logger.info(
@@ -364,6 +381,21 @@ class Master:
             snapshot.remove()  # no candidate owns it yet, so no discard() would
             raise
         return snapshot, settings, tls_warnings
+
+    async def _scan(self, snapshot: Snapshot, settings: Settings) -> CodeScan | None:
+        """The snapshot's import graph when the generation's code is to be imported incrementally.
+
+        In a thread: the first scan parses every module (a few hundred milliseconds for a large
+        app), which the master's loop must not wait for; later ones parse only changed files.
+        """
+        mode = settings.reload_import or ("incremental" if self.files.watch else "clean")
+        if mode == "clean":
+            return None
+        try:
+            return await asyncio.to_thread(self.imports.scan, snapshot.directory, snapshot.packages)
+        except (OSError, SyntaxError, ValueError) as exc:  # a file gone mid-read: this reload imports clean
+            logger.warning("cannot read the import graph of %s: %s", snapshot.directory, exc)
+            return None
 
     def _apply(self, settings: Settings, number: int) -> None:
         """The master takes on the settings of the generation that now serves, and stamps its lines with it."""

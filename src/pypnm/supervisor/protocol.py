@@ -8,7 +8,11 @@ Three channels, one JSON object per message, UTF-8:
   listeners). The template says `TemplateHello` once its modules are imported, then answers
   each `SpawnRequest` with `Spawned` or `SpawnRefused`, and reports each worker's end with
   `WorkerExited` (its wait status: only the template, the workers' parent, can read it).
-  End-of-file: the peer is gone.
+  End-of-file: the peer is gone. A `ZygoteRequest` (its fd: the zygote's own channel) asks the
+  template, or for an incremental import the previous generation's zygote, to fork a
+  generation's zygote: it imports the app, says `ZygoteReady` or `ZygoteFailed` on its own
+  channel, and from then on speaks this same channel's protocol with the master (spawn
+  requests answered by forking a worker, its workers' exits reported).
 - **worker** (master <-> each worker, a SOCK_STREAM socketpair): JSON lines, one message per
   line ending in "\\n". The master sends commands (`StartAccepting`, `StopAccepting`, `Close`,
   `Heartbeat`), the worker answers with events (`WorkerReady` or `WorkerFailed`, `WorkerAccepting`,
@@ -119,9 +123,44 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class TemplateHello:
-    """template -> master, once: its modules are imported and it is ready to fork."""
+    """template -> master, once: its modules are imported and it is ready to fork.
+
+    `renice`: it can give a lowered nice value back (CAP_SYS_NICE or RLIMIT_NICE allow it), so
+    candidates may run niced until they serve (a template of an older pypnm leaves it out: False).
+    """
 
     pid: int
+    renice: bool = False
+
+
+@dataclass(frozen=True)
+class ZygoteRequest:
+    """master -> template or zygote: fork a zygote that imports `spec`'s app; its channel travels beside.
+
+    `nice`: added to the nice value while the zygote imports and its workers validate (0: none).
+    `drop`: sent to a previous generation's zygote, the modules its child drops from `sys.modules`
+    and imports again from the new snapshot (incremental); None: a clean import.
+    """
+
+    spec: WorkerSpec
+    nice: int = 0
+    drop: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class ZygoteReady:
+    """zygote -> master, first on its channel: the app is imported; `reimported` modules (None: clean import)."""
+
+    pid: int
+    nice: int
+    reimported: int | None = None
+
+
+@dataclass(frozen=True)
+class ZygoteFailed:
+    """zygote -> master, first on its channel: the app cannot be imported; `reason` is the reload's reason."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -153,14 +192,26 @@ class WorkerExited:
     status: int
 
 
-TemplateMessage = TemplateHello | SpawnRequest | Spawned | SpawnRefused | WorkerExited
+TemplateMessage = (
+    TemplateHello | SpawnRequest | Spawned | SpawnRefused | WorkerExited | ZygoteRequest | ZygoteReady | ZygoteFailed
+)
 
 
 def encode_template(message: TemplateMessage) -> bytes:
     """One datagram (no terminator: SOCK_SEQPACKET keeps the boundary)."""
     match message:
-        case TemplateHello(pid=pid):
+        case TemplateHello(pid=pid, renice=renice):
             body: dict[str, Any] = {"ready": True, "pid": pid}
+            if renice:  # left out when False: exactly version 1's hello of before
+                body["renice"] = True
+        case ZygoteRequest(spec=spec, nice=nice, drop=drop):
+            body = {"cmd": "zygote", "spec": spec.as_dict(), "nice": nice}
+            if drop is not None:
+                body["drop"] = drop
+        case ZygoteReady(pid=pid, nice=nice, reimported=reimported):
+            body = {"zygote": pid, "nice": nice, "reimported": reimported}
+        case ZygoteFailed(reason=reason):
+            body = {"zygote_failed": reason}
         case SpawnRequest(spec=spec):
             body = {"cmd": "spawn", "spec": spec.as_dict()}
         case Spawned(pid=pid):
@@ -177,15 +228,28 @@ def decode_template(data: bytes) -> TemplateMessage:
     channel: Channel = "fork template"
     body = _load(data, channel)
     if "cmd" in body:
-        if body["cmd"] != "spawn":
+        if body["cmd"] not in ("spawn", "zygote"):
             raise ProtocolError(channel, f"unknown command {body['cmd']!r}")
-        return SpawnRequest(WorkerSpec.from_dict(_get(body, "spec", dict, channel), channel))
+        spec = WorkerSpec.from_dict(_get(body, "spec", dict, channel), channel)
+        if body["cmd"] == "spawn":
+            return SpawnRequest(spec)
+        drop = body.get("drop")
+        if drop is not None and not (isinstance(drop, list) and all(isinstance(name, str) for name in drop)):
+            raise ProtocolError(channel, "field 'drop' must be a list of module names or absent")
+        return ZygoteRequest(spec, _get(body, "nice", int, channel), drop)
+    if "zygote_failed" in body:
+        return ZygoteFailed(_get(body, "zygote_failed", str, channel))
+    if "zygote" in body:
+        reimported = body.get("reimported")
+        if reimported is not None and not isinstance(reimported, int):
+            raise ProtocolError(channel, "field 'reimported' must be an integer or null")
+        return ZygoteReady(_get(body, "zygote", int, channel), _get(body, "nice", int, channel), reimported)
     if "error" in body:
         return SpawnRefused(_get(body, "error", str, channel))
     if "exited" in body:
         return WorkerExited(_get(body, "exited", int, channel), _get(body, "status", int, channel))
     if body.get("ready") is True:
-        return TemplateHello(_get(body, "pid", int, channel))
+        return TemplateHello(_get(body, "pid", int, channel), body.get("renice") is True)
     if "pid" in body:
         return Spawned(_get(body, "pid", int, channel))
     raise ProtocolError(channel, f"unknown message with fields {sorted(body)}")

@@ -80,6 +80,9 @@ class ReloadRecord:
     stability_detail: str | None = None  # the crashes, when rolled_back or unstable; who replaced it
     rolled_back_by: str | None = None  # the id of the rollback that undid it
     rolls_back: str | None = None  # on a rollback's record: the id of the reload it undoes
+    # How the candidate's code was imported: {"mode": "incremental", "reimported": N} or
+    # {"mode": "clean"} (with "reason" when incremental was asked for); shown as "import".
+    import_: dict[str, Any] | None = None
     _phase: ReloadPhase | None = field(default=None, repr=False)
     _requested_monotonic: float = field(default_factory=time.monotonic, repr=False)  # for the metrics' durations
     _t0: float = field(default=0.0, repr=False)
@@ -126,7 +129,7 @@ class ReloadRecord:
         self.rolled_back_by = by
 
     def as_dict(self) -> dict[str, Any]:
-        shown = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        shown = {k.rstrip("_"): v for k, v in self.__dict__.items() if not k.startswith("_")}
         if self.outcome is not None:
             shown["outcome"] = self.outcome.value
         return shown

@@ -1,4 +1,4 @@
-"""The master's side of the fork template: start it, ask it for workers, renew it when needed.
+"""The master's side of the fork template and the zygotes: start them, ask them for workers, renew them.
 
 Third-party packages are imported once, in the template. When they are upgraded on
 disk (pip install -U fastapi), workers forked from the old template would still run
@@ -6,9 +6,12 @@ the old versions, so before each generation the spawner compares the installed
 versions with those the template started with and, if they differ, starts a new
 template and says so in the log.
 
-One task reads the template's channel: the answers to spawn requests go to the request
-waiting for them (one at a time, under a lock), and the exit statuses the template reports
-at any time (`WorkerExited`) to whoever asked `exit_status(pid)`.
+The same channel, and the same client (`ForkChannel`), talks with each generation's zygote
+(`Zygote`, forked by the template or, for an incremental import, by the previous zygote).
+One task reads each channel: the answers to requests go to the request waiting for them
+(one at a time, under a lock), and the exit statuses reported at any time (`WorkerExited`)
+to one table shared by all of them (`ExitTable`), for whoever asks `exit_status(pid)`:
+a worker's status may come from its zygote or, when the zygote left first, from the template.
 """
 
 from __future__ import annotations
@@ -17,12 +20,24 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
 
 from pypnm.supervisor import protocol
-from pypnm.supervisor.protocol import Spawned, SpawnRefused, SpawnRequest, TemplateHello, WorkerExited, WorkerSpec
+from pypnm.supervisor.protocol import (
+    Spawned,
+    SpawnRefused,
+    SpawnRequest,
+    TemplateHello,
+    WorkerExited,
+    WorkerSpec,
+    ZygoteFailed,
+    ZygoteReady,
+    ZygoteRequest,
+)
 from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.timeouts import SPAWN_ANSWER, TEMPLATE_START, TEMPLATE_STOP
 
@@ -45,7 +60,19 @@ WATCHED_DISTRIBUTIONS = (
 
 
 class SpawnError(RuntimeError):
-    """The template could not fork a worker."""
+    """The template or a zygote could not fork what was asked."""
+
+
+class ImportFailed(SpawnError):
+    """A zygote could not import its generation's app; the message is the reload's reason (file and line)."""
+
+
+class ZygoteExited(SpawnError):
+    """A zygote ended before it said whether its import worked (it crashed, or was killed)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(f"the zygote pid={pid} exited before it imported the app")
+        self.pid = pid
 
 
 def installed_versions() -> dict[str, str]:
@@ -56,19 +83,201 @@ def installed_versions() -> dict[str, str]:
     return versions
 
 
-class ForkTemplate:
-    def __init__(self, log_level: str, preload: list[str], runtime: RuntimeDir) -> None:
-        self.log_level = log_level
-        self.preload = preload
-        self.runtime = runtime  # its lock goes to the template and, by fork, to every worker
-        self.process: subprocess.Popen[bytes] | None = None
+class ExitTable:
+    """The wait statuses the template and the zygotes report, by pid: the master asks whoever reaped it here."""
+
+    def __init__(self) -> None:
+        # pid -> its wait status: awaited by the process's owner, or reported before it asked.
+        self._exits: dict[int, asyncio.Future[int]] = {}
+
+    def exit_status(self, pid: int) -> asyncio.Future[int]:
+        """The wait status of `pid`, once reported (never, if the process that reaps it left first)."""
+        future = self._exits.pop(pid, None) or asyncio.get_running_loop().create_future()
+        if not future.done():
+            self._exits[pid] = future
+        return future
+
+    # Statuses nobody asked for (a zygote that left with its generation) are kept up to this many.
+    MAX_UNCLAIMED = 1024
+
+    def report(self, pid: int, status: int) -> None:
+        future = self._exits.pop(pid, None)
+        if future is None:  # reported before its owner asked: kept for it
+            if len(self._exits) >= self.MAX_UNCLAIMED:
+                for old in [other for other, kept in self._exits.items() if kept.done()]:
+                    del self._exits[old]
+            self._exits[pid] = future = asyncio.get_running_loop().create_future()
+        if not future.done():
+            future.set_result(status)
+
+
+class ForkChannel:
+    """The master's end of the channel to a process that forks on request: the template, or a zygote.
+
+    One task reads it: exit statuses go to the exit table, everything else answers the one
+    request waiting (one at a time, under a lock).
+    """
+
+    def __init__(self, exits: ExitTable) -> None:
+        self.exits = exits
         self.channel: socket.socket | None = None
-        self.versions: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._answers: asyncio.Queue[protocol.TemplateMessage | SpawnError] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
-        # pid -> its wait status: awaited by the worker's WorkerProcess, or reported before it asked.
-        self._exits: dict[int, asyncio.Future[int]] = {}
+
+    def is_open(self) -> bool:
+        """The channel is there and the process has not closed its end."""
+        return self.channel is not None and self._reader is not None and not self._reader.done()
+
+    async def request(self, message: protocol.TemplateMessage, fds: list[int]) -> int:
+        """Send a spawn or zygote request with `fds`; the pid of what was forked."""
+        async with self._lock:  # one request at a time
+            await self._ensure_open()
+            assert self.channel is not None
+            try:
+                socket.send_fds(self.channel, [protocol.encode_template(message)], fds)
+                answer = await asyncio.wait_for(self._answers.get(), SPAWN_ANSWER)
+            except (OSError, TimeoutError) as exc:
+                raise SpawnError(f"the {self.name} did not answer: {exc or type(exc).__name__}") from exc
+        if isinstance(answer, SpawnError):
+            raise answer
+        if isinstance(answer, SpawnRefused):
+            raise SpawnError(answer.error)
+        if not isinstance(answer, Spawned):
+            raise SpawnError(f"the {self.name} answered {answer} to a request to fork")
+        return answer.pid
+
+    async def spawn(self, spec: WorkerSpec, fds: list[int]) -> int:
+        """Fork a worker with `fds` (its channel, then the listeners); return its pid."""
+        return await self.request(SpawnRequest(spec), fds)
+
+    def exit_status(self, pid: int) -> asyncio.Future[int]:
+        return self.exits.exit_status(pid)
+
+    @property
+    def name(self) -> str:
+        return "fork template"
+
+    async def _ensure_open(self) -> None:
+        if not self.is_open():
+            raise SpawnError(f"the {self.name} exited")
+
+    def _open(self, channel: socket.socket) -> None:
+        channel.setblocking(False)
+        self.channel = channel
+        self._answers = asyncio.Queue()
+
+    async def _receive(self) -> protocol.TemplateMessage:
+        """The first message (the hello), before the reader runs."""
+        assert self.channel is not None
+        data = await asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE)
+        if not data:
+            raise SpawnError(f"the {self.name} exited")
+        try:
+            return protocol.decode_template(data)
+        except protocol.ProtocolError as exc:  # e.g. a template of another pypnm version, after an upgrade
+            raise SpawnError(str(exc)) from exc
+
+    def _start_reading(self) -> None:
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        """Every message after the hello: exit statuses to the table, the rest to the waiting request."""
+        assert self.channel is not None
+        while True:
+            data = await asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE)
+            if not data:  # a request waiting now learns why
+                self._answers.put_nowait(SpawnError(f"the {self.name} exited"))
+                return
+            try:
+                message = protocol.decode_template(data)
+            except protocol.ProtocolError as exc:  # e.g. a template of another pypnm version, after an upgrade
+                self._answers.put_nowait(SpawnError(str(exc)))
+                continue
+            if isinstance(message, WorkerExited):
+                self.exits.report(message.pid, message.status)
+            else:
+                self._answers.put_nowait(message)
+
+    def _close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if self.channel is not None:
+            self.channel.close()  # end-of-file tells the process to exit
+            self.channel = None
+
+
+class Zygote(ForkChannel):
+    """A generation's zygote (template.py): it imported the app, and forks the generation's workers."""
+
+    def __init__(self, pid: int, exits: ExitTable) -> None:
+        super().__init__(exits)
+        self.pid = pid
+        self.nice = 0  # its nice value, which its workers validate at
+        self.reimported: int | None = None  # modules imported again (incremental), None: a clean import
+
+    @property
+    def name(self) -> str:
+        return f"zygote pid={self.pid}"
+
+    @classmethod
+    async def fork(cls, parent: ForkChannel, request: ZygoteRequest) -> Zygote:
+        """Have `parent` (the template, or the previous generation's zygote) fork one; it has imported the app.
+
+        ImportFailed when the app cannot be imported, ZygoteExited when the zygote ended first,
+        SpawnError when it could not be forked. Interrupted (a timeout), it is killed.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = await parent.request(request, [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        zygote = cls(pid, parent.exits)
+        zygote._open(ours)
+        try:
+            hello = await zygote._receive()
+        except SpawnError:
+            zygote._close()
+            raise ZygoteExited(pid) from None
+        except BaseException:
+            zygote.kill()
+            raise
+        if isinstance(hello, ZygoteFailed):
+            zygote._close()
+            raise ImportFailed(hello.reason)
+        if not isinstance(hello, ZygoteReady):
+            zygote.kill()
+            raise SpawnError(f"the zygote pid={pid} said {hello} instead of hello")
+        zygote.nice, zygote.reimported = hello.nice, hello.reimported
+        zygote._start_reading()
+        return zygote
+
+    def stop(self) -> None:
+        """Its generation is over: closing the channel makes it exit (its workers are gone or being killed)."""
+        self._close()
+
+    def kill(self) -> None:
+        self._close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+class ForkTemplate(ForkChannel):
+    """The fork template process (template.py), started and renewed by the master."""
+
+    def __init__(self, log_level: str, preload: list[str], runtime: RuntimeDir) -> None:
+        super().__init__(ExitTable())
+        self.log_level = log_level
+        self.preload = preload
+        self.runtime = runtime  # its lock goes to the template and, by fork, to every zygote and worker
+        self.process: subprocess.Popen[bytes] | None = None
+        self.versions: dict[str, str] = {}
+        self.renice = False  # it can give a lowered nice value back: candidates run niced (priority.py)
+        self._told_no_renice = False
 
     @property
     def pid(self) -> int | None:
@@ -95,13 +304,19 @@ class ForkTemplate:
             start_new_session=True,
         )
         theirs.close()
-        ours.setblocking(False)
-        self.channel = ours
+        self._open(ours)
         hello = await asyncio.wait_for(self._receive(), TEMPLATE_START)
         if not isinstance(hello, TemplateHello):
             raise SpawnError(f"the fork template did not start: {hello}")
-        self._answers = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
+        if not hello.renice and not self._told_no_renice:  # said once, not at every renewal of the template
+            self._told_no_renice = True
+            logger.warning(
+                "reload candidates run at the serving workers' priority: lowering a nice value back needs "
+                "CAP_SYS_NICE or an RLIMIT_NICE of at least %d (systemd LimitNICE=, ulimit -e)",
+                20 - os.getpriority(os.PRIO_PROCESS, 0),
+            )
+        self.renice = hello.renice
+        self._start_reading()
         logger.info("fork template started pid=%d", self.process.pid)
 
     def is_running(self) -> bool:
@@ -126,53 +341,9 @@ class ForkTemplate:
                 )
             await self._restart()
 
-    async def spawn(self, spec: WorkerSpec, fds: list[int]) -> int:
-        """Fork a worker with `fds` (its channel, then the listeners); return its pid."""
-        async with self._lock:  # one request at a time, and never while the template is replaced
-            if not self.is_running():
-                await self._restart()
-            assert self.channel is not None
-            try:
-                socket.send_fds(self.channel, [protocol.encode_template(SpawnRequest(spec))], fds)
-                answer = await asyncio.wait_for(self._answers.get(), SPAWN_ANSWER)
-            except (OSError, TimeoutError) as exc:
-                raise SpawnError(f"the fork template did not answer: {exc or type(exc).__name__}") from exc
-        if isinstance(answer, SpawnError):
-            raise answer
-        if isinstance(answer, SpawnRefused):
-            raise SpawnError(answer.error)
-        if not isinstance(answer, Spawned):
-            raise SpawnError(f"the fork template answered {answer} to a spawn request")
-        return answer.pid
-
-    def exit_status(self, pid: int) -> asyncio.Future[int]:
-        """The wait status of worker `pid`, once the template reports it (never, if the template left first)."""
-        future = self._exits.pop(pid, None) or asyncio.get_running_loop().create_future()
-        if not future.done():
-            self._exits[pid] = future
-        return future
-
-    async def _read(self) -> None:
-        """Every message after the hello: exit statuses to their futures, the rest to the spawn request."""
-        assert self.channel is not None
-        while True:
-            data = await asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE)
-            if not data:  # a spawn request waiting now learns why; the next one starts a new template
-                self._answers.put_nowait(SpawnError("the fork template exited"))
-                return
-            try:
-                message = protocol.decode_template(data)
-            except protocol.ProtocolError as exc:  # e.g. a template of another pypnm version, after an upgrade
-                self._answers.put_nowait(SpawnError(str(exc)))
-                continue
-            if isinstance(message, WorkerExited):
-                future = self._exits.pop(message.pid, None)
-                if future is None:  # reported before its WorkerProcess asked: kept for it
-                    self._exits[message.pid] = future = asyncio.get_running_loop().create_future()
-                if not future.done():
-                    future.set_result(message.status)
-            else:
-                self._answers.put_nowait(message)
+    async def _ensure_open(self) -> None:
+        if not self.is_running():
+            await self._restart()
 
     async def _restart(self) -> None:
         if not self.is_running():
@@ -180,23 +351,8 @@ class ForkTemplate:
         await self.stop()
         await self.start()
 
-    async def _receive(self) -> protocol.TemplateMessage:
-        assert self.channel is not None
-        data = await asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE)
-        if not data:
-            raise SpawnError("the fork template exited")
-        try:
-            return protocol.decode_template(data)
-        except protocol.ProtocolError as exc:  # e.g. a template of another pypnm version, after an upgrade
-            raise SpawnError(str(exc)) from exc
-
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        if self.channel is not None:
-            self.channel.close()  # end-of-file tells the template to exit
-            self.channel = None
+        self._close()
         if self.process is not None:
             try:
                 await asyncio.wait_for(asyncio.to_thread(self.process.wait), TEMPLATE_STOP)

@@ -71,6 +71,7 @@ def status_view(
             "watching_source": watching_source,
             "watching_config": watching_config,
             "template_pid": template_pid,
+            "zygote_pids": [g.zygote.pid for g in generations.all() if g.zygote is not None],
         },
     }
 

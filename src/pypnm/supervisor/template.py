@@ -1,36 +1,60 @@
-"""The fork template: a process with the third-party stack imported, that forks workers.
+"""The fork template: a process with the third-party stack imported, that forks each generation's zygote.
 
 Why: a fresh interpreter spends most of a worker's start importing FastAPI, pydantic
-and uvicorn. This process pays that once; each worker it forks only imports the
-project's own modules, from its generation's snapshot. It never imports the project's
-application code, so every fork starts clean. `multiprocessing`'s forkserver does the
-same job but owns its processes' lives and talks pickles; here the master needs the
-workers' pids, their socketpairs and the listening sockets handed over as they are.
+and uvicorn. This process pays that once. It never imports the project's application
+code, so every fork starts clean. `multiprocessing`'s forkserver does the same job but
+owns its processes' lives and talks pickles; here the master needs the workers' pids,
+their socketpairs and the listening sockets handed over as they are.
 
-It talks with the master over a SEQPACKET socketpair (protocol.py, "fork template"): it
-says hello once its modules are imported, then answers each spawn request, whose file
-descriptors are [worker channel, listeners...], with the worker's pid or the error.
-End-of-file means the master is gone: the template exits. It runs in a session of its
-own (so a terminal's signals reach only the master).
+Zygotes. A generation's code is imported once, by its zygote: a process the template forks
+for it (`ZygoteRequest`), which puts the snapshot first on `sys.path`, imports the app (the
+`--app module:attr` import), and then forks the generation's workers, which so start with
+the app imported and share its pages with each other. Each worker still runs its own lifespan
+startup and smoke checks after the fork: nothing that holds a connection or a thread is made
+before it. The zygote lives as long as its generation serves or drains (the master closes its
+channel after), and forks the respawns of its generation's workers. An incremental reload
+asks the serving generation's zygote for the next one (`ZygoteRequest.drop`, reimport.py).
 
-Exit statuses. The workers are the template's children, so only the template can wait for
-them: it reaps them and sends each one's wait status to the master (`WorkerExited`), which
-names it wherever it reports a worker's end ("exit code 3", "killed by SIGKILL"). That is the
-simplest way that works: the master cannot `waitpid` a grandchild, a pidfd tells it only *that*
-a process ended, not how, and making the master a subreaper would give it the workers only
-after the template died. The reaping is done by the template's one thread, in the loop that
-answers spawn requests (SIGCHLD wakes its `select` through a wakeup pipe), not by a thread of
-its own: forking while another thread may hold a lock (logging's, the channel's) could leave
-a worker deadlocked. A worker that ends after its template left (a template is replaced when
-packages change on disk) is reaped by init, and the master says its status is unknown. The
-master still learns *that* a worker is gone from the worker's own socketpair.
-It holds the master's runtime directory lock, which its workers inherit by fork; whichever
-of them leaves last after the master died removes that directory (runtime.py).
+The template and every zygote run the same loop (`serve_forks`) on a SEQPACKET socketpair
+with the master (protocol.py, "fork template"): a hello (`TemplateHello`, `ZygoteReady`), then
+an answer to each request, whose file descriptors are the new process's channels (a worker's:
+[worker channel, listeners...]; a zygote's: [its channel]), with its pid or the error.
+End-of-file means the master is gone (or, for a zygote, done with it): the process exits.
+The template runs in a session of its own (so a terminal's signals reach only the master).
+
+Exit statuses. Only a process's parent can wait for it, so each loop reaps its children and
+sends each one's wait status to the master (`WorkerExited`), which names it wherever it
+reports a worker's end ("exit code 3", "killed by SIGKILL"): a zygote reports its workers', the
+template its zygotes'. The template is also the children's subreaper (PR_SET_CHILD_SUBREAPER):
+a worker whose zygote ended first (a discarded candidate's zygote leaves at once, a zygote
+killed by hand, a serving zygote after an incremental reload: the next zygote is its child)
+is given to the template instead of init, and the template reports it just the same. The master
+reads all of them into one table (spawner.py), so who reaped a process does not matter to it.
+That is the simplest way that works: the master cannot `waitpid` a grandchild, a pidfd tells it
+only *that* a process ended, not how, and making the master the subreaper would give it the
+workers only after the template died. The reaping is done by the loop's one thread (SIGCHLD
+wakes its `select` through a wakeup pipe), not by a thread of its own: forking while another
+thread may hold a lock (logging's, the channel's) could leave a worker deadlocked. A worker that
+ends after its template left (a template is replaced when packages change on disk) is reaped by
+init, and the master says its status is unknown. The master still learns *that* a worker is gone
+from the worker's own socketpair.
+Garbage collection. What the template and a zygote imported is moved to the collector's
+permanent generation (`gc.freeze`) before they fork: a collection in a worker would otherwise
+walk every object of the app and its libraries, writing to each one's header, which copies
+every page a worker shares with its zygote (memory) and takes long pauses (latency). The price:
+in a zygote forked for an incremental import, the modules it dropped stay frozen, not
+collected, until the next clean import starts a new chain.
+
+It holds the master's runtime directory lock, which its zygotes and workers inherit by fork;
+whichever of them leaves last after the master died removes that directory (runtime.py).
+Candidates run niced until they serve (priority.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import importlib
 import logging
 import os
@@ -38,11 +62,24 @@ import select
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pypnm.logs import setup_logging
-from pypnm.supervisor import protocol, runtime, worker
-from pypnm.supervisor.protocol import Spawned, SpawnRefused, SpawnRequest, TemplateHello, WorkerExited
+from pypnm.logs import set_generation, setup_logging
+from pypnm.supervisor import priority, protocol, reimport, runtime, worker
+from pypnm.supervisor.protocol import (
+    Spawned,
+    SpawnRefused,
+    SpawnRequest,
+    TemplateHello,
+    WorkerExited,
+    WorkerSpec,
+    ZygoteFailed,
+    ZygoteReady,
+    ZygoteRequest,
+)
 
 logger = logging.getLogger("pypnm.supervisor.template")
 
@@ -79,11 +116,26 @@ def preload(names: list[str]) -> None:
             logger.warning("cannot preload %s: %s", name, exc)
 
 
-def fork_worker(channel: socket.socket, wakeup: tuple[int, int], request: SpawnRequest, fds: list[int]) -> int:
+# prctl(2): orphaned descendants are reparented to this process instead of init.
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass
+class Imported:
+    """What a zygote has imported: its generation's spec (its snapshot) and the app object."""
+
+    spec: WorkerSpec
+    app: Any
+
+
+def fork_child(
+    channel: socket.socket, wakeup: tuple[int, int], fds: list[int], role: str, life: Callable[[], int]
+) -> int:
+    """Fork; the child drops the loop's own descriptors and signal set-up, runs `life` and exits with its code."""
     pid = os.fork()
     if pid:
         return pid
-    # The child: becomes a worker and never returns into the template's loop.
+    # The child never returns into the loop.
     code = 1
     try:
         channel.close()
@@ -93,15 +145,49 @@ def fork_worker(channel: socket.socket, wakeup: tuple[int, int], request: SpawnR
             os.close(fd)
         for fd in fds:
             os.set_inheritable(fd, False)  # SCM_RIGHTS fds arrive inheritable; the app's children must not get them
-        worker_channel = socket.socket(fileno=fds[0])
-        listeners = [socket.socket(fileno=fd) for fd in fds[1:]]
-        code = worker.run(request.spec, worker_channel, listeners)
+        code = life()
     except BaseException:
-        logger.exception("worker failed")
+        logger.exception("%s failed", role)
     finally:
         runtime.leave()  # the last process of a dead master removes its runtime directory
         logging.shutdown()
         os._exit(code)
+
+
+def run_worker(request: SpawnRequest, fds: list[int], imported: Imported) -> int:
+    """A worker forked from its generation's zygote: the app is imported; lifespan, checks and serving are its own."""
+    worker_channel = socket.socket(fileno=fds[0])
+    listeners = [socket.socket(fileno=fd) for fd in fds[1:]]
+    return worker.run(request.spec, worker_channel, listeners, imported.app)
+
+
+def run_zygote(request: ZygoteRequest, fds: list[int], previous: Imported | None) -> int:
+    """A generation's zygote: import the app (or re-import what changed since `previous`), then fork its workers."""
+    spec = request.spec
+    channel = socket.socket(fileno=fds[0])
+    os.environ.update(spec.env)  # the app may read its settings as it is imported
+    setup_logging("zygote", spec.log_level)
+    set_generation(spec.generation)
+    nice = priority.lower(request.nice)
+    reimported: int | None = None
+    try:
+        if request.drop is not None and previous is not None:
+            before = reimport.project_modules(spec.packages)
+            kept = reimport.reimport(previous.spec, spec, request.drop)
+            try:
+                app = worker.find_app(spec)
+            finally:
+                kept.remove()
+            reimported = reimport.imported_since(before, spec.packages)
+        else:
+            app = worker.load_app(spec)
+    except worker.AppLoadError as exc:
+        logger.error("generation %d cannot serve: %s", spec.generation, exc)
+        channel.sendall(protocol.encode_template(ZygoteFailed(str(exc))))
+        return 1
+    gc.freeze()  # see the module docstring, "Garbage collection"
+    serve_forks(channel, ZygoteReady(os.getpid(), nice, reimported), Imported(spec, app))
+    return 0
 
 
 def report_exits(channel: socket.socket, wakeup: int) -> None:
@@ -120,13 +206,17 @@ def report_exits(channel: socket.socket, wakeup: int) -> None:
             channel.sendall(protocol.encode_template(WorkerExited(pid, status)))
 
 
-def answer_spawn_requests(channel: socket.socket) -> None:
-    """Say hello, then fork a worker for each spawn request and report each exit, until the master is gone."""
+def serve_forks(channel: socket.socket, hello: TemplateHello | ZygoteReady, imported: Imported | None) -> None:
+    """Say hello, then fork for each request and report each child's exit, until the master closes the channel.
+
+    The template (`imported` None) forks zygotes; a zygote forks its generation's workers, and
+    the next generation's zygote when asked for an incremental import.
+    """
     wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)
     # A handler, not SIG_DFL: with SIG_DFL the signal is discarded before Python's wakeup fd sees it.
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    channel.sendall(protocol.encode_template(TemplateHello(os.getpid())))
+    channel.sendall(protocol.encode_template(hello))
     while True:
         readable, _, _ = select.select([channel.fileno(), wakeup[0]], [], [])
         if wakeup[0] in readable:
@@ -138,24 +228,53 @@ def answer_spawn_requests(channel: socket.socket) -> None:
         except OSError:
             message, fds = b"", []
         if not message:
-            logger.info("master is gone; fork template exiting")
+            logger.info(
+                "master is gone; fork template exiting"
+                if imported is None
+                else "the master closed the channel; zygote exiting"
+            )
             return
         answer: protocol.TemplateMessage
         try:
-            request = protocol.decode_template(message)
-            if not isinstance(request, SpawnRequest):
-                raise protocol.ProtocolError("fork template", f"expected a spawn request, got {request}")
-            answer = Spawned(fork_worker(channel, wakeup, request, fds))
+            answer = Spawned(fork_for(channel, wakeup, protocol.decode_template(message), fds, imported))
         except protocol.ProtocolError as exc:  # e.g. a master of another pypnm version: say so, fork nothing
-            logger.error("cannot fork a worker: %s", exc)
+            logger.error("cannot fork: %s", exc)
             answer = SpawnRefused(str(exc))
         except Exception as exc:
-            logger.exception("cannot fork a worker")
+            logger.exception("cannot fork")
             answer = SpawnRefused(f"{type(exc).__name__}: {exc}")
         finally:
             for fd in fds:
                 os.close(fd)
         channel.sendall(protocol.encode_template(answer))
+
+
+def fork_for(
+    channel: socket.socket,
+    wakeup: tuple[int, int],
+    request: protocol.TemplateMessage,
+    fds: list[int],
+    imported: Imported | None,
+) -> int:
+    """Fork what `request` asks for; its pid. ProtocolError for a request this process does not answer."""
+    if isinstance(request, ZygoteRequest) and len(fds) == 1:
+        return fork_child(channel, wakeup, fds, "zygote", lambda: run_zygote(request, fds, imported))
+    if isinstance(request, SpawnRequest) and imported is not None and fds:
+        return fork_child(channel, wakeup, fds, "worker", lambda: run_worker(request, fds, imported))
+    if isinstance(request, SpawnRequest):
+        raise protocol.ProtocolError("fork template", "a worker is forked by its generation's zygote, not the template")
+    raise protocol.ProtocolError("fork template", f"expected a spawn or zygote request, got {request}")
+
+
+def become_subreaper() -> None:
+    """Be given the orphans among this process's descendants (a worker whose zygote left first)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0
+    except (OSError, AttributeError):
+        failed = True
+    if failed:  # the workers of a zygote that ended first then go to init: their exit status is unknown
+        logger.warning("cannot become the subreaper of the workers: some exit statuses will be unknown")
 
 
 def main() -> None:
@@ -164,7 +283,10 @@ def main() -> None:
     setup_logging("template", log_level)
     try:
         preload([*PRELOADED, *extra])
-        answer_spawn_requests(socket.socket(fileno=int(channel_fd)))
+        gc.freeze()  # see the module docstring, "Garbage collection"
+        become_subreaper()
+        renice = priority.start()
+        serve_forks(socket.socket(fileno=int(channel_fd)), TemplateHello(os.getpid(), renice), None)
     finally:
         runtime.leave()
 

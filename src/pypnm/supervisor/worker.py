@@ -1,8 +1,9 @@
 """One worker: a uvicorn server that proves its generation's code works before it accepts.
 
-The order is what makes a reload safe: import the app from the generation's snapshot,
-run lifespan startup, answer smoke requests in-process, tell the master "ready", and
-only when the master says so (StartAccepting) start accepting on the inherited listening socket.
+The order is what makes a reload safe: the app is imported from the generation's snapshot
+(by the generation's zygote, which forks the worker after: template.py), then the worker
+runs lifespan startup, answers smoke requests in-process, tells the master "ready", and
+only when the master says so (StartAccepting) starts accepting on the inherited listening socket.
 uvicorn's own `Server.startup` would accept right after lifespan startup, so
 `GenerationServer` replaces that one step and keeps the rest of uvicorn (main loop,
 signals, graceful shutdown).
@@ -43,7 +44,7 @@ import uvicorn
 
 from pypnm.identity import WORKER_STATE_KEY
 from pypnm.logs import set_generation, setup_logging
-from pypnm.supervisor import protocol, runtime
+from pypnm.supervisor import priority, protocol, runtime
 from pypnm.supervisor.http_limits import HeadLimits, LimitedHttpToolsProtocol
 from pypnm.supervisor.protocol import (
     Close,
@@ -104,6 +105,11 @@ def load_app(spec: WorkerSpec) -> Any:
             del sys.modules[name]
     sys.path.insert(0, spec.snapshot_dir)
     importlib.invalidate_caches()
+    return find_app(spec)
+
+
+def find_app(spec: WorkerSpec) -> Any:
+    """The `--app module:attr` object, importing its module if it is not imported yet (AppLoadError if it fails)."""
     module_name, _, attr = spec.app.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -287,6 +293,7 @@ class GenerationServer(uvicorn.Server):
             for sock in sockets or []
         ]
         self.started = True
+        priority.restore()  # validated at the candidates' lower priority; serves at the normal one
         self._report(WorkerAccepting())
         logger.info("generation %d worker serving", self.spec.generation)
 
@@ -431,9 +438,10 @@ class _LastError(logging.Handler):
             self.text = record.getMessage()
 
 
-def make_server(spec: WorkerSpec, channel: MasterChannel | None) -> GenerationServer:
-    """Load the app (raises AppLoadError) and wrap it in a GenerationServer."""
-    app = load_app(spec)
+def make_server(spec: WorkerSpec, channel: MasterChannel | None, app: Any = None) -> GenerationServer:
+    """Wrap the app in a GenerationServer, loading it first unless given (raises AppLoadError)."""
+    if app is None:
+        app = load_app(spec)
     config = uvicorn.Config(
         app,
         lifespan="on",
@@ -456,14 +464,14 @@ def make_server(spec: WorkerSpec, channel: MasterChannel | None) -> GenerationSe
     return GenerationServer(config, app, spec, channel)
 
 
-def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.socket]) -> int:
-    """The worker's whole life, from fork to exit; returns the exit code."""
+def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.socket], app: Any) -> int:
+    """The worker's whole life, from its fork off the generation's zygote (`app` imported there) to exit."""
     os.environ.update(spec.env)
     setup_logging("worker", spec.log_level)
     set_generation(spec.generation)
     channel = MasterChannel(channel_sock)
     try:
-        server = make_server(spec, channel)
+        server = make_server(spec, channel, app)
     except AppLoadError as exc:
         logger.error("generation %d cannot serve: %s", spec.generation, exc)
         channel.send(WorkerFailed(str(exc)))

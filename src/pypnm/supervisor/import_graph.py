@@ -1,0 +1,214 @@
+"""Which modules an incremental import must import again, read from the snapshots' files (`reload_import`).
+
+The master never imports the project, so it reads the import graph from the source: each
+`.py` file of a snapshot is parsed (its AST), and every `import`, `from … import` (relative
+ones resolved) and `importlib.import_module("literal")` anywhere in it, inside functions too,
+is an edge to the modules it names. A file is parsed only when its content is new: the parse
+is kept by content hash, as the bytecode is (snapshot.Compiler), so a reload that changed one
+file parses one file.
+
+Comparing the serving generation's snapshot with the new one by content gives the changed
+files; the modules to drop are the changed ones and every module that imports one of them
+(transitively: its names would still point at the old objects). A submodule does not depend on
+its package unless it imports from it: a package imported again is given its kept submodules
+as attributes (reimport.py).
+What the graph cannot vouch for makes the reload a clean import, with the reason:
+
+- a changed file that is not a `.py` module: a C extension, a data file read at import, the
+  settings file (the app reads its settings as it is built);
+- a dynamic import (`importlib.import_module`, `__import__`, `importlib.reload` of anything but a
+  string literal) in a module the app imports and the incremental import keeps: it may hold a
+  module the graph does not know it holds;
+- a different environment or `--app` for the workers.
+
+What it cannot see either is state: a kept module that a dropped one wrote into as it was
+imported (a registry a module adds itself to) keeps what the old code wrote. That is the
+limit `incremental` is opted into with (README, "Incremental imports").
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Calls that import a module named by their first argument.
+_DYNAMIC_FUNCTIONS = {"import_module", "__import__", "reload"}
+
+
+@dataclass(frozen=True)
+class ModuleFacts:
+    """What the master read in one module's source."""
+
+    imports: frozenset[str]  # every module name it may import (not all of them exist in the project)
+    dynamic: int | None  # the line of a dynamic import it cannot resolve, if any
+
+
+@dataclass
+class CodeScan:
+    """A snapshot's files by content, and its modules' imports."""
+
+    root: str  # the snapshot directory, which the file names below are relative to
+    files: dict[str, bytes] = field(default_factory=dict)  # relative path -> sha256 of the content
+    modules: dict[str, ModuleFacts] = field(default_factory=dict)  # module name -> facts
+    paths: dict[str, str] = field(default_factory=dict)  # module name -> relative path
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An incremental import (`drop`, possibly empty) or, with `reason`, a clean one."""
+
+    drop: list[str] | None
+    reason: str | None = None
+
+    @classmethod
+    def clean(cls, reason: str) -> Plan:
+        return cls(None, reason)
+
+
+class ImportScanner:
+    """Scans snapshots, keeping each file's parse by content hash (a bounded cache)."""
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self) -> None:
+        self._facts: dict[tuple[str, bytes], ModuleFacts] = {}
+
+    def scan(self, directory: Path, packages: list[str]) -> CodeScan:
+        scan = CodeScan(str(directory))
+        for top, _dirs, names in os.walk(directory):
+            _dirs[:] = [name for name in _dirs if name != "__pycache__"]
+            for name in names:
+                path = Path(top, name)
+                relative = path.relative_to(directory).as_posix()
+                data = path.read_bytes()
+                digest = hashlib.sha256(data).digest()
+                scan.files[relative] = digest
+                module = module_name(relative)
+                if module is None or module.split(".")[0] not in packages:
+                    continue
+                scan.modules[module] = self._read(module, relative, data, digest)
+                scan.paths[module] = relative
+        return scan
+
+    def _read(self, module: str, relative: str, data: bytes, digest: bytes) -> ModuleFacts:
+        key = (relative, digest)
+        facts = self._facts.get(key)
+        if facts is None:
+            facts = read_imports(module, relative.endswith("/__init__.py"), data)
+            if len(self._facts) >= self.MAX_ENTRIES:
+                self._facts.clear()
+            self._facts[key] = facts
+        return facts
+
+
+def module_name(relative: str) -> str | None:
+    """`pkg/sub/mod.py` -> `pkg.sub.mod`, `pkg/__init__.py` -> `pkg`; None for anything but a `.py` file."""
+    if not relative.endswith(".py"):
+        return None
+    parts = relative[: -len(".py")].split("/")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts) if parts and all(part.isidentifier() for part in parts) else None
+
+
+def read_imports(module: str, is_package: bool, source: bytes) -> ModuleFacts:
+    """The modules `module`'s source may import, and the line of its first unresolvable dynamic import."""
+    tree = ast.parse(source)  # the snapshot compiled it already: a syntax error failed the reload there
+    package = module if is_package else module.rpartition(".")[0]
+    names: set[str] = set()
+    dynamic: int | None = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                # `import a.b.c` binds `a` and reaches `a.b.c` through its attributes: it holds all three.
+                parts = alias.name.split(".")
+                names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(node.module or "", node.level, package)
+            if base is None:
+                continue
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+        elif isinstance(node, ast.Call) and _is_dynamic_import(node.func):
+            first = node.args[0] if node.args else None
+            if isinstance(first, ast.Constant) and isinstance(first.value, str) and not first.value.startswith("."):
+                names.add(first.value)
+            elif dynamic is None:
+                dynamic = node.lineno
+    # `from a.b import c` runs `a` first too, but holds only `a.b` and `c`: a new `a` does not concern it.
+    return ModuleFacts(frozenset(names), dynamic)
+
+
+def _resolve(name: str, level: int, package: str) -> str | None:
+    if level == 0:
+        return name
+    parts = package.split(".") if package else []
+    if level - 1 > len(parts):
+        return None  # beyond the top-level package: an ImportError at run time, not an edge
+    base = parts[: len(parts) - (level - 1)]
+    return ".".join([*base, name] if name else base) or None
+
+
+def _is_dynamic_import(func: ast.expr) -> bool:
+    if isinstance(func, ast.Name):
+        return func.id in _DYNAMIC_FUNCTIONS
+    return isinstance(func, ast.Attribute) and func.attr in _DYNAMIC_FUNCTIONS
+
+
+def plan(previous: CodeScan, current: CodeScan, app_module: str) -> Plan:
+    """What the next zygote, forked from the previous generation's, must drop; or why it must import clean."""
+    changed = sorted(
+        path
+        for path in previous.files.keys() | current.files.keys()
+        if previous.files.get(path) != current.files.get(path)
+    )
+    not_modules = [path for path in changed if module_name(path) is None]
+    if not_modules:
+        return Plan.clean(f"{not_modules[0]} changed, which is not a Python module" + _more(not_modules))
+    changed_modules = {name for path in changed if (name := module_name(path)) is not None}
+    drop = _importers(changed_modules, current)
+    drop |= {name for name in _importers(changed_modules, previous) if name in current.modules}
+    for name in sorted(_reachable(app_module, current) - drop):
+        line = current.modules[name].dynamic
+        if line is not None:
+            return Plan.clean(
+                f"a dynamic import in {current.paths[name]}, line {line}, which the import graph cannot follow"
+            )
+    return Plan(sorted(drop))
+
+
+def _more(items: list[str]) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def _importers(changed: set[str], scan: CodeScan) -> set[str]:
+    """`changed` and every module that imports one of them, transitively."""
+    importers: dict[str, set[str]] = {}
+    for name, facts in scan.modules.items():
+        for imported in facts.imports:
+            importers.setdefault(imported, set()).add(name)
+    drop = set(changed)
+    todo = list(changed)
+    while todo:  # bounded: each module enters `drop` (and `todo`) once
+        name = todo.pop()
+        for other in importers.get(name, set()) - drop:
+            drop.add(other)
+            todo.append(other)
+    return drop
+
+
+def _reachable(app_module: str, scan: CodeScan) -> set[str]:
+    """The project's modules the app's import reaches by static imports."""
+    parts = app_module.split(".")
+    todo = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    seen: set[str] = set()
+    while todo:  # bounded: each module is visited once
+        name = todo.pop()
+        if name in seen or name not in scan.modules:
+            continue
+        seen.add(name)
+        todo.extend(scan.modules[name].imports - seen)
+    return seen

@@ -1,0 +1,153 @@
+"""An incremental import, in a zygote forked from the previous generation's zygote.
+
+The master decided which modules to drop (import_graph.py: those whose files changed and
+every module that imports them, transitively); this drops them from `sys.modules` (and from
+their kept parent package's attributes, where `from pkg import mod` would find them), moves
+every module kept to the new snapshot, and the app's import (worker.find_app) then imports
+the dropped ones again from there, as the app's import reaches them.
+
+Moving a kept module to the new snapshot: its file there has the same bytes (it did not
+change), but its `__file__`, `__spec__`, loader path and, for a package, `__path__` still
+name the previous snapshot's directory, which is removed once that generation has drained.
+A package's `__path__` is where its submodules are found: left as it was, a submodule
+imported for the first time later (a lazy import) would be looked for in a directory that
+is gone, or found in the previous snapshot. Tracebacks are not affected: the master compiles
+each file with its original path as the code's file name (snapshot.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+from collections.abc import Sequence
+from importlib.abc import Loader
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any
+
+from pypnm.supervisor.protocol import WorkerSpec
+
+
+def reimport(previous: WorkerSpec, spec: WorkerSpec, drop: list[str]) -> KeptSubmodules:
+    """Drop `drop` from `sys.modules` and move the rest from `previous`'s snapshot to `spec`'s.
+
+    Returns the finder that gives a dropped package its kept submodules when it is imported
+    again; it is on `sys.meta_path` until `remove()` (after the app's import).
+    """
+    kept = KeptSubmodules(drop)
+    for name in drop:
+        module = sys.modules.pop(name, None)
+        if module is None:
+            continue
+        # `from pkg import mod` takes the package's attribute when it has one: a kept package
+        # must not hand out the dropped module (the import system sets it again on import).
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
+            delattr(sys.modules[parent], child)
+    old, new = previous.snapshot_dir, spec.snapshot_dir
+    for module in list(sys.modules.values()):
+        if isinstance(module, ModuleType):
+            _move(module, old, new)
+    sys.path[:] = [new if entry == old else entry for entry in sys.path]
+    sys.path_importer_cache.pop(old, None)
+    importlib.invalidate_caches()
+    sys.meta_path.insert(0, kept)
+    return kept
+
+
+class KeptSubmodules(importlib.abc.MetaPathFinder):
+    """Gives each dropped package, as it is imported again, its kept submodules as attributes.
+
+    A submodule that did not change and does not import from its package is kept, but the
+    package's new module object would not have it as an attribute (the import system sets
+    that only when it loads the submodule), so `import pkg.mod; pkg.mod.f()` would fail. The
+    attributes are set before the package's own code runs, as they were when it last ran.
+    """
+
+    def __init__(self, drop: list[str]) -> None:
+        dropped = set(drop)
+        self.children: dict[str, dict[str, ModuleType]] = {}
+        for name, module in list(sys.modules.items()):
+            parent, _, child = name.rpartition(".")
+            if parent in dropped and name not in dropped and isinstance(module, ModuleType):
+                self.children.setdefault(parent, {})[child] = module
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        children = self.children.pop(fullname, None)
+        if not children:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _WithAttributes(spec.loader, children)
+        return spec
+
+    def remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+
+
+class _WithAttributes(importlib.abc.Loader):
+    """A package's own loader, which first sets the kept submodules on the new module."""
+
+    def __init__(self, loader: Loader, children: dict[str, ModuleType]) -> None:
+        self.loader = loader
+        self.children = children
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__dict__.update(self.children)
+        self.loader.exec_module(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, path, ...: the package's loader answers
+        return getattr(self.loader, name)
+
+
+def project_modules(packages: list[str]) -> dict[str, ModuleType]:
+    """The project's modules imported in this process now, by name."""
+    return {
+        name: module
+        for name, module in list(sys.modules.items())
+        if any(name == top or name.startswith(top + ".") for top in packages)
+    }
+
+
+def imported_since(before: dict[str, ModuleType], packages: list[str]) -> int:
+    """How many of the project's modules were imported (again, or for the first time) since `before`."""
+    return sum(1 for name, module in project_modules(packages).items() if before.get(name) is not module)
+
+
+def _moved(path: object, old: str, new: str) -> object:
+    if isinstance(path, str) and (path == old or path.startswith(old + "/")):
+        return new + path[len(old) :]
+    return path
+
+
+def _move(module: ModuleType, old: str, new: str) -> None:
+    """Point a kept module's paths at the new snapshot (a no-op for modules from elsewhere)."""
+    namespace = module.__dict__
+    if not isinstance(namespace.get("__file__"), str) or not namespace["__file__"].startswith(old + "/"):
+        return
+    for attribute in ("__file__", "__cached__"):
+        if attribute in namespace:
+            namespace[attribute] = _moved(namespace[attribute], old, new)
+    package_path = namespace.get("__path__")
+    if isinstance(package_path, list):
+        package_path[:] = [_moved(entry, old, new) for entry in package_path]
+    spec = namespace.get("__spec__")
+    if spec is not None:
+        spec.origin = _moved(spec.origin, old, new)
+        if spec.has_location and spec.cached is not None:
+            spec.cached = _moved(spec.cached, old, new)
+        locations = spec.submodule_search_locations
+        if isinstance(locations, list):
+            locations[:] = [_moved(entry, old, new) for entry in locations]
+    loader = namespace.get("__loader__")
+    if loader is not None and isinstance(getattr(loader, "path", None), str):
+        loader.path = _moved(loader.path, old, new)

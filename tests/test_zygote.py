@@ -1,0 +1,357 @@
+"""Per-generation zygotes: a generation's code is imported once, its workers are forked after the import.
+
+The app here writes a line (its pid) to a file each time its main module is imported, so the
+tests count imports; it reports the nice value it was imported at, the one its lifespan
+startup ran at, and the one it serves at.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import (
+    StartService,
+    base_env,
+    pid_alive,
+    pypnm_command,
+    reload_by_sighup,
+    rewrite,
+    supervisor_status,
+    wait_until,
+)
+from pypnm.supervisor import priority
+
+APP = "zyg.main:app"
+
+MAIN = '''"""A test app that counts its imports."""
+
+import os
+
+from fastapi import FastAPI
+
+from pypnm.identity import SUPERVISOR_ENV
+from pypnm.supervisor import control
+from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
+from zyg import leaf, registry
+from zyg.names import NAME
+import zyg.plugin
+
+MAIN = "main1"
+IMPORT_NICE = os.getpriority(os.PRIO_PROCESS, 0)
+with open(os.environ["ZYG_IMPORTS"], "a") as log:
+    log.write(f"{os.getpid()}\\n")
+
+app = FastAPI()
+startup_nice: list[int] = []
+
+
+@app.on_event("startup")
+async def startup() -> None:
+    startup_nice.append(os.getpriority(os.PRIO_PROCESS, 0))
+
+
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.get("/values")
+async def values() -> dict[str, object]:
+    return {
+        "leaf": zyg.leaf.VALUE,  # through the package: a kept submodule of a package imported again is on it
+        "name": NAME,
+        "main": MAIN,
+        "registry": registry.ITEMS,
+        "pid": os.getpid(),
+        "nice": {"import": IMPORT_NICE, "startup": startup_nice[0], "serving": os.getpriority(os.PRIO_PROCESS, 0)},
+    }
+
+
+@app.get("/supervisor")
+async def supervisor() -> dict[str, object]:
+    answer = await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest())
+    assert isinstance(answer, StatusAnswer)
+    return answer.status
+'''
+
+
+# Adds itself to a registry (an unchanged module) as it is imported: what an incremental import keeps stale.
+PLUGIN = """from zyg import registry
+
+if "strict" in registry.ITEMS:
+    raise RuntimeError("registered twice")
+registry.ITEMS.append("NAME")
+"""
+
+
+def write_app(root: Path) -> Path:
+    package = root / "zyg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "leaf.py").write_text('VALUE = "leaf1"\n')
+    (package / "names.py").write_text('NAME = "name1"\n')
+    (package / "registry.py").write_text("ITEMS: list[str] = []\n")
+    (package / "plugin.py").write_text(PLUGIN.replace("NAME", "plugin1"))
+    (package / "main.py").write_text(MAIN)
+    return package
+
+
+def serve_app(start_service: StartService, root: Path, workers: int, *flags: str, **env: str) -> Any:
+    write_app(root)
+    env = base_env(ZYG_IMPORTS=str(root / "imports.log"), PYPNM_RELOAD_MIN_INTERVAL="0", **env)
+    return start_service(
+        pypnm_command("--app", APP, "--port", "{port}", "--workers", str(workers), *flags), cwd=root, env=env
+    )
+
+
+def imports(root: Path) -> list[int]:
+    return [int(line) for line in (root / "imports.log").read_text().split()]
+
+
+def serving_workers(service: Any, generation: int, count: int) -> dict[str, Any]:
+    def alone() -> dict[str, Any] | None:
+        status = supervisor_status(service)
+        workers = status["workers"]
+        ok = (
+            status["generation"] == generation
+            and status["reload_state"] == "idle"
+            and len(workers) == count
+            and all(w["generation"] == generation and w["state"] == "serving" for w in workers)
+        )
+        return status if ok else None
+
+    result: dict[str, Any] = wait_until(alone, timeout=30)
+    return result
+
+
+def test_a_generation_imports_once_whatever_its_worker_count(start_service: StartService, tmp_path: Path) -> None:
+    service = serve_app(start_service, tmp_path, 3)
+    status = serving_workers(service, 1, 3)
+    [zygote] = status["master"]["zygote_pids"]
+    assert imports(tmp_path) == [zygote]  # imported once, by the zygote; the 3 workers are its forks
+    assert all(pid_alive(w["pid"]) and w["pid"] != zygote for w in status["workers"])
+
+    status = reload_by_sighup(service, 1)
+    assert status["last_reload"]["outcome"] == "succeeded", status["last_reload"]
+    status = serving_workers(service, 2, 3)
+    [new_zygote] = status["master"]["zygote_pids"]
+    assert imports(tmp_path) == [zygote, new_zygote]
+    wait_until(lambda: not pid_alive(zygote), timeout=20)  # the drained generation's zygote left with it
+
+
+def test_respawns_fork_from_the_generations_zygote_or_a_new_one(start_service: StartService, tmp_path: Path) -> None:
+    service = serve_app(start_service, tmp_path, 2)
+    status = serving_workers(service, 1, 2)
+    [zygote] = status["master"]["zygote_pids"]
+    victim = status["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+
+    status = replaced(service, victim)
+    assert imports(tmp_path) == [zygote]  # the replacement was forked from the zygote: no import
+    assert status["worker_exits"][0]["ended"] == "killed by SIGKILL (killed, out of memory?)"
+
+    # Without its zygote, a generation's replacement is forked from a new one, importing the same snapshot.
+    os.kill(zygote, signal.SIGKILL)
+    victim = status["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    status = replaced(service, victim)
+    [new_zygote] = status["master"]["zygote_pids"]
+    assert new_zygote != zygote and imports(tmp_path) == [zygote, new_zygote]
+    assert service.get("/values").json()["main"] == "main1"
+
+
+def replaced(service: Any, victim: int) -> dict[str, Any]:
+    """The status once generation 1's two workers serve again, `victim` not among them."""
+
+    def done() -> dict[str, Any] | None:
+        status = serving_workers(service, 1, 2)
+        return status if victim not in {w["pid"] for w in status["workers"]} else None
+
+    result: dict[str, Any] = wait_until(done, timeout=30)
+    return result
+
+
+def test_candidates_run_niced_until_they_serve(start_service: StartService, tmp_path: Path) -> None:
+    # The tests run as root (CAP_SYS_NICE): the nice value can be given back, so candidates are niced.
+    service = serve_app(start_service, tmp_path, 2)
+    serving_workers(service, 1, 2)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for _ in range(4):  # both workers, most likely
+        nice = service.get("/values").json()["nice"]
+        assert nice == {"import": base + 10, "startup": base + 10, "serving": base}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to an unprivileged user, which only root can do")
+@pytest.mark.parametrize("rlimit_nice", [0, 20])
+def test_an_unprivileged_process_nices_candidates_only_if_it_can_give_it_back(rlimit_nice: int) -> None:
+    """Without CAP_SYS_NICE a nice value goes back down only as far as RLIMIT_NICE allows (20: to 0).
+
+    A forked child (the test's interpreter may not be readable by an unprivileged user)
+    becomes `nobody` and runs what the template and a worker run: start, lower, restore.
+    """
+    if resource.getrlimit(resource.RLIMIT_NICE)[1] < rlimit_nice:
+        pytest.skip(f"RLIMIT_NICE's hard limit is below {rlimit_nice} and cannot be raised here (no CAP_SYS_RESOURCE)")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        code = 1
+        try:
+            os.close(read)
+            resource.setrlimit(resource.RLIMIT_NICE, (rlimit_nice, rlimit_nice))
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            renice = priority.start()
+            lowered = priority.lower(priority.CANDIDATE_NICE)
+            priority.restore()
+            os.write(write, f"{renice} {lowered} {os.getpriority(os.PRIO_PROCESS, 0)}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        seen = answer.read().split()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    if rlimit_nice == 0:  # the default: candidates run at the serving priority, never stuck niced
+        assert seen == ["False", str(base), str(base)]
+    else:
+        assert seen == ["True", str(base + 10), str(base)]
+
+
+# ----- incremental imports (reload_import = incremental) -----------------------------------------
+
+
+def reload_ok(service: Any, generation: int) -> dict[str, Any]:
+    """SIGHUP; the reload record of `generation` (which must have succeeded), once it alone serves."""
+    status = reload_by_sighup(service, generation - 1)
+    record: dict[str, Any] = status["last_reload"]
+    assert record["generation"] == generation and record["outcome"] == "succeeded", record
+    serving_workers(service, generation, 2)
+    return record
+
+
+def reloaded_by_main(service: Any, generation: int) -> dict[str, Any]:
+    """The record of reload `generation`, triggered by the change of main.py (the master watches the route module)."""
+
+    def finished() -> dict[str, Any] | None:
+        last = supervisor_status(service)["last_reload"]
+        return last if last and last["generation"] == generation and last["outcome"] else None
+
+    record: dict[str, Any] = wait_until(finished, timeout=30)
+    assert record["outcome"] == "succeeded", record
+    serving_workers(service, generation, 2)
+    return record
+
+
+def values(service: Any) -> dict[str, Any]:
+    answer: dict[str, Any] = service.get("/values").json()
+    return answer
+
+
+def test_incremental_reimports_what_changed_and_its_importers(start_service: StartService, tmp_path: Path) -> None:
+    service = serve_app(start_service, tmp_path, 2, PYPNM_RELOAD_IMPORT="incremental")
+    package = tmp_path / "zyg"
+    serving_workers(service, 1, 2)
+
+    (package / "leaf.py").write_text('VALUE = "leaf2"\n')  # `from zyg import leaf` in main
+    record = reload_ok(service, 2)
+    assert record["import"] == {"mode": "incremental", "reimported": 2}  # zyg.leaf and zyg.main
+    assert values(service)["leaf"] == "leaf2"
+
+    (package / "names.py").write_text('NAME = "name2"\n')  # `from zyg.names import NAME` in main
+    record = reload_ok(service, 3)
+    assert record["import"] == {"mode": "incremental", "reimported": 2}
+    assert values(service)["name"] == "name2"
+
+    rewrite(package / "main.py", 'MAIN = "main1"', 'MAIN = "main2"')
+    record = reloaded_by_main(service, 4)
+    assert record["import"] == {"mode": "incremental", "reimported": 1}
+    assert values(service) | {"pid": 0, "nice": None} == {
+        "leaf": "leaf2",
+        "name": "name2",
+        "main": "main2",
+        "registry": ["plugin1"],  # zyg.plugin was not imported again: unchanged, it imports nothing that changed
+        "pid": 0,
+        "nice": None,
+    }
+    # One import of the main module per generation, each by that generation's zygote.
+    assert len(imports(tmp_path)) == 4 and len(set(imports(tmp_path))) == 4
+
+    # Nothing changed: nothing to import again; the zygote forks workers of the app it was given.
+    record = reload_ok(service, 5)
+    assert record["import"] == {"mode": "incremental", "reimported": 0}
+    assert values(service)["main"] == "main2" and len(imports(tmp_path)) == 4
+
+    # The package itself: it and what imports it (main, and plugin: `from zyg import registry`) are imported
+    # again; its unchanged submodules that do not import from it (leaf, names, registry) are kept, and set on it.
+    (package / "__init__.py").write_text('"""The package, changed."""\n')
+    record = reload_ok(service, 6)
+    assert record["import"] == {"mode": "incremental", "reimported": 3}
+    answer = values(service)
+    assert (answer["leaf"], answer["name"], answer["main"]) == ("leaf2", "name2", "main2")
+    assert answer["registry"] == ["plugin1", "plugin1"]  # the kept registry, and plugin's import again
+
+
+def test_incremental_keeps_what_changed_code_wrote_into_unchanged_modules(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """The documented limit: a registry (unchanged) keeps the entry the old plugin code added to it."""
+    service = serve_app(start_service, tmp_path, 2, PYPNM_RELOAD_IMPORT="incremental")
+    package = tmp_path / "zyg"
+    serving_workers(service, 1, 2)
+
+    (package / "plugin.py").write_text(PLUGIN.replace("NAME", "plugin2"))
+    record = reload_ok(service, 2)
+    assert record["import"] == {"mode": "incremental", "reimported": 2}  # zyg.plugin and zyg.main
+    assert values(service)["registry"] == ["plugin1", "plugin2"]  # stale: plugin1 is no longer in the code
+
+    # A clean import (here: because a file that is not a module changed) starts from an empty registry.
+    (package / "fast.so").write_bytes(b"\x7fELF not really")
+    record = reload_ok(service, 3)
+    assert record["import"] == {"mode": "clean", "reason": "zyg/fast.so changed, which is not a Python module"}
+    assert values(service)["registry"] == ["plugin2"]
+
+
+def test_incremental_falls_back_to_clean_when_it_cannot_vouch_or_fails(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    service = serve_app(start_service, tmp_path, 2, PYPNM_RELOAD_IMPORT="incremental")
+    package = tmp_path / "zyg"
+    serving_workers(service, 1, 2)
+
+    # A C extension (any file that is not a .py module) changed.
+    (package / "fast.so").write_bytes(b"\x7fELF v1")
+    record = reload_ok(service, 2)
+    assert record["import"] == {"mode": "clean", "reason": "zyg/fast.so changed, which is not a Python module"}
+
+    # A module the app imports, and an incremental import would keep, imports dynamically.
+    (package / "dyn.py").write_text('import importlib\n\nLEAF = importlib.import_module("zyg." + "leaf")\n')
+    rewrite(package / "main.py", "import zyg.plugin\n", "import zyg.plugin\nimport zyg.dyn\n")
+    reloaded_by_main(service, 3)
+    (package / "leaf.py").write_text('VALUE = "leaf2"\n')
+    record = reload_ok(service, 4)
+    assert record["import"] == {
+        "mode": "clean",
+        "reason": "a dynamic import in zyg/dyn.py, line 3, which the import graph cannot follow",
+    }
+    assert values(service)["leaf"] == "leaf2"
+
+    # The incremental candidate fails (a module refuses to register twice in the kept registry); the clean one works.
+    strict = 'from zyg import registry\n\nif "strict" in registry.ITEMS:\n    raise RuntimeError("registered twice")\n'
+    (package / "strict.py").write_text(strict + 'registry.ITEMS.append("strict")\n')
+    rewrite(package / "main.py", "import zyg.dyn\n", "import zyg.strict\n")
+    assert reloaded_by_main(service, 5)["import"] == {"mode": "incremental", "reimported": 2}  # zyg.main, zyg.strict
+    (package / "strict.py").write_text(strict + 'registry.ITEMS.append("strict")  # changed\n')
+    record = reload_ok(service, 6)
+    assert record["import"]["mode"] == "clean"
+    assert record["import"]["reason"].startswith("the incremental import failed: RuntimeError: registered twice (")
+    assert record["import"]["reason"].endswith("strict.py, line 4)")
+    assert values(service)["registry"] == ["plugin1", "strict"]
