@@ -382,6 +382,21 @@ def supervisor_status(service: Service) -> dict[str, Any]:
     return result
 
 
+def worker_pids(service: Service) -> set[int]:
+    """The pids of the workers that serve now."""
+    status = supervisor_status(service)
+    return {w["pid"] for w in status["workers"] if w["state"] == "serving"}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a /metrics text; AssertionError when it is not there."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name}{{{wanted}}} not in /metrics")
+
+
 def reload_by_sighup(service: Service, generation_before: int, timeout: float = 30.0) -> dict[str, Any]:
     """SIGHUP the master; the status once the reload after `generation_before` has an outcome."""
     service.signal(signal.SIGHUP)

@@ -17,7 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Service, StartService, pid_alive, reload_by_sighup, serve_marker, supervisor_status, wait_until
+from conftest import (
+    StartService,
+    metric,
+    pid_alive,
+    reload_by_sighup,
+    serve_marker,
+    supervisor_status,
+    wait_until,
+    worker_pids,
+)
 from pypnm.supervisor import protocol
 from pypnm.supervisor.generation import describe_exit
 from pypnm.supervisor.protocol import Heartbeat, HeartbeatAnswer, WorkerExited, WorkerReady
@@ -48,19 +57,6 @@ def test_exit_statuses_in_words() -> None:
 
 
 # ----- real processes -------------------------------------------------------------------------------
-
-
-def worker_pids(service: Service) -> set[int]:
-    status = supervisor_status(service)
-    return {w["pid"] for w in status["workers"] if w["state"] == "serving"}
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name}{{{wanted}}} not in /metrics")
 
 
 def test_a_worker_whose_event_loop_blocks_is_replaced_while_the_other_keeps_answering(

@@ -22,19 +22,21 @@ from conftest import (
     assert_one_line_error,
     base_env,
     client_from,
+    metric,
     pid_alive,
     run_cli,
     serve_marker,
     serve_pypnm,
     supervisor_status,
     wait_until,
+    worker_pids,
 )
 from pypnm import profile
+from pypnm.cli import _format_profile
 from pypnm.profile import GIB, MIB, auto_workers
 from pypnm.settings import SettingsError, load_settings, setting_source
 from pypnm.supervisor import protocol
 from pypnm.supervisor.protocol import WorkerLimitReached
-from test_heartbeat import metric, worker_pids
 
 PROFILE_PATH = "/pypnm/system/webService/runtimeProfile"
 
@@ -349,3 +351,23 @@ def test_runtime_profile_without_a_supervisor(start_service: StartService) -> No
     )
     shown = runtime_profile(service)
     assert (shown["active_workers"], shown["active_limit_max_requests"]) == (None, 9)
+
+
+def test_the_status_line_of_the_profile_counts_workers_and_names_the_limits() -> None:
+    shown = {
+        "active_workers": 1,
+        "active_source": "default",
+        "detected_cpu_count": 2,
+        "detected_total_memory_gib": 4.0,
+        "active_limit_max_requests": 1000,
+        "limit_max_requests_jitter": 100,
+        "limit_worker_memory": 512 * MIB,
+        "worker_timeout": 30.0,
+    }
+    assert _format_profile(shown) == (
+        "1 worker (from default) on 2 CPUs, 4.0 GiB; recycle after 1000 requests (+0..100); "
+        "recycle past 512 MiB RSS; worker_timeout 30.0s"
+    )
+    assert _format_profile({**shown, "active_workers": 5, "workers_setting": "auto"}).startswith(
+        "5 workers (auto, from default) on 2 CPUs"
+    )

@@ -1015,6 +1015,7 @@ def _format_status(info: dict[str, Any]) -> str:
 def _format_profile(profile: dict[str, Any]) -> str:
     """The runtime profile on one line: workers and where the count came from, the machine, the limits."""
     setting = "auto, " if profile.get("workers_setting") == "auto" else ""
+    workers = profile.get("active_workers")
     requests = profile.get("active_limit_max_requests") or 0
     memory = profile.get("limit_worker_memory") or 0
     limits = [
@@ -1022,7 +1023,7 @@ def _format_profile(profile: dict[str, Any]) -> str:
         f"recycle past {memory / 1024**2:.0f} MiB RSS" if memory else "",
     ]
     return (
-        f"{profile.get('active_workers')} workers ({setting}from {profile.get('active_source')}) on "
+        f"{workers} worker{'' if workers == 1 else 's'} ({setting}from {profile.get('active_source')}) on "
         f"{profile.get('detected_cpu_count')} CPUs, {profile.get('detected_total_memory_gib')} GiB; "
         + "; ".join(limit for limit in limits if limit)
         + ("; " if any(limits) else "")
