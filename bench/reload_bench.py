@@ -884,6 +884,8 @@ PHASE_NAMES = (
     ("SIGHUP -> queued", "hup", "queued"),
     ("queued -> building", "queued", "building"),
     ("building -> snapshot taken", "building", "snapshot"),
+    ("snapshot taken -> zygote imported", "snapshot", "zygote"),
+    ("zygote imported -> workers spawned", "zygote", "spawned"),
     ("building -> workers spawned", "building", "spawned"),
     ("spawned -> validated", "spawned", "validated"),
     ("validated -> swapped", "validated", "swapped"),
@@ -913,6 +915,8 @@ def pypnm_phases(lines: list[str], rounds: list[Round]) -> tuple[dict[str, float
                 events[number]["queued"] = queued[found.group(1)]
         elif found := re.match(r"reload \w+: snapshot of generation (\d+)", message):
             events.setdefault(int(found.group(1)), {})["snapshot"] = stamp
+        elif found := re.match(r"zygote imported pid=\d+ generation=(\d+)", message):
+            events.setdefault(int(found.group(1)), {})["zygote"] = stamp
         elif found := re.match(r"worker spawned pid=\d+ generation=(\d+)", message):
             events.setdefault(int(found.group(1)), {})["spawned"] = stamp  # the last one wins
         elif found := re.match(r"reload \w+: generation (\d+) validated", message):
@@ -1050,6 +1054,22 @@ def ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}x" if value is not None and base else "-"
 
 
+def speed_targets(name: str) -> list[tuple[str, float]]:
+    """(server, bound): `name`'s trigger -> all new must be at most bound x that server's in the same run.
+
+    Issue 11's targets for the large app, by the way a reload imports the code: incremental
+    <= 0.1x uvicorn --workers and <= 0.25x gunicorn; clean <= 0.3x uvicorn --workers; 4 workers
+    <= 1.3x 2 workers. Without a mode (pypnm's default), the small app's <= 0.25x uvicorn --workers.
+    """
+    mode = name.partition("[")[2].rstrip("]")
+    targets = {"incremental": [(BASELINE, 0.1), (GUNICORN, 0.25)], "clean": [(BASELINE, 0.3)]}.get(
+        mode, [(BASELINE, 0.25)]
+    )
+    if name.startswith("pypnm-4"):
+        targets.append((name.replace("pypnm-4", "pypnm", 1), 1.3))
+    return targets
+
+
 def print_summary(reports: list[Report]) -> None:
     print("\n=== summary (medians over the reloads; steady = outside reload windows) ===")
     header = (
@@ -1100,9 +1120,12 @@ def print_summary(reports: list[Report]) -> None:
         if pypnm.window_p99 and pypnm.steady_p99:
             factor = pypnm.window_p99 / pypnm.steady_p99
             print(f"  window p99 <= 1.5x steady p99:  {factor:.2f}x -> {'MET' if factor <= 1.5 else 'MISSED'}")
-        if base is not None and base.all_new and pypnm.all_new is not None:
-            factor = pypnm.all_new / base.all_new
-            print(f"  trigger->all <= 0.25x {BASELINE}: {factor:.2f}x -> {'MET' if factor <= 0.25 else 'MISSED'}")
+        for name, bound in speed_targets(pypnm.name):
+            other = by_name.get(name)
+            if other is not None and other.all_new and pypnm.all_new is not None:
+                factor = pypnm.all_new / other.all_new
+                verdict = "MET" if factor <= bound else "MISSED"
+                print(f"  trigger->all <= {bound}x {name}: {factor:.2f}x -> {verdict}")
         ours, theirs = pss(pypnm), pss(base) if base is not None else None
         if ours is not None and theirs:
             verdict = "MET" if ours <= theirs else "MISSED"

@@ -4,15 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pypnm.supervisor.import_graph import ImportScanner, Plan, module_name, plan, read_imports
+import pytest
+
+from pypnm.supervisor import import_graph
+from pypnm.supervisor.import_graph import CodeScan, ImportScanner, Plan, module_name, plan, read_imports
+from pypnm.supervisor.snapshot import Snapshot, take_snapshot
 
 
-def write(root: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return root
+class Snapshots:
+    """Successive snapshots of a project written from file contents, each sharing with the one before."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.count = 0
+        self.previous: Snapshot | None = None
+        self.scanner = ImportScanner()
+
+    def take(self, files: dict[str, str], config: str | None = None) -> Snapshot:
+        self.count += 1
+        root = self.tmp_path / f"src-{self.count}"
+        for name, text in files.items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        config_file = None
+        if config is not None:
+            config_file = root / "settings.toml"
+            config_file.write_text(config)
+        tops = {name.split("/")[0] for name in files}
+        sources = {top: root / top for top in sorted(tops)}
+        self.previous = take_snapshot(sources, self.tmp_path / f"snap-{self.count}", config_file, None, self.previous)
+        return self.previous
+
+    def scan(self, files: dict[str, str], config: str | None = None) -> CodeScan:
+        return self.scanner.scan(self.take(files, config))
 
 
 APP = {
@@ -46,37 +71,62 @@ def test_relative_imports_resolve_and_parents_count() -> None:
 
 
 def test_a_change_drops_its_importers_transitively(tmp_path: Path) -> None:
-    scanner = ImportScanner()
-    old = scanner.scan(write(tmp_path / "1", APP), ["app"])
-    new = scanner.scan(write(tmp_path / "2", {**APP, "app/models.py": "class Item:\n    x = 1\n"}), ["app"])
+    snapshots = Snapshots(tmp_path)
+    old = snapshots.scan(APP)
+    new = snapshots.scan({**APP, "app/models.py": "class Item:\n    x = 1\n"})
     # models <- routes.items <- routes (package) <- main; tools imports models inside a function.
     assert plan(old, new, "app.main") == Plan(["app.main", "app.models", "app.routes", "app.routes.items", "app.tools"])
-    leaf = scanner.scan(write(tmp_path / "3", {**APP, "app/tools.py": "def lazy():\n    return 1\n"}), ["app"])
+    leaf = snapshots.scan({**APP, "app/tools.py": "def lazy():\n    return 1\n"})
     assert plan(old, leaf, "app.main") == Plan(["app.tools"])
     assert plan(old, old, "app.main") == Plan([])
 
 
 def test_a_dropped_package_keeps_the_submodules_that_do_not_import_from_it(tmp_path: Path) -> None:
-    scanner = ImportScanner()
-    old = scanner.scan(write(tmp_path / "1", APP), ["app"])
-    new = scanner.scan(
-        write(tmp_path / "2", {**APP, "app/routes/__init__.py": "from .items import router\n#\n"}), ["app"]
-    )
+    snapshots = Snapshots(tmp_path)
+    old = snapshots.scan(APP)
+    new = snapshots.scan({**APP, "app/routes/__init__.py": "from .items import router\n#\n"})
     assert plan(old, new, "app.main") == Plan(["app.main", "app.routes"])
 
 
 def test_what_the_graph_cannot_vouch_for_is_a_clean_import(tmp_path: Path) -> None:
-    scanner = ImportScanner()
-    old = scanner.scan(write(tmp_path / "1", {**APP, "app/fast.so": "v1"}), ["app"])
-    so = scanner.scan(write(tmp_path / "2", {**APP, "app/fast.so": "v2"}), ["app"])
+    snapshots = Snapshots(tmp_path)
+    old = snapshots.scan({**APP, "app/fast.so": "v1"})
+    so = snapshots.scan({**APP, "app/fast.so": "v2"})
     assert plan(old, so, "app.main") == Plan.clean("app/fast.so changed, which is not a Python module")
 
     dynamic = {**APP, "app/main.py": APP["app/main.py"] + "import importlib\nX = importlib.import_module(NAME)\n"}
-    old = scanner.scan(write(tmp_path / "3", dynamic), ["app"])
-    new = scanner.scan(write(tmp_path / "4", {**dynamic, "app/tools.py": "\n"}), ["app"])
+    old = snapshots.scan(dynamic)
+    new = snapshots.scan({**dynamic, "app/tools.py": "\n"})
     assert plan(old, new, "app.main") == Plan.clean(
         "a dynamic import in app/main.py, line 4, which the import graph cannot follow"
     )
     # The same dynamic import in a module that is imported again anyway is no obstacle.
-    changed = scanner.scan(write(tmp_path / "5", {**dynamic, "app/main.py": dynamic["app/main.py"] + "#\n"}), ["app"])
+    changed = snapshots.scan({**dynamic, "app/main.py": dynamic["app/main.py"] + "#\n"})
     assert plan(old, changed, "app.main") == Plan(["app.main"])
+
+    # The settings file the app reads as it is built is frozen beside the code: a change to it is a clean import.
+    old = snapshots.scan(APP, config="workers = 2\n")
+    config = snapshots.scan(APP, config="workers = 3\n")
+    assert plan(old, config, "app.main") == Plan.clean("settings.toml changed, which is not a Python module")
+    assert plan(config, snapshots.scan(APP, config="workers = 3\n"), "app.main") == Plan([])
+
+
+def test_only_new_content_is_read_and_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[str] = []
+
+    def spy(module: str, is_package: bool, source: bytes) -> import_graph.ModuleFacts:
+        parsed.append(module)
+        return read_imports(module, is_package, source)
+
+    monkeypatch.setattr(import_graph, "read_imports", spy)
+    snapshots = Snapshots(tmp_path)
+    old = snapshots.scan(APP)
+    assert sorted(parsed) == sorted(str(module_name(name)) for name in APP)
+    parsed.clear()
+    new = snapshots.scan({**APP, "app/models.py": "class Item:\n    x = 1\n"})
+    assert parsed == ["app.models"]
+    # The digests are the snapshot's own: the scan agrees with the snapshot on what changed.
+    assert snapshots.previous is not None and snapshots.previous.changes is not None
+    assert {name for name in new.modules if new.files[new.paths[name]] != old.files[old.paths[name]]} == set(
+        snapshots.previous.changes.changed
+    )

@@ -34,6 +34,8 @@ MAIN = '''"""A test app that counts its imports."""
 import os
 
 from fastapi import FastAPI
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from pypnm.identity import SUPERVISOR_ENV
 from pypnm.supervisor import control
@@ -49,6 +51,18 @@ with open(os.environ["ZYG_IMPORTS"], "a") as log:
 
 app = FastAPI()
 startup_nice: list[int] = []
+
+
+class Counted(Route):
+    """Writes the pid of each process that matches a request against it."""
+
+    def matches(self, scope):
+        with open(os.environ["ZYG_MATCHES"], "a") as log:
+            log.write(f"{os.getpid()}\\n")
+        return super().matches(scope)
+
+
+app.router.routes.append(Counted("/counted", lambda request: PlainTextResponse("counted")))
 
 
 @app.on_event("startup")
@@ -104,7 +118,12 @@ def write_app(root: Path) -> Path:
 
 def serve_app(start_service: StartService, root: Path, workers: int, *flags: str, **env: str) -> Any:
     write_app(root)
-    env = base_env(ZYG_IMPORTS=str(root / "imports.log"), PYPNM_RELOAD_MIN_INTERVAL="0", **env)
+    env = base_env(
+        ZYG_IMPORTS=str(root / "imports.log"),
+        ZYG_MATCHES=str(root / "matches.log"),
+        PYPNM_RELOAD_MIN_INTERVAL="0",
+        **env,
+    )
     return start_service(
         pypnm_command("--app", APP, "--port", "{port}", "--workers", str(workers), *flags), cwd=root, env=env
     )
@@ -136,6 +155,11 @@ def test_a_generation_imports_once_whatever_its_worker_count(start_service: Star
     [zygote] = status["master"]["zygote_pids"]
     assert imports(tmp_path) == [zygote]  # imported once, by the zygote; the 3 workers are its forks
     assert all(pid_alive(w["pid"]) and w["pid"] != zygote for w in status["workers"])
+    # The zygote matched a request against the routes before forking (worker.build_routes), so that
+    # routing state a framework builds at the first request is built once, not in each worker;
+    # the workers match only the requests they are sent.
+    matched = [int(pid) for pid in (tmp_path / "matches.log").read_text().split()]
+    assert matched[0] == zygote and matched.count(zygote) == 1
 
     status = reload_by_sighup(service, 1)
     assert status["last_reload"]["outcome"] == "succeeded", status["last_reload"]

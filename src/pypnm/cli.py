@@ -35,12 +35,13 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
-
-import httpx
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import pypnm
 from pypnm.settings import Settings, SettingsError, config_path, load_settings
+
+if TYPE_CHECKING:
+    import httpx
 
 COMMANDS = ("serve", "reload", "upgrade", "status", "check")
 TOKEN_ENV = "PYPNM_TOKEN"
@@ -414,6 +415,8 @@ def _tls_verify(args: argparse.Namespace) -> ssl.SSLContext | bool:
 
 
 def _client(args: argparse.Namespace, target: _Target, verify: ssl.SSLContext | bool) -> httpx.Client:
+    import httpx  # here, not at the top: the server's master never needs it (memory)
+
     url = httpx.URL(target.url)  # checked by _targets
     token = args.token or os.environ.get(TOKEN_ENV)
     # Decided before the client exists, so a refused token cannot leave by any code path.
@@ -467,6 +470,8 @@ def _targets(args: argparse.Namespace) -> list[_Target]:
 
 
 def _checked_url(text: str, where: str) -> str:
+    import httpx  # here, not at the top: the server's master never needs it (memory)
+
     base_url = text.strip().rstrip("/")
     try:
         url = httpx.URL(base_url)
@@ -495,6 +500,8 @@ def _resolve(spec: str) -> list[_Target]:
 
     That is what a Kubernetes headless Service's name gives: every ready pod's address.
     """
+    import httpx  # here, not at the top: the server's master never needs it (memory)
+
     has_scheme = "://" in spec
     usage = f"--dns {spec}: give it as NAME:PORT, or https://NAME:PORT for instances serving HTTPS"
     try:
@@ -541,6 +548,8 @@ class _Unanswered(Exception):
 
 
 def _get(client: httpx.Client, path: str, what: str) -> httpx.Response:
+    import httpx  # here, not at the top: the server's master never needs it (memory)
+
     try:
         response = client.get(path)
     except httpx.HTTPError as exc:
@@ -628,6 +637,8 @@ def _await_outcome(
     Raises _Unanswered when the status is refused, when no outcome comes within `timeout` (and the
     window after it), and when `stop` is set (the command was interrupted).
     """
+    import httpx  # here, not at the top: the server's master never needs it (memory)
+
     began = time.monotonic()
     deadline = began + timeout
     watching_since: float | None = None
@@ -852,6 +863,8 @@ def _await_upgrade(client: httpx.Client, upgrade_id: str, timeout: float) -> tup
     an upgrade, unless the new master listens elsewhere (host or port changed) and the old one
     has left: then the outcome cannot be read here, and the command says where to look.
     """
+    import httpx  # here, not at the top: the server's master never needs it (memory)
+
     deadline = time.monotonic() + timeout
     refused_since: float | None = None
     while time.monotonic() < deadline:

@@ -3,9 +3,11 @@
 The master never imports the project, so it reads the import graph from the source: each
 `.py` file of a snapshot is parsed (its AST), and every `import`, `from … import` (relative
 ones resolved) and `importlib.import_module("literal")` anywhere in it, inside functions too,
-is an edge to the modules it names. A file is parsed only when its content is new: the parse
-is kept by content hash, as the bytecode is (snapshot.Compiler), so a reload that changed one
-file parses one file.
+is an edge to the modules it names. A file is read and parsed only when its content is new:
+the parse is kept by content hash, as the bytecode is (snapshot.Compiler), and the hashes are
+the snapshot's own (`Snapshot.manifest`: take_snapshot hashed each file it copied and kept the
+previous digest of each it linked), so a reload that changed one file hashes it once, in the
+snapshot, and reads and parses it once, here.
 
 Comparing the serving generation's snapshot with the new one by content gives the changed
 files; the modules to drop are the changed ones and every module that imports one of them
@@ -30,9 +32,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pypnm.supervisor.snapshot import Snapshot
 
 # Calls that import a module named by their first argument.
 _DYNAMIC_FUNCTIONS = {"import_module", "__import__", "reload"}
@@ -69,35 +72,35 @@ class Plan:
 
 
 class ImportScanner:
-    """Scans snapshots, keeping each file's parse by content hash (a bounded cache)."""
+    """Reads snapshots' import graphs, keeping each file's parse by content hash (a bounded cache)."""
 
     MAX_ENTRIES = 4096
 
     def __init__(self) -> None:
         self._facts: dict[tuple[str, bytes], ModuleFacts] = {}
 
-    def scan(self, directory: Path, packages: list[str]) -> CodeScan:
+    def scan(self, snapshot: Snapshot) -> CodeScan:
+        """`snapshot`'s files by the digests it recorded, and the imports of its project's modules."""
+        directory = snapshot.directory
         scan = CodeScan(str(directory))
-        for top, _dirs, names in os.walk(directory):
-            _dirs[:] = [name for name in _dirs if name != "__pycache__"]
-            for name in names:
-                path = Path(top, name)
-                relative = path.relative_to(directory).as_posix()
-                data = path.read_bytes()
-                digest = hashlib.sha256(data).digest()
-                scan.files[relative] = digest
-                module = module_name(relative)
-                if module is None or module.split(".")[0] not in packages:
-                    continue
-                scan.modules[module] = self._read(module, relative, data, digest)
-                scan.paths[module] = relative
+        for relative, record in snapshot.manifest.items():
+            scan.files[relative] = record.digest
+            module = module_name(relative)
+            if module is None or module.split(".")[0] not in snapshot.packages:
+                continue
+            scan.modules[module] = self._read(module, directory / relative, relative, record.digest)
+            scan.paths[module] = relative
+        # The settings files frozen beside the code (settings file, tokens, TLS pair) are not in the
+        # manifest: a few small files, hashed here, so that a change to one is seen (a clean import).
+        for path in snapshot.files.values():
+            scan.files[path.relative_to(directory).as_posix()] = hashlib.sha256(path.read_bytes()).digest()
         return scan
 
-    def _read(self, module: str, relative: str, data: bytes, digest: bytes) -> ModuleFacts:
+    def _read(self, module: str, path: Path, relative: str, digest: bytes) -> ModuleFacts:
         key = (relative, digest)
         facts = self._facts.get(key)
         if facts is None:
-            facts = read_imports(module, relative.endswith("/__init__.py"), data)
+            facts = read_imports(module, relative.endswith("/__init__.py"), path.read_bytes())
             if len(self._facts) >= self.MAX_ENTRIES:
                 self._facts.clear()
             self._facts[key] = facts

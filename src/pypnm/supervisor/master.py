@@ -386,13 +386,14 @@ class Master:
         """The snapshot's import graph when the generation's code is to be imported incrementally.
 
         In a thread: the first scan parses every module (a few hundred milliseconds for a large
-        app), which the master's loop must not wait for; later ones parse only changed files.
+        app), which the master's loop must not wait for; later ones read and parse only the files
+        whose digest (from the snapshot's manifest) is new.
         """
         mode = settings.reload_import or ("incremental" if self.files.watch else "clean")
         if mode == "clean":
             return None
         try:
-            return await asyncio.to_thread(self.imports.scan, snapshot.directory, snapshot.packages)
+            return await asyncio.to_thread(self.imports.scan, snapshot)
         except (OSError, SyntaxError, ValueError) as exc:  # a file gone mid-read: this reload imports clean
             logger.warning("cannot read the import graph of %s: %s", snapshot.directory, exc)
             return None

@@ -185,6 +185,7 @@ def run_zygote(request: ZygoteRequest, fds: list[int], previous: Imported | None
         logger.error("generation %d cannot serve: %s", spec.generation, exc)
         channel.sendall(protocol.encode_template(ZygoteFailed(str(exc))))
         return 1
+    worker.build_routes(app)  # what the first request would build in each worker (worker.build_routes)
     gc.freeze()  # see the module docstring, "Garbage collection"
     serve_forks(channel, ZygoteReady(os.getpid(), nice, reimported), Imported(spec, app))
     return 0

@@ -18,8 +18,6 @@ import datetime
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-
 EXPIRY_WARNING = datetime.timedelta(days=14)
 
 
@@ -43,6 +41,8 @@ def check_pair(
         data = cert.read_bytes()
     except OSError as exc:
         raise TLSError(f"ssl_certfile {shown_cert!r}: cannot read it ({exc.strerror})") from None
+    from cryptography import x509  # here, not at the top: a master without TLS never needs it (memory)
+
     try:
         certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
