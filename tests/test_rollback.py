@@ -22,6 +22,7 @@ from conftest import (
     Service,
     StartService,
     base_env,
+    metric,
     pypnm_command,
     rewrite,
     run_cli,
@@ -93,14 +94,6 @@ def crash_one(service: Service) -> None:
 
 def record(status: dict[str, Any], reload_id: str) -> dict[str, Any]:
     return dict(next(r for r in status["reloads"] if r["id"] == reload_id))
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name}{{{wanted}}} not in /metrics")
 
 
 CRASH_AFTER_SERVING = '''
