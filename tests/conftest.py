@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -805,16 +806,24 @@ Message = dict[str, str]
 
 
 class NotifySocket:
-    """The test's end of NOTIFY_SOCKET: one parsed datagram (`KEY=VALUE` lines) at a time."""
+    """The test's end of NOTIFY_SOCKET: one parsed datagram (`KEY=VALUE` lines) at a time, and who sent it.
+
+    The sender's pid comes from SO_PASSCRED, as systemd sees it (NotifyAccess=main checks it).
+    """
 
     def __init__(self, address: str) -> None:
         self.env = address  # as NOTIFY_SOCKET says it
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.seen: list[Message] = []
 
     def next(self, timeout: float = 20.0, watchdog: bool = False) -> Message:
         """The next datagram (WATCHDOG=1 pings skipped unless `watchdog`); fails after `timeout`."""
+        return self.next_from(timeout, watchdog)[1]
+
+    def next_from(self, timeout: float = 20.0, watchdog: bool = False) -> tuple[int, Message]:
+        """`next`, with the pid of the process that sent it."""
         deadline = time.monotonic() + timeout
         for _ in range(100_000):
             left = deadline - time.monotonic()
@@ -822,13 +831,11 @@ class NotifySocket:
                 break
             self.sock.settimeout(left)
             try:
-                data = self.sock.recv(65536)
+                sender, message = self._receive()
             except TimeoutError:
                 break
-            message = dict(line.split("=", 1) for line in data.decode().split("\n"))
-            self.seen.append(message)
             if watchdog or message != {"WATCHDOG": "1"}:
-                return message
+                return sender, message
         raise AssertionError(f"no notification within {timeout}s; seen so far: {self.seen}")
 
     def pending(self) -> list[Message]:
@@ -838,14 +845,24 @@ class NotifySocket:
         try:
             for _ in range(100_000):
                 try:
-                    data = self.sock.recv(65536)
+                    messages.append(self._receive()[1])
                 except BlockingIOError:
                     break
-                messages.append(dict(line.split("=", 1) for line in data.decode().split("\n")))
         finally:
             self.sock.setblocking(True)
-        self.seen += messages
         return messages
+
+    def _receive(self) -> tuple[int, Message]:
+        size = struct.calcsize("3i")  # struct ucred: pid, uid, gid
+        data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(size))
+        sender = next(
+            struct.unpack("3i", cdata[:size])[0]
+            for level, kind, cdata in ancillary
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+        )
+        message = dict(line.split("=", 1) for line in data.decode().split("\n"))
+        self.seen.append(message)
+        return sender, message
 
     def close(self) -> None:
         self.sock.close()

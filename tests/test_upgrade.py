@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from conftest import (
-    Message,
+    NotifySocket,
     Service,
     StartService,
     activation_command,
@@ -377,43 +376,11 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-class CredentialedNotifySocket:
-    """systemd's end of NOTIFY_SOCKET, with the sender's pid of each datagram (SO_PASSCRED), as systemd sees it."""
-
-    def __init__(self, path: Path) -> None:
-        self.env = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-
-    def next(self, timeout: float = 60.0) -> tuple[int, Message]:
-        """The next datagram other than a watchdog ping, and who sent it."""
-        deadline = time.monotonic() + timeout
-        for _ in range(100_000):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self.sock.settimeout(left)
-            try:
-                data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(struct.calcsize("3i")))
-            except TimeoutError:
-                break
-            sender = next(
-                struct.unpack("3i", cdata[: struct.calcsize("3i")])[0]
-                for level, kind, cdata in ancillary
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
-            )
-            message = dict(line.split("=", 1) for line in data.decode().split("\n"))
-            if message != {"WATCHDOG": "1"}:
-                return sender, message
-        raise AssertionError(f"no notification within {timeout}s")
-
-
 def test_under_systemd_the_old_master_names_the_new_main_pid_and_the_activated_socket_is_kept(
     tmp_path: Path, masters: Masters
 ) -> None:
     """NotifyAccess=main: each notification comes from the main pid of the moment; fd 3's socket is kept."""
-    notify = CredentialedNotifySocket(tmp_path / "notify.sock")
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
     passed = socket.create_server(("127.0.0.1", 0))
     port = passed.getsockname()[1]
     inode = os.fstat(passed.fileno()).st_ino
@@ -436,24 +403,24 @@ def test_under_systemd_the_old_master_names_the_new_main_pid_and_the_activated_s
     service = Service(proc, port, log)
     try:
         service.wait_ready()
-        sender, ready = notify.next()
+        sender, ready = notify.next_from(60)
         assert (sender, ready["READY"], ready["MAINPID"]) == (old, "1", str(old))
 
         service.signal(signal.SIGUSR2)
-        sender, handed = notify.next()
+        sender, handed = notify.next_from(60)
         new = int(handed["MAINPID"])
         masters.track(new)
         assert sender == old and new != old and handed["STATUS"].startswith(f"upgraded: pid {new}"), handed
-        sender, ready = notify.next()
+        sender, ready = notify.next_from(60)
         assert sender == new and ready["READY"] == "1" and f"upgraded from pid {old}" in ready["STATUS"], ready
         status = wait_handed_over(service, old)
         assert status["master"]["pid"] == new
         assert listening_inodes(new) == {inode: port}  # systemd's socket, nothing bound on the port setting
 
         assert service.get("/pypnm/system/webService/reload").status_code == 200  # the new master reloads
-        sender, reloading = notify.next()
+        sender, reloading = notify.next_from(60)
         assert sender == new and reloading["RELOADING"] == "1"
-        assert notify.next()[0] == new
+        assert notify.next_from(60)[0] == new
     finally:
         for pid in masters.pids[1:]:
             masters.stop(pid)
