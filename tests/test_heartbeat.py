@@ -53,6 +53,7 @@ def test_exit_statuses_in_words() -> None:
     assert describe_exit(signal.SIGKILL) == "killed by SIGKILL (killed, out of memory?)"
     assert describe_exit(signal.SIGKILL, killed_by_master=True) == "killed by SIGKILL (by the master)"
     assert describe_exit(signal.SIGSEGV) == "killed by SIGSEGV"
+    assert describe_exit(signal.SIGRTMIN + 2) == f"killed by signal {signal.SIGRTMIN + 2}"  # no name in Python
     assert describe_exit(None) == "exit status unknown"
 
 

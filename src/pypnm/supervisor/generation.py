@@ -82,16 +82,21 @@ class Closed:
     killed: int = 0
 
 
+def signal_name(number: int) -> str:
+    """ "SIGTERM", or "signal 40" for one Python has no name for (a real-time signal)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def describe_exit(status: int | None, killed_by_master: bool = False) -> str:
     """A wait status in words: "exit code 3", "killed by SIGKILL (killed, out of memory?)"."""
     if status is None:
         return "exit status unknown"
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
+        name = signal_name(number)
         if number == signal.SIGKILL:
             # Nobody but the master and the kernel's OOM killer sends SIGKILL to a worker, as a rule.
             return f"killed by {name} ({'by the master' if killed_by_master else 'killed, out of memory?'})"

@@ -55,6 +55,7 @@ import pypnm
 from pypnm.identity import utc_now
 from pypnm.settings import Settings
 from pypnm.supervisor import protocol
+from pypnm.supervisor.generation import signal_name
 from pypnm.supervisor.protocol import (
     HandoverComplete,
     HandoverFailed,
@@ -342,7 +343,7 @@ def _ended(code: int | None) -> str:
     if code is None:
         return "still running"
     if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
+        return f"killed by {signal_name(-code)}"
     return f"exit code {code}"
 
 
