@@ -89,8 +89,7 @@ async def values() -> dict[str, object]:
 
 @app.get("/supervisor")
 async def supervisor() -> dict[str, object]:
-    answer = await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest())
-    assert isinstance(answer, StatusAnswer)
+    answer = await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest(), StatusAnswer)
     return answer.status
 '''
 

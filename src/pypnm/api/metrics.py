@@ -260,9 +260,7 @@ async def _supervisor_status() -> dict[str, Any] | None:
     if not socket_path:
         return None
     try:
-        answer = await control.ask(socket_path, StatusRequest(), timeout=METRICS_STATUS)
-        if not isinstance(answer, StatusAnswer):
-            raise control.ControlError(f"it answered {type(answer).__name__} to a status request")
+        answer = await control.ask(socket_path, StatusRequest(), StatusAnswer, timeout=METRICS_STATUS)
         return answer.status
     except (control.ControlError, OSError, ValueError) as exc:
         logger.warning(

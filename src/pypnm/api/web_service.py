@@ -71,10 +71,9 @@ async def trigger_reload(request: Request) -> str | None:
         answer = await control.ask(
             socket_path,
             ReloadRequest(source="http", request_id=request.state.request_id),
+            ReloadAccepted,
             timeout=CONTROL_ASK,  # the master drops a request it reads later: a 500 after it means "not started"
         )
-        if not isinstance(answer, ReloadAccepted):
-            raise control.ControlError(f"the supervisor answered {type(answer).__name__} to a reload request")
         return answer.reload_id
     ROUTE_MODULE_FILE.touch()
     return None
@@ -111,9 +110,7 @@ async def reload_web_service(request: Request) -> JSONResponse:
 async def supervisor_status(socket_path: str) -> dict[str, Any]:
     """The master's status view; 503 when it does not answer."""
     try:
-        supervisor = await control.ask(socket_path, StatusRequest())
-        if not isinstance(supervisor, StatusAnswer):
-            raise control.ControlError(f"it answered {type(supervisor).__name__} to a status request")
+        supervisor = await control.ask(socket_path, StatusRequest(), StatusAnswer)
     except Exception as exc:
         raise HTTPException(
             status_code=503,
@@ -145,10 +142,11 @@ async def upgrade_web_service(request: Request) -> JSONResponse:
         if not socket_path:
             raise control.ControlError("the service runs without the pypnm supervisor; restart it instead")
         answer = await control.ask(
-            socket_path, UpgradeRequest(source="http", request_id=request.state.request_id), timeout=CONTROL_ASK
+            socket_path,
+            UpgradeRequest(source="http", request_id=request.state.request_id),
+            UpgradeAccepted,
+            timeout=CONTROL_ASK,
         )
-        if not isinstance(answer, UpgradeAccepted):
-            raise control.ControlError(f"the supervisor answered {type(answer).__name__} to an upgrade request")
     except Exception as exc:  # like the reload: any failure is a 500 that says why
         reason = str(exc) or type(exc).__name__
         raise HTTPException(status_code=500, detail=f"Failed to trigger upgrade: {reason}") from exc

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from pypnm.supervisor import protocol
 from pypnm.supervisor.protocol import (
@@ -67,10 +68,14 @@ def expired_by(deadline: float | None, now: float | None = None) -> float | None
     return late if late > 0 else None
 
 
-async def ask(
-    path: str, request: ControlRequest, timeout: float = CONTROL_ASK
-) -> ReloadAccepted | UpgradeAccepted | StatusAnswer:
-    """Send one request to the master and return its answer; ControlTimeout after `timeout` seconds."""
+Answer = TypeVar("Answer", ReloadAccepted, UpgradeAccepted, StatusAnswer)
+
+
+async def ask(path: str, request: ControlRequest, expect: type[Answer], timeout: float = CONTROL_ASK) -> Answer:
+    """Send one request to the master and return its answer, of type `expect`.
+
+    ControlTimeout after `timeout` seconds; ControlError when it refuses or answers something else.
+    """
     request = dataclasses.replace(request, deadline=clock() + max(timeout - ANSWER_MARGIN, timeout / 2))
     try:
         async with asyncio.timeout(timeout):
@@ -93,8 +98,8 @@ async def ask(
         raise ControlError(str(exc)) from None
     if isinstance(answer, Refused):
         raise ControlError(answer.error)
-    if not isinstance(answer, ReloadAccepted | UpgradeAccepted | StatusAnswer):
-        raise ControlError(f"the supervisor answered with a request: {answer}")
+    if not isinstance(answer, expect):
+        raise ControlError(f"the supervisor answered {type(answer).__name__} to {type(request).__name__}")
     return answer
 
 

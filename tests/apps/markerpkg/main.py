@@ -70,8 +70,7 @@ async def in_flight() -> dict[str, int]:
 
 @app.get("/supervisor")
 async def supervisor() -> dict[str, Any]:
-    answer = await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest())
-    assert isinstance(answer, StatusAnswer)
+    answer = await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest(), StatusAnswer)
     status = answer.status
     status["control_socket"] = os.environ[SUPERVISOR_ENV]  # in the master's runtime directory
     return status
