@@ -148,7 +148,6 @@ class Generations:
                         return [worker.ready.result() for worker in workers]
                 imported["reason"] = plan.reason
                 logger.info("generation %d: clean import: %s", number, plan.reason)
-            candidate.imported = imported
             workers = await candidate.bring_up(self.template, self.listeners, candidate.size)
         return [worker.ready.result() for worker in workers]
 

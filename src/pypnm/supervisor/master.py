@@ -88,7 +88,7 @@ class Master:
         self.compiler = Compiler()
         self.pid_file = PidFile()
         if successor is None:  # PidFileError (one line); a new master of an upgrade writes it once it took over
-            self._write_pid_file()
+            self._write_pid_file(self.settings.pid_file)
         self.imports = ImportScanner()  # the snapshots' import graphs, for incremental imports
         # 0700: the control socket's access control. RuntimeDirError (one line) when it cannot be made.
         try:
@@ -182,7 +182,7 @@ class Master:
             if self.successor:
                 await self.successor.took_over(self.generations.serving_number())
                 try:
-                    self._write_pid_file()
+                    self._write_pid_file(self.settings.pid_file)
                 except PidFileError as exc:  # the old master is gone: serve on, and say so
                     logger.error("%s", exc)
                 self.systemd.became_main(
@@ -224,11 +224,11 @@ class Master:
         self.stopping = True
         self._stop.set()
 
-    def _write_pid_file(self) -> None:
+    def _write_pid_file(self, path: Path | None) -> None:
         try:
-            self.pid_file.write(self.settings.pid_file)
+            self.pid_file.write(path)
         except OSError as exc:
-            raise PidFileError(f"cannot write pid_file {self.settings.pid_file}: {exc.strerror or exc}") from None
+            raise PidFileError(f"cannot write pid_file {path}: {exc.strerror or exc}") from None
 
     async def _shutdown(self) -> None:
         await self.upgrades.abort()  # a new master still coming up does not outlive this one
@@ -402,9 +402,9 @@ class Master:
         """The master takes on the settings of the generation that now serves, and stamps its lines with it."""
         if settings.pid_file != self.settings.pid_file:  # reloadable: the new file is written, ours removed
             try:
-                self.pid_file.write(settings.pid_file)
-            except OSError as exc:
-                logger.error("cannot write pid_file %s: %s", settings.pid_file, exc.strerror or exc)
+                self._write_pid_file(settings.pid_file)
+            except PidFileError as exc:
+                logger.error("%s", exc)
         self.settings = settings
         set_level(settings.log_level)
         set_generation(number)

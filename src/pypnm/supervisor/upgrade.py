@@ -197,8 +197,7 @@ class Upgrades:
             return
         logger.warning("upgrade aborted: this master stops; stopping the new master pid=%d", process.pid)
         self._aborted = True
-        process.send_signal(signal.SIGTERM)
-        await _wait_exit(process, self._settings().graceful_timeout + AFTER_KILL)
+        await self._stop(process)
 
     async def _run(self, record: UpgradeRecord) -> None:
         self._process = None
