@@ -44,6 +44,18 @@ MEMINFO = Path("/proc/meminfo")
 SettingSource = Literal["explicit_cli", "environment", "settings_file", "default"]
 
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes(pid: int | str = "self") -> int | None:
+    """A process's resident set size (RSS) in bytes, from /proc/<pid>/statm; None without /proc, or once it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text().strip()

@@ -21,10 +21,8 @@ in every install. Where `/proc` is missing (not Linux) they are null.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -33,11 +31,11 @@ from pydantic import BaseModel, Field
 
 from pypnm import __version__
 from pypnm.identity import WORKER_STATE_KEY, ProcessIdentity
+from pypnm.profile import resident_bytes
 
 router = APIRouter(tags=["Health"])
 
 SERVICE_NAME = "pypnm"
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class ServiceInfo(BaseModel):
@@ -80,10 +78,8 @@ def worker_state(request: Request) -> dict[str, Any]:
 
 def read_memory() -> Memory:
     """The process's resident memory and the host's total and available memory, from /proc."""
-    rss: int | None = None
+    rss = resident_bytes()
     host: dict[str, int] = {}
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        rss = int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE_SIZE
     with contextlib.suppress(OSError, IndexError, ValueError), open("/proc/meminfo") as meminfo:
         for line in meminfo:  # "MemTotal:  16303412 kB"; the two we want are near the top
             name, _, value = line.partition(":")

@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Any
 
 from pypnm.identity import utc_now
+from pypnm.profile import resident_bytes
 from pypnm.supervisor import protocol
 from pypnm.supervisor.import_graph import CodeScan
 from pypnm.supervisor.metrics import worker_gone
@@ -223,11 +224,7 @@ class WorkerProcess:
     def resident_memory(self) -> int | None:
         """Its resident set size (RSS) in bytes, as the kernel counts it (pages shared with the fork
         template included), from /proc/<pid>/statm; None where there is no /proc or it is gone."""
-        try:
-            with open(f"/proc/{self.pid}/statm", "rb") as statm:
-                return int(statm.read().split()[1]) * _PAGE_SIZE
-        except (OSError, IndexError, ValueError):
-            return None
+        return resident_bytes(self.pid)
 
     def describe(self, code_version: str) -> dict[str, Any]:
         return {
@@ -237,9 +234,6 @@ class WorkerProcess:
             "started_at": self.started_at,
             "state": self.state.value,
         }
-
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 async def _ended(exit_status: asyncio.Future[int], killed_by_master: bool = False) -> str:
