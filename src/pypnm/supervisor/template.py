@@ -38,12 +38,20 @@ thread may hold a lock (logging's, the channel's) could leave a worker deadlocke
 ends after its template left (a template is replaced when packages change on disk) is reaped by
 init, and the master says its status is unknown. The master still learns *that* a worker is gone
 from the worker's own socketpair.
-Garbage collection. What the template and a zygote imported is moved to the collector's
-permanent generation (`gc.freeze`) before they fork: a collection in a worker would otherwise
-walk every object of the app and its libraries, writing to each one's header, which copies
-every page a worker shares with its zygote (memory) and takes long pauses (latency). The price:
-in a zygote forked for an incremental import, the modules it dropped stay frozen, not
-collected, until the next clean import starts a new chain.
+
+Garbage collection. What the template imported is moved to the collector's permanent
+generation (`gc.freeze`) before it forks, and so is what a zygote imported, by each worker as
+it starts (a freeze is a constant-time list splice): a collection in a worker would otherwise walk
+every object of the app and its libraries, writing to each one's header, which copies every page
+a worker shares with its zygote (memory) and takes long pauses (latency). The zygote itself does
+not freeze what it imported: the next generation's zygote, forked from it for an incremental
+import, collects what the modules it dropped held (reimport.release), which a frozen object never
+is; it walks only the app's objects, not the libraries' the template froze.
+
+The stack. A forked process does not run its life inside the loop that forked it: `fork_for`
+returns its `Child` up out of that loop, and `live` runs it from the bottom of the stack. Run
+inside, a zygote forked from a zygote would keep the previous generation's frames, and with them
+its app, for good, and each incremental import would add a level to the stack.
 
 It holds the master's runtime directory lock, which its zygotes and workers inherit by fork;
 whichever of them leaves last after the master died removes that directory (runtime.py).
@@ -62,10 +70,9 @@ import select
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pypnm.logs import set_generation, setup_logging
 from pypnm.supervisor import priority, protocol, reimport, runtime, worker
@@ -128,43 +135,85 @@ class Imported:
     app: Any
 
 
-def fork_child(
-    channel: socket.socket, wakeup: tuple[int, int], fds: list[int], role: str, life: Callable[[], int]
-) -> int:
-    """Fork; the child drops the loop's own descriptors and signal set-up, runs `life` and exits with its code."""
-    pid = os.fork()
-    if pid:
-        return pid
-    # The child never returns into the loop.
+@dataclass
+class WorkerChild:
+    """A worker just forked from its zygote: the app is imported; lifespan, checks and serving are its own."""
+
+    request: SpawnRequest
+    fds: list[int]
+    imported: Imported
+    role = "worker"
+
+    def run(self) -> int | Child:
+        gc.freeze()  # see the module docstring, "Garbage collection"
+        worker_channel = socket.socket(fileno=self.fds[0])
+        listeners = [socket.socket(fileno=fd) for fd in self.fds[1:]]
+        return worker.run(self.request.spec, worker_channel, listeners, self.imported.app)
+
+
+@dataclass
+class ZygoteChild:
+    """A generation's zygote just forked: from the template (`previous` None) or the serving generation's zygote."""
+
+    request: ZygoteRequest
+    fds: list[int]
+    previous: Imported | None
+    role = "zygote"
+
+    def run(self) -> int | Child:
+        return run_zygote(self)
+
+
+Child = WorkerChild | ZygoteChild
+
+
+def live(child: Child) -> NoReturn:
+    """Run a forked process's life, and the life of each process it forks in turn, then exit with its code.
+
+    Called at the bottom of the stack (see the module docstring, "The stack"): a zygote's loop
+    returns here, in the process it forked, with that process's `Child`.
+    """
     code = 1
     try:
-        channel.close()
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in wakeup:
-            os.close(fd)
-        for fd in fds:
-            os.set_inheritable(fd, False)  # SCM_RIGHTS fds arrive inheritable; the app's children must not get them
-        code = life()
+        while True:
+            outcome = child.run()
+            if isinstance(outcome, int):
+                code = outcome
+                break
+            child = outcome
     except BaseException:
-        logger.exception("%s failed", role)
+        logger.exception("%s failed", child.role)
     finally:
         runtime.leave()  # the last process of a dead master removes its runtime directory
         logging.shutdown()
         os._exit(code)
 
 
-def run_worker(request: SpawnRequest, fds: list[int], imported: Imported) -> int:
-    """A worker forked from its generation's zygote: the app is imported; lifespan, checks and serving are its own."""
-    worker_channel = socket.socket(fileno=fds[0])
-    listeners = [socket.socket(fileno=fd) for fd in fds[1:]]
-    return worker.run(request.spec, worker_channel, listeners, imported.app)
+def fork_child(channel: socket.socket, wakeup: tuple[int, int], child: Child) -> int | Child:
+    """Fork; the parent gets the pid, the child gets `child`, with the loop's own descriptors and signals dropped."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        channel.close()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in wakeup:
+            os.close(fd)
+        for fd in child.fds:
+            os.set_inheritable(fd, False)  # SCM_RIGHTS fds arrive inheritable; the app's children must not get them
+    except BaseException:  # the child must never go on with its parent's loop
+        logger.exception("%s failed", child.role)
+        os._exit(1)
+    return child
 
 
-def run_zygote(request: ZygoteRequest, fds: list[int], previous: Imported | None) -> int:
+def run_zygote(child: ZygoteChild) -> int | Child:
     """A generation's zygote: import the app (or re-import what changed since `previous`), then fork its workers."""
+    request, previous = child.request, child.previous
+    child.previous = None  # the previous generation's app: garbage once its modules are dropped (reimport.release)
     spec = request.spec
-    channel = socket.socket(fileno=fds[0])
+    channel = socket.socket(fileno=child.fds[0])
     os.environ.update(spec.env)  # the app may read its settings as it is imported
     setup_logging("zygote", spec.log_level)
     set_generation(spec.generation)
@@ -172,13 +221,15 @@ def run_zygote(request: ZygoteRequest, fds: list[int], previous: Imported | None
     reimported: int | None = None
     try:
         if request.drop is not None and previous is not None:
-            before = reimport.project_modules(spec.packages)
             kept = reimport.reimport(previous.spec, spec, request.drop)
+            previous = None
+            reimport.release()
+            present = reimport.project_modules(spec.packages)  # kept: what is not here after the import was imported
             try:
                 app = worker.find_app(spec)
             finally:
                 kept.remove()
-            reimported = reimport.imported_since(before, spec.packages)
+            reimported = len(reimport.project_modules(spec.packages) - present)
         else:
             app = worker.load_app(spec)
     except worker.AppLoadError as exc:
@@ -186,9 +237,7 @@ def run_zygote(request: ZygoteRequest, fds: list[int], previous: Imported | None
         channel.sendall(protocol.encode_template(ZygoteFailed(str(exc))))
         return 1
     worker.build_routes(app)  # what the first request would build in each worker (worker.build_routes)
-    gc.freeze()  # see the module docstring, "Garbage collection"
-    serve_forks(channel, ZygoteReady(os.getpid(), nice, reimported), Imported(spec, app))
-    return 0
+    return serve_forks(channel, ZygoteReady(os.getpid(), nice, reimported), Imported(spec, app)) or 0
 
 
 def report_exits(channel: socket.socket, wakeup: int) -> None:
@@ -207,11 +256,12 @@ def report_exits(channel: socket.socket, wakeup: int) -> None:
             channel.sendall(protocol.encode_template(WorkerExited(pid, status)))
 
 
-def serve_forks(channel: socket.socket, hello: TemplateHello | ZygoteReady, imported: Imported | None) -> None:
+def serve_forks(channel: socket.socket, hello: TemplateHello | ZygoteReady, imported: Imported | None) -> Child | None:
     """Say hello, then fork for each request and report each child's exit, until the master closes the channel.
 
     The template (`imported` None) forks zygotes; a zygote forks its generation's workers, and
-    the next generation's zygote when asked for an incremental import.
+    the next generation's zygote when asked for an incremental import. Returns None once the
+    master closed the channel; in a process it forked, returns that process's `Child` (for `live`).
     """
     wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)
@@ -234,19 +284,22 @@ def serve_forks(channel: socket.socket, hello: TemplateHello | ZygoteReady, impo
                 if imported is None
                 else "the master closed the channel; zygote exiting"
             )
-            return
+            return None
         answer: protocol.TemplateMessage
         try:
-            answer = Spawned(fork_for(channel, wakeup, protocol.decode_template(message), fds, imported))
+            forked = fork_for(channel, wakeup, protocol.decode_template(message), fds, imported)
         except protocol.ProtocolError as exc:  # e.g. a master of another pypnm version: say so, fork nothing
             logger.error("cannot fork: %s", exc)
             answer = SpawnRefused(str(exc))
         except Exception as exc:
             logger.exception("cannot fork")
             answer = SpawnRefused(f"{type(exc).__name__}: {exc}")
-        finally:
-            for fd in fds:
-                os.close(fd)
+        else:
+            if not isinstance(forked, int):
+                return forked  # this is the new process, and the descriptors are its own
+            answer = Spawned(forked)
+        for fd in fds:
+            os.close(fd)
         channel.sendall(protocol.encode_template(answer))
 
 
@@ -256,12 +309,12 @@ def fork_for(
     request: protocol.TemplateMessage,
     fds: list[int],
     imported: Imported | None,
-) -> int:
-    """Fork what `request` asks for; its pid. ProtocolError for a request this process does not answer."""
+) -> int | Child:
+    """Fork what `request` asks for: its pid, or in the child its `Child`. ProtocolError for a request not for here."""
     if isinstance(request, ZygoteRequest) and len(fds) == 1:
-        return fork_child(channel, wakeup, fds, "zygote", lambda: run_zygote(request, fds, imported))
+        return fork_child(channel, wakeup, ZygoteChild(request, fds, imported))
     if isinstance(request, SpawnRequest) and imported is not None and fds:
-        return fork_child(channel, wakeup, fds, "worker", lambda: run_worker(request, fds, imported))
+        return fork_child(channel, wakeup, WorkerChild(request, fds, imported))
     if isinstance(request, SpawnRequest):
         raise protocol.ProtocolError("fork template", "a worker is forked by its generation's zygote, not the template")
     raise protocol.ProtocolError("fork template", f"expected a spawn or zygote request, got {request}")
@@ -287,7 +340,9 @@ def main() -> None:
         gc.freeze()  # see the module docstring, "Garbage collection"
         become_subreaper()
         renice = priority.start()
-        serve_forks(socket.socket(fileno=int(channel_fd)), TemplateHello(os.getpid(), renice), None)
+        child = serve_forks(socket.socket(fileno=int(channel_fd)), TemplateHello(os.getpid(), renice), None)
+        if child is not None:  # this is a zygote the template forked
+            live(child)
     finally:
         runtime.leave()
 
