@@ -55,12 +55,17 @@ from pypnm.supervisor.upgrade import PidFile
 def test_every_handover_message_survives_its_encoding() -> None:
     messages: list[protocol.HandoverMessage] = [
         HandoverOffer("u1", "SIGUSR2", "2026-01-01T00:00:00.000Z", 10, "0.1.0", "127.0.0.1", 8000, activated=True),
+        HandoverOffer("u2", "pypnm upgrade", "2026-01-01T00:00:00.000Z", 10, "0.1.0", "::1", 8000, generation=7),
         HandoverServing(11, "0.1.1"),
         HandoverFailed("the new master died: SyntaxError: invalid syntax"),
         HandoverComplete(),
     ]
     for message in messages:
         assert protocol.decode_handover(protocol.encode_handover(message)) == message
+    # An older pypnm's offer has no generation: the new master numbers its first one 1, as before.
+    older = b'{"handover": "offer", "v": 1, "upgrade_id": "u3", "source": "SIGUSR2", "requested_at": "",'
+    older += b' "pid": 10, "version": "0.1.0", "host": "127.0.0.1", "port": 8000}'
+    assert protocol.decode_handover(older) == HandoverOffer("u3", "SIGUSR2", "", 10, "0.1.0", "127.0.0.1", 8000)
 
 
 def test_a_handover_message_of_an_unknown_kind_or_version_is_refused_in_one_line() -> None:
@@ -231,7 +236,8 @@ def test_sigusr2_hands_over_to_a_new_master_under_load_without_a_failed_request(
     assert record["outcome"] == "succeeded" and record["source"] == "SIGUSR2", record
     assert record["from"] == {"pid": old, "version": before["master"]["version"]}
     assert record["to"] == {"pid": new, "version": before["master"]["version"]}
-    assert status["generation"] == 1 and all(w["generation"] == 1 for w in status["workers"])
+    # Generation numbers go on rising: the old master served generation 1, the new one serves 2.
+    assert status["generation"] == 2 and all(w["generation"] == 2 for w in status["workers"])
     assert not [pid for pid in old_tree if pid_alive(pid)]  # the old master and all of its processes left
     output = service.output()
     assert f"upgrade {record['id']} succeeded: new master pid={new}" in output

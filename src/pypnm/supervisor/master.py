@@ -121,7 +121,7 @@ class Master:
             lambda: self.settings,
             self.systemd,
             activated=activated,
-            serving=lambda: self.generations.serving is not None,
+            serving=self.generations.serving_number,
             on_handed_over=self._handed_over,
             spawn_task=self._spawn_task,
         )
@@ -129,7 +129,7 @@ class Master:
         self.started_at = utc_now()
         self.exit_code = 0
         self.stopping = False
-        self._next_generation = 1
+        self._next_generation = successor.offer.generation + 1 if successor else 1  # rising across upgrades
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 

@@ -534,6 +534,8 @@ class HandoverOffer:
 
     `host`/`port` are the old master's settings: the new master binds anew when its own differ
     (unless `activated`: the sockets came from systemd and the settings do not choose them).
+    `generation` is the one that serves: the new master numbers its own from the next one on, so
+    that generation numbers keep rising across an upgrade (0 from a pypnm that did not send it).
     """
 
     upgrade_id: str
@@ -544,6 +546,7 @@ class HandoverOffer:
     host: str
     port: int
     activated: bool = False
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -597,6 +600,7 @@ def decode_handover(data: bytes) -> HandoverMessage:
             host=_get(body, "host", str, channel),
             port=_get(body, "port", int, channel),
             activated=body.get("activated") is True,
+            generation=body["generation"] if type(body.get("generation")) is int else 0,
         )
     if kind == "serving":
         return HandoverServing(_get(body, "pid", int, channel), _get(body, "version", str, channel))

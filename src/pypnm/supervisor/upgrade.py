@@ -154,7 +154,7 @@ class Upgrades:
         notifier: Notifier,
         *,
         activated: bool,
-        serving: Callable[[], bool],
+        serving: Callable[[], int | None],
         on_handed_over: Callable[[], None],
         spawn_task: Callable[[Any], asyncio.Task[Any]],
     ) -> None:
@@ -163,7 +163,7 @@ class Upgrades:
         self._settings = settings
         self.notifier = notifier
         self.activated = activated
-        self._serving = serving  # the first generation serves: there is something to hand over
+        self._serving = serving  # the serving generation's number (None: nothing to hand over yet)
         self._on_handed_over = on_handed_over
         self._spawn_task = spawn_task
         self.current: UpgradeRecord | None = None
@@ -179,7 +179,7 @@ class Upgrades:
             return self.current
         if self.handed_over:
             raise UpgradeRefused("this master has handed over to a new one and is stopping")
-        if not self._serving():
+        if self._serving() is None:
             raise UpgradeRefused("nothing serves yet: wait until the first generation serves")
         record = UpgradeRecord(source, os.getpid(), pypnm.__version__)
         self.current = self.last = record
@@ -218,6 +218,7 @@ class Upgrades:
                 host=self._settings().host,
                 port=self._settings().port,
                 activated=self.activated,
+                generation=self._serving() or 0,
             )
             socket.send_fds(ours, [protocol.encode_handover(offer)], [sock.fileno() for sock in self.listeners])
             timeout = self._settings().reload_timeout + UPGRADE_START
