@@ -113,6 +113,7 @@ def test_broken_settings_file_fails_reload_and_old_settings_stay(
     assert from_127_0_0_2(service).status_code == 403
     assert from_127_0_0_2(service, Authorization=f"Bearer {TOKEN}").status_code == 200
     assert f"reload {record['id']} failed: generation {record['generation']} discarded" in service.output()
+    assert "pypnm: pypnm:" not in service.output()  # the candidate's line names its logger once
 
 
 def test_reloadable_settings_change_takes_effect(configured: Callable[..., tuple[Service, Path]]) -> None:

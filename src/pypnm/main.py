@@ -15,5 +15,8 @@ from pypnm.settings import SettingsError
 try:
     app = create_app()
 except SettingsError as exc:
-    logging.getLogger("pypnm").error("pypnm: %s", exc)
+    logger = logging.getLogger("pypnm")
+    # Unconfigured (a plain import, or uvicorn, which configures only its own loggers), logging writes
+    # the bare message: it names the program. A configured format (a pypnm worker's) names the logger.
+    logger.error("%s%s", "" if logger.hasHandlers() else "pypnm: ", exc)
     raise SystemExit(2) from exc
