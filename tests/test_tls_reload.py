@@ -58,7 +58,11 @@ def served_certificate(port: int) -> bytes:
 
 
 def der_of(cert: Certificate) -> bytes:
-    return x509.load_pem_x509_certificate(cert.cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+    return der_of_file(cert.cert)
+
+
+def der_of_file(path: Path) -> bytes:
+    return x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(serialization.Encoding.DER)
 
 
 def settings_text(cert: Certificate, key: Path | None = None) -> str:
@@ -71,13 +75,16 @@ def worker_count(service: Service) -> int:
 
 
 @pytest.fixture
-def tls_service(tmp_path: Path, start_service: StartService) -> Callable[[Certificate], tuple[Service, Path]]:
-    """pypnm serving HTTPS with the pair named in its settings file; returns the service and the file."""
+def tls_service(tmp_path: Path, start_service: StartService) -> Callable[..., tuple[Service, Path]]:
+    """pypnm serving HTTPS with the pair named in its settings file; returns the service and the file.
 
-    def start(cert: Certificate) -> tuple[Service, Path]:
+    `watch=True` leaves `watch_config` on (the default); the tests turn it off unless they watch.
+    """
+
+    def start(cert: Certificate, watch: bool = False) -> tuple[Service, Path]:
         config = tmp_path / "pypnm.toml"
         config.write_text(settings_text(cert))
-        env = base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false")
+        env = base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG=str(watch).lower())
         service = start_service(
             pypnm_command("--config", str(config), "--port", "{port}", "--graceful-timeout", "5"), env=env, wait=False
         )
@@ -93,7 +100,7 @@ def tls_service(tmp_path: Path, start_service: StartService) -> Callable[[Certif
 
 
 def test_new_certificate_paths_are_served_after_a_reload(
-    tmp_path: Path, tls_service: Callable[[Certificate], tuple[Service, Path]]
+    tmp_path: Path, tls_service: Callable[..., tuple[Service, Path]]
 ) -> None:
     first, second = certificate(tmp_path / "first"), certificate(tmp_path / "second")
     service, config = tls_service(first)
@@ -106,8 +113,28 @@ def test_new_certificate_paths_are_served_after_a_reload(
     assert served_certificate(service.port) == der_of(second)
 
 
+def test_a_renewed_certificate_is_served_without_a_reload_by_hand(
+    tmp_path: Path, tls_service: Callable[..., tuple[Service, Path]]
+) -> None:
+    """certbot or cert-manager renews the pair in place: the watch reloads, new connections get the new one."""
+    first, renewed = certificate(tmp_path / "first"), certificate(tmp_path / "renewed", days=180)
+    service, config = tls_service(first, watch=True)
+    assert served_certificate(service.port) == der_of(first)
+    generation = service.status()["generation"]
+    watched = service.status()["master"]["watching_config"]
+    assert watched == [str(config), str(first.cert), str(first.key)], watched
+
+    # A new pair under the same names, swapped in by renames (as certbot's and the kubelet's updates are).
+    for source, target in ((renewed.key, first.key), (renewed.cert, first.cert)):
+        os.replace(source, target)
+    wait_until(lambda: served_certificate(service.port) == der_of_file(first.cert), timeout=30)
+    record = service.status()["last_reload"]
+    assert record["generation"] > generation and record["outcome"] == "succeeded", record
+    assert record["source"].startswith("file change: ") and str(first.cert) in record["source"], record
+
+
 def test_bad_pairs_fail_the_reload_and_the_old_certificate_keeps_serving(
-    tmp_path: Path, tls_service: Callable[[Certificate], tuple[Service, Path]]
+    tmp_path: Path, tls_service: Callable[..., tuple[Service, Path]]
 ) -> None:
     good = certificate(tmp_path / "good")
     expired = certificate(tmp_path / "expired", starts=-30, days=-1)
@@ -130,7 +157,7 @@ def test_bad_pairs_fail_the_reload_and_the_old_certificate_keeps_serving(
 
 
 def test_a_certificate_expiring_within_14_days_is_served_with_a_warning(
-    tmp_path: Path, tls_service: Callable[[Certificate], tuple[Service, Path]]
+    tmp_path: Path, tls_service: Callable[..., tuple[Service, Path]]
 ) -> None:
     service, config = tls_service(certificate(tmp_path / "first"))
     soon = certificate(tmp_path / "soon", days=5)
@@ -144,7 +171,7 @@ def test_a_certificate_expiring_within_14_days_is_served_with_a_warning(
 
 
 def test_a_respawned_worker_serves_the_pair_its_generation_checked(
-    tmp_path: Path, tls_service: Callable[[Certificate], tuple[Service, Path]]
+    tmp_path: Path, tls_service: Callable[..., tuple[Service, Path]]
 ) -> None:
     first = certificate(tmp_path / "first")
     served = der_of(first)

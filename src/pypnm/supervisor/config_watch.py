@@ -1,7 +1,8 @@
 """The master's watch on the settings files: a reload when their content changes.
 
 Owns which settings files are watched (the settings file given by `--config`, kept as given,
-and the `api_tokens_file` of the latest settings a reload read), the content each had when a
+and the `api_tokens_file` and, with `ssl`, the `ssl_certfile` and `ssl_keyfile` of the latest
+settings a reload read: a renewed certificate is served without a hand), the content each had when a
 reload last read it, and the watch itself. It is one of the master's triggers (triggers.py
 has the others) and hands the reload queue its source ("file change: <path>"). The master
 calls it at three points: `run` once the first generation serves, `read_by_reload` each
@@ -42,13 +43,12 @@ from pathlib import Path
 import watchfiles
 
 from pypnm.settings import Settings
-from pypnm.supervisor.snapshot import CONFIG_FILE, TOKENS_FILE, Snapshot
+from pypnm.supervisor.snapshot import CONFIG_FILE, TLS_CERT_FILE, TLS_KEY_FILE, TOKENS_FILE, Snapshot
 
 logger = logging.getLogger("pypnm.supervisor.config_watch")
 
 CHECK_INTERVAL_MS = 5000  # the comparison besides the events (see the module docstring)
 SETTINGS_FILE = "settings file"
-TOKENS = "api_tokens_file"
 
 
 def as_given(path: Path) -> Path:
@@ -90,10 +90,16 @@ class ConfigWatch:
     def read_by_reload(self, snapshot: Snapshot, settings: Settings) -> None:
         """A reload has frozen the settings files into `snapshot` and runs with `settings`.
 
-        Their content is now the one to compare with; the tokens file to watch is the one these
-        settings name (the running ones when the new file could not be read), as is `watch_config`.
+        Their content is now the one to compare with; the tokens file and TLS pair to watch are the
+        ones these settings name (the running ones when the new file could not be read), as is
+        `watch_config`.
         """
-        given = {CONFIG_FILE: self.config_file, TOKENS_FILE: settings.api_tokens_file}
+        named = {  # the files these settings name, by their role in the snapshot, with the setting's name
+            TOKENS_FILE: ("api_tokens_file", settings.api_tokens_file),
+            TLS_CERT_FILE: ("ssl_certfile", settings.ssl_certfile if settings.ssl else None),
+            TLS_KEY_FILE: ("ssl_keyfile", settings.ssl_keyfile if settings.ssl else None),
+        }
+        given = {CONFIG_FILE: self.config_file} | {role: path for role, (_, path) in named.items()}
         for role, copy in snapshot.files.items():
             original = given.get(role)
             if original is not None:
@@ -101,8 +107,8 @@ class ConfigWatch:
         files: dict[Path, str] = {}
         if self.config_file is not None and (settings.watch_config or self._always):
             files[self.config_file] = SETTINGS_FILE
-        if settings.watch_config and settings.api_tokens_file is not None:
-            files[as_given(settings.api_tokens_file)] = TOKENS
+        if settings.watch_config:
+            files |= {as_given(path): name for name, path in named.values() if path is not None}
         if files != self._files:
             self._files = files
             self._rearm.set()
