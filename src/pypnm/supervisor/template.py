@@ -223,7 +223,8 @@ def run_zygote(child: ZygoteChild) -> int | Child:
         if request.drop is not None and previous is not None:
             kept = reimport.reimport(previous.spec, spec, request.drop)
             previous = None
-            reimport.release()
+            if request.drop:  # nothing dropped: nothing to free
+                reimport.release()
             present = reimport.project_modules(spec.packages)  # kept: what is not here after the import was imported
             try:
                 app = worker.find_app(spec)
