@@ -123,8 +123,10 @@ class _WithAttributes(importlib.abc.Loader):
         return getattr(self.loader, name)
 
 
-# The packages whose module-level `lru_cache`s are cleared when modules are dropped (see "Releasing").
-FRAMEWORK_CACHES = ("fastapi", "starlette", "pydantic")
+# The packages whose module-level `lru_cache`s are cleared when modules are dropped (see "Releasing"):
+# FastAPI's cache facts about the app's functions and classes. Not pydantic's: they hold no app code,
+# and one of them returns a class it makes at its first call (clearing it would make a second one).
+FRAMEWORK_CACHES = ("fastapi", "starlette")
 
 
 def release() -> int:
