@@ -18,9 +18,10 @@ read per worker per second, and it works for a worker whose loop is busy, or of 
 pypnm). A slot recycles again only once its previous worker has left, so recycling adds
 at most `workers` processes to the bound below.
 
-A generation's snapshot is removed once no generation uses it any more, unless it is `kept`: the
-last-known-good one that rollback.py holds on to during a new generation's `rollback_window`
-(a rollback serves it again, as a new generation on the same snapshot).
+A generation's snapshot is removed once no generation uses it any more, unless it is the one
+`kept`: the last-known-good one that rollback.py holds on to during a new generation's
+`rollback_window` (a rollback serves it again, as a new generation on the same snapshot).
+Which one that is, rollback.py alone knows: `kept` asks it.
 
 At most `max_draining_generations` generations drain at once: a swap beyond that closes the
 oldest one early, and the next candidate is brought up only once it is gone, so the service
@@ -84,6 +85,7 @@ class Generations:
         *,
         worker_restarted: Callable[[str], object] = lambda reason: None,
         worker_failed: Callable[[int, str], object] = lambda generation, ended: None,
+        kept: Callable[[], Snapshot | None] = lambda: None,
     ) -> None:
         self.template = template
         self.listeners = listeners
@@ -92,7 +94,7 @@ class Generations:
         self._spawn_task = spawn_task  # the master's: its tasks end with it
         self._worker_restarted = worker_restarted  # the metrics' pypnm_worker_restarts_total{reason}
         self._worker_failed = worker_failed  # rollback.py counts a serving worker's crash or hang, by generation
-        self.kept: Snapshot | None = None  # the snapshot a rollback would serve again (rollback.py sets it)
+        self._kept = kept  # rollback.py's: the snapshot a rollback would serve again, which must stay
         self.candidate: Generation | None = None
         self.serving: Generation | None = None
         self.draining: set[Generation] = set()
@@ -175,7 +177,7 @@ class Generations:
 
     def release(self, snapshot: Snapshot) -> None:
         """Remove a snapshot that no live generation uses and that is not `kept` (a rollback reuses one)."""
-        if snapshot is not self.kept and all(g.snapshot is not snapshot for g in self.all()):
+        if snapshot is not self._kept() and all(g.snapshot is not snapshot for g in self.all()):
             snapshot.remove()
 
     async def start_accepting(self) -> None:

@@ -110,6 +110,7 @@ class Master:
             self._spawn_task,
             worker_restarted=self.metrics.worker_restarted,
             worker_failed=lambda generation, ended: self.rollback.worker_failed(generation, ended),
+            kept=lambda: self.rollback.kept(),
         )
         self.rollback = Rollback(self.queue, self.generations, lambda: self.settings, self._spawn_task)
         self.files = FileWatch(app, self.locator.find(), watch, lambda: self.settings, self.queue.request)
