@@ -258,12 +258,21 @@ class Master:
     # ----- reloads: trigger -> queue -> build -> validate -> swap -> drain -> record ----------
 
     async def _reload(self, record: ReloadRecord) -> None:
-        if record.rolls_back is not None:
-            await self._roll_back(record)
-            return
+        """Run one reload as a new generation, then drain the one it replaced.
+
+        The steps every reload shares are here (its generation number and start, the drain); what
+        it brings up (from disk, or a rollback's kept snapshot) is `_reload_from_disk`'s or `_roll_back`'s.
+        """
         number = self._next_generation
         self._next_generation += 1
         record.begin(number)
+        bring_up = self._roll_back if record.rolls_back is not None else self._reload_from_disk
+        old = await bring_up(record, number)
+        if old is not None:
+            self.generations.drain(old)
+
+    async def _reload_from_disk(self, record: ReloadRecord, number: int) -> Generation | None:
+        """Build generation `number` from the code and settings on disk; the one it replaced (None: none, or failed)."""
         logger.info("reload %s: building generation %d", record.id, number)
         serving = self.generations.serving
         replaced = KnownGood(serving.number, serving.snapshot, self.settings) if serving else None
@@ -274,7 +283,7 @@ class Master:
             old = await self._swap_in(record, number, snapshot, settings, tls_warnings, code)
         except Exception as exc:
             self._failed(record, number, exc)
-            return
+            return None
         record.finish(ReloadOutcome.SUCCEEDED)
         self.rollback.swapped(record, number, replaced)  # before the drain: the replaced snapshot is kept
         logger.info(
@@ -284,15 +293,11 @@ class Master:
             number,
             f", generation {old.number} draining" if old else "",
         )
-        if old is not None:
-            self.generations.drain(old)
+        return old
 
-    async def _roll_back(self, record: ReloadRecord) -> None:
-        """Serve the kept snapshot again, with its settings, as a new generation: a reload from it, not from disk."""
+    async def _roll_back(self, record: ReloadRecord, number: int) -> Generation | None:
+        """Serve the kept snapshot again, with its settings, as generation `number`: a reload from it, not from disk."""
         watch, good = self.rollback.target(record)
-        number = self._next_generation
-        self._next_generation += 1
-        record.begin(number)
         logger.warning(
             "reload %s: rolling back generation %d: building generation %d from generation %d's snapshot",
             record.id,
@@ -305,7 +310,7 @@ class Master:
         except Exception as exc:
             self._failed(record, number, exc)
             self.rollback.rollback_failed(record)
-            return
+            return None
         record.finish(ReloadOutcome.ROLLED_BACK, watch.summary())
         self.rollback.rolled_back(record)
         logger.warning(
@@ -317,8 +322,7 @@ class Master:
             good.snapshot.code_version,
             f", generation {old.number} draining" if old else "",
         )
-        if old is not None:
-            self.generations.drain(old)
+        return old
 
     async def _swap_in(
         self,
