@@ -294,21 +294,24 @@ class Generations:
             await asyncio.sleep(min(RESPAWN_BACKOFF_FIRST * 2**failures, RESPAWN_BACKOFF_MAX))  # keeps dying: slower
             if not self._still_serving(generation):
                 return
-            try:
-                replacement = await self._bring_up_one(generation)
-            except (CandidateFailed, SpawnError, TimeoutError) as exc:
-                failures += 1
-                logger.error(
-                    "cannot respawn a worker of generation %d: %s", generation.number, str(exc) or type(exc).__name__
-                )
-                continue  # `worker` is still the one that ended: next attempt, after a longer back-off
+            replacement = await self._bring_up_one(generation)
             if replacement is None:
-                return
+                if not self._still_serving(generation):
+                    return
+                failures += 1
+                continue  # `worker` is still the one that ended: next attempt, after a longer back-off
             worker, failures = replacement, 0
             logger.info("worker respawned pid=%d generation=%d", worker.pid, generation.number)
 
-    async def _bring_up_one(self, generation: Generation) -> WorkerProcess | None:
-        """One more accepting worker for `generation`; None if it stopped serving meanwhile (the new one is killed)."""
+    async def _bring_up_one(
+        self, generation: Generation, recycling: tuple[WorkerProcess, str] | None = None
+    ) -> WorkerProcess | None:
+        """One more accepting worker for `generation`; None if none came up (logged here, for every caller)
+        or if the generation stopped serving meanwhile (the new one is killed).
+
+        `recycling`: the worker it is to replace because it is past a limit, and which limit; its
+        failure says the old one serves on, where any other says the generation has one worker less.
+        """
         replacement: WorkerProcess | None = None
         try:
             async with asyncio.timeout(self._settings().reload_timeout):
@@ -317,12 +320,29 @@ class Generations:
                     replacement.signal(signal.SIGKILL)
                     return None
                 await generation.start_accepting([replacement])
-        except BaseException:
+        except BaseException as exc:
             if replacement is not None:  # brought up but not accepting (bring_up ends its own failures)
                 replacement.signal(signal.SIGKILL)
                 generation.forget(replacement)
-            raise
+            if not isinstance(exc, CandidateFailed | SpawnError | TimeoutError):
+                raise
+            self._log_bring_up_failed(generation, str(exc) or type(exc).__name__, recycling)
+            return None
         return replacement
+
+    @staticmethod
+    def _log_bring_up_failed(generation: Generation, error: str, recycling: tuple[WorkerProcess, str] | None) -> None:
+        if recycling is None:
+            logger.error("cannot respawn a worker of generation %d: %s", generation.number, error)
+            return
+        worker, reason = recycling
+        logger.error(
+            "cannot recycle worker pid=%d generation=%d (%s): no replacement came up: %s; it serves on",
+            worker.pid,
+            generation.number,
+            reason,
+            error,
+        )
 
     async def _watch(
         self, generation: Generation, worker: WorkerProcess, predecessor: asyncio.Task[Any] | None = None
@@ -363,18 +383,8 @@ class Generations:
 
     async def _recycle(self, generation: Generation, worker: WorkerProcess, reason: str) -> WorkerProcess | None:
         """Bring up a worker in place of one past its limit; the replacement, accepting (None: none came up)."""
-        try:
-            replacement = await self._bring_up_one(generation)
-        except (CandidateFailed, SpawnError, TimeoutError) as exc:
-            logger.error(
-                "cannot recycle worker pid=%d generation=%d (%s): no replacement came up: %s; it serves on",
-                worker.pid,
-                generation.number,
-                reason,
-                str(exc) or type(exc).__name__,
-            )
-            return None
-        if replacement is None:  # its generation stopped serving meanwhile: its drain takes the old one
+        replacement = await self._bring_up_one(generation, (worker, reason))
+        if replacement is None:  # none came up, or its generation stopped serving meanwhile (its drain takes it)
             return None
         logger.info(
             "worker recycled pid=%d generation=%d: %s: replaced by pid=%d, draining it",
@@ -404,13 +414,7 @@ class Generations:
             self._settings().worker_timeout,
         )
         self._worker_restarted("hung")
-        replacement: WorkerProcess | None = None
-        try:
-            replacement = await self._bring_up_one(generation)
-        except (CandidateFailed, SpawnError, TimeoutError) as exc:
-            logger.error(
-                "cannot respawn a worker of generation %d: %s", generation.number, str(exc) or type(exc).__name__
-            )
+        replacement = await self._bring_up_one(generation)
         worker.signal(signal.SIGKILL)
         generation.forget(worker)
         await asyncio.wait([worker.exited], timeout=AFTER_KILL)
