@@ -133,6 +133,8 @@ class Master:
         self._next_generation = 1
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # runtime_profile's answer, and the settings and serving generation it was built for.
+        self._profile: tuple[Settings, Generation | None, dict[str, Any]] | None = None
 
     # ----- life -----------------------------------------------------------------------------
 
@@ -434,12 +436,21 @@ class Master:
     def runtime_profile(self) -> dict[str, Any]:
         """GET /pypnm/system/webService/runtimeProfile: the serving generation's worker count and
         limits, and where `workers` came from (the command line, the environment, the settings
-        file that generation read, or the default)."""
+        file that generation read, or the default).
+
+        Built once for each settings the master takes on and the generation serving with them, not
+        at each /status (which carries it): building it reads the cgroup files and the settings file.
+        """
         serving = self.generations.serving
+        built = self._profile
+        if built is not None and built[0] is self.settings and built[1] is serving:
+            return built[2]
         source, given = setting_source("workers", self.overrides, serving.snapshot.config_file if serving else None)
-        return runtime_profile(
+        profile = runtime_profile(
             self.settings, active_workers=serving.size if serving else None, source=source, given=given
         )
+        self._profile = (self.settings, serving, profile)
+        return profile
 
     def _status_view(self) -> dict[str, Any]:
         return status.status_view(
