@@ -94,10 +94,10 @@ class ConfigWatch:
         settings name (the running ones when the new file could not be read), as is `watch_config`.
         """
         given = {CONFIG_FILE: self.config_file, TOKENS_FILE: settings.api_tokens_file}
-        for role, copy in snapshot.files.items():
+        for role, digest in snapshot.file_digests.items():  # hashed as the snapshot copied them
             original = given.get(role)
             if original is not None:
-                self._known[as_given(original)] = content_digest(copy)
+                self._known[as_given(original)] = digest.hex()  # as content_digest() says it
         files: dict[Path, str] = {}
         if self.config_file is not None and (settings.watch_config or self._always):
             files[self.config_file] = SETTINGS_FILE
