@@ -332,6 +332,7 @@ class Generations:
 
     @staticmethod
     def _log_bring_up_failed(generation: Generation, error: str, recycling: tuple[WorkerProcess, str] | None) -> None:
+        """One line for a failed bring-up: a recycle's says the old worker serves on, a respawn's that one is gone."""
         if recycling is None:
             logger.error("cannot respawn a worker of generation %d: %s", generation.number, error)
             return
