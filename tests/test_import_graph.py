@@ -8,7 +8,7 @@ import pytest
 
 from pypnm.supervisor import import_graph
 from pypnm.supervisor.import_graph import CodeScan, ImportScanner, Plan, module_name, plan, read_imports
-from pypnm.supervisor.snapshot import Snapshot, take_snapshot
+from pypnm.supervisor.snapshot import Snapshot, SnapshotChanges, take_snapshot
 
 
 class Snapshots:
@@ -109,6 +109,15 @@ def test_what_the_graph_cannot_vouch_for_is_a_clean_import(tmp_path: Path) -> No
     config = snapshots.scan(APP, config="workers = 3\n")
     assert plan(old, config, "app.main") == Plan.clean("settings.toml changed, which is not a Python module")
     assert plan(config, snapshots.scan(APP, config="workers = 3\n"), "app.main") == Plan([])
+
+
+def test_a_file_no_import_can_name_is_not_a_module_to_the_snapshot_nor_to_the_plan(tmp_path: Path) -> None:
+    snapshots = Snapshots(tmp_path)
+    old = snapshots.scan({**APP, "app/run-me.py": "A = 1\n"})
+    new = snapshots.scan({**APP, "app/run-me.py": "A = 2\n"})
+    assert snapshots.previous is not None
+    assert snapshots.previous.changes == SnapshotChanges(other=frozenset({"app/run-me.py"}))
+    assert plan(old, new, "app.main") == Plan.clean("app/run-me.py changed, which is not a Python module")
 
 
 def test_only_new_content_is_read_and_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -311,6 +311,22 @@ def test_runtime_profile_from_the_settings_file(start_service: StartService, tmp
     assert (shown["worker_timeout"], shown["limit_worker_memory"]) == (12.5, 512 * MIB)
 
 
+def test_runtime_profile_follows_the_settings_a_reload_applies(start_service: StartService, tmp_path: Path) -> None:
+    """The master keeps the profile it built until a reload applies other settings; the answer is then theirs."""
+    config = tmp_path / "pypnm.toml"
+    config.write_text("workers = 1\nworker_timeout = 12.5\n")
+    service = serve_pypnm(start_service, "--config", str(config), PYPNM_RELOAD_MIN_INTERVAL="0")
+    first = runtime_profile(service)
+    assert (first["active_workers"], first["worker_timeout"]) == (1, 12.5)
+    assert runtime_profile(service) == first  # asked again: the same answer
+    config.write_text("workers = 2\nworker_timeout = 20\n")
+    record = service.reload_and_settle()
+    assert record["outcome"] == "succeeded", record
+    shown = runtime_profile(service)
+    assert shown == {**first, "active_workers": 2, "workers_setting": 2, "worker_timeout": 20.0}
+    assert service.status()["runtime_profile"] == shown  # /status carries the same profile
+
+
 def test_runtime_profile_from_the_environment_and_its_access_rules(start_service: StartService) -> None:
     service = serve_pypnm(
         start_service, PYPNM_WORKERS="2", PYPNM_TRUSTED_NETWORKS='["127.0.0.1/32"]', PYPNM_LIMIT_MAX_REQUESTS="7"

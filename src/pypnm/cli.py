@@ -31,7 +31,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -637,20 +637,10 @@ def _await_outcome(
     Raises _Unanswered when the status is refused, when no outcome comes within `timeout` (and the
     window after it), and when `stop` is set (the command was interrupted).
     """
-    import httpx  # here, not at the top: the server's master never needs it (memory)
-
-    began = time.monotonic()
-    deadline = began + timeout
+    poll = _StatusPoll(client, timeout, 0.1, stop)  # the service may be busy swapping: a failed ask is asked again
     watching_since: float | None = None
     rolling_back = False
-    while time.monotonic() < deadline and not stop.is_set():
-        try:
-            response: httpx.Response | None = client.get(STATUS_PATH)
-        except httpx.HTTPError:
-            response = None  # the service may be busy swapping; keep asking until the deadline
-        if response is not None and response.status_code in (401, 403):
-            raise _Unanswered(f"status refused ({response.status_code}): {_detail(response)}", 1)
-        info = _json_object(response) if response is not None and response.status_code == 200 else None
+    for info in poll.answers():
         if info is not None:
             record = next((r for r in info.get("reloads", []) if r.get("id") == reload_id), None)
             watching = record is not None and stable and record.get("stability") == "watching"
@@ -659,18 +649,72 @@ def _await_outcome(
             if watching and watching_since is None:
                 watching_since = time.monotonic()
                 window = float(record.get("rollback_window") or 0) if record else 0.0
-                deadline = max(deadline, watching_since + window + STABLE_MARGIN)
+                poll.extend(watching_since + window + STABLE_MARGIN)
             watch = info.get("rollback_watch") or {}
             if watching and watch.get("reload") == reload_id and watch.get("rollback") and not rolling_back:
                 rolling_back = True  # the rollback is a reload of its own: it gets the same time again
-                deadline = max(deadline, time.monotonic() + timeout)
-            show(_phase(reload_id, info, record, time.monotonic() - began))
-        stop.wait(0.1)
+                poll.extend(time.monotonic() + timeout)
+            show(_phase(reload_id, info, record, time.monotonic() - poll.began))
     if stop.is_set():
         raise _Unanswered(f"reload {reload_id}: interrupted before its outcome", 130)
     if watching_since is not None:
         raise _Unanswered(f"reload {reload_id} succeeded but was still watched for a rollback when the wait ended", 2)
     raise _Unanswered(f"reload {reload_id} had no outcome within {timeout:.0f}s", 2)
+
+
+class _StatusPoll:
+    """The status polling of `reload --wait` and `upgrade --wait`: one ask every `interval`, until the
+    deadline (`timeout` from now, which `extend` may push back) or until `stop` is set.
+
+    A status that did not come (a connection error, a swap or a handover in progress, an answer that is
+    not a JSON object) is None, and asked again; a refusal (401, 403) ends the wait (_Unanswered), since
+    asking again cannot change it. `refused_for` says how long connections have been refused in a row.
+    """
+
+    def __init__(self, client: httpx.Client, timeout: float, interval: float, stop: threading.Event) -> None:
+        self.client = client
+        self.began = time.monotonic()
+        self.deadline = self.began + timeout
+        self.interval = interval
+        self.stop = stop
+        self._refused_since: float | None = None  # the first of the refused asks in a row
+        self._refused = False  # whether the last ask was refused
+
+    def answers(self) -> Iterator[dict[str, Any] | None]:
+        """Each ask's status body, or None; bounded by the deadline and `stop`."""
+        while time.monotonic() < self.deadline and not self.stop.is_set():
+            yield self._ask()
+            self.stop.wait(self.interval)
+
+    def extend(self, deadline: float) -> None:
+        """Wait at least until `deadline` (a `time.monotonic()` value); an earlier one changes nothing."""
+        self.deadline = max(self.deadline, deadline)
+
+    def refused_for(self) -> float:
+        """Seconds the address has refused connections, if the last ask was refused (else 0).
+
+        Only an answer ends a run of refusals: an ask that failed otherwise (a timeout) leaves it running.
+        """
+        if not self._refused or self._refused_since is None:
+            return 0.0
+        return time.monotonic() - self._refused_since
+
+    def _ask(self) -> dict[str, Any] | None:
+        import httpx  # here, not at the top: the server's master never needs it (memory)
+
+        self._refused = False
+        try:
+            response = self.client.get(STATUS_PATH)
+        except httpx.ConnectError:
+            self._refused = True
+            self._refused_since = self._refused_since or time.monotonic()
+            return None
+        except httpx.HTTPError:
+            return None
+        self._refused_since = None
+        if response.status_code in (401, 403):
+            raise _Unanswered(f"status refused ({response.status_code}): {_detail(response)}", 1)
+        return _json_object(response) if response.status_code == 200 else None
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:
@@ -863,32 +907,17 @@ def _await_upgrade(client: httpx.Client, upgrade_id: str, timeout: float) -> tup
     an upgrade, unless the new master listens elsewhere (host or port changed) and the old one
     has left: then the outcome cannot be read here, and the command says where to look.
     """
-    import httpx  # here, not at the top: the server's master never needs it (memory)
-
-    deadline = time.monotonic() + timeout
-    refused_since: float | None = None
-    while time.monotonic() < deadline:
-        try:
-            response: httpx.Response | None = client.get(STATUS_PATH)
-            refused_since = None
-        except httpx.ConnectError:
-            response = None
-            refused_since = refused_since or time.monotonic()
-            if time.monotonic() - refused_since >= UPGRADE_GONE:
-                raise _Unanswered(
-                    f"upgrade {upgrade_id}: {client.base_url} stopped answering before the outcome was seen; "
-                    "if host or port changed, the new master serves there: ask 'pypnm status --url NEW_URL'",
-                    2,
-                ) from None
-        except httpx.HTTPError:
-            response = None  # the masters may be handing over; keep asking until the deadline
-        if response is not None and response.status_code in (401, 403):
-            raise _Unanswered(f"status refused ({response.status_code}): {_detail(response)}", 1)
-        info = _json_object(response) if response is not None and response.status_code == 200 else None
+    poll = _StatusPoll(client, timeout, 0.2, threading.Event())  # the masters may be handing over: asked again
+    for info in poll.answers():
+        if poll.refused_for() >= UPGRADE_GONE:
+            raise _Unanswered(
+                f"upgrade {upgrade_id}: {client.base_url} stopped answering before the outcome was seen; "
+                "if host or port changed, the new master serves there: ask 'pypnm status --url NEW_URL'",
+                2,
+            )
         record = (info or {}).get("upgrade") or {}
         if record.get("id") == upgrade_id and record.get("outcome"):
             return _upgrade_outcome(record)
-        time.sleep(0.2)
     raise _Unanswered(f"upgrade {upgrade_id} had no outcome within {timeout:.0f}s", 2)
 
 

@@ -19,7 +19,8 @@ generations at once (a reload brings the new one up beside the old); the per-wor
 budget is `limit_worker_memory` when set (a worker is recycled past it anyway), else 256 MiB.
 
 `runtime_profile` is the answer of `GET /pypnm/system/webService/runtimeProfile`: the
-master builds it (status.py) because only it knows where the `workers` value came from.
+master builds it (master.py) because only it knows where the `workers` value came from,
+once for each settings it takes on (a reload), not for each `/status`.
 """
 
 from __future__ import annotations

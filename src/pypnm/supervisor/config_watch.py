@@ -100,10 +100,10 @@ class ConfigWatch:
             TLS_KEY_FILE: ("ssl_keyfile", settings.ssl_keyfile if settings.ssl else None),
         }
         given = {CONFIG_FILE: self.config_file} | {role: path for role, (_, path) in named.items()}
-        for role, copy in snapshot.files.items():
+        for role, digest in snapshot.file_digests.items():  # hashed as the snapshot copied them
             original = given.get(role)
             if original is not None:
-                self._known[as_given(original)] = content_digest(copy)
+                self._known[as_given(original)] = digest.hex()  # as content_digest() says it
         files: dict[Path, str] = {}
         if self.config_file is not None and (settings.watch_config or self._always):
             files[self.config_file] = SETTINGS_FILE

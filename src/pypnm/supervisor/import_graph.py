@@ -31,11 +31,11 @@ limit `incremental` is opted into with (README, "Incremental imports").
 from __future__ import annotations
 
 import ast
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pypnm.supervisor.snapshot import Snapshot
+from pypnm.supervisor.snapshot import Snapshot, SnapshotChanges
+from pypnm.supervisor.snapshot import module_name as module_name  # a path's module: the snapshot's reading, here too
 
 # Calls that import a module named by their first argument.
 _DYNAMIC_FUNCTIONS = {"import_module", "__import__", "reload"}
@@ -91,9 +91,8 @@ class ImportScanner:
             scan.modules[module] = self._read(module, directory / relative, relative, record.digest)
             scan.paths[module] = relative
         # The settings files frozen beside the code (settings file, tokens, TLS pair) are not in the
-        # manifest: a few small files, hashed here, so that a change to one is seen (a clean import).
-        for path in snapshot.files.values():
-            scan.files[path.relative_to(directory).as_posix()] = hashlib.sha256(path.read_bytes()).digest()
+        # manifest: their digests (hashed as they were copied) are added, so that a change to one is seen.
+        scan.files.update(snapshot.file_digests)
         return scan
 
     def _read(self, module: str, path: Path, relative: str, digest: bytes) -> ModuleFacts:
@@ -105,16 +104,6 @@ class ImportScanner:
                 self._facts.clear()
             self._facts[key] = facts
         return facts
-
-
-def module_name(relative: str) -> str | None:
-    """`pkg/sub/mod.py` -> `pkg.sub.mod`, `pkg/__init__.py` -> `pkg`; None for anything but a `.py` file."""
-    if not relative.endswith(".py"):
-        return None
-    parts = relative[: -len(".py")].split("/")
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts) if parts and all(part.isidentifier() for part in parts) else None
 
 
 def read_imports(module: str, is_package: bool, source: bytes) -> ModuleFacts:
@@ -163,15 +152,11 @@ def _is_dynamic_import(func: ast.expr) -> bool:
 
 def plan(previous: CodeScan, current: CodeScan, app_module: str) -> Plan:
     """What the next zygote, forked from the previous generation's, must drop; or why it must import clean."""
-    changed = sorted(
-        path
-        for path in previous.files.keys() | current.files.keys()
-        if previous.files.get(path) != current.files.get(path)
-    )
-    not_modules = [path for path in changed if module_name(path) is None]
+    changes = SnapshotChanges.between(previous.files, current.files)
+    not_modules = sorted(path for path in changes.paths if module_name(path) is None)
     if not_modules:
         return Plan.clean(f"{not_modules[0]} changed, which is not a Python module" + _more(not_modules))
-    changed_modules = {name for path in changed if (name := module_name(path)) is not None}
+    changed_modules = set(changes.modules)
     drop = _importers(changed_modules, current)
     drop |= {name for name in _importers(changed_modules, previous) if name in current.modules}
     for name in sorted(_reachable(app_module, current) - drop):

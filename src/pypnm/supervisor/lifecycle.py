@@ -18,9 +18,10 @@ read per worker per second, and it works for a worker whose loop is busy, or of 
 pypnm). A slot recycles again only once its previous worker has left, so recycling adds
 at most `workers` processes to the bound below.
 
-A generation's snapshot is removed once no generation uses it any more, unless it is `kept`: the
-last-known-good one that rollback.py holds on to during a new generation's `rollback_window`
-(a rollback serves it again, as a new generation on the same snapshot).
+A generation's snapshot is removed once no generation uses it any more, unless it is the one
+`kept`: the last-known-good one that rollback.py holds on to during a new generation's
+`rollback_window` (a rollback serves it again, as a new generation on the same snapshot).
+Which one that is, rollback.py alone knows: `kept` asks it.
 
 At most `max_draining_generations` generations drain at once: a swap beyond that closes the
 oldest one early, and the next candidate is brought up only once it is gone, so the service
@@ -84,6 +85,7 @@ class Generations:
         *,
         worker_restarted: Callable[[str], object] = lambda reason: None,
         worker_failed: Callable[[int, str], object] = lambda generation, ended: None,
+        kept: Callable[[], Snapshot | None] = lambda: None,
     ) -> None:
         self.template = template
         self.listeners = listeners
@@ -92,7 +94,7 @@ class Generations:
         self._spawn_task = spawn_task  # the master's: its tasks end with it
         self._worker_restarted = worker_restarted  # the metrics' pypnm_worker_restarts_total{reason}
         self._worker_failed = worker_failed  # rollback.py counts a serving worker's crash or hang, by generation
-        self.kept: Snapshot | None = None  # the snapshot a rollback would serve again (rollback.py sets it)
+        self._kept = kept  # rollback.py's: the snapshot a rollback would serve again, which must stay
         self.candidate: Generation | None = None
         self.serving: Generation | None = None
         self.draining: set[Generation] = set()
@@ -175,7 +177,7 @@ class Generations:
 
     def release(self, snapshot: Snapshot) -> None:
         """Remove a snapshot that no live generation uses and that is not `kept` (a rollback reuses one)."""
-        if snapshot is not self.kept and all(g.snapshot is not snapshot for g in self.all()):
+        if snapshot is not self._kept() and all(g.snapshot is not snapshot for g in self.all()):
             snapshot.remove()
 
     async def start_accepting(self) -> None:
@@ -292,21 +294,24 @@ class Generations:
             await asyncio.sleep(min(RESPAWN_BACKOFF_FIRST * 2**failures, RESPAWN_BACKOFF_MAX))  # keeps dying: slower
             if not self._still_serving(generation):
                 return
-            try:
-                replacement = await self._bring_up_one(generation)
-            except (CandidateFailed, SpawnError, TimeoutError) as exc:
-                failures += 1
-                logger.error(
-                    "cannot respawn a worker of generation %d: %s", generation.number, str(exc) or type(exc).__name__
-                )
-                continue  # `worker` is still the one that ended: next attempt, after a longer back-off
+            replacement = await self._bring_up_one(generation)
             if replacement is None:
-                return
+                if not self._still_serving(generation):
+                    return
+                failures += 1
+                continue  # `worker` is still the one that ended: next attempt, after a longer back-off
             worker, failures = replacement, 0
             logger.info("worker respawned pid=%d generation=%d", worker.pid, generation.number)
 
-    async def _bring_up_one(self, generation: Generation) -> WorkerProcess | None:
-        """One more accepting worker for `generation`; None if it stopped serving meanwhile (the new one is killed)."""
+    async def _bring_up_one(
+        self, generation: Generation, recycling: tuple[WorkerProcess, str] | None = None
+    ) -> WorkerProcess | None:
+        """One more accepting worker for `generation`; None if none came up (logged here, for every caller)
+        or if the generation stopped serving meanwhile (the new one is killed).
+
+        `recycling`: the worker it is to replace because it is past a limit, and which limit; its
+        failure says the old one serves on, where any other says the generation has one worker less.
+        """
         replacement: WorkerProcess | None = None
         try:
             async with asyncio.timeout(self._settings().reload_timeout):
@@ -315,12 +320,30 @@ class Generations:
                     replacement.signal(signal.SIGKILL)
                     return None
                 await generation.start_accepting([replacement])
-        except BaseException:
+        except BaseException as exc:
             if replacement is not None:  # brought up but not accepting (bring_up ends its own failures)
                 replacement.signal(signal.SIGKILL)
                 generation.forget(replacement)
-            raise
+            if not isinstance(exc, CandidateFailed | SpawnError | TimeoutError):
+                raise
+            self._log_bring_up_failed(generation, str(exc) or type(exc).__name__, recycling)
+            return None
         return replacement
+
+    @staticmethod
+    def _log_bring_up_failed(generation: Generation, error: str, recycling: tuple[WorkerProcess, str] | None) -> None:
+        """One line for a failed bring-up: a recycle's says the old worker serves on, a respawn's that one is gone."""
+        if recycling is None:
+            logger.error("cannot respawn a worker of generation %d: %s", generation.number, error)
+            return
+        worker, reason = recycling
+        logger.error(
+            "cannot recycle worker pid=%d generation=%d (%s): no replacement came up: %s; it serves on",
+            worker.pid,
+            generation.number,
+            reason,
+            error,
+        )
 
     async def _watch(
         self, generation: Generation, worker: WorkerProcess, predecessor: asyncio.Task[Any] | None = None
@@ -361,18 +384,8 @@ class Generations:
 
     async def _recycle(self, generation: Generation, worker: WorkerProcess, reason: str) -> WorkerProcess | None:
         """Bring up a worker in place of one past its limit; the replacement, accepting (None: none came up)."""
-        try:
-            replacement = await self._bring_up_one(generation)
-        except (CandidateFailed, SpawnError, TimeoutError) as exc:
-            logger.error(
-                "cannot recycle worker pid=%d generation=%d (%s): no replacement came up: %s; it serves on",
-                worker.pid,
-                generation.number,
-                reason,
-                str(exc) or type(exc).__name__,
-            )
-            return None
-        if replacement is None:  # its generation stopped serving meanwhile: its drain takes the old one
+        replacement = await self._bring_up_one(generation, (worker, reason))
+        if replacement is None:  # none came up, or its generation stopped serving meanwhile (its drain takes it)
             return None
         logger.info(
             "worker recycled pid=%d generation=%d: %s: replaced by pid=%d, draining it",
@@ -402,13 +415,7 @@ class Generations:
             self._settings().worker_timeout,
         )
         self._worker_restarted("hung")
-        replacement: WorkerProcess | None = None
-        try:
-            replacement = await self._bring_up_one(generation)
-        except (CandidateFailed, SpawnError, TimeoutError) as exc:
-            logger.error(
-                "cannot respawn a worker of generation %d: %s", generation.number, str(exc) or type(exc).__name__
-            )
+        replacement = await self._bring_up_one(generation)
         worker.signal(signal.SIGKILL)
         generation.forget(worker)
         await asyncio.wait([worker.exited], timeout=AFTER_KILL)

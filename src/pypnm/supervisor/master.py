@@ -110,6 +110,7 @@ class Master:
             self._spawn_task,
             worker_restarted=self.metrics.worker_restarted,
             worker_failed=lambda generation, ended: self.rollback.worker_failed(generation, ended),
+            kept=lambda: self.rollback.kept(),
         )
         self.rollback = Rollback(self.queue, self.generations, lambda: self.settings, self._spawn_task)
         self.files = FileWatch(app, self.locator.find(), watch, lambda: self.settings, self.queue.request)
@@ -132,6 +133,8 @@ class Master:
         self._next_generation = successor.offer.generation + 1 if successor else 1  # rising across upgrades
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # runtime_profile's answer, and the settings and serving generation it was built for.
+        self._profile: tuple[Settings, Generation | None, dict[str, Any]] | None = None
 
     # ----- life -----------------------------------------------------------------------------
 
@@ -257,12 +260,21 @@ class Master:
     # ----- reloads: trigger -> queue -> build -> validate -> swap -> drain -> record ----------
 
     async def _reload(self, record: ReloadRecord) -> None:
-        if record.rolls_back is not None:
-            await self._roll_back(record)
-            return
+        """Run one reload as a new generation, then drain the one it replaced.
+
+        The steps every reload shares are here (its generation number and start, the drain); what
+        it brings up (from disk, or a rollback's kept snapshot) is `_reload_from_disk`'s or `_roll_back`'s.
+        """
         number = self._next_generation
         self._next_generation += 1
         record.begin(number)
+        bring_up = self._roll_back if record.rolls_back is not None else self._reload_from_disk
+        old = await bring_up(record, number)
+        if old is not None:
+            self.generations.drain(old)
+
+    async def _reload_from_disk(self, record: ReloadRecord, number: int) -> Generation | None:
+        """Build generation `number` from the code and settings on disk; the one it replaced (None: none, or failed)."""
         logger.info("reload %s: building generation %d", record.id, number)
         serving = self.generations.serving
         replaced = KnownGood(serving.number, serving.snapshot, self.settings) if serving else None
@@ -273,7 +285,7 @@ class Master:
             old = await self._swap_in(record, number, snapshot, settings, tls_warnings, code)
         except Exception as exc:
             self._failed(record, number, exc)
-            return
+            return None
         record.finish(ReloadOutcome.SUCCEEDED)
         self.rollback.swapped(record, number, replaced)  # before the drain: the replaced snapshot is kept
         logger.info(
@@ -283,15 +295,11 @@ class Master:
             number,
             f", generation {old.number} draining" if old else "",
         )
-        if old is not None:
-            self.generations.drain(old)
+        return old
 
-    async def _roll_back(self, record: ReloadRecord) -> None:
-        """Serve the kept snapshot again, with its settings, as a new generation: a reload from it, not from disk."""
+    async def _roll_back(self, record: ReloadRecord, number: int) -> Generation | None:
+        """Serve the kept snapshot again, with its settings, as generation `number`: a reload from it, not from disk."""
         watch, good = self.rollback.target(record)
-        number = self._next_generation
-        self._next_generation += 1
-        record.begin(number)
         logger.warning(
             "reload %s: rolling back generation %d: building generation %d from generation %d's snapshot",
             record.id,
@@ -304,7 +312,7 @@ class Master:
         except Exception as exc:
             self._failed(record, number, exc)
             self.rollback.rollback_failed(record)
-            return
+            return None
         record.finish(ReloadOutcome.ROLLED_BACK, watch.summary())
         self.rollback.rolled_back(record)
         logger.warning(
@@ -316,8 +324,7 @@ class Master:
             good.snapshot.code_version,
             f", generation {old.number} draining" if old else "",
         )
-        if old is not None:
-            self.generations.drain(old)
+        return old
 
     async def _swap_in(
         self,
@@ -429,12 +436,21 @@ class Master:
     def runtime_profile(self) -> dict[str, Any]:
         """GET /pypnm/system/webService/runtimeProfile: the serving generation's worker count and
         limits, and where `workers` came from (the command line, the environment, the settings
-        file that generation read, or the default)."""
+        file that generation read, or the default).
+
+        Built once for each settings the master takes on and the generation serving with them, not
+        at each /status (which carries it): building it reads the cgroup files and the settings file.
+        """
         serving = self.generations.serving
+        built = self._profile
+        if built is not None and built[0] is self.settings and built[1] is serving:
+            return built[2]
         source, given = setting_source("workers", self.overrides, serving.snapshot.config_file if serving else None)
-        return runtime_profile(
+        profile = runtime_profile(
             self.settings, active_workers=serving.size if serving else None, source=source, given=given
         )
+        self._profile = (self.settings, serving, profile)
+        return profile
 
     def _status_view(self) -> dict[str, Any]:
         return status.status_view(

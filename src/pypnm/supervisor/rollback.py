@@ -1,11 +1,12 @@
 """Automatic rollback: the watch of a new generation after its swap, and the snapshot kept to go back to.
 
 After a swap the generation it replaced is the last-known-good one: its snapshot (code copy,
-settings file, frozen TLS pair) and its settings are kept (`Generations.kept`) while the new
-generation is watched for `rollback_window` seconds. A serving worker of the watched generation
-that crashes, or hangs and is killed (lifecycle.py reports both), counts; at `rollback_crashes`
-the master is asked for a rollback, which is a reload (reloads.py queues it in a slot of its own,
-so it is serialized with every other reload, runs before a queued one and never joins one) that
+settings file, frozen TLS pair) and its settings are kept (`previous`; lifecycle.py asks `kept`
+before it removes a snapshot) while the new generation is watched for `rollback_window` seconds.
+A serving worker of the watched generation that crashes, or hangs and is killed (lifecycle.py
+reports both), counts; at `rollback_crashes` the master is asked for a rollback, which is a
+reload (reloads.py queues it in a slot of its own, so it is serialized with every other reload,
+runs before a queued one and never joins one) that
 brings up a generation from the kept snapshot by the ordinary path (validate, start accepting,
 swap, drain) and applies the kept settings. A hang counts like a crash: a worker that has to be
 killed took its requests down with it just the same, and a new version that deadlocks is as bad
@@ -73,7 +74,7 @@ class Watch:
 
 
 class Rollback:
-    """The watched generation (`watch`) and the snapshot kept for it (in `generations.kept`)."""
+    """The watched generation (`watch`) and the last-known-good kept for it (`previous`, whose snapshot is `kept`)."""
 
     def __init__(
         self,
@@ -127,8 +128,7 @@ class Rollback:
         watch = self.watch
         assert watch is not None and watch.rollback is record, "rolled_back() follows the rollback it asked for"
         self._end(watch, "rolled_back", watch.summary(), by=record.id)
-        self.generations.kept = None  # serving again, as the new generation's snapshot: it stays
-        self.previous = None
+        self.previous = None  # serving again, as the new generation's snapshot: it stays
         self.proven = True
 
     def rollback_failed(self, record: ReloadRecord) -> None:
@@ -167,6 +167,10 @@ class Rollback:
             watch.previous.generation,
             watch.rollback.id,
         )
+
+    def kept(self) -> Snapshot | None:
+        """The snapshot a rollback would serve again: `Generations.release` leaves it in place."""
+        return self.previous.snapshot if self.previous else None
 
     def stop(self) -> None:
         """The master stops: the kept snapshot goes now (the runtime directory's removal would take it anyway)."""
@@ -212,8 +216,7 @@ class Rollback:
 
     def _keep(self, previous: KnownGood | None) -> None:
         """Hold on to `previous`'s snapshot (None: to none); the one held before is removed if nothing uses it."""
-        before = self.generations.kept
+        before = self.kept()
         self.previous = previous
-        self.generations.kept = previous.snapshot if previous else None
-        if before is not None and before is not self.generations.kept:
+        if before is not None and before is not self.kept():
             self.generations.release(before)

@@ -10,7 +10,9 @@ the previous snapshot (the serving generation's) is a hard link to that snapshot
 and bytecode; only changed and new files are copied and compiled (`_Freezer`). Removing
 the previous snapshot after its generation drains leaves the links of the new one whole.
 Where hard links are refused (another file system, a file system without them, a
-permission), files are copied instead. `Snapshot.changes` says which modules changed.
+permission), files are copied instead. `Snapshot.changes` says which modules changed
+(`SnapshotChanges.between`, the one comparison of two snapshots' files: import_graph.py's
+plan compares with it too), and `module_name` is the one reading of a file path as a module.
 
 The master only reads and compiles these files; it never imports them. Where the
 project's sources are is asked again before each snapshot (`SourceLocator`), so a reload
@@ -29,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
@@ -86,6 +88,30 @@ class SnapshotChanges:
     native: frozenset[str] = frozenset()  # C extension modules changed, added or removed
     other: frozenset[str] = frozenset()  # any other file changed, added or removed (paths, as in `manifest`)
 
+    # Every path whose content differs (changed, added or removed), as the fields above were read from.
+    paths: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @classmethod
+    def between(cls, before: Mapping[str, bytes], after: Mapping[str, bytes]) -> SnapshotChanges:
+        """What differs from `before` to `after`: two sets of files as content hashes by relative path."""
+        changed = {path for path in before.keys() & after.keys() if before[path] != after[path]}
+        added = after.keys() - before.keys()
+        removed = before.keys() - after.keys()
+
+        def modules(paths: Iterable[str], suffixes: Iterable[str] = (".py",)) -> frozenset[str]:
+            return frozenset(name for path in paths if (name := module_name(path, suffixes)) is not None)
+
+        every = frozenset(changed | added | removed)
+        native = {path for path in every if module_name(path, NATIVE_SUFFIXES) is not None}
+        return cls(
+            changed=modules(changed),
+            added=modules(added),
+            removed=modules(removed),
+            native=modules(native, NATIVE_SUFFIXES),
+            other=frozenset(path for path in every - native if module_name(path) is None),
+            paths=every,
+        )
+
     @property
     def modules(self) -> frozenset[str]:
         """Every Python module changed, added or removed."""
@@ -95,6 +121,30 @@ class SnapshotChanges:
         return bool(self.modules or self.native or self.other)
 
 
+# The endings of a C extension module's file, longest first: `.cpython-311-x86_64-linux-gnu.so` before `.so`.
+NATIVE_SUFFIXES = tuple(sorted(EXTENSION_SUFFIXES, key=len, reverse=True))
+
+
+def module_name(relative: str, suffixes: Iterable[str] = (".py",)) -> str | None:
+    """`pkg/sub/mod.py` -> `pkg.sub.mod`, `pkg/__init__.py` -> `pkg`: the module a file path (relative to the
+    snapshot directory) holds; None for a file with none of `suffixes` or a name an import cannot spell.
+
+    `suffixes`: a Python module's (the default) or a C extension module's (NATIVE_SUFFIXES).
+    """
+    suffix = next((suffix for suffix in suffixes if relative.endswith(suffix)), None)
+    if suffix is None:
+        return None
+    parts = relative[: -len(suffix)].split("/")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts) if parts and all(part.isidentifier() for part in parts) else None
+
+
+def code_digests(manifest: Mapping[str, FileRecord]) -> dict[str, bytes]:
+    """A manifest's content hashes by relative path: what `SnapshotChanges.between` compares."""
+    return {relative: record.digest for relative, record in manifest.items()}
+
+
 @dataclass
 class Snapshot:
     directory: Path  # first on the workers' sys.path
@@ -102,6 +152,8 @@ class Snapshot:
     source_dirs: dict[str, str]  # copy → original, to name files as the operator knows them
     code_version: str
     files: dict[str, Path] = field(default_factory=dict)  # frozen copies of settings files, by role
+    # The sha256 of each settings file's copy, by role (which is the copy's name in `directory`).
+    file_digests: dict[str, bytes] = field(default_factory=dict)
     # Every code file, by its path relative to `directory` (posix, e.g. "pkg/sub/mod.py").
     manifest: dict[str, FileRecord] = field(default_factory=dict)
     changes: SnapshotChanges | None = None  # None: no previous snapshot to compare with, everything is new
@@ -125,6 +177,7 @@ class Snapshot:
         except OSError as exc:
             raise SnapshotError(_write_problem(exc)) from None
         self.files[role] = copy
+        self.file_digests[role] = hashlib.sha256(data).digest()  # the import scan compares it (import_graph.py)
         self.source_dirs[str(copy)] = str(source)  # reasons name the operator's file
         return copy
 
@@ -272,7 +325,11 @@ def take_snapshot(
             source_dirs,
             version,
             manifest=freezer.manifest,
-            changes=_changes(previous.manifest, freezer.manifest) if previous is not None else None,
+            changes=(
+                SnapshotChanges.between(code_digests(previous.manifest), code_digests(freezer.manifest))
+                if previous is not None
+                else None
+            ),
             shared=freezer.shared,
         )
         if config_file is not None:
@@ -385,37 +442,6 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & READ_ONLY)
     with os.fdopen(descriptor, "wb") as file:
         file.write(data)
-
-
-def _module(relative: str) -> str:
-    """The dotted module name of a file path relative to the snapshot directory."""
-    parts = relative.split("/")
-    name = parts.pop()
-    for suffix in sorted(EXTENSION_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    else:
-        name = name.removesuffix(".py")
-    return ".".join(parts if name == "__init__" else [*parts, name])
-
-
-def _changes(before: dict[str, FileRecord], after: dict[str, FileRecord]) -> SnapshotChanges:
-    changed = {path for path in before.keys() & after.keys() if before[path].digest != after[path].digest}
-    added = after.keys() - before.keys()
-    removed = before.keys() - after.keys()
-
-    def modules(paths: set[str]) -> frozenset[str]:
-        return frozenset(_module(path) for path in paths if path.endswith(".py"))
-
-    every = changed | added | removed
-    return SnapshotChanges(
-        changed=modules(changed),
-        added=modules(added),
-        removed=modules(removed),
-        native=frozenset(_module(path) for path in every if path.endswith(tuple(EXTENSION_SUFFIXES))),
-        other=frozenset(path for path in every if not path.endswith((".py", *EXTENSION_SUFFIXES))),
-    )
 
 
 def _write_problem(exc: OSError) -> str:
