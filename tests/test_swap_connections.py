@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from conftest import (
@@ -86,6 +88,7 @@ def test_keep_alive_connections_to_a_replaced_generation_are_drained_at_the_swap
     with (
         socket.create_connection(("127.0.0.1", service.port), timeout=10.0) as asking,
         socket.create_connection(("127.0.0.1", service.port), timeout=10.0) as idle,
+        ThreadPoolExecutor(1) as reloader,
     ):
         for sock in (asking, idle):
             sock.sendall(MARKER_REQUEST)
@@ -93,18 +96,23 @@ def test_keep_alive_connections_to_a_replaced_generation_are_drained_at_the_swap
             assert headers.get("connection") != "close"  # kept alive while its generation serves
         old_pid = body["pid"]
 
-        # The reload's outcome is recorded once the old worker has said it stopped accepting.
-        status = reload_by_sighup(service, first)
-        assert status["last_reload"]["outcome"] == "succeeded"
-        assert old_pid not in {w["pid"] for w in status["workers"] if w["state"] == "serving"}
-
-        # A request sent on it after that is still answered, by the old worker, and the connection closes.
-        asking.sendall(MARKER_REQUEST)
-        headers, body = read_response(asking)
-        assert body["pid"] == old_pid and headers["connection"] == "close"
+        # One connection keeps asking across the reload (never idle, so never closed for it): the
+        # old worker answers every request on it, and the first one after it stops accepting
+        # with Connection: close.
+        reload = reloader.submit(reload_by_sighup, service, first)
+        deadline = time.monotonic() + 30.0
+        for _ in range(10_000):
+            asking.sendall(MARKER_REQUEST)
+            headers, body = read_response(asking)
+            assert body["pid"] == old_pid
+            if headers.get("connection") == "close" or time.monotonic() > deadline:
+                break
+        assert headers.get("connection") == "close", "the old worker kept the connection open"
         assert read_until_closed(asking) == b""
+        status = reload.result(timeout=60.0)
+        assert status["last_reload"]["outcome"] == "succeeded"
 
-        # One that stays idle is closed by the old worker without a request (within its idle grace).
+        # The other one, idle all along, is closed by the old worker without a request.
         assert read_until_closed(idle, timeout=15.0) == b""
 
     answer = service.get("/marker").json()
