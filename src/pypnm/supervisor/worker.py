@@ -41,10 +41,11 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.server import ServerState
 
 from pypnm.identity import WORKER_STATE_KEY
 from pypnm.logs import set_generation, setup_logging
-from pypnm.supervisor import priority, protocol, runtime
+from pypnm.supervisor import priority, protocol, runtime, warmup
 from pypnm.supervisor.http_limits import HeadLimits, LimitedHttpToolsProtocol
 from pypnm.supervisor.protocol import (
     Close,
@@ -121,6 +122,8 @@ def build_routes(app: Any) -> None:
     lifespan runs, no event loop, thread or connection is made. An app without a Starlette-style
     `router.routes` list is left alone, and a route that cannot be matched this way ends it
     quietly: the first request then builds the rest, as it would have anyway.
+    Each worker walks the routes once more before it accepts (`GenerationServer._warm_up`):
+    there it builds nothing, it takes the page copies the walk causes after the fork.
     """
     routes = getattr(getattr(app, "router", None), "routes", None)
     if not isinstance(routes, list):
@@ -143,7 +146,7 @@ def build_routes(app: Any) -> None:
         for route in routes:
             route.matches(dict(scope))
     except Exception as exc:  # a route of its own kind that wants more of a request: the first request builds it
-        logger.debug("routes not all matched before forking: %s: %s", type(exc).__name__, exc)
+        logger.debug("routes not all matched in advance: %s: %s", type(exc).__name__, exc)
 
 
 def find_app(spec: WorkerSpec) -> Any:
@@ -209,6 +212,8 @@ class DrainingHttpToolsProtocol(LimitedHttpToolsProtocol):
     draining = False
 
     def shutdown(self) -> None:
+        if self.draining:  # told at StopAccepting already; uvicorn's own shutdown tells it again
+            return
         self.draining = True
         if self.cycle is None or self.cycle.response_complete:
             self.loop.call_later(IDLE_DRAIN_GRACE, self._close_if_idle)
@@ -307,6 +312,8 @@ class GenerationServer(uvicorn.Server):
             self._report(WorkerFailed(self.failure))
             self.should_exit = True
             return
+        if self.channel is not None:
+            await self._warm_up()
         self._report(WorkerReady(self._restart_only_settings(), heartbeat=True))
         if self.channel is None:
             self.should_exit = True  # `pypnm check`: validated, nothing to serve
@@ -317,23 +324,46 @@ class GenerationServer(uvicorn.Server):
             await self.lifespan.shutdown()
             return
 
-        def protocol_factory(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
-            return DrainingHttpToolsProtocol(
-                config=self.config,
-                server_state=self.server_state,
-                app_state=self.lifespan.state,
-                _loop=_loop,
-                limits=self.head_limits,
-            )
-
+        # Validated at the candidates' lower priority; serves at the normal one, from its first connection on.
+        priority.restore()
         self.servers = [
-            await loop.create_server(protocol_factory, sock=sock, ssl=self.config.ssl, backlog=self.config.backlog)
+            await loop.create_server(
+                lambda: self._protocol(self.server_state), sock=sock, ssl=self.config.ssl, backlog=self.config.backlog
+            )
             for sock in sockets or []
         ]
         self.started = True
-        priority.restore()  # validated at the candidates' lower priority; serves at the normal one
         self._report(WorkerAccepting())
         logger.info("generation %d worker serving", self.spec.generation)
+
+    def _protocol(self, server_state: ServerState) -> DrainingHttpToolsProtocol:
+        """One connection's protocol; `server_state` is where it counts itself (the server's, or the warm-up's own)."""
+        return DrainingHttpToolsProtocol(
+            config=self.config, server_state=server_state, app_state=self.lifespan.state, limits=self.head_limits
+        )
+
+    async def _warm_up(self) -> None:
+        """Pay a forked worker's first-request costs before it is ready, still niced (warmup.py says why).
+
+        Two steps, neither of which runs the app's handlers or middleware: the route walk
+        (`build_routes` again: in the worker it builds nothing, it takes the copies of the
+        routing table's pages that every client request would otherwise take) and one request
+        through this worker's own HTTP stack, with its own ServerState so that it is not one
+        of the worker's (no request count, no open connection). A warm-up that fails costs
+        only its speed-up, so it is logged, not fatal: the smoke requests decided whether the
+        code can serve.
+        """
+        started = time.perf_counter()
+        build_routes(self.app)  # the route walk of every request: its pages are copied here, not in a client's
+        try:
+            status = await warmup.warm_up(lambda: self._protocol(ServerState()), CHECK_REQUEST)
+        except (OSError, TimeoutError) as exc:
+            logger.warning("warm-up request failed: %s: %s", type(exc).__name__, exc)
+            return
+        if status != 200:
+            logger.warning("warm-up request answered %d", status)
+            return
+        logger.debug("warmed up before accepting in %.1fms", (time.perf_counter() - started) * 1000)
 
     async def validate(self) -> str | None:
         """Lifespan startup and smoke requests; the reason it cannot serve, or None."""
@@ -390,6 +420,10 @@ class GenerationServer(uvicorn.Server):
             # the swap as done only when no old worker takes new connections any more.
             for server in getattr(self, "servers", []):
                 server.close()
+            # And drain now: uvicorn would start only at its next tick (up to 0.1 s later), and a
+            # keep-alive connection would meanwhile get old-code answers and be kept open for more.
+            for connection in list(self.server_state.connections):
+                connection.shutdown()
             self.worker_state["stopping"] = True
             self.should_exit = True
             self._go.set()
