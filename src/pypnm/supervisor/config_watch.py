@@ -43,7 +43,7 @@ from pathlib import Path
 import watchfiles
 
 from pypnm.settings import Settings
-from pypnm.supervisor.snapshot import CONFIG_FILE, TLS_CERT_FILE, TLS_KEY_FILE, TOKENS_FILE, Snapshot
+from pypnm.supervisor.snapshot import CONFIG_FILE, FILE_SETTING, TLS_CERT_FILE, TLS_KEY_FILE, TOKENS_FILE, Snapshot
 
 logger = logging.getLogger("pypnm.supervisor.config_watch")
 
@@ -94,12 +94,12 @@ class ConfigWatch:
         ones these settings name (the running ones when the new file could not be read), as is
         `watch_config`.
         """
-        named = {  # the files these settings name, by their role in the snapshot, with the setting's name
-            TOKENS_FILE: ("api_tokens_file", settings.api_tokens_file),
-            TLS_CERT_FILE: ("ssl_certfile", settings.ssl_certfile if settings.ssl else None),
-            TLS_KEY_FILE: ("ssl_keyfile", settings.ssl_keyfile if settings.ssl else None),
+        named = {  # the files these settings name, by their role in the snapshot
+            TOKENS_FILE: settings.api_tokens_file,
+            TLS_CERT_FILE: settings.ssl_certfile if settings.ssl else None,
+            TLS_KEY_FILE: settings.ssl_keyfile if settings.ssl else None,
         }
-        given = {CONFIG_FILE: self.config_file} | {role: path for role, (_, path) in named.items()}
+        given = {CONFIG_FILE: self.config_file} | named
         for role, digest in snapshot.file_digests.items():  # hashed as the snapshot copied them
             original = given.get(role)
             if original is not None:
@@ -108,7 +108,7 @@ class ConfigWatch:
         if self.config_file is not None and (settings.watch_config or self._always):
             files[self.config_file] = SETTINGS_FILE
         if settings.watch_config:
-            files |= {as_given(path): name for name, path in named.values() if path is not None}
+            files |= {as_given(path): FILE_SETTING[role] for role, path in named.items() if path is not None}
         if files != self._files:
             self._files = files
             self._rearm.set()

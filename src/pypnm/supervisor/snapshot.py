@@ -45,7 +45,7 @@ CONFIG_FILE = "settings.toml"
 TOKENS_FILE = "tokens"
 TLS_CERT_FILE = "tls-cert.pem"
 TLS_KEY_FILE = "tls-key.pem"
-_FILE_SETTING = {
+FILE_SETTING = {
     CONFIG_FILE: "config file",
     TOKENS_FILE: "api_tokens_file",
     TLS_CERT_FILE: "ssl_certfile",
@@ -169,7 +169,7 @@ class Snapshot:
         try:
             data = source.read_bytes()
         except OSError as exc:
-            what = _FILE_SETTING.get(role, role)
+            what = FILE_SETTING.get(role, role)
             raise SnapshotError(f"{what} {str(source)!r}: cannot read it ({exc.strerror})") from None
         copy = self.directory / role
         try:
