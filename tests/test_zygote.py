@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import (
+    Service,
     StartService,
     base_env,
     pid_alive,
@@ -393,7 +394,7 @@ TABLE = bytes(range(256)) * (128 * 1024)
 router = APIRouter()
 
 
-@router.get("/blob")
+@router.get("/ROUTE")
 async def blob() -> dict[str, object]:
     return {"marker": MARKER, "size": len(TABLE), "stack": len(inspect.stack(0))}
 '''
@@ -402,13 +403,14 @@ BLOB_MAIN = """import os
 
 from fastapi import FastAPI
 
-from mem import blob
+from mem import blob, other
 from pypnm.identity import SUPERVISOR_ENV
 from pypnm.supervisor import control
 from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
 
 app = FastAPI()
 app.include_router(blob.router)
+app.include_router(other.router)
 
 
 @app.get("/health")
@@ -430,19 +432,10 @@ def resident_mib(pid: int) -> float:
 
 def test_incremental_frees_what_the_dropped_modules_held(start_service: StartService, tmp_path: Path) -> None:
     """The previous generation's module (and app) is freed, not kept by the zygote chain or FastAPI's caches."""
-    package = write_app_package(tmp_path, "mem", BLOB_MAIN).parent
-    (package / "blob.py").write_text(BLOB)
-    env = base_env(PYPNM_RELOAD_IMPORT="incremental", PYPNM_RELOAD_MIN_INTERVAL="0")
-    service = start_service(
-        pypnm_command("--app", "mem.main:app", "--port", "{port}", "--workers", "1"), cwd=tmp_path, env=env
-    )
+    service, package = start_blob_service(start_service, tmp_path)
     rss, stacks = [], []
     for generation in range(2, 7):
-        (package / "blob.py").write_text(BLOB.replace("blob1", f"blob{generation}"))
-        status = reload_by_sighup(service, generation - 1)
-        assert status["last_reload"]["import"] == {"mode": "incremental", "reimported": 2}  # mem.blob and mem.main
-        answer = service.get("/blob").json()
-        assert (answer["marker"], answer["size"]) == (f"blob{generation}", 32 * 2**20)
+        answer = change_blob(service, package, "blob", generation)
         stacks.append(answer["stack"])
         (worker,) = serving_workers(service, generation, 1)["workers"]
         rss.append(resident_mib(worker["pid"]))
@@ -450,3 +443,111 @@ def test_incremental_frees_what_the_dropped_modules_held(start_service: StartSer
     assert rss[-1] - rss[0] < 32, rss
     # Nor by frames: a zygote forked from a zygote does not run on top of its parent's stack.
     assert len(set(stacks)) == 1, stacks
+
+
+def test_incremental_frees_a_module_that_was_kept_and_frozen(start_service: StartService, tmp_path: Path) -> None:
+    """Editing two modules by turns: each was kept (and frozen) by the reload before, and is freed all the same.
+
+    A zygote freezes the modules it keeps, so the next collection need not walk them
+    (reimport.py, "Freezing what is kept"); a frozen module that is then dropped needs a full
+    collection, or its table would stay for good.
+    """
+    service, package = start_blob_service(start_service, tmp_path)
+    rss = []
+    for generation in range(2, 8):
+        change_blob(service, package, "blob" if generation % 2 else "other", generation)
+        (worker,) = serving_workers(service, generation, 1)["workers"]
+        rss.append(resident_mib(worker["pid"]))
+    # Kept frozen, each table dropped after the first switch would stay: 5 x 32 MiB.
+    assert rss[-1] - rss[0] < 32, rss
+
+
+def start_blob_service(start_service: StartService, tmp_path: Path) -> tuple[Service, Path]:
+    """One worker serving `mem.main:app` with two 32 MiB route modules (`/blob`, `/other`), importing incrementally."""
+    package = write_app_package(tmp_path, "mem", BLOB_MAIN).parent
+    for name in ("blob", "other"):
+        (package / f"{name}.py").write_text(BLOB.replace("ROUTE", name))
+    env = base_env(PYPNM_RELOAD_IMPORT="incremental", PYPNM_RELOAD_MIN_INTERVAL="0")
+    service = start_service(
+        pypnm_command("--app", "mem.main:app", "--port", "{port}", "--workers", "1"), cwd=tmp_path, env=env
+    )
+    return service, package
+
+
+def change_blob(service: Service, package: Path, name: str, generation: int) -> dict[str, Any]:
+    """Give module `name` a new marker, reload, and check that only it and the app module were imported again."""
+    (package / f"{name}.py").write_text(BLOB.replace("ROUTE", name).replace("blob1", f"blob{generation}"))
+    status = reload_by_sighup(service, generation - 1)
+    assert status["last_reload"]["import"] == {"mode": "incremental", "reimported": 2}  # mem.<name> and mem.main
+    answer: dict[str, Any] = service.get(f"/{name}").json()
+    assert (answer["marker"], answer["size"]) == (f"blob{generation}", 32 * 2**20)
+    return answer
+
+
+PATHS_MAIN = """import os
+
+from fastapi import FastAPI
+
+from paths import data, edited
+from pypnm.identity import SUPERVISOR_ENV
+from pypnm.supervisor import control
+from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
+
+app = FastAPI()
+
+
+@app.get("/supervisor")
+async def supervisor() -> dict[str, object]:
+    return (await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest(), StatusAnswer)).status
+
+
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.get("/table")
+async def table() -> dict[str, str]:
+    return {"marker": edited.MARKER, "table": data.TABLE.read_text().strip()}
+
+
+@app.get("/runtime")
+async def runtime() -> dict[str, str]:
+    return {"directory": os.path.dirname(os.environ[SUPERVISOR_ENV])}  # the control socket is in it
+"""
+
+
+def test_paths_kept_modules_computed_at_import_keep_working(start_service: StartService, tmp_path: Path) -> None:
+    """A kept module's path into the snapshot it was imported from still leads to the file once that one is gone.
+
+    `paths.data` is imported once, by the first generation, and kept by every incremental import
+    after it: its TABLE names the first snapshot's directory, which goes when its generation has
+    drained (no rollback window keeps it here).
+    """
+    package = write_app_package(tmp_path, "paths", PATHS_MAIN).parent
+    (package / "data.py").write_text('from pathlib import Path\n\nTABLE = Path(__file__).parent / "table.txt"\n')
+    (package / "table.txt").write_text("the table\n")
+    (package / "edited.py").write_text('MARKER = "m1"\n')
+    env = base_env(PYPNM_RELOAD_IMPORT="incremental", PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_ROLLBACK_WINDOW="0")
+    service = start_service(
+        pypnm_command("--app", "paths.main:app", "--port", "{port}", "--workers", "1"), cwd=tmp_path, env=env
+    )
+    for generation in range(2, 5):
+        (package / "edited.py").write_text(f'MARKER = "m{generation}"\n')
+        status = reload_by_sighup(service, generation - 1)
+        assert status["last_reload"]["import"] == {"mode": "incremental", "reimported": 2}  # paths.edited, paths.main
+        serving_workers(service, generation, 1)  # and the generation before has drained: its snapshot is removed
+        answer = service.get("/table")
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"marker": f"m{generation}", "table": "the table"}
+    runtime = Path(service.get("/runtime").json()["directory"])
+    assert sorted(path.name for path in runtime.glob("gen-*") if path.is_symlink()) == ["gen-1", "gen-2", "gen-3"]
+
+    # A data file changed: a clean import, the end of the lineage; its links go with its last generation.
+    (package / "table.txt").write_text("the new table\n")
+    status = reload_by_sighup(service, 4)
+    assert status["last_reload"]["import"]["mode"] == "clean"
+    serving_workers(service, 5, 1)
+    assert service.get("/table").json() == {"marker": "m4", "table": "the new table"}
+    assert [path.name for path in runtime.iterdir() if path.is_symlink()] == []
+    assert [path.name for path in runtime.glob("gen-*")] == ["gen-5"]

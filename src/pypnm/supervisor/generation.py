@@ -279,11 +279,13 @@ class Generation:
         except ZygoteExited as exc:
             how = await _ended(parent.exit_status(exc.pid))
             raise CandidateFailed(f"the zygote exited while importing the app ({how}; see its log)") from None
+        steps = ", ".join(f"{step} {ms}ms" for step, ms in self.zygote.took_ms.items())
         logger.info(
-            "zygote imported pid=%d generation=%d (%s)",
+            "zygote imported pid=%d generation=%d (%s)%s",
             self.zygote.pid,
             self.number,
             "clean import" if self.zygote.reimported is None else f"{self.zygote.reimported} module(s) re-imported",
+            f": {steps}" if steps else "",
         )
         return self.zygote
 

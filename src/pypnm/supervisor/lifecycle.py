@@ -50,7 +50,7 @@ from pypnm.supervisor import import_graph
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.import_graph import CodeScan, Plan
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
-from pypnm.supervisor.snapshot import Snapshot
+from pypnm.supervisor.snapshot import Lineage, Snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError
 from pypnm.supervisor.timeouts import (
     AFTER_KILL,
@@ -147,6 +147,8 @@ class Generations:
                         plan = Plan.clean(f"the incremental import failed: {exc}")
                     else:
                         candidate.imported = {"mode": "incremental", "reimported": zygote.reimported}
+                        lineage = self.serving.snapshot.lineage = self.serving.snapshot.lineage or Lineage()
+                        snapshot.lineage = lineage
                         return [worker.ready.result() for worker in workers]
                 imported["reason"] = plan.reason
                 logger.info("generation %d: clean import: %s", number, plan.reason)
@@ -176,9 +178,22 @@ class Generations:
             self.release(snapshot)
 
     def release(self, snapshot: Snapshot) -> None:
-        """Remove a snapshot that no live generation uses and that is not `kept` (a rollback reuses one)."""
-        if snapshot is not self._kept() and all(g.snapshot is not snapshot for g in self.all()):
-            snapshot.remove()
+        """Remove a snapshot that no live generation uses and that is not `kept` (a rollback reuses one).
+
+        A snapshot of a lineage of incremental imports leaves a link to the lineage's newest live
+        one in its place, for the paths the kept modules hold into it (snapshot.Lineage).
+        """
+        if snapshot is self._kept() or any(g.snapshot is snapshot for g in self.all()):
+            return
+        snapshot.remove()
+        lineage = snapshot.lineage
+        if lineage is None:
+            return
+        heirs = [g for g in self.all() if g.snapshot.lineage is lineage]
+        if heirs:
+            lineage.stand_in(snapshot.directory, max(heirs, key=lambda g: g.number).snapshot.directory)
+        else:  # no process holds the lineage's modules any more
+            lineage.end()
 
     async def start_accepting(self) -> None:
         """The validated candidate accepts beside the serving generation; CandidateFailed or TimeoutError if not."""

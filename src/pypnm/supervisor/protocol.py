@@ -154,6 +154,7 @@ class ZygoteReady:
     pid: int
     nice: int
     reimported: int | None = None
+    took_ms: dict[str, int] = field(default_factory=dict)  # how long each step took: "release", "import", "routes"
 
 
 @dataclass(frozen=True)
@@ -208,8 +209,10 @@ def encode_template(message: TemplateMessage) -> bytes:
             body = {"cmd": "zygote", "spec": spec.as_dict(), "nice": nice}
             if drop is not None:
                 body["drop"] = drop
-        case ZygoteReady(pid=pid, nice=nice, reimported=reimported):
+        case ZygoteReady(pid=pid, nice=nice, reimported=reimported, took_ms=took_ms):
             body = {"zygote": pid, "nice": nice, "reimported": reimported}
+            if took_ms:
+                body["took_ms"] = took_ms
         case ZygoteFailed(reason=reason):
             body = {"zygote_failed": reason}
         case SpawnRequest(spec=spec):
@@ -243,7 +246,10 @@ def decode_template(data: bytes) -> TemplateMessage:
         reimported = body.get("reimported")
         if reimported is not None and not isinstance(reimported, int):
             raise ProtocolError(channel, "field 'reimported' must be an integer or null")
-        return ZygoteReady(_get(body, "zygote", int, channel), _get(body, "nice", int, channel), reimported)
+        took_ms = body.get("took_ms", {})
+        if not (isinstance(took_ms, dict) and all(isinstance(value, int) for value in took_ms.values())):
+            raise ProtocolError(channel, "field 'took_ms' must map step names to milliseconds or be absent")
+        return ZygoteReady(_get(body, "zygote", int, channel), _get(body, "nice", int, channel), reimported, took_ms)
     if "error" in body:
         return SpawnRefused(_get(body, "error", str, channel))
     if "exited" in body:

@@ -21,10 +21,12 @@ after a reinstall copies the newly installed code.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import py_compile
 import shutil
@@ -39,6 +41,8 @@ from stat import S_ISREG
 
 from pypnm.identity import code_version
 from pypnm.supervisor.timeouts import LOCATE_SOURCES
+
+logger = logging.getLogger(__name__)
 
 # The settings files a snapshot freezes, by the name of their copy, and how an operator calls them.
 CONFIG_FILE = "settings.toml"
@@ -159,6 +163,7 @@ class Snapshot:
     changes: SnapshotChanges | None = None  # None: no previous snapshot to compare with, everything is new
     shared: int = 0  # files hard-linked from the previous snapshot rather than copied
     took_ms: float = 0.0
+    lineage: Lineage | None = None  # the incremental imports it takes part in (None: imported clean only)
 
     @property
     def config_file(self) -> Path | None:
@@ -190,6 +195,53 @@ class Snapshot:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass(eq=False)
+class Lineage:
+    """Snapshots whose generations were imported incrementally, each on top of the one before.
+
+    A module an incremental import keeps was imported from an earlier snapshot of the lineage,
+    and whatever paths it computed from its `__file__` at import (a data file, a templates or
+    static directory) name that snapshot's directory for as long as the module lives, in every
+    later generation. So a snapshot of a lineage is not simply removed once its generation is
+    gone: while a later generation of the lineage lives, its directory is replaced by a link to
+    the newest one's (`stand_in`). The link's target has the same files but for `.py` modules:
+    any other file that changed made the reload a clean import, which starts a new lineage.
+    Each removed directory links to one alias of the lineage, and only the alias is pointed at
+    the newest snapshot, so a reload costs one link however long the lineage. The links go when
+    the lineage's last generation does (`end`).
+    """
+
+    links: list[Path] = field(default_factory=list)
+    alias: Path | None = None
+
+    def stand_in(self, removed: Path, newest: Path) -> None:
+        """Make `removed` (a snapshot directory just removed), like every earlier one, lead to `newest`."""
+        alias = self.alias = self.alias or removed.with_name(f".lineage-{removed.name}")
+        try:
+            _link(alias, newest.name)  # relative: snapshots are siblings in the runtime directory
+            _link(removed, alias.name)
+        except OSError as exc:  # the runtime directory refuses a write: paths into the removed one stop working
+            logger.warning("cannot link %s to %s: %s", removed, newest, exc.strerror or exc)
+            return
+        self.links.append(removed)
+
+    def end(self) -> None:
+        """The lineage's last generation is gone: remove its links."""
+        for link in [*self.links, *([self.alias] if self.alias else [])]:
+            with contextlib.suppress(OSError):
+                link.unlink()
+        self.links.clear()
+        self.alias = None
+
+
+def _link(path: Path, target: str) -> None:
+    """Point the symbolic link `path` at `target`, replacing what was there in one step."""
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.unlink(missing_ok=True)
+    os.symlink(target, temporary)
+    os.replace(temporary, path)
 
 
 # Run by a fresh interpreter (in the master's directory and environment): where would a new

@@ -216,6 +216,7 @@ class Zygote(ForkChannel):
         self.pid = pid
         self.nice = 0  # its nice value, which its workers validate at
         self.reimported: int | None = None  # modules imported again (incremental), None: a clean import
+        self.took_ms: dict[str, int] = {}  # how long its steps took (ZygoteReady.took_ms)
 
     @property
     def name(self) -> str:
@@ -252,7 +253,7 @@ class Zygote(ForkChannel):
         if not isinstance(hello, ZygoteReady):
             zygote.kill()
             raise SpawnError(f"the zygote pid={pid} said {hello} instead of hello")
-        zygote.nice, zygote.reimported = hello.nice, hello.reimported
+        zygote.nice, zygote.reimported, zygote.took_ms = hello.nice, hello.reimported, hello.took_ms
         zygote._start_reading()
         return zygote
 

@@ -46,7 +46,8 @@ every object of the app and its libraries, writing to each one's header, which c
 a worker shares with its zygote (memory) and takes long pauses (latency). The zygote itself does
 not freeze what it imported: the next generation's zygote, forked from it for an incremental
 import, collects what the modules it dropped held (reimport.release), which a frozen object never
-is; it walks only the app's objects, not the libraries' the template froze.
+is. That zygote freezes what it kept before it imports, so each collection walks little more than
+what the previous zygote imported (reimport.py, "Freezing what is kept").
 
 The stack. A forked process does not run its life inside the loop that forked it: `fork_for`
 returns its `Child` up out of that loop, and `live` runs it from the bottom of the stack. Run
@@ -70,6 +71,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -133,6 +135,7 @@ class Imported:
 
     spec: WorkerSpec
     app: Any
+    frozen: reimport.Frozen = reimport.NOTHING_FROZEN  # what of it the collector skips (reimport.py, "Freezing")
 
 
 @dataclass
@@ -219,13 +222,17 @@ def run_zygote(child: ZygoteChild) -> int | Child:
     set_generation(spec.generation)
     nice = priority.lower(request.nice)
     reimported: int | None = None
+    took = Stopwatch()
     try:
         if request.drop is not None and previous is not None:
             kept = reimport.reimport(previous.spec, spec, request.drop)
+            took.lap("drop")
+            frozen = previous.frozen
             previous = None
-            if request.drop:  # nothing dropped: nothing to free
-                reimport.release()
             present = reimport.project_modules(spec.packages)  # kept: what is not here after the import was imported
+            if request.drop:  # nothing dropped: nothing to free
+                frozen = reimport.release(frozen, request.drop, present)
+                took.lap("release" if frozen.minor_releases else "full release")
             try:
                 app = worker.find_app(spec)
             finally:
@@ -233,12 +240,28 @@ def run_zygote(child: ZygoteChild) -> int | Child:
             reimported = len(reimport.project_modules(spec.packages) - present)
         else:
             app = worker.load_app(spec)
+            frozen = reimport.NOTHING_FROZEN
     except worker.AppLoadError as exc:
         logger.error("generation %d cannot serve: %s", spec.generation, exc)
         channel.sendall(protocol.encode_template(ZygoteFailed(str(exc))))
         return 1
+    took.lap("import")
     worker.build_routes(app)  # what the first request would build in each worker (worker.build_routes)
-    return serve_forks(channel, ZygoteReady(os.getpid(), nice, reimported), Imported(spec, app)) or 0
+    took.lap("routes")
+    return serve_forks(channel, ZygoteReady(os.getpid(), nice, reimported, took.laps), Imported(spec, app, frozen)) or 0
+
+
+class Stopwatch:
+    """The milliseconds each step of a zygote's start took, for the master's log."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, int] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.laps[step] = round((now - self._last) * 1000)
+        self._last = now
 
 
 def report_exits(channel: socket.socket, wakeup: int) -> None:
