@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,13 +24,24 @@ WORKER_STATE_KEY = "pypnm_worker"
 
 def code_version(package_dir: Path) -> str:
     """A short hash over every `.py` file below `package_dir` (names and contents)."""
+    return code_version_of(
+        (path.relative_to(package_dir).as_posix(), hashlib.sha256(path.read_bytes()).digest())
+        for path in package_dir.rglob("*.py")
+        if "__pycache__" not in path.parts
+    )
+
+
+def code_version_of(files: Iterable[tuple[str, bytes]]) -> str:
+    """`code_version` from each `.py` file's path relative to the package (posix) and the sha256 of its content.
+
+    The master's snapshot has both in its manifest already (snapshot.py), so it need not read
+    the files again; a worker of pypnm's own app reads them (`code_version`): the two agree.
+    """
     digest = hashlib.sha256()
-    for path in sorted(package_dir.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        digest.update(path.relative_to(package_dir).as_posix().encode())
+    for relative, content in sorted(files, key=lambda file: file[0].split("/")):
+        digest.update(relative.encode())
         digest.update(b"\0")
-        digest.update(path.read_bytes())
+        digest.update(content)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
 

@@ -39,7 +39,7 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from stat import S_ISREG
 
-from pypnm.identity import code_version
+from pypnm.identity import code_version_of
 from pypnm.supervisor.timeouts import LOCATE_SOURCES
 
 logger = logging.getLogger(__name__)
@@ -268,8 +268,12 @@ print(json.dumps(answer))
 """
 
 
-def _stamp(path: list[str]) -> list[int | None]:
-    """What an install or uninstall changes: the modification times of the directories on sys.path."""
+def path_stamp(path: list[str]) -> list[int | None]:
+    """What an install or uninstall changes: the modification times of the directories on sys.path.
+
+    Any install or uninstall adds or removes entries (a package, its `.dist-info`) in a directory on
+    sys.path, which changes that directory's modification time.
+    """
     stamps: list[int | None] = []
     for entry in path:
         try:
@@ -333,7 +337,7 @@ class SourceLocator:
 
     def find(self) -> dict[str, Path]:
         """SnapshotError when the project cannot be found (e.g. half-way through an install)."""
-        if self._found is None or not self._found.exists() or _stamp(self._path) != self._stamp:
+        if self._found is None or not self._found.exists() or path_stamp(self._path) != self._stamp:
             self._found, self._path, self._stamp = _locate(self.top)
         return {self.top: self._found}
 
@@ -362,7 +366,11 @@ def take_snapshot(
                 target = directory / top
                 for original, relative in _walk(source):
                     freezer.freeze(original, f"{top}/{relative}")
-                package_version = code_version(target)
+                package_version = code_version_of(
+                    (relative.removeprefix(f"{top}/"), record.digest)
+                    for relative, record in freezer.manifest.items()
+                    if relative.startswith(f"{top}/") and relative.endswith(".py")
+                )
                 digest.update(package_version.encode())
             else:
                 target = directory / source.name
@@ -440,10 +448,10 @@ class _Freezer:
         self.previous = previous
         self.manifest: dict[str, FileRecord] = {}
         self.shared = 0  # files hard-linked from the previous snapshot
-        self._made: set[Path] = set()
+        self._made: set[str] = set()  # directories made so far (strings: this runs for every file of the tree)
 
     def freeze(self, original: Path, relative: str) -> None:
-        target = self.directory / relative
+        target = os.path.join(self.directory, relative)
         self._parent(target)
         stat = os.stat(original)  # before reading: a write after this changes the stat seen next time
         if not S_ISREG(stat.st_mode):
@@ -460,33 +468,34 @@ class _Freezer:
         self.manifest[relative] = record
         if before is not None and before.digest == record.digest and self._link(relative, target):
             return  # touched, or rewritten with the same bytes
-        _write_new(target, data, stat.st_mode)
-        if target.suffix == ".py":
-            self.compiler.compile(target, original, record.digest)
+        _write_new(Path(target), data, stat.st_mode)
+        if relative.endswith(".py"):
+            self.compiler.compile(Path(target), original, record.digest)
 
-    def _link(self, relative: str, target: Path) -> bool:
+    def _link(self, relative: str, target: str) -> bool:
         """Hard-link the previous snapshot's copy and its bytecode; False when the file system refuses."""
         assert self.previous is not None
-        source = self.previous.directory / relative
+        source = os.path.join(self.previous.directory, relative)
         try:
             os.link(source, target)
         except OSError:  # EXDEV, EPERM, EMLINK, a file system without links, or the copy is gone
             return False
-        if target.suffix == ".py":
-            cfile = Path(importlib.util.cache_from_source(str(target)))
+        if relative.endswith(".py"):
+            cfile = importlib.util.cache_from_source(target)
             self._parent(cfile)
             try:
-                os.link(importlib.util.cache_from_source(str(source)), cfile)
+                os.link(importlib.util.cache_from_source(source), cfile)
             except OSError:
-                target.unlink()  # its bytecode could not follow: the caller copies and compiles both
+                os.unlink(target)  # its bytecode could not follow: the caller copies and compiles both
                 return False
         self.shared += 1
         return True
 
-    def _parent(self, path: Path) -> None:
-        if path.parent not in self._made:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(path.parent)
+    def _parent(self, path: str) -> None:
+        directory = os.path.dirname(path)
+        if directory not in self._made:
+            os.makedirs(directory, exist_ok=True)
+            self._made.add(directory)
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:

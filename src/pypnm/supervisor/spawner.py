@@ -39,6 +39,7 @@ from pypnm.supervisor.protocol import (
     ZygoteRequest,
 )
 from pypnm.supervisor.runtime import RuntimeDir
+from pypnm.supervisor.snapshot import path_stamp
 from pypnm.supervisor.timeouts import SPAWN_ANSWER, TEMPLATE_START, TEMPLATE_STOP
 
 logger = logging.getLogger("pypnm.supervisor.spawner")
@@ -277,6 +278,7 @@ class ForkTemplate(ForkChannel):
         self.runtime = runtime  # its lock goes to the template and, by fork, to every zygote and worker
         self.process: subprocess.Popen[bytes] | None = None
         self.versions: dict[str, str] = {}
+        self._path_stamp: list[int | None] = []  # sys.path's when `versions` were read (snapshot.path_stamp)
         self.renice = False  # it can give a lowered nice value back: candidates run niced (priority.py)
         self._told_no_renice = False
 
@@ -286,6 +288,7 @@ class ForkTemplate(ForkChannel):
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._path_stamp = path_stamp(sys.path)  # before reading: an install meanwhile shows next time
         self.versions = installed_versions()
         lock = self.runtime.lock_fd
         self.process = subprocess.Popen(
@@ -324,10 +327,18 @@ class ForkTemplate(ForkChannel):
         return self.process is not None and self.process.poll() is None
 
     async def refresh_if_stale(self) -> None:
-        """Start a new template when third-party packages changed on disk, or when it died."""
+        """Start a new template when third-party packages changed on disk, or when it died.
+
+        The installed versions are read again (a few milliseconds of metadata lookups) only when
+        the directories on sys.path changed since they were last read: an install changes them.
+        """
         async with self._lock:
+            stamp = path_stamp(sys.path)
+            if self.is_running() and stamp == self._path_stamp:
+                return
             now = installed_versions()
             if self.is_running() and now == self.versions:
+                self._path_stamp = stamp
                 return
             if self.is_running():
                 changes = ", ".join(
