@@ -201,6 +201,7 @@ def clean_env() -> dict[str, str]:
 class AppChoice:
     name: str  # "small" or "big"
     modules: int  # route modules of the big app
+    also_change: bool = False  # big app: each reload also changes another route module, a new one each time
 
     @property
     def spec(self) -> str:
@@ -228,15 +229,27 @@ class AppCopy:
             self.template = self.path.read_text()
         if not MARKER_LINE.search(self.template):
             raise SystemExit(f"{self.path}: no line 'MARKER = \"...\"' to rewrite")
+        # --also-change: the other route modules, changed one per reload in turn (never m000, the marker's).
+        self.others = sorted(self.path.parent.glob("m*.py"))[1:] if app.name == "big" and app.also_change else []
+        self.changes = 0
         self.write("r000")
 
     def write(self, marker: str, *, broken: bool = False) -> None:
         source = MARKER_LINE.sub(f'MARKER = "{marker}"', self.template, count=1)
         if broken:
             source += "\n\ndef broken(:  # a syntax error, written by reload_bench.py\n    pass\n"
-        scratch = self.path.with_name(f".{self.path.name}.tmp")
-        scratch.write_text(source)
-        os.replace(scratch, self.path)
+        elif self.others and marker != "r000":
+            other = self.others[self.changes % len(self.others)]
+            self.changes += 1
+            _replace(other, other.read_text() + f"# changed by reload_bench.py for {marker}\n")
+        _replace(self.path, source)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically: no reader sees half a file."""
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_text(text)
+    os.replace(scratch, path)
 
 
 class Server:
@@ -1198,6 +1211,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("clean", "incremental"),
         help="run each pypnm server (but pypnm-reload) once per mode, with PYPNM_RELOAD_IMPORT=MODE (repeatable)",
     )
+    parser.add_argument(
+        "--also-change",
+        action="store_true",
+        help="big app: each reload also changes another route module, a different one each time",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory with the server logs")
     args = parser.parse_args(argv)
@@ -1211,7 +1229,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--quiet must be between 1 and 120")
     if not 1 <= args.modules <= 1000:
         parser.error("--modules must be between 1 and 1000")
-    args.app_choice = AppChoice(args.app, args.modules)
+    if args.also_change and args.app != "big":
+        parser.error("--also-change needs --app big")
+    args.app_choice = AppChoice(args.app, args.modules, args.also_change)
     return args
 
 
