@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from conftest import StartService, reload_by_sighup, serve_marker, set_marker, supervisor_status, wait_until
-from pypnm.supervisor.snapshot import Compiler, Snapshot, SnapshotChanges, SnapshotError, take_snapshot
+from pypnm.supervisor.snapshot import Compiler, Lineage, Snapshot, SnapshotChanges, SnapshotError, take_snapshot
 
 
 def write_tree(root: Path, files: dict[str, str]) -> Path:
@@ -270,3 +270,29 @@ def test_a_file_that_is_not_a_regular_file_fails_the_snapshot_in_one_line(projec
     with pytest.raises(SnapshotError, match=rf"^cannot copy the code: {fifo}: not a regular file$"):
         snap(project, tmp_path / "gen-1")
     assert not (tmp_path / "gen-1").exists()
+
+
+def test_a_lineage_replaces_removed_snapshots_by_links_to_its_newest_and_ends_with_no_links(
+    project: Path, tmp_path: Path
+) -> None:
+    """Paths into a removed snapshot of a lineage lead to the newest one's files; once it ends, nothing is left."""
+    runtime = tmp_path / "runtime"
+    first = snap(project, runtime / "gen-1")
+    second = snap(project, runtime / "gen-2", first)
+    third = snap(project, runtime / "gen-3", second)
+    kept_path = first.directory / "pkg" / "data.json"  # what a module imported from gen-1 computed at import
+    lineage = Lineage()
+
+    lineage.replace(first.directory, second.directory)
+    assert first.directory.is_symlink() and kept_path.read_text() == "{}\n"
+    assert os.path.realpath(first.directory) == str(second.directory.resolve())
+
+    lineage.replace(second.directory, third.directory)  # both earlier names now lead to the newest
+    for directory in (first.directory, second.directory):
+        assert os.path.realpath(directory) == str(third.directory.resolve())
+    assert kept_path.read_text() == "{}\n"
+    assert sorted(path.name for path in runtime.iterdir() if not path.is_symlink()) == ["gen-3"]  # trees removed
+
+    third.remove()
+    lineage.end()
+    assert list(runtime.iterdir()) == []

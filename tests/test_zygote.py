@@ -27,7 +27,7 @@ from conftest import (
     wait_until,
     write_app_package,
 )
-from pypnm.supervisor import priority
+from pypnm.supervisor import priority, reimport
 
 APP = "zyg.main:app"
 
@@ -551,3 +551,12 @@ def test_paths_kept_modules_computed_at_import_keep_working(start_service: Start
     assert service.get("/table").json() == {"marker": "m4", "table": "the new table"}
     assert [path.name for path in runtime.iterdir() if path.is_symlink()] == []
     assert [path.name for path in runtime.glob("gen-*")] == ["gen-5"]
+
+
+def test_a_release_walks_everything_when_what_it_drops_may_be_frozen_or_it_is_time() -> None:
+    """What the previous zygote froze (what it kept) needs a full collection when dropped; and each 16th release."""
+    kept_last_time = reimport.Frozen(frozenset({"app.kept"}), minor_releases=3)
+    assert not kept_last_time.needs_full_collection(["app.edited", "app.main"])  # imported by the previous zygote
+    assert kept_last_time.needs_full_collection(["app.kept", "app.main"])
+    assert reimport.Frozen(minor_releases=reimport.FULL_COLLECTION_EVERY - 1).needs_full_collection(["app.main"])
+    assert not reimport.NOTHING_FROZEN.needs_full_collection(["app.main"])  # a clean import froze nothing of the app

@@ -147,8 +147,6 @@ class Generations:
                         plan = Plan.clean(f"the incremental import failed: {exc}")
                     else:
                         candidate.imported = {"mode": "incremental", "reimported": zygote.reimported}
-                        lineage = self.serving.snapshot.lineage = self.serving.snapshot.lineage or Lineage()
-                        snapshot.lineage = lineage
                         return [worker.ready.result() for worker in workers]
                 imported["reason"] = plan.reason
                 logger.info("generation %d: clean import: %s", number, plan.reason)
@@ -185,14 +183,13 @@ class Generations:
         """
         if snapshot is self._kept() or any(g.snapshot is snapshot for g in self.all()):
             return
-        snapshot.remove()
         lineage = snapshot.lineage
-        if lineage is None:
+        heirs = [g for g in self.all() if lineage is not None and g.snapshot.lineage is lineage]
+        if lineage is not None and heirs:
+            lineage.replace(snapshot.directory, max(heirs, key=lambda g: g.number).snapshot.directory)
             return
-        heirs = [g for g in self.all() if g.snapshot.lineage is lineage]
-        if heirs:
-            lineage.stand_in(snapshot.directory, max(heirs, key=lambda g: g.number).snapshot.directory)
-        else:  # no process holds the lineage's modules any more
+        snapshot.remove()
+        if lineage is not None:  # no process holds the lineage's modules any more
             lineage.end()
 
     async def start_accepting(self) -> None:
@@ -205,6 +202,8 @@ class Generations:
         candidate = self.candidate
         assert candidate is not None, "swap() follows start_accepting()"
         old, self.serving, self.candidate = self.serving, candidate, None
+        if old is not None and (candidate.imported or {}).get("mode") == "incremental":  # forked from its zygote
+            candidate.snapshot.lineage = old.snapshot.lineage = old.snapshot.lineage or Lineage()
         if old is not None:
             self._make_room_to_drain(reload_id)
             self.draining.add(old)  # in the same step as the swap: a stop now drains it too

@@ -154,7 +154,8 @@ class ZygoteReady:
     pid: int
     nice: int
     reimported: int | None = None
-    took_ms: dict[str, int] = field(default_factory=dict)  # how long each step took: "release", "import", "routes"
+    # How long each step took, in order: "drop", "release" or "full release" (reimport.py), "import", "routes".
+    took_ms: dict[str, int] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ which only the cycle collector frees, and which the frameworks' own caches keep 
 FastAPI memoizes facts about each endpoint function and model class in `functools.lru_cache`s,
 and a cached function holds its module's globals, so the whole previous app. Uncollected, each
 incremental import would add the previous app to the zygote's memory, and its workers'. So
-`release` clears the caches of the frameworks in `FRAMEWORK_CACHES` (caches are transparent: what
-is asked again is computed again, for the kept code too) and collects. A cache of the app's own,
-in a kept module, that holds dropped code keeps it: that is the stale-state limit of incremental
-imports (README).
+`release` clears the caches of the frameworks in `FRAMEWORK_CACHES` and typing's (caches are
+transparent: what is asked again is computed again, for the kept code too) and collects. A cache
+of the app's own, in a kept module, that holds dropped code keeps it: that is the stale-state
+limit of incremental imports (README).
 
 Freezing what is kept. A collection's cost is the objects it walks, and writing each one's header
 copies the pages the zygote shares with its parent: walking a whole app of 200 modules took 65-80 ms
@@ -35,10 +35,13 @@ next zygote walks only that, 20-30 ms for the same app. `Frozen` tracks which pr
 were frozen that way. Frozen garbage is never collected, so when a dropped module is one of them
 (another file changed than last time), `release` first thaws everything (`gc.unfreeze`, the
 template's libraries too) and walks it all (a full collection: libraries and app, about twice as
-long as the app alone), then freezes again. One more way garbage can end up frozen: an object a kept
-module made in an earlier generation, held only by kept state that a changed module replaces at
-import. It stays only if it is in a reference cycle (rare), and a full collection every
-`FULL_COLLECTION_EVERY` releases frees it too, so it cannot pile up.
+long as the app alone), then freezes again. Garbage can end up frozen two more ways: what a
+cache `release` does not clear (one of the app's own) still held from a dropped module at the
+collection and let go of later; and an object a kept module made in an earlier generation, held
+only by kept state that a changed module replaces at import. A full collection every
+`FULL_COLLECTION_EVERY` releases frees such garbage too, so it cannot pile up. The price of a full
+collection: it walks the libraries' objects as well, and writing their headers gives that zygote
+its own copy of the pages they are on.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import sys
+import typing
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from importlib.abc import Loader
@@ -179,6 +183,10 @@ def release(frozen: Frozen, drop: Collection[str], kept: Collection[str]) -> Fro
             for value in list(vars(module).values()):
                 if isinstance(value, functools._lru_cache_wrapper):
                     value.cache_clear()
+    # typing's caches (`Optional[Model]`, `list[Model]` of a dropped module's class), which CPython's
+    # own test runner clears this way between tests.
+    for clear in getattr(typing, "_cleanups", ()):
+        clear()
     if full:
         gc.unfreeze()
     gc.collect()

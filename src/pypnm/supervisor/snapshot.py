@@ -206,9 +206,9 @@ class Lineage:
     static directory) name that snapshot's directory for as long as the module lives, in every
     later generation. So a snapshot of a lineage is not simply removed once its generation is
     gone: while a later generation of the lineage lives, its directory is replaced by a link to
-    the newest one's (`stand_in`). The link's target has the same files but for `.py` modules:
+    the newest one's (`replace`). The link's target has the same files but for `.py` modules:
     any other file that changed made the reload a clean import, which starts a new lineage.
-    Each removed directory links to one alias of the lineage, and only the alias is pointed at
+    Each replaced directory links to one alias of the lineage, and only the alias is pointed at
     the newest snapshot, so a reload costs one link however long the lineage. The links go when
     the lineage's last generation does (`end`).
     """
@@ -216,16 +216,28 @@ class Lineage:
     links: list[Path] = field(default_factory=list)
     alias: Path | None = None
 
-    def stand_in(self, removed: Path, newest: Path) -> None:
-        """Make `removed` (a snapshot directory just removed), like every earlier one, lead to `newest`."""
-        alias = self.alias = self.alias or removed.with_name(f".lineage-{removed.name}")
+    def replace(self, directory: Path, newest: Path) -> None:
+        """Remove `directory` (a snapshot no generation uses), leaving a link that leads to `newest`.
+
+        In this order, so that a path into it never fails: the alias first leads to `newest`
+        (it may have led to `directory`), then the directory is moved aside, the link takes its
+        name, and only then is the directory's tree removed.
+        """
+        alias = self.alias = self.alias or directory.with_name(f".lineage-{directory.name}")
+        aside = directory.with_name(f".{directory.name}.removed")
         try:
             _link(alias, newest.name)  # relative: snapshots are siblings in the runtime directory
-            _link(removed, alias.name)
-        except OSError as exc:  # the runtime directory refuses a write: paths into the removed one stop working
-            logger.warning("cannot link %s to %s: %s", removed, newest, exc.strerror or exc)
+            os.rename(directory, aside)
+        except OSError as exc:  # the runtime directory refuses a write: paths into the old one stop working
+            logger.warning("cannot link %s to %s: %s", directory, newest, exc.strerror or exc)
+            shutil.rmtree(directory, ignore_errors=True)
             return
-        self.links.append(removed)
+        try:
+            _link(directory, alias.name)
+            self.links.append(directory)
+        except OSError as exc:
+            logger.warning("cannot link %s to %s: %s", directory, newest, exc.strerror or exc)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def end(self) -> None:
         """The lineage's last generation is gone: remove its links."""
@@ -241,7 +253,11 @@ def _link(path: Path, target: str) -> None:
     temporary = path.with_name(f".{path.name}.new")
     temporary.unlink(missing_ok=True)
     os.symlink(target, temporary)
-    os.replace(temporary, path)
+    try:
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 # Run by a fresh interpreter (in the master's directory and environment): where would a new
