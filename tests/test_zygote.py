@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +251,24 @@ def test_an_unprivileged_process_nices_candidates_only_if_it_can_give_it_back(rl
         assert seen == ["False", str(base), str(base)]
     else:
         assert seen == ["True", str(base + 10), str(base)]
+
+
+def test_a_process_done_serving_ends_at_the_lowest_priority() -> None:
+    """`priority.leave` (what a worker or zygote runs just before it exits) lowers every one of its threads."""
+    script = (
+        "import os, threading\n"
+        "from pypnm.supervisor import priority\n"
+        "started, done = threading.Event(), threading.Event()\n"
+        "seen = []\n"
+        "def other():\n"
+        "    started.set(); done.wait(5); seen.append(os.getpriority(os.PRIO_PROCESS, 0))\n"
+        "thread = threading.Thread(target=other); thread.start(); started.wait(5)\n"
+        "priority.leave()\n"
+        "done.set(); thread.join(5)\n"
+        "print(os.getpriority(os.PRIO_PROCESS, 0), *seen)\n"
+    )
+    answer = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True)
+    assert answer.stdout.split() == [str(priority.MAX_NICE)] * 2  # the calling thread and the other one
 
 
 # ----- incremental imports (reload_import = incremental) -----------------------------------------

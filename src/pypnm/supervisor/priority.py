@@ -76,10 +76,27 @@ def restore() -> None:
     """Give every thread of this process (a worker that starts accepting) the serving nice value back."""
     if not _can_renice or os.getpriority(os.PRIO_PROCESS, 0) == _base:
         return
+    _set_all_threads(_base)
+
+
+def leave() -> None:
+    """Run this process's end (a worker or zygote done serving) at the lowest priority.
+
+    Why: the kernel tears down an exiting process's memory in that process's time, and for a
+    process that mapped a large app that is milliseconds of CPU (its page tables, the pages it
+    had copied). A generation's workers and zygote exit together once it has drained, right
+    after a reload, while the new generation serves on the same cores. Raising a nice value
+    needs no privilege.
+    """
+    _set_all_threads(MAX_NICE)
+
+
+def _set_all_threads(nice: int) -> None:
+    """Linux: setpriority on a thread id sets that thread's nice value only, so each one is set."""
     try:
         threads = [int(tid) for tid in os.listdir("/proc/self/task")]
     except OSError:
         threads = [0]
     for tid in threads:
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            os.setpriority(os.PRIO_PROCESS, tid, _base)
+            os.setpriority(os.PRIO_PROCESS, tid, nice)

@@ -189,6 +189,7 @@ def live(child: Child) -> NoReturn:
     finally:
         runtime.leave()  # the last process of a dead master removes its runtime directory
         logging.shutdown()
+        priority.leave()
         os._exit(code)
 
 
