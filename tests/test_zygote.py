@@ -466,19 +466,20 @@ def test_incremental_frees_what_the_dropped_modules_held(start_service: StartSer
 
 
 def test_incremental_frees_a_module_that_was_kept_and_frozen(start_service: StartService, tmp_path: Path) -> None:
-    """Editing two modules by turns: each was kept (and frozen) by the reload before, and is freed all the same.
+    """A module kept (and frozen) by the reloads before is freed all the same when it changes.
 
-    A zygote freezes the modules it keeps, so the next collection need not walk them
-    (reimport.py, "Freezing what is kept"); a frozen module that is then dropped needs a full
-    collection, or its table would stay for good.
+    Each module changes twice in a row, so the second of those reloads freezes what it keeps,
+    the other module with it (reimport.py, "Freezing what is kept"); the next reload changes that
+    other module, dropping a module frozen the time before: a full collection, or its table
+    would stay for good.
     """
     service, package = start_blob_service(start_service, tmp_path)
     rss = []
-    for generation in range(2, 8):
-        change_blob(service, package, "blob" if generation % 2 else "other", generation)
+    for generation, name in enumerate(["blob", "blob", "other", "other", "blob", "blob", "other"], start=2):
+        change_blob(service, package, name, generation)
         (worker,) = serving_workers(service, generation, 1)["workers"]
         rss.append(resident_mib(worker["pid"]))
-    # Kept frozen, each table dropped after the first switch would stay: 5 x 32 MiB.
+    # Kept frozen, the table dropped at each switch (the 3rd, 5th and 7th reload) would stay: 3 x 32 MiB.
     assert rss[-1] - rss[0] < 32, rss
 
 
@@ -578,5 +579,14 @@ def test_a_release_walks_everything_when_what_it_drops_may_be_frozen_or_it_is_ti
     kept_last_time = reimport.Frozen(frozenset({"app.kept"}), minor_releases=3)
     assert not kept_last_time.needs_full_collection(["app.edited", "app.main"])  # imported by the previous zygote
     assert kept_last_time.needs_full_collection(["app.kept", "app.main"])
-    assert reimport.Frozen(minor_releases=reimport.FULL_COLLECTION_EVERY - 1).needs_full_collection(["app.main"])
+    every = reimport.FULL_COLLECTION_EVERY
+    assert reimport.Frozen(frozenset({"app.kept"}), minor_releases=every - 1).needs_full_collection(["app.main"])
+    assert not reimport.Frozen(minor_releases=every - 1).needs_full_collection(["app.main"])  # nothing frozen
     assert not reimport.NOTHING_FROZEN.needs_full_collection(["app.main"])  # a clean import froze nothing of the app
+
+
+def test_a_release_freezes_only_when_the_same_modules_were_dropped_again() -> None:
+    last = reimport.Frozen(last_drop=frozenset({"app.edited", "app.main"}))
+    assert last.worth_freezing(["app.main", "app.edited"])  # the same file edited again
+    assert not last.worth_freezing(["app.other", "app.main"])  # another one: the next edit may be another again
+    assert not reimport.NOTHING_FROZEN.worth_freezing(["app.main"])

@@ -29,19 +29,23 @@ Freezing what is kept. A collection's cost is the objects it walks, and writing 
 copies the pages the zygote shares with its parent: walking a whole app of 200 modules took 65-80 ms
 (most of an incremental reload's time but the routes'). What is dropped is nearly always what the
 previous zygote imported itself: the modules edited last, the app module, which imports them all,
-and the routes built for the app. So right after its collection a zygote freezes everything it
+and the routes built for the app. So right after its collection a zygote can freeze everything it
 keeps (`gc.freeze`, a constant-time list splice), and what it imports next stays unfrozen: the
 next zygote walks only that, 20-30 ms for the same app. `Frozen` tracks which project modules
 were frozen that way. Frozen garbage is never collected, so when a dropped module is one of them
 (another file changed than last time), `release` first thaws everything (`gc.unfreeze`, the
 template's libraries too) and walks it all (a full collection: libraries and app, about twice as
-long as the app alone), then freezes again. Garbage can end up frozen two more ways: what a
-cache `release` does not clear (one of the app's own) still held from a dropped module at the
-collection and let go of later; and an object a kept module made in an earlier generation, held
-only by kept state that a changed module replaces at import. A full collection every
-`FULL_COLLECTION_EVERY` releases frees such garbage too, so it cannot pile up. The price of a full
-collection: it walks the libraries' objects as well, and writing their headers gives that zygote
-its own copy of the pages they are on.
+long as the app alone), then freezes again, as the libraries must be. That is why a zygote
+freezes only when it dropped the same modules as the release before (`Frozen.worth_freezing`):
+one file edited again and again, where it pays from the next reload on; edits that move from
+file to file keep walking the app, as without freezing, instead of a full collection each time.
+Garbage can end up frozen two more ways: what a cache `release` does not clear (one of the app's
+own) still held from a dropped module at the collection and let go of later; and an object a kept
+module made in an earlier generation, held only by kept state that a changed module replaces at
+import. While anything of the project is frozen, a full collection every `FULL_COLLECTION_EVERY`
+releases frees such garbage too, so it cannot pile up. The price of a full collection: it walks
+the libraries' objects as well, and writing their headers gives that zygote its own copy of the
+pages they are on.
 """
 
 from __future__ import annotations
@@ -154,25 +158,36 @@ FULL_COLLECTION_EVERY = 16
 
 @dataclass(frozen=True)
 class Frozen:
-    """Which of the project's modules a zygote keeps frozen, and how many releases since the last full collection.
+    """What of the project a zygote keeps frozen, and what the releases before it did (see "Freezing").
 
     A zygote of a clean import has frozen nothing of the project (the template froze only the
-    libraries); each release freezes the modules it keeps.
+    libraries).
     """
 
-    modules: frozenset[str] = frozenset()
-    minor_releases: int = 0
+    modules: frozenset[str] = frozenset()  # the project's modules whose objects are frozen
+    minor_releases: int = 0  # releases since the last full collection while any are
+    last_drop: frozenset[str] = frozenset()  # what the release before dropped
 
     def needs_full_collection(self, drop: Collection[str]) -> bool:
         """Whether what `drop` held may be frozen, or it is time for a full collection anyway."""
+        if not self.modules:
+            return False
         return not self.modules.isdisjoint(drop) or self.minor_releases + 1 >= FULL_COLLECTION_EVERY
+
+    def worth_freezing(self, drop: Collection[str]) -> bool:
+        """The same modules dropped twice in a row (one file edited again and again): freezing pays.
+
+        Edits that move from file to file gain nothing from it: each would drop a module frozen
+        the time before, which needs a full collection.
+        """
+        return frozenset(drop) == self.last_drop
 
 
 NOTHING_FROZEN = Frozen()
 
 
 def release(frozen: Frozen, drop: Collection[str], kept: Collection[str]) -> Frozen:
-    """Clear the frameworks' caches, collect what the dropped modules held, then freeze what is kept.
+    """Clear the frameworks' caches, collect what the dropped modules held, then freeze what is kept if that pays.
 
     `frozen` is the previous zygote's (this process inherited it by fork), `drop` what was
     dropped, `kept` the project's modules still imported. Returns this zygote's `Frozen`.
@@ -190,8 +205,11 @@ def release(frozen: Frozen, drop: Collection[str], kept: Collection[str]) -> Fro
     if full:
         gc.unfreeze()
     gc.collect()
-    gc.freeze()
-    return Frozen(frozenset(kept), 0 if full else frozen.minor_releases + 1)
+    dropped = frozenset(drop)
+    if full or frozen.worth_freezing(drop):  # a full collection thawed the libraries: they are frozen again
+        gc.freeze()
+        return Frozen(frozenset(kept), 0 if full else frozen.minor_releases + 1, dropped)
+    return Frozen(frozen.modules, frozen.minor_releases + 1 if frozen.modules else 0, dropped)
 
 
 def project_modules(packages: list[str]) -> set[str]:
