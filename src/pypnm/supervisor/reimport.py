@@ -167,6 +167,7 @@ class Frozen:
     modules: frozenset[str] = frozenset()  # the project's modules whose objects are frozen
     minor_releases: int = 0  # releases since the last full collection while any are
     last_drop: frozenset[str] = frozenset()  # what the release before dropped
+    walked_all: bool = False  # that release was a full collection
 
     def needs_full_collection(self, drop: Collection[str]) -> bool:
         """Whether what `drop` held may be frozen, or it is time for a full collection anyway."""
@@ -208,8 +209,8 @@ def release(frozen: Frozen, drop: Collection[str], kept: Collection[str]) -> Fro
     dropped = frozenset(drop)
     if full or frozen.worth_freezing(drop):  # a full collection thawed the libraries: they are frozen again
         gc.freeze()
-        return Frozen(frozenset(kept), 0 if full else frozen.minor_releases + 1, dropped)
-    return Frozen(frozen.modules, frozen.minor_releases + 1 if frozen.modules else 0, dropped)
+        return Frozen(frozenset(kept), 0 if full else frozen.minor_releases + 1, dropped, full)
+    return Frozen(frozen.modules, frozen.minor_releases + 1 if frozen.modules else 0, dropped, full)
 
 
 def project_modules(packages: list[str]) -> set[str]:

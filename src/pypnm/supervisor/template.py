@@ -233,7 +233,7 @@ def run_zygote(child: ZygoteChild) -> int | Child:
             present = reimport.project_modules(spec.packages)  # kept: what is not here after the import was imported
             if request.drop:  # nothing dropped: nothing to free
                 frozen = reimport.release(frozen, request.drop, present)
-                took.lap("release" if frozen.minor_releases else "full release")
+                took.lap("full release" if frozen.walked_all else "release")
             try:
                 app = worker.find_app(spec)
             finally:
