@@ -481,6 +481,7 @@ def test_incremental_frees_a_module_that_was_kept_and_frozen(start_service: Star
         rss.append(resident_mib(worker["pid"]))
     # Kept frozen, the table dropped at each switch (the 3rd, 5th and 7th reload) would stay: 3 x 32 MiB.
     assert rss[-1] - rss[0] < 32, rss
+    assert service.output().count(": drop ") == 7 and service.output().count(", full release ") == 3
 
 
 def start_blob_service(start_service: StartService, tmp_path: Path) -> tuple[Service, Path]:
