@@ -46,8 +46,9 @@ every object of the app and its libraries, writing to each one's header, which c
 a worker shares with its zygote (memory) and takes long pauses (latency). The zygote itself does
 not freeze what it imported: the next generation's zygote, forked from it for an incremental
 import, collects what the modules it dropped held (reimport.release), which a frozen object never
-is. That zygote freezes what it kept before it imports, so each collection walks little more than
-what the previous zygote imported (reimport.py, "Freezing what is kept").
+is. When it dropped the same modules as the zygote before it (one file edited again and again),
+it freezes what it kept before it imports, so that the next collection walks little more than what
+it imported (reimport.py, "Freezing what is kept").
 
 The stack. A forked process does not run its life inside the loop that forked it: `fork_for`
 returns its `Child` up out of that loop, and `live` runs it from the bottom of the stack. Run
@@ -135,7 +136,7 @@ class Imported:
 
     spec: WorkerSpec
     app: Any
-    frozen: reimport.Frozen = reimport.NOTHING_FROZEN  # what of it the collector skips (reimport.py, "Freezing")
+    frozen: reimport.Frozen = reimport.NOTHING_FROZEN  # what the collector skips (reimport.py, "Freezing what is kept")
 
 
 @dataclass
