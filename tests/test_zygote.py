@@ -575,14 +575,36 @@ def test_paths_kept_modules_computed_at_import_keep_working(start_service: Start
     assert [path.name for path in runtime.glob("gen-*")] == ["gen-5"]
 
 
-def test_a_release_walks_everything_when_what_it_drops_may_be_frozen_or_it_is_time() -> None:
-    """What the previous zygote froze (what it kept) needs a full collection when dropped; and each 16th release."""
-    kept_last_time = reimport.Frozen(frozenset({"app.kept"}), minor_releases=3)
+def test_a_line_of_incremental_imports_ends_with_a_clean_one(start_service: StartService, tmp_path: Path) -> None:
+    """After `reload_import_line` incremental imports in a row the next one imports clean, then a new line starts."""
+    package = write_app_package(tmp_path, "paths", PATHS_MAIN).parent
+    (package / "data.py").write_text('from pathlib import Path\n\nTABLE = Path(__file__).parent / "table.txt"\n')
+    (package / "table.txt").write_text("the table\n")
+    (package / "edited.py").write_text('MARKER = "m1"\n')
+    env = base_env(
+        PYPNM_RELOAD_IMPORT="incremental",
+        PYPNM_RELOAD_IMPORT_LINE="3",
+        PYPNM_RELOAD_MIN_INTERVAL="0",
+        PYPNM_ROLLBACK_WINDOW="0",
+    )
+    service = start_service(
+        pypnm_command("--app", "paths.main:app", "--port", "{port}", "--workers", "1"), cwd=tmp_path, env=env
+    )
+    modes = []
+    for generation in range(2, 8):
+        (package / "edited.py").write_text(f'MARKER = "m{generation}"\n')
+        modes.append(reload_by_sighup(service, generation - 1)["last_reload"]["import"])
+    incremental = {"mode": "incremental", "reimported": 2}
+    afresh = {"mode": "clean", "reason": "3 incremental imports in a row: this one starts afresh"}
+    assert modes == [incremental] * 3 + [afresh] + [incremental] * 2
+    assert service.get("/table").json() == {"marker": "m7", "table": "the table"}
+
+
+def test_a_release_walks_everything_when_what_it_drops_may_be_frozen() -> None:
+    """What the previous zygote froze (what it kept) needs a full collection when dropped."""
+    kept_last_time = reimport.Frozen(frozenset({"app.kept"}))
     assert not kept_last_time.needs_full_collection(["app.edited", "app.main"])  # imported by the previous zygote
     assert kept_last_time.needs_full_collection(["app.kept", "app.main"])
-    every = reimport.FULL_COLLECTION_EVERY
-    assert reimport.Frozen(frozenset({"app.kept"}), minor_releases=every - 1).needs_full_collection(["app.main"])
-    assert not reimport.Frozen(minor_releases=every - 1).needs_full_collection(["app.main"])  # nothing frozen
     assert not reimport.NOTHING_FROZEN.needs_full_collection(["app.main"])  # a clean import froze nothing of the app
 
 

@@ -166,6 +166,8 @@ class Settings(BaseSettings):
     # their importers, in a zygote forked from the serving generation's; `clean` imports it all in a fresh
     # one. None: incremental with --reload (development), clean otherwise (supervisor/import_graph.py).
     reload_import: Literal["incremental", "clean"] | None = None
+    # The longest line of incremental imports in a row; the next reload imports clean (supervisor/lifecycle.py).
+    reload_import_line: int = Field(32, ge=1, le=1000)
     reload_dirs: list[Path] = Field(default_factory=list)
     reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])

@@ -260,6 +260,7 @@ class Generation:
         self.zygote: Zygote | None = None  # imported its code once; forks its workers (template.py)
         self.code: CodeScan | None = None  # its snapshot's import graph, when reload_import is incremental
         self.imported: dict[str, Any] | None = None  # how its code was imported (the reload record's "import")
+        self.incremental_line = 0  # incremental imports in a row up to this one's (0: imported clean)
 
     @property
     def code_version(self) -> str:

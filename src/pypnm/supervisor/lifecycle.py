@@ -147,6 +147,7 @@ class Generations:
                         plan = Plan.clean(f"the incremental import failed: {exc}")
                     else:
                         candidate.imported = {"mode": "incremental", "reimported": zygote.reimported}
+                        candidate.incremental_line = self.serving.incremental_line + 1
                         return [worker.ready.result() for worker in workers]
                 imported["reason"] = plan.reason
                 logger.info("generation %d: clean import: %s", number, plan.reason)
@@ -158,6 +159,11 @@ class Generations:
         serving = self.serving
         if serving is None:
             return Plan.clean("nothing serves yet")
+        # Why a line of incremental imports (each zygote forked from the one before) has an end: state
+        # kept from earlier code can be stale, and garbage can end up frozen (reimport.py, "Freezing
+        # what is kept"). A clean import, from the fork template, leaves all of it behind.
+        if serving.incremental_line >= self._settings().reload_import_line:
+            return Plan.clean(f"{serving.incremental_line} incremental imports in a row: this one starts afresh")
         if serving.code is None:
             return Plan.clean("the serving generation's import graph is unknown (it was imported clean)")
         if serving.zygote is None or not serving.zygote.is_open():

@@ -42,10 +42,10 @@ file to file keep walking the app, as without freezing, instead of a full collec
 Garbage can end up frozen two more ways: what a cache `release` does not clear (one of the app's
 own) still held from a dropped module at the collection and let go of later; and an object a kept
 module made in an earlier generation, held only by kept state that a changed module replaces at
-import. While anything of the project is frozen, a full collection every `FULL_COLLECTION_EVERY`
-releases frees such garbage too, so it cannot pile up. The price of a full collection: it walks
-the libraries' objects as well, and writing their headers gives that zygote its own copy of the
-pages they are on.
+import. It cannot pile up: a line of incremental imports is at most `reload_import_line` long
+(lifecycle.py), and the clean import that ends it starts from the fork template, without any of it.
+The price of a full collection: it walks the libraries' objects as well, and writing their headers
+gives that zygote, and the line after it, its own copy of the pages they are on.
 """
 
 from __future__ import annotations
@@ -152,10 +152,6 @@ class _WithAttributes(importlib.abc.Loader):
 FRAMEWORK_CACHES = ("fastapi", "starlette")
 
 
-# A release walks every object (a full collection) at least this often, whatever was dropped (see "Freezing").
-FULL_COLLECTION_EVERY = 16
-
-
 @dataclass(frozen=True)
 class Frozen:
     """What of the project a zygote keeps frozen, and what the releases before it did (see "Freezing").
@@ -165,15 +161,12 @@ class Frozen:
     """
 
     modules: frozenset[str] = frozenset()  # the project's modules whose objects are frozen
-    minor_releases: int = 0  # releases since the last full collection while any are
     last_drop: frozenset[str] = frozenset()  # what the release before dropped
     walked_all: bool = False  # that release was a full collection
 
     def needs_full_collection(self, drop: Collection[str]) -> bool:
-        """Whether what `drop` held may be frozen, or it is time for a full collection anyway."""
-        if not self.modules:
-            return False
-        return not self.modules.isdisjoint(drop) or self.minor_releases + 1 >= FULL_COLLECTION_EVERY
+        """Whether what `drop` held may be frozen."""
+        return not self.modules.isdisjoint(drop)
 
     def worth_freezing(self, drop: Collection[str]) -> bool:
         """The same modules dropped twice in a row (one file edited again and again): freezing pays.
@@ -209,8 +202,8 @@ def release(frozen: Frozen, drop: Collection[str], kept: Collection[str]) -> Fro
     dropped = frozenset(drop)
     if full or frozen.worth_freezing(drop):  # a full collection thawed the libraries: they are frozen again
         gc.freeze()
-        return Frozen(frozenset(kept), 0 if full else frozen.minor_releases + 1, dropped, full)
-    return Frozen(frozen.modules, frozen.minor_releases + 1 if frozen.modules else 0, dropped, full)
+        return Frozen(frozenset(kept), dropped, full)
+    return Frozen(frozen.modules, dropped, full)
 
 
 def project_modules(packages: list[str]) -> set[str]:
