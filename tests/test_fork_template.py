@@ -21,8 +21,8 @@ from conftest import StartService, pid_alive, serve_marker, serve_pypnm, wait_un
 MISSING_MODULE = "pypnm_test_no_such_module"
 
 
-def fake_distribution(site: Path, name: str, version: str) -> None:
-    """`name` at `version` as package metadata only (no module) in `site`, replacing any version there."""
+def fake_distribution(site: Path, name: str, version: str, top_level: str | None = None) -> None:
+    """`name` at `version` as package metadata in `site` (no module, but `top_level` names one), replacing any there."""
     for old in site.glob(f"{name}-*.dist-info"):
         for file in old.iterdir():
             file.unlink()
@@ -30,6 +30,8 @@ def fake_distribution(site: Path, name: str, version: str) -> None:
     info = site / f"{name}-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if top_level is not None:
+        (info / "top_level.txt").write_text(f"{top_level}\n")
 
 
 def test_a_template_that_died_is_replaced_at_the_next_reload(start_service: StartService) -> None:
@@ -73,6 +75,26 @@ def test_changed_third_party_packages_get_a_new_template(start_service: StartSer
     assert "third-party packages changed (httptools 99.0.0 -> 99.0.1): starting a new fork template" in (
         service.output()
     )
+
+
+def test_changed_preloaded_packages_get_a_new_template(start_service: StartService, tmp_path: Path) -> None:
+    """A distribution that provides a `preload_modules` module is watched too (numpy, pandas, ...)."""
+    site = tmp_path / "site"
+    fake_distribution(site, "pypnm_test_preloaded", "1.0.0", top_level="pypnm_test_preloaded")
+    (site / "pypnm_test_preloaded.py").write_text("VALUE = 1\n")
+    service = serve_pypnm(
+        start_service,
+        PYPNM_RELOAD_MIN_INTERVAL="0",
+        PYPNM_PRELOAD_MODULES='["pypnm_test_preloaded"]',
+        PYTHONPATH=str(site),
+    )
+    before = service.status()["master"]["template_pid"]
+    fake_distribution(site, "pypnm_test_preloaded", "1.0.1", top_level="pypnm_test_preloaded")
+    record = service.wait_reload(service.trigger_reload())
+
+    assert record["outcome"] == "succeeded", record
+    assert service.status()["master"]["template_pid"] != before
+    assert "third-party packages changed (pypnm_test_preloaded 1.0.0 -> 1.0.1)" in service.output()
 
 
 def test_a_second_stop_signal_stops_at_once(start_service: StartService, marker_app: Path) -> None:

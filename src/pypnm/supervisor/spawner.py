@@ -44,7 +44,7 @@ from pypnm.supervisor.timeouts import SPAWN_ANSWER, TEMPLATE_START, TEMPLATE_STO
 
 logger = logging.getLogger("pypnm.supervisor.spawner")
 
-# Distributions whose modules the template preloads.
+# Distributions whose modules the template preloads (and those of `preload_modules`: `distributions_of`).
 WATCHED_DISTRIBUTIONS = (
     "fastapi",
     "starlette",
@@ -76,12 +76,21 @@ class ZygoteExited(SpawnError):
         self.pid = pid
 
 
-def installed_versions() -> dict[str, str]:
+def installed_versions(preload: list[str]) -> dict[str, str]:
+    """The installed versions of what the template imports: `WATCHED_DISTRIBUTIONS` and those of `preload`."""
     versions = {}
-    for name in WATCHED_DISTRIBUTIONS:
+    for name in [*WATCHED_DISTRIBUTIONS, *sorted(distributions_of(preload))]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
     return versions
+
+
+def distributions_of(modules: list[str]) -> set[str]:
+    """The installed distributions that provide `modules` (the `preload_modules` setting: numpy, pandas, ...)."""
+    if not modules:
+        return set()
+    provided = importlib.metadata.packages_distributions()
+    return {name for module in modules for name in provided.get(module.partition(".")[0], [])}
 
 
 class ExitTable:
@@ -289,7 +298,7 @@ class ForkTemplate(ForkChannel):
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._path_stamp = path_stamp(sys.path)  # before reading: an install meanwhile shows next time
-        self.versions = installed_versions()
+        self.versions = await asyncio.to_thread(installed_versions, self.preload)  # metadata reads: ~0.1 s
         lock = self.runtime.lock_fd
         self.process = subprocess.Popen(
             [
@@ -336,7 +345,7 @@ class ForkTemplate(ForkChannel):
             stamp = path_stamp(sys.path)
             if self.is_running() and stamp == self._path_stamp:
                 return
-            now = installed_versions()
+            now = await asyncio.to_thread(installed_versions, self.preload)
             if self.is_running() and now == self.versions:
                 self._path_stamp = stamp
                 return
