@@ -147,7 +147,6 @@ class Generations:
                         plan = Plan.clean(f"the incremental import failed: {exc}")
                     else:
                         candidate.imported = {"mode": "incremental", "reimported": zygote.reimported}
-                        candidate.incremental_line = self.serving.incremental_line + 1
                         return [worker.ready.result() for worker in workers]
                 imported["reason"] = plan.reason
                 logger.info("generation %d: clean import: %s", number, plan.reason)
@@ -210,6 +209,7 @@ class Generations:
         old, self.serving, self.candidate = self.serving, candidate, None
         if old is not None and (candidate.imported or {}).get("mode") == "incremental":  # forked from its zygote
             candidate.snapshot.lineage = old.snapshot.lineage = old.snapshot.lineage or Lineage()
+            candidate.incremental_line = old.incremental_line + 1
         if old is not None:
             self._make_room_to_drain(reload_id)
             self.draining.add(old)  # in the same step as the swap: a stop now drains it too

@@ -338,8 +338,9 @@ class ForkTemplate(ForkChannel):
     async def refresh_if_stale(self) -> None:
         """Start a new template when third-party packages changed on disk, or when it died.
 
-        The installed versions are read again (a few milliseconds of metadata lookups) only when
-        the directories on sys.path changed since they were last read: an install changes them.
+        The installed versions are read again (metadata lookups: a few milliseconds, about 0.1 s
+        with `preload_modules`) only when the directories on sys.path changed since they were last
+        read: an install changes them.
         """
         async with self._lock:
             stamp = path_stamp(sys.path)
