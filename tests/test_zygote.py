@@ -8,6 +8,7 @@ startup ran at, and the one it serves at.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -481,7 +482,9 @@ def test_incremental_frees_a_module_that_was_kept_and_frozen(start_service: Star
         rss.append(resident_mib(worker["pid"]))
     # Kept frozen, the table dropped at each switch (the 3rd, 5th and 7th reload) would stay: 3 x 32 MiB.
     assert rss[-1] - rss[0] < 32, rss
-    assert service.output().count(": drop ") == 7 and service.output().count(", full release ") == 3
+    imports = [line for line in service.output().splitlines() if "zygote imported" in line]
+    assert sum(": drop " in line for line in imports) == 7, imports
+    assert sum(", full release " in line for line in imports) == 3, imports
 
 
 def start_blob_service(start_service: StartService, tmp_path: Path) -> tuple[Service, Path]:
@@ -598,6 +601,45 @@ def test_a_line_of_incremental_imports_ends_with_a_clean_one(start_service: Star
     afresh = {"mode": "clean", "reason": "3 incremental imports in a row: this one starts afresh"}
     assert modes == [incremental] * 3 + [afresh] + [incremental] * 2
     assert service.get("/table").json() == {"marker": "m7", "table": "the table"}
+
+
+def zygote_line(service: Service, generation: int) -> str:
+    """The master's "zygote imported" line of `generation`."""
+    pattern = re.compile(rf"zygote imported pid=(\d+) generation={generation} .*")
+    found: re.Match[str] = wait_until(lambda: pattern.search(service.output()), timeout=10)
+    return found.group(0)
+
+
+def test_a_reload_that_drops_what_the_last_one_did_goes_on_from_a_standby(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """The standby the serving zygote forks as a reload begins becomes its zygote when it dropped the same modules.
+
+    And it leaves when the reload drops other modules (or ends without it).
+    """
+    service = serve_app(start_service, tmp_path, 2, "--log-level", "debug", PYPNM_RELOAD_IMPORT="incremental")
+    package = tmp_path / "zyg"
+    serving_workers(service, 1, 2)
+    (package / "leaf.py").write_text('VALUE = "leaf2"\n')
+    reload_ok(service, 2)
+    assert "standby" not in zygote_line(service, 2)  # after a clean import there is nothing to guess from
+
+    (package / "leaf.py").write_text('VALUE = "leaf3"\n')  # the same module again: zyg.leaf and zyg.main dropped
+    assert reload_ok(service, 3)["import"] == {"mode": "incremental", "reimported": 2}
+    line = zygote_line(service, 3)
+    assert "from a standby, which dropped and released while the snapshot was taken" in line, line
+    [standby] = re.findall(r"standby pid=(\d+) ready", service.output())
+    zygote = int(line.split("pid=")[1].split()[0])
+    assert zygote == int(standby) == imports(tmp_path)[-1]  # the standby imported generation 3's code
+    assert values(service)["leaf"] == "leaf3"
+
+    (package / "names.py").write_text('NAME = "name2"\n')  # another module: the standby dropped zyg.leaf, not this
+    assert reload_ok(service, 4)["import"] == {"mode": "incremental", "reimported": 2}
+    assert "standby" not in zygote_line(service, 4)
+    unused = int(re.findall(r"standby pid=(\d+) not used: the reload drops other modules", service.output())[-1])
+    assert unused not in imports(tmp_path)  # it imported nothing
+    wait_until(lambda: not pid_alive(unused), timeout=10)  # and it left
+    assert (values(service)["leaf"], values(service)["name"]) == ("leaf3", "name2")
 
 
 def test_a_release_walks_everything_when_what_it_drops_may_be_frozen() -> None:

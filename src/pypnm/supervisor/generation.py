@@ -52,7 +52,15 @@ from pypnm.supervisor.protocol import (
     ZygoteRequest,
 )
 from pypnm.supervisor.snapshot import Snapshot
-from pypnm.supervisor.spawner import ForkChannel, ForkTemplate, ImportFailed, Zygote, ZygoteExited
+from pypnm.supervisor.spawner import (
+    ForkChannel,
+    ForkTemplate,
+    ImportFailed,
+    Standby,
+    StandbyGone,
+    Zygote,
+    ZygoteExited,
+)
 from pypnm.supervisor.timeouts import AFTER_KILL, CLOSE_GRACE, EXIT_STATUS_WAIT, START_ACCEPTING, STOP_ACCEPTING
 
 logger = logging.getLogger("pypnm.supervisor.generation")
@@ -261,31 +269,48 @@ class Generation:
         self.code: CodeScan | None = None  # its snapshot's import graph, when reload_import is incremental
         self.imported: dict[str, Any] | None = None  # how its code was imported (the reload record's "import")
         self.incremental_line = 0  # incremental imports in a row up to this one's (0: imported clean)
+        self.drop: list[str] | None = None  # what its incremental import dropped (None: imported clean)
 
     @property
     def code_version(self) -> str:
         return self.snapshot.code_version
 
-    async def start_zygote(self, parent: ForkChannel, drop: list[str] | None = None) -> Zygote:
+    async def start_zygote(
+        self, parent: ForkChannel, drop: list[str] | None = None, standby: Standby | None = None
+    ) -> Zygote:
         """Have `parent` fork this generation's zygote, which imports the code; CandidateFailed with the reason if not.
 
         `parent` is the fork template (a clean import) or, with `drop`, the previous generation's
-        zygote (an incremental one). The zygote runs niced, and so do the workers it forks
-        until they accept, when they can give the priority back (priority.py).
+        zygote (an incremental one), unless `standby`, which that zygote forked ahead of this
+        reload and which dropped the same modules, goes on as this one's. The zygote runs niced,
+        and so do the workers it forks until they accept, when they can give the priority back
+        (priority.py).
         """
+        request = ZygoteRequest(self.spec, CANDIDATE_NICE, drop)
         try:
-            self.zygote = await Zygote.fork(parent, ZygoteRequest(self.spec, CANDIDATE_NICE, drop))
+            if standby is not None:
+                try:
+                    self.zygote = await Zygote.from_standby(standby, request)
+                except StandbyGone as exc:  # nothing of the reload ran there: the usual way, then
+                    logger.warning("%s: forking generation %d's zygote", exc, self.number)
+                    standby = None
+            if standby is None:
+                self.zygote = await Zygote.fork(parent, request)
         except ImportFailed as exc:
             raise CandidateFailed(str(exc)) from None
         except ZygoteExited as exc:
             how = await _ended(parent.exit_status(exc.pid))
             raise CandidateFailed(f"the zygote exited while importing the app ({how}; see its log)") from None
+        assert self.zygote is not None
+        self.drop = drop
         steps = ", ".join(f"{step} {ms}ms" for step, ms in self.zygote.took_ms.items())
+        how = "clean import" if self.zygote.reimported is None else f"{self.zygote.reimported} module(s) re-imported"
         logger.info(
-            "zygote imported pid=%d generation=%d (%s)%s",
+            "zygote imported pid=%d generation=%d (%s%s)%s",
             self.zygote.pid,
             self.number,
-            "clean import" if self.zygote.reimported is None else f"{self.zygote.reimported} module(s) re-imported",
+            how,
+            "; from a standby, which dropped and released while the snapshot was taken" if standby is not None else "",
             f": {steps}" if steps else "",
         )
         return self.zygote
@@ -302,10 +327,10 @@ class Generation:
         The one way a worker comes up: a candidate's workers and a serving generation's
         replacements alike. The zygote imported the code; a new one is forked from the
         template (a clean import of this generation's snapshot) when there is none or it died.
-        The workers are forked one right after the other, without waiting for any to be
-        ready: they validate in parallel. Raises CandidateFailed (or SpawnError) on the first
-        failure, and then kills the workers it forked, so nothing half-started stays behind;
-        a caller's timeout (cancellation) does the same.
+        The workers are asked for all at once, and forked one right after the other without
+        waiting for any to be ready: they validate in parallel. Raises CandidateFailed (or
+        SpawnError) on the first failure, and then kills the workers it forked, so nothing
+        half-started stays behind; a caller's timeout (cancellation) does the same.
         """
         new: list[WorkerProcess] = []
         try:
@@ -318,8 +343,18 @@ class Generation:
                         self.number,
                     )
                 zygote = await self.start_zygote(template)
-            for _ in range(count):
-                new.append(await self._spawn(zygote, listeners))
+            # All asked for at once: the zygote forks them back to back (spawner.ForkChannel).
+            spawns = [asyncio.ensure_future(self._spawn(zygote, listeners)) for _ in range(count)]
+            try:
+                await asyncio.wait(spawns)
+            finally:
+                for spawn in spawns:
+                    if spawn.done() and not spawn.cancelled() and spawn.exception() is None:
+                        new.append(spawn.result())
+                    else:
+                        spawn.cancel()
+            for spawn in spawns:
+                spawn.result()  # the first failure, raised
             await asyncio.gather(*(w.ready for w in new))
         except BaseException:
             for worker in new:

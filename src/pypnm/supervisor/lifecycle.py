@@ -49,9 +49,10 @@ from pypnm.settings import Settings
 from pypnm.supervisor import import_graph
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.import_graph import CodeScan, Plan
+from pypnm.supervisor.priority import CANDIDATE_NICE
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
 from pypnm.supervisor.snapshot import Lineage, Snapshot
-from pypnm.supervisor.spawner import ForkTemplate, SpawnError
+from pypnm.supervisor.spawner import ForkTemplate, SpawnError, Standby, Zygote
 from pypnm.supervisor.timeouts import (
     AFTER_KILL,
     CLOSE_GRACE,
@@ -99,6 +100,7 @@ class Generations:
         self.serving: Generation | None = None
         self.draining: set[Generation] = set()
         self._closing: set[asyncio.Task[None]] = set()  # generations being closed early
+        self._standby: asyncio.Task[Standby | None] | None = None  # this reload's (start_standby)
         # The last serving workers that ended and were replaced, newest last: /status's `worker_exits`.
         self.exits: deque[dict[str, Any]] = deque(maxlen=10)
 
@@ -140,7 +142,8 @@ class Generations:
                 plan = self._import_plan(candidate, code)
                 if plan.drop is not None and self.serving is not None and self.serving.zygote is not None:
                     try:
-                        zygote = await candidate.start_zygote(self.serving.zygote, plan.drop)
+                        standby = await self._take_standby(plan.drop)
+                        zygote = await candidate.start_zygote(self.serving.zygote, plan.drop, standby)
                         workers = await candidate.bring_up(self.template, self.listeners, candidate.size)
                     except (CandidateFailed, SpawnError) as exc:
                         candidate.kill()
@@ -179,6 +182,56 @@ class Generations:
             self.candidate.kill()
             snapshot, self.candidate = self.candidate.snapshot, None
             self.release(snapshot)
+
+    # ----- the standby: the next zygote, forked as the reload begins ------------------------------
+
+    def start_standby(self) -> None:
+        """As a reload begins: have the serving zygote fork the next one now, dropping what the last reload dropped.
+
+        Why: the standby's fork, drop and collection (template.py, `run_standby`) then run while
+        the master takes the snapshot and reads its import graph, instead of after. It is a
+        guess (the file edited last is the likeliest to be edited again): a reload that drops
+        other modules stops it (`end_standby`) and forks its zygote as usual. Only after an
+        incremental import, and not when this reload imports clean anyway (the end of the line,
+        `reload_import_line`).
+        """
+        serving = self.serving
+        if serving is None or serving.code is None or not serving.drop or serving.zygote is None:
+            return
+        if serving.incremental_line >= self._settings().reload_import_line or self._standby is not None:
+            return
+        self._standby = self._spawn_task(self._fork_standby(serving.zygote, serving.drop))
+
+    async def _fork_standby(self, zygote: Zygote, drop: list[str]) -> Standby | None:
+        try:
+            standby = await Standby.fork(zygote, drop, CANDIDATE_NICE)
+        except SpawnError as exc:
+            logger.warning("no standby for this reload: %s", exc)
+            return None
+        logger.debug("standby pid=%d ready: %s", standby.pid, standby.took_ms)
+        return standby
+
+    async def _take_standby(self, drop: list[str]) -> Standby | None:
+        """The standby, for a reload that drops `drop`, if it dropped the same; otherwise it is stopped.
+
+        One still getting ready is waited for: it does what a zygote forked now would do first,
+        and it started earlier.
+        """
+        if self._standby is None:
+            return None
+        task, self._standby = self._standby, None
+        standby = await task
+        if standby is None or standby.drop == frozenset(drop):
+            return standby
+        logger.debug("standby pid=%d not used: the reload drops other modules", standby.pid)
+        standby.stop()
+        return None
+
+    def end_standby(self) -> None:
+        """The reload is over: a standby it did not take leaves (once it is ready, if it is not yet)."""
+        task, self._standby = self._standby, None
+        if task is not None:
+            task.add_done_callback(_stop_standby)
 
     def release(self, snapshot: Snapshot) -> None:
         """Remove a snapshot that no live generation uses and that is not `kept` (a rollback reuses one).
@@ -470,3 +523,8 @@ class Generations:
         await asyncio.gather(*(g.drain(timeout) for g in generations))
         for generation in generations:
             generation.stop_zygote()
+
+
+def _stop_standby(task: asyncio.Task[Standby | None]) -> None:
+    if not task.cancelled() and task.exception() is None and (standby := task.result()) is not None:
+        standby.stop()

@@ -278,6 +278,8 @@ class Master:
         logger.info("reload %s: building generation %d", record.id, number)
         serving = self.generations.serving
         replaced = KnownGood(serving.number, serving.snapshot, self.settings) if serving else None
+        self.generations.start_standby()
+        await asyncio.sleep(0)  # its request goes out before the snapshot holds the loop
         try:
             snapshot, settings, tls_warnings = await self._build(number)
             logger.info("reload %s: snapshot of generation %d: %s", record.id, number, snapshot.summary())
@@ -286,6 +288,8 @@ class Master:
         except Exception as exc:
             self._failed(record, number, exc)
             return None
+        finally:
+            self.generations.end_standby()
         record.finish(ReloadOutcome.SUCCEEDED)
         self.rollback.swapped(record, number, replaced)  # before the drain: the replaced snapshot is kept
         logger.info(

@@ -12,7 +12,10 @@ Three channels, one JSON object per message, UTF-8:
   template, or for an incremental import the previous generation's zygote, to fork a
   generation's zygote: it imports the app, says `ZygoteReady` or `ZygoteFailed` on its own
   channel, and from then on speaks this same channel's protocol with the master (spawn
-  requests answered by forking a worker, its workers' exits reported).
+  requests answered by forking a worker, its workers' exits reported). A `StandbyRequest` asks
+  the serving generation's zygote to fork the next reload's zygote ahead of it: that standby says
+  `StandbyReady` on its own channel, then waits there for the reload's `ZygoteRequest` (no fd)
+  and answers it as a zygote. A zygote of an older pypnm refuses the command (`SpawnRefused`).
 - **worker** (master <-> each worker, a SOCK_STREAM socketpair): JSON lines, one message per
   line ending in "\\n". The master sends commands (`StartAccepting`, `StopAccepting`, `Close`,
   `Heartbeat`), the worker answers with events (`WorkerReady` or `WorkerFailed`, `WorkerAccepting`,
@@ -148,6 +151,28 @@ class ZygoteRequest:
 
 
 @dataclass(frozen=True)
+class StandbyRequest:
+    """master -> the serving generation's zygote: fork the next reload's zygote ahead of it (a standby).
+
+    The standby drops `drop` (what the last reload dropped: the file edited last is the likeliest to
+    be edited again) and collects what it held, says `StandbyReady` on its own channel (the fd
+    beside this message), then waits there for the next reload's `ZygoteRequest`, whose `drop`
+    must be the same, and goes on as that reload's zygote (template.py, "Standby").
+    """
+
+    drop: list[str]
+    nice: int = 0
+
+
+@dataclass(frozen=True)
+class StandbyReady:
+    """standby -> master, first on its channel: `drop` is dropped and released; it waits for its ZygoteRequest."""
+
+    pid: int
+    took_ms: dict[str, int] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
 class ZygoteReady:
     """zygote -> master, first on its channel: the app is imported; `reimported` modules (None: clean import)."""
 
@@ -195,7 +220,16 @@ class WorkerExited:
 
 
 TemplateMessage = (
-    TemplateHello | SpawnRequest | Spawned | SpawnRefused | WorkerExited | ZygoteRequest | ZygoteReady | ZygoteFailed
+    TemplateHello
+    | SpawnRequest
+    | Spawned
+    | SpawnRefused
+    | WorkerExited
+    | ZygoteRequest
+    | ZygoteReady
+    | ZygoteFailed
+    | StandbyRequest
+    | StandbyReady
 )
 
 
@@ -216,6 +250,10 @@ def encode_template(message: TemplateMessage) -> bytes:
                 body["took_ms"] = took_ms
         case ZygoteFailed(reason=reason):
             body = {"zygote_failed": reason}
+        case StandbyRequest(drop=drop, nice=nice):
+            body = {"cmd": "standby", "drop": drop, "nice": nice}
+        case StandbyReady(pid=pid, took_ms=took_ms):
+            body = {"standby": pid, "took_ms": took_ms}
         case SpawnRequest(spec=spec):
             body = {"cmd": "spawn", "spec": spec.as_dict()}
         case Spawned(pid=pid):
@@ -232,25 +270,27 @@ def decode_template(data: bytes) -> TemplateMessage:
     channel: Channel = "fork template"
     body = _load(data, channel)
     if "cmd" in body:
-        if body["cmd"] not in ("spawn", "zygote"):
+        if body["cmd"] not in ("spawn", "zygote", "standby"):
             raise ProtocolError(channel, f"unknown command {body['cmd']!r}")
+        if body["cmd"] == "standby":
+            drop = _module_names(body.get("drop"), channel)
+            if drop is None:
+                raise ProtocolError(channel, "field 'drop' must be a list of module names")
+            return StandbyRequest(drop, _get(body, "nice", int, channel))
         spec = WorkerSpec.from_dict(_get(body, "spec", dict, channel), channel)
         if body["cmd"] == "spawn":
             return SpawnRequest(spec)
-        drop = body.get("drop")
-        if drop is not None and not (isinstance(drop, list) and all(isinstance(name, str) for name in drop)):
-            raise ProtocolError(channel, "field 'drop' must be a list of module names or absent")
-        return ZygoteRequest(spec, _get(body, "nice", int, channel), drop)
+        return ZygoteRequest(spec, _get(body, "nice", int, channel), _module_names(body.get("drop"), channel))
     if "zygote_failed" in body:
         return ZygoteFailed(_get(body, "zygote_failed", str, channel))
     if "zygote" in body:
         reimported = body.get("reimported")
         if reimported is not None and not isinstance(reimported, int):
             raise ProtocolError(channel, "field 'reimported' must be an integer or null")
-        took_ms = body.get("took_ms", {})
-        if not (isinstance(took_ms, dict) and all(isinstance(value, int) for value in took_ms.values())):
-            raise ProtocolError(channel, "field 'took_ms' must map step names to milliseconds or be absent")
+        took_ms = _milliseconds(body.get("took_ms", {}), channel)
         return ZygoteReady(_get(body, "zygote", int, channel), _get(body, "nice", int, channel), reimported, took_ms)
+    if "standby" in body:
+        return StandbyReady(_get(body, "standby", int, channel), _milliseconds(body.get("took_ms", {}), channel))
     if "error" in body:
         return SpawnRefused(_get(body, "error", str, channel))
     if "exited" in body:
@@ -260,6 +300,20 @@ def decode_template(data: bytes) -> TemplateMessage:
     if "pid" in body:
         return Spawned(_get(body, "pid", int, channel))
     raise ProtocolError(channel, f"unknown message with fields {sorted(body)}")
+
+
+def _module_names(value: object, channel: Channel) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        return [str(name) for name in value]
+    raise ProtocolError(channel, "field 'drop' must be a list of module names or absent")
+
+
+def _milliseconds(value: object, channel: Channel) -> dict[str, int]:
+    if isinstance(value, dict) and all(isinstance(ms, int) for ms in value.values()):
+        return {str(step): int(ms) for step, ms in value.items()}
+    raise ProtocolError(channel, "field 'took_ms' must map step names to milliseconds or be absent")
 
 
 # ----- worker channel ----------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """An incremental import, in a zygote forked from the previous generation's zygote.
 
 The master decided which modules to drop (import_graph.py: those whose files changed and
-every module that imports them, transitively); this drops them from `sys.modules` (and from
-their kept parent package's attributes, where `from pkg import mod` would find them), moves
-every module kept to the new snapshot, and the app's import (worker.find_app) then imports
-the dropped ones again from there, as the app's import reaches them.
+every module that imports them, transitively); `drop` drops them from `sys.modules` (and from
+their kept parent package's attributes, where `from pkg import mod` would find them), `move`
+moves every module kept to the new snapshot, and the app's import (worker.find_app) then imports
+the dropped ones again from there, as the app's import reaches them. A standby (template.py)
+drops and releases ahead of the reload, and moves once the reload names the new snapshot.
 
 Moving a kept module to the new snapshot: its file there has the same bytes (it did not
 change), but its `__file__`, `__spec__`, loader path and, for a package, `__path__` still
@@ -65,17 +66,15 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
 
-from pypnm.supervisor.protocol import WorkerSpec
 
-
-def reimport(previous: WorkerSpec, spec: WorkerSpec, drop: list[str]) -> KeptSubmodules:
-    """Drop `drop` from `sys.modules` and move the rest from `previous`'s snapshot to `spec`'s.
+def drop(packages: list[str], names: list[str]) -> KeptSubmodules:
+    """Drop `names` from `sys.modules`, and from their kept parent package's attributes.
 
     Returns the finder that gives a dropped package its kept submodules when it is imported
     again; it is on `sys.meta_path` until `remove()` (after the app's import).
     """
-    kept = KeptSubmodules(drop)
-    for name in drop:
+    kept = KeptSubmodules(packages, names)
+    for name in names:
         module = sys.modules.pop(name, None)
         if module is None:
             continue
@@ -84,15 +83,23 @@ def reimport(previous: WorkerSpec, spec: WorkerSpec, drop: list[str]) -> KeptSub
         parent, _, child = name.rpartition(".")
         if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
             delattr(sys.modules[parent], child)
-    old, new = previous.snapshot_dir, spec.snapshot_dir
-    for module in list(sys.modules.values()):
+    sys.meta_path.insert(0, kept)
+    return kept
+
+
+def move(packages: list[str], old: str, new: str) -> None:
+    """Point the project's kept modules, and `sys.path`, from the snapshot `old` to the snapshot `new`.
+
+    Only the project's modules are looked at: a module of the libraries is never in a snapshot,
+    and touching one (its reference count) would copy the page it shares with the parent zygote.
+    """
+    for name in project_modules(packages):
+        module = sys.modules.get(name)
         if isinstance(module, ModuleType):
             _move(module, old, new)
     sys.path[:] = [new if entry == old else entry for entry in sys.path]
     sys.path_importer_cache.pop(old, None)
     importlib.invalidate_caches()
-    sys.meta_path.insert(0, kept)
-    return kept
 
 
 class KeptSubmodules(importlib.abc.MetaPathFinder):
@@ -104,11 +111,12 @@ class KeptSubmodules(importlib.abc.MetaPathFinder):
     attributes are set before the package's own code runs, as they were when it last ran.
     """
 
-    def __init__(self, drop: list[str]) -> None:
+    def __init__(self, packages: list[str], drop: list[str]) -> None:
         dropped = set(drop)
         self.children: dict[str, dict[str, ModuleType]] = {}
-        for name, module in list(sys.modules.items()):
+        for name in project_modules(packages):
             parent, _, child = name.rpartition(".")
+            module = sys.modules.get(name)
             if parent in dropped and name not in dropped and isinstance(module, ModuleType):
                 self.children.setdefault(parent, {})[child] = module
 
@@ -208,7 +216,8 @@ def release(frozen: Frozen, drop: Collection[str], kept: Collection[str]) -> Fro
 
 def project_modules(packages: list[str]) -> set[str]:
     """The names of the project's modules imported in this process now."""
-    return {name for name in list(sys.modules) if any(name == top or name.startswith(top + ".") for top in packages)}
+    tops = set(packages)
+    return {name for name in list(sys.modules) if name.partition(".")[0] in tops}
 
 
 def _moved(path: object, old: str, new: str) -> object:

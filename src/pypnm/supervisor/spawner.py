@@ -7,7 +7,8 @@ versions with those the template started with and, if they differ, starts a new
 template and says so in the log.
 
 The same channel, and the same client (`ForkChannel`), talks with each generation's zygote
-(`Zygote`, forked by the template or, for an incremental import, by the previous zygote).
+(`Zygote`, forked by the template or, for an incremental import, by the previous zygote, or
+made ahead of the reload: `Standby`).
 One task reads each channel: the answers to requests go to the request waiting for them
 (one at a time, under a lock), and the exit statuses reported at any time (`WorkerExited`)
 to one table shared by all of them (`ExitTable`), for whoever asks `exit_status(pid)`:
@@ -25,12 +26,15 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import deque
 
 from pypnm.supervisor import protocol
 from pypnm.supervisor.protocol import (
     Spawned,
     SpawnRefused,
     SpawnRequest,
+    StandbyReady,
+    StandbyRequest,
     TemplateHello,
     WorkerExited,
     WorkerSpec,
@@ -40,7 +44,7 @@ from pypnm.supervisor.protocol import (
 )
 from pypnm.supervisor.runtime import RuntimeDir
 from pypnm.supervisor.snapshot import path_stamp
-from pypnm.supervisor.timeouts import SPAWN_ANSWER, TEMPLATE_START, TEMPLATE_STOP
+from pypnm.supervisor.timeouts import SPAWN_ANSWER, STANDBY_READY, TEMPLATE_START, TEMPLATE_STOP
 
 logger = logging.getLogger("pypnm.supervisor.spawner")
 
@@ -74,6 +78,10 @@ class ZygoteExited(SpawnError):
     def __init__(self, pid: int) -> None:
         super().__init__(f"the zygote pid={pid} exited before it imported the app")
         self.pid = pid
+
+
+class StandbyGone(SpawnError):
+    """A standby that ended before the reload was handed to it: nothing of the reload ran there."""
 
 
 def installed_versions(preload: list[str]) -> dict[str, str]:
@@ -124,15 +132,17 @@ class ExitTable:
 class ForkChannel:
     """The master's end of the channel to a process that forks on request: the template, or a zygote.
 
-    One task reads it: exit statuses go to the exit table, everything else answers the one
-    request waiting (one at a time, under a lock).
+    One task reads it: exit statuses go to the exit table, everything else answers the oldest
+    request still waiting. The process answers its requests in the order they came, one fork
+    each, so several may be sent before the first is answered (a generation's workers are
+    asked for all at once, and forked back to back).
     """
 
     def __init__(self, exits: ExitTable) -> None:
         self.exits = exits
         self.channel: socket.socket | None = None
-        self._lock = asyncio.Lock()
-        self._answers: asyncio.Queue[protocol.TemplateMessage | SpawnError] = asyncio.Queue()
+        self._waiting: deque[asyncio.Future[protocol.TemplateMessage]] = deque()  # oldest request first
+        self._lock = asyncio.Lock()  # held to send, and by a template's restart (none is sent meanwhile)
         self._reader: asyncio.Task[None] | None = None
 
     def is_open(self) -> bool:
@@ -141,16 +151,21 @@ class ForkChannel:
 
     async def request(self, message: protocol.TemplateMessage, fds: list[int]) -> int:
         """Send a spawn or zygote request with `fds`; the pid of what was forked."""
-        async with self._lock:  # one request at a time
+        answer_to_this = asyncio.get_running_loop().create_future()
+        async with self._lock:
             await self._ensure_open()
             assert self.channel is not None
             try:
+                # A datagram goes out whole or not at all, at once: the socket buffer holds
+                # thousands of requests, far more than are ever waiting.
                 socket.send_fds(self.channel, [protocol.encode_template(message)], fds)
-                answer = await asyncio.wait_for(self._answers.get(), SPAWN_ANSWER)
-            except (OSError, TimeoutError) as exc:
-                raise SpawnError(f"the {self.name} did not answer: {exc or type(exc).__name__}") from exc
-        if isinstance(answer, SpawnError):
-            raise answer
+            except OSError as exc:
+                raise SpawnError(f"the {self.name} did not answer: {exc}") from exc
+            self._waiting.append(answer_to_this)
+        try:
+            answer = await asyncio.wait_for(answer_to_this, SPAWN_ANSWER)
+        except TimeoutError as exc:
+            raise SpawnError(f"the {self.name} did not answer: {type(exc).__name__}") from exc
         if isinstance(answer, SpawnRefused):
             raise SpawnError(answer.error)
         if not isinstance(answer, Spawned):
@@ -175,7 +190,7 @@ class ForkChannel:
     def _open(self, channel: socket.socket) -> None:
         channel.setblocking(False)
         self.channel = channel
-        self._answers = asyncio.Queue()
+        self._waiting.clear()
 
     async def _receive(self) -> protocol.TemplateMessage:
         """The first message (the hello), before the reader runs."""
@@ -196,20 +211,38 @@ class ForkChannel:
         assert self.channel is not None
         while True:
             data = await asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE)
-            if not data:  # a request waiting now learns why
-                self._answers.put_nowait(SpawnError(f"the {self.name} exited"))
+            if not data:  # the requests waiting now learn why
+                self._answer_all(SpawnError(f"the {self.name} exited"))
                 return
             try:
                 message = protocol.decode_template(data)
             except protocol.ProtocolError as exc:  # e.g. a template of another pypnm version, after an upgrade
-                self._answers.put_nowait(SpawnError(str(exc)))
+                self._answer_oldest(SpawnError(str(exc)))
                 continue
             if isinstance(message, WorkerExited):
                 self.exits.report(message.pid, message.status)
             else:
-                self._answers.put_nowait(message)
+                self._answer_oldest(message)
+
+    def _answer_oldest(self, answer: protocol.TemplateMessage | SpawnError) -> None:
+        """Answer the oldest request waiting (one that gave up, cancelled, still takes its turn: order is kept)."""
+        if not self._waiting:
+            logger.warning("the %s said %s, answering no request", self.name, answer)
+            return
+        waiting = self._waiting.popleft()
+        if waiting.done():
+            return
+        if isinstance(answer, SpawnError):
+            waiting.set_exception(answer)
+        else:
+            waiting.set_result(answer)
+
+    def _answer_all(self, error: SpawnError) -> None:
+        while self._waiting:
+            self._answer_oldest(error)
 
     def _close(self) -> None:
+        self._answer_all(SpawnError(f"the channel to the {self.name} was closed"))
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
@@ -249,23 +282,43 @@ class Zygote(ForkChannel):
             theirs.close()
         zygote = cls(pid, parent.exits)
         zygote._open(ours)
+        return await zygote._imported()
+
+    @classmethod
+    async def from_standby(cls, standby: Standby, request: ZygoteRequest) -> Zygote:
+        """The standby goes on as the reload's zygote: `request` (whose drop is the standby's) tells it the new code.
+
+        Raises as `fork` does; ZygoteExited also when the standby was gone before it was asked.
+        """
+        zygote = cls(standby.pid, standby.exits)
+        zygote._open(standby.hand_over())
+        assert zygote.channel is not None
         try:
-            hello = await zygote._receive()
-        except SpawnError:
+            await asyncio.get_running_loop().sock_sendall(zygote.channel, protocol.encode_template(request))
+        except OSError as exc:
             zygote._close()
-            raise ZygoteExited(pid) from None
+            raise StandbyGone(f"the standby pid={standby.pid} is gone: {exc}") from None
+        return await zygote._imported()
+
+    async def _imported(self) -> Zygote:
+        """Read its hello: itself once it says ZygoteReady, else ImportFailed, ZygoteExited or SpawnError."""
+        try:
+            hello = await self._receive()
+        except SpawnError:
+            self._close()
+            raise ZygoteExited(self.pid) from None
         except BaseException:
-            zygote.kill()
+            self.kill()
             raise
         if isinstance(hello, ZygoteFailed):
-            zygote._close()
+            self._close()
             raise ImportFailed(hello.reason)
         if not isinstance(hello, ZygoteReady):
-            zygote.kill()
-            raise SpawnError(f"the zygote pid={pid} said {hello} instead of hello")
-        zygote.nice, zygote.reimported, zygote.took_ms = hello.nice, hello.reimported, hello.took_ms
-        zygote._start_reading()
-        return zygote
+            self.kill()
+            raise SpawnError(f"the zygote pid={self.pid} said {hello} instead of hello")
+        self.nice, self.reimported, self.took_ms = hello.nice, hello.reimported, hello.took_ms
+        self._start_reading()
+        return self
 
     def stop(self) -> None:
         """Its generation is over: closing the channel makes it exit (its workers are gone or being killed)."""
@@ -273,6 +326,69 @@ class Zygote(ForkChannel):
 
     def kill(self) -> None:
         self._close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+class Standby:
+    """The next reload's zygote, forked ahead of it by the serving generation's zygote (template.py, `run_standby`).
+
+    It has dropped `drop` and released what those modules held. A reload that drops the same
+    modules has it go on as its zygote (`Zygote.from_standby`); any other reload stops it.
+    """
+
+    def __init__(self, pid: int, drop: frozenset[str], channel: socket.socket, exits: ExitTable) -> None:
+        self.pid = pid
+        self.drop = drop
+        self.exits = exits
+        self.channel: socket.socket | None = channel
+        self.took_ms: dict[str, int] = {}  # how long its drop and release took (StandbyReady.took_ms)
+
+    @classmethod
+    async def fork(cls, zygote: Zygote, drop: list[str], nice: int) -> Standby:
+        """Have `zygote` fork one that drops `drop`; returns once it is ready. SpawnError if it cannot be."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = await zygote.request(StandbyRequest(drop, nice), [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        standby = cls(pid, frozenset(drop), ours, zygote.exits)
+        try:
+            data = await asyncio.wait_for(
+                asyncio.get_running_loop().sock_recv(ours, protocol.MAX_MESSAGE), STANDBY_READY
+            )
+            hello = protocol.decode_template(data) if data else None
+        except (OSError, TimeoutError, protocol.ProtocolError) as exc:
+            standby.kill()
+            raise SpawnError(f"the standby pid={pid} did not get ready: {exc or type(exc).__name__}") from None
+        except BaseException:
+            standby.kill()
+            raise
+        if not isinstance(hello, StandbyReady):
+            standby.kill()
+            raise SpawnError(f"the standby pid={pid} {'exited' if hello is None else f'said {hello}'} instead of ready")
+        standby.took_ms = hello.took_ms
+        return standby
+
+    def hand_over(self) -> socket.socket:
+        """Its channel, for the zygote it becomes."""
+        channel, self.channel = self.channel, None
+        if channel is None:
+            raise StandbyGone(f"the standby pid={self.pid} was stopped")
+        return channel
+
+    def stop(self) -> None:
+        """Not wanted (the reload dropped other modules, or its generation is over): end-of-file ends it."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def kill(self) -> None:
+        self.stop()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
 
@@ -343,6 +459,8 @@ class ForkTemplate(ForkChannel):
         read: an install changes them.
         """
         async with self._lock:
+            if self._waiting:  # requests sent to the running template get their answers first
+                await asyncio.wait(list(self._waiting))
             stamp = path_stamp(sys.path)
             if self.is_running() and stamp == self._path_stamp:
                 return

@@ -14,6 +14,10 @@ from __future__ import annotations
 TEMPLATE_START = 60.0
 # A fork answers within milliseconds; no answer in this time means the template hangs.
 SPAWN_ANSWER = 10.0
+# A standby (template.py) drops modules and collects before it says ready: milliseconds, a few
+# tenths of a second niced on a busy machine for a full collection. Nothing waits for it but the
+# standby itself: one that is not ready in this time is stopped, and the next reload forks as usual.
+STANDBY_READY = 30.0
 # The template exits as soon as it reads end-of-file; one still there after this is killed.
 TEMPLATE_STOP = 5.0
 # Locating the project's sources asks a fresh interpreter (snapshot.py): an import of the
