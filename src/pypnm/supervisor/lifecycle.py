@@ -112,10 +112,12 @@ class Generations:
         return self.serving.number if self.serving else None
 
     def child_pids(self) -> list[int | None]:
-        """The fork template's pid (None while it is down), each zygote's and live worker's: for SIGUSR1."""
+        """The pids of the fork template (None while it is down), zygotes, a standby, live workers: for SIGUSR1."""
+        standby = self._standby.result() if self._standby is not None and _ready(self._standby) else None
         return [
             self.template.pid,
             *(generation.zygote.pid for generation in self.all() if generation.zygote is not None),
+            *([standby.pid] if standby is not None else []),
             *(worker.pid for generation in self.all() for worker in generation.live_workers()),
         ]
 
@@ -525,6 +527,11 @@ class Generations:
             generation.stop_zygote()
 
 
+def _ready(task: asyncio.Task[Standby | None]) -> bool:
+    """The standby task ended with a result (a standby, or None when there is none)."""
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
 def _stop_standby(task: asyncio.Task[Standby | None]) -> None:
-    if not task.cancelled() and task.exception() is None and (standby := task.result()) is not None:
+    if _ready(task) and (standby := task.result()) is not None:
         standby.stop()
