@@ -199,7 +199,7 @@ def test_unknown_kinds_are_refused(decode: Any, wire: bytes, problem: str) -> No
         (protocol.decode_template, b'{"pid": true}', "'pid' is bool, not int"),
         (protocol.decode_template, b'{"cmd": "spawn", "spec": {"app": "x"}}', "bad worker spec"),
         (protocol.decode_template, b'{"cmd": "spawn"}', "'spec' is missing"),
-        (protocol.decode_template, b'{"cmd": "standby", "nice": 10}', "'drop' must be a list of module names"),
+        (protocol.decode_template, b'{"cmd": "standby", "nice": 10}', "'drop' is missing"),
         (protocol.decode_template, b'{"cmd": "standby", "drop": "app", "nice": 10}', "'drop' must be a list"),
         (protocol.decode_template, b'{"standby": 3, "took_ms": {"drop": "2"}}', "'took_ms' must map step names"),
         (protocol.decode_control, b'{"cmd": "status", "v": "1"}', "version '1' is not a number"),

@@ -275,7 +275,7 @@ def decode_template(data: bytes) -> TemplateMessage:
         if body["cmd"] == "standby":
             drop = _module_names(body.get("drop"), channel)
             if drop is None:
-                raise ProtocolError(channel, "field 'drop' must be a list of module names")
+                raise ProtocolError(channel, "field 'drop' is missing: a standby request names the modules to drop")
             return StandbyRequest(drop, _get(body, "nice", int, channel))
         spec = WorkerSpec.from_dict(_get(body, "spec", dict, channel), channel)
         if body["cmd"] == "spawn":

@@ -9,8 +9,8 @@ template and says so in the log.
 The same channel, and the same client (`ForkChannel`), talks with each generation's zygote
 (`Zygote`, forked by the template or, for an incremental import, by the previous zygote, or
 made ahead of the reload: `Standby`).
-One task reads each channel: the answers to requests go to the request waiting for them
-(one at a time, under a lock), and the exit statuses reported at any time (`WorkerExited`)
+One task reads each channel: the answers to requests go to the requests waiting for them, in
+the order they were sent (several may wait at once), and the exit statuses reported at any time (`WorkerExited`)
 to one table shared by all of them (`ExitTable`), for whoever asks `exit_status(pid)`:
 a worker's status may come from its zygote or, when the zygote left first, from the template.
 """
