@@ -16,7 +16,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import StartService, pid_alive, serve_marker, serve_pypnm, wait_until
+from conftest import (
+    StartService,
+    base_env,
+    pid_alive,
+    pypnm_command,
+    reload_by_sighup,
+    serve_marker,
+    serve_pypnm,
+    wait_until,
+    write_app_package,
+)
 
 MISSING_MODULE = "pypnm_test_no_such_module"
 
@@ -95,6 +105,63 @@ def test_changed_preloaded_packages_get_a_new_template(start_service: StartServi
     assert record["outcome"] == "succeeded", record
     assert service.status()["master"]["template_pid"] != before
     assert "third-party packages changed (pypnm_test_preloaded 1.0.0 -> 1.0.1)" in service.output()
+
+
+LIBRARY_APP = """import os
+
+from fastapi import FastAPI
+
+import pypnm_test_library
+from pypnm.identity import SUPERVISOR_ENV
+from pypnm.supervisor import control
+from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
+
+app = FastAPI()
+
+
+@app.get("/supervisor")
+async def supervisor() -> dict[str, object]:
+    return (await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest(), StatusAnswer)).status
+
+
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.get("/library")
+async def library() -> dict[str, int]:
+    return {"value": pypnm_test_library.VALUE}
+"""
+
+
+def test_an_upgraded_library_is_imported_afresh_even_by_an_incremental_reload(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """A zygote forked from the serving one would keep the library as the old template imported it."""
+    site = tmp_path / "site"
+    fake_distribution(site, "pypnm_test_library", "1.0.0", top_level="pypnm_test_library")
+    (site / "pypnm_test_library.py").write_text("VALUE = 1\n")
+    write_app_package(tmp_path, "libapp", LIBRARY_APP)
+    env = base_env(
+        PYPNM_RELOAD_IMPORT="incremental",
+        PYPNM_RELOAD_MIN_INTERVAL="0",
+        PYPNM_PRELOAD_MODULES='["pypnm_test_library"]',
+        PYTHONPATH=str(site),
+    )
+    service = start_service(
+        pypnm_command("--app", "libapp.main:app", "--port", "{port}", "--workers", "1"), cwd=tmp_path, env=env
+    )
+    # A reload from the serving zygote first: the line of incremental imports has begun.
+    assert reload_by_sighup(service, 1)["last_reload"]["import"] == {"mode": "incremental", "reimported": 0}
+
+    fake_distribution(site, "pypnm_test_library", "1.0.1", top_level="pypnm_test_library")
+    (site / "pypnm_test_library.py").write_text("VALUE = 2\n")
+    record = reload_by_sighup(service, 2)["last_reload"]
+
+    reason = "the fork template was renewed: third-party modules are imported afresh"
+    assert record["import"] == {"mode": "clean", "reason": reason}, record
+    assert service.get("/library").json() == {"value": 2}
 
 
 def test_a_second_stop_signal_stops_at_once(start_service: StartService, marker_app: Path) -> None:

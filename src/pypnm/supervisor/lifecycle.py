@@ -172,6 +172,11 @@ class Generations:
             return Plan.clean("the serving generation's import graph is unknown (it was imported clean)")
         if serving.zygote is None or not serving.zygote.is_open():
             return Plan.clean("the serving generation's zygote is gone")
+        # A zygote forked from the serving one would keep the third-party modules of the template
+        # that generation's line began from: an upgraded library (the reason a template is renewed)
+        # would never be imported.
+        if serving.zygote.template_pid != self.template.template_pid:
+            return Plan.clean("the fork template was renewed: third-party modules are imported afresh")
         old, new = serving.spec, candidate.spec
         moved = {name: value.replace(old.snapshot_dir, new.snapshot_dir) for name, value in old.env.items()}
         if old.app != new.app or moved != new.env:

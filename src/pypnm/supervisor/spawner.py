@@ -141,6 +141,9 @@ class ForkChannel:
     def __init__(self, exits: ExitTable) -> None:
         self.exits = exits
         self.channel: socket.socket | None = None
+        # The fork template whose third-party imports this process carries (its pid): a zygote's is
+        # the template it descends from, however many zygotes lie between.
+        self.template_pid: int | None = None
         self._waiting: deque[asyncio.Future[protocol.TemplateMessage]] = deque()  # oldest request first
         self._lock = asyncio.Lock()  # held to send, and by a template's restart (none is sent meanwhile)
         self._reader: asyncio.Task[None] | None = None
@@ -281,6 +284,7 @@ class Zygote(ForkChannel):
         finally:
             theirs.close()
         zygote = cls(pid, parent.exits)
+        zygote.template_pid = parent.template_pid
         zygote._open(ours)
         return await zygote._imported()
 
@@ -291,6 +295,7 @@ class Zygote(ForkChannel):
         Raises as `fork` does; ZygoteExited also when the standby was gone before it was asked.
         """
         zygote = cls(standby.pid, standby.exits)
+        zygote.template_pid = standby.template_pid
         zygote._open(standby.hand_over())
         assert zygote.channel is not None
         try:
@@ -343,6 +348,7 @@ class Standby:
         self.exits = exits
         self.channel: socket.socket | None = channel
         self.took_ms: dict[str, int] = {}  # how long its drop and release took (StandbyReady.took_ms)
+        self.template_pid: int | None = None  # as its zygote's (ForkChannel.template_pid)
 
     @classmethod
     async def fork(cls, zygote: Zygote, drop: list[str], nice: int) -> Standby:
@@ -357,6 +363,7 @@ class Standby:
             theirs.close()
         ours.setblocking(False)
         standby = cls(pid, frozenset(drop), ours, zygote.exits)
+        standby.template_pid = zygote.template_pid
         try:
             data = await asyncio.wait_for(
                 asyncio.get_running_loop().sock_recv(ours, protocol.MAX_MESSAGE), STANDBY_READY
@@ -445,6 +452,7 @@ class ForkTemplate(ForkChannel):
                 20 - os.getpriority(os.PRIO_PROCESS, 0),
             )
         self.renice = hello.renice
+        self.template_pid = self.process.pid
         self._start_reading()
         logger.info("fork template started pid=%d", self.process.pid)
 
