@@ -51,6 +51,27 @@ RELOAD_BODY = b'{"status":"reload triggered"}'  # the documented answer, byte fo
 MARKER_APP = "markerpkg.main:app"
 SUPERVISOR_PATH = "/supervisor"  # markerpkg's relay of the master's status
 
+# The routes a test app written by a test serves beside its own, appended to its source (which
+# defines `app`): `/health`, which `start_service` waits for, and `/supervisor`, the master's
+# status relayed as markerpkg does, which `supervisor_status` reads.
+STATUS_ROUTES = """
+
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.get("/supervisor")
+async def supervisor() -> dict[str, object]:
+    import os
+
+    from pypnm.identity import SUPERVISOR_ENV
+    from pypnm.supervisor import control
+    from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
+
+    return (await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest(), StatusAnswer)).status
+"""
+
 
 # ----- coverage of the processes the tests start -----------------------------------------------
 # The test command measures coverage in every pypnm process (pyproject.toml, [tool.coverage]). A process

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from conftest import (
+    STATUS_ROUTES,
     StartService,
     base_env,
     pid_alive,
@@ -107,32 +108,20 @@ def test_changed_preloaded_packages_get_a_new_template(start_service: StartServi
     assert "third-party packages changed (pypnm_test_preloaded 1.0.0 -> 1.0.1)" in service.output()
 
 
-LIBRARY_APP = """import os
-
-from fastapi import FastAPI
+LIBRARY_APP = (
+    """from fastapi import FastAPI
 
 import pypnm_test_library
-from pypnm.identity import SUPERVISOR_ENV
-from pypnm.supervisor import control
-from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
 
 app = FastAPI()
-
-
-@app.get("/supervisor")
-async def supervisor() -> dict[str, object]:
-    return (await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest(), StatusAnswer)).status
-
-
-@app.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
 
 
 @app.get("/library")
 async def library() -> dict[str, int]:
     return {"value": pypnm_test_library.VALUE}
 """
+    + STATUS_ROUTES
+)
 
 
 def test_an_upgraded_library_is_imported_afresh_even_by_an_incremental_reload(

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from conftest import (
+    STATUS_ROUTES,
     Service,
     StartService,
     base_env,
@@ -35,7 +36,8 @@ from pypnm.supervisor import priority, reimport
 
 APP = "zyg.main:app"
 
-MAIN = '''"""A test app that counts its imports."""
+MAIN = (
+    '''"""A test app that counts its imports."""
 
 import os
 
@@ -43,9 +45,6 @@ from fastapi import FastAPI
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from pypnm.identity import SUPERVISOR_ENV
-from pypnm.supervisor import control
-from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
 from zyg import leaf, registry
 from zyg.names import NAME
 import zyg.plugin
@@ -76,11 +75,6 @@ async def startup() -> None:
     startup_nice.append(os.getpriority(os.PRIO_PROCESS, 0))
 
 
-@app.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
-
-
 @app.get("/values")
 async def values() -> dict[str, object]:
     return {
@@ -91,13 +85,9 @@ async def values() -> dict[str, object]:
         "pid": os.getpid(),
         "nice": {"import": IMPORT_NICE, "startup": startup_nice[0], "serving": os.getpriority(os.PRIO_PROCESS, 0)},
     }
-
-
-@app.get("/supervisor")
-async def supervisor() -> dict[str, object]:
-    answer = await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest(), StatusAnswer)
-    return answer.status
 '''
+    + STATUS_ROUTES
+)
 
 
 # Adds itself to a registry (an unchanged module) as it is imported: what an incremental import keeps stale.
@@ -450,29 +440,17 @@ async def blob() -> dict[str, object]:
     return {"marker": MARKER, "size": len(TABLE), "stack": len(inspect.stack(0))}
 '''
 
-BLOB_MAIN = """import os
-
-from fastapi import FastAPI
+BLOB_MAIN = (
+    """from fastapi import FastAPI
 
 from mem import blob, other
-from pypnm.identity import SUPERVISOR_ENV
-from pypnm.supervisor import control
-from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
 
 app = FastAPI()
 app.include_router(blob.router)
 app.include_router(other.router)
-
-
-@app.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@app.get("/supervisor")
-async def supervisor() -> dict[str, object]:
-    return (await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest(), StatusAnswer)).status
 """
+    + STATUS_ROUTES
+)
 
 
 def resident_mib(pid: int) -> float:
@@ -539,26 +517,15 @@ def change_blob(service: Service, package: Path, name: str, generation: int) -> 
     return answer
 
 
-PATHS_MAIN = """import os
+PATHS_MAIN = (
+    """import os
 
 from fastapi import FastAPI
 
 from paths import data, edited
 from pypnm.identity import SUPERVISOR_ENV
-from pypnm.supervisor import control
-from pypnm.supervisor.protocol import StatusAnswer, StatusRequest
 
 app = FastAPI()
-
-
-@app.get("/supervisor")
-async def supervisor() -> dict[str, object]:
-    return (await control.ask(os.environ[SUPERVISOR_ENV], StatusRequest(), StatusAnswer)).status
-
-
-@app.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
 
 
 @app.get("/table")
@@ -570,6 +537,8 @@ async def table() -> dict[str, str]:
 async def runtime() -> dict[str, str]:
     return {"directory": os.path.dirname(os.environ[SUPERVISOR_ENV])}  # the control socket is in it
 """
+    + STATUS_ROUTES
+)
 
 
 def test_paths_kept_modules_computed_at_import_keep_working(start_service: StartService, tmp_path: Path) -> None:
