@@ -254,6 +254,19 @@ class ForkChannel:
             self.channel = None
 
 
+async def fork_with_channel(parent: ForkChannel, request: protocol.TemplateMessage) -> tuple[int, socket.socket]:
+    """Have `parent` fork a process for `request` with a channel of its own: its pid, and the master's end."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = await parent.request(request, [theirs.fileno()])
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return pid, ours
+
+
 class Zygote(ForkChannel):
     """A generation's zygote (template.py): it imported the app, and forks the generation's workers."""
 
@@ -275,14 +288,7 @@ class Zygote(ForkChannel):
         ImportFailed when the app cannot be imported, ZygoteExited when the zygote ended first,
         SpawnError when it could not be forked. Interrupted (a timeout), it is killed.
         """
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = await parent.request(request, [theirs.fileno()])
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+        pid, ours = await fork_with_channel(parent, request)
         zygote = cls(pid, parent.exits)
         zygote.template_pid = parent.template_pid
         zygote._open(ours)
@@ -353,14 +359,7 @@ class Standby:
     @classmethod
     async def fork(cls, zygote: Zygote, drop: list[str], nice: int) -> Standby:
         """Have `zygote` fork one that drops `drop`; returns once it is ready. SpawnError if it cannot be."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = await zygote.request(StandbyRequest(drop, nice), [theirs.fileno()])
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+        pid, ours = await fork_with_channel(zygote, StandbyRequest(drop, nice))
         ours.setblocking(False)
         standby = cls(pid, frozenset(drop), ours, zygote.exits)
         standby.template_pid = zygote.template_pid
