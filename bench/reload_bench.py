@@ -1156,8 +1156,8 @@ def print_summary(reports: list[Report]) -> None:
                 verdict = "MET" if factor <= bound else "MISSED"
                 print(f"  trigger->all <= {bound}x {name}: {factor:.2f}x -> {verdict}")
         memory_base = by_name.get(memory_baseline(pypnm.name))
-        ours, theirs = pss(pypnm), pss(memory_base) if memory_base is not None else None
-        if ours is not None and theirs and memory_base is not None:
+        ours = pss(pypnm)
+        if memory_base is not None and ours is not None and (theirs := pss(memory_base)):
             verdict = "MET" if ours <= theirs else "MISSED"
             print(f"  PSS <= {memory_base.name}'s: {ours / theirs:.2f}x -> {verdict}")
 
