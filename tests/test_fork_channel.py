@@ -38,10 +38,10 @@ class Peer:
 async def opened_zygote() -> tuple[Zygote, Peer]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     peer = Peer(theirs)
-    opening = asyncio.ensure_future(Zygote.from_standby(Standby(4242, frozenset(), ours, ExitTable()), request()))
+    zygote = await Zygote.from_standby(Standby(4242, frozenset(), ours, ExitTable()), request())
     assert isinstance(await peer.read(), ZygoteRequest)
     await peer.say(ZygoteReady(4242, 10, 0))
-    return await opening, peer
+    return await zygote.imported(), peer
 
 
 def request() -> ZygoteRequest:

@@ -4,7 +4,8 @@ First the pieces with real processes forked here: several writers appending to o
 fast-rotating file, then every line counted. Then a real supervised service with two
 workers under load, its access lines counted across the current file and the backups,
 and logrotate's `create` mode replayed: rename the file away, SIGUSR1 to the master, and
-every process (master, fork template, workers) must have the new file open and write there.
+every process (master, fork template, workers) must have the new file open and write there;
+a reload's zygote too, when the signal comes while it is still importing the app.
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import RELOAD_PATH, Service, StartService, base_env, pypnm_command, run_cli, wait_until
+from conftest import (
+    RELOAD_PATH,
+    STATUS_ROUTES,
+    Service,
+    StartService,
+    base_env,
+    pypnm_command,
+    run_cli,
+    supervisor_status,
+    wait_until,
+    write_app_package,
+)
 from pypnm.logs import LogOutput, setup_logging
 from pypnm.supervisor.logfile import LogFile
 
@@ -291,3 +303,64 @@ def test_sigusr1_after_logrotate_moves_every_process_to_the_new_file(
     assert any(r["role"] == "master" and r.get("reload_id") == reload_id for r in records)
     assert moved.stat().st_size == size_moved  # nothing more went to the renamed file
     assert "pypnm: cannot" not in service.output()
+
+
+# Once `slow` exists in SLOW_DIR, its import says its pid (file `importing`) and waits for `go` there.
+SLOW_IMPORT_APP = (
+    '''"""A test app whose import can be held up, so that a test acts while a zygote imports it."""
+
+import os
+import time
+from pathlib import Path
+
+from fastapi import FastAPI
+
+HERE = Path(os.environ["SLOW_DIR"])
+if (HERE / "slow").exists():
+    (HERE / "importing.tmp").write_text(str(os.getpid()))
+    os.replace(HERE / "importing.tmp", HERE / "importing")
+    deadline = time.monotonic() + 30
+    while not (HERE / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+app = FastAPI()
+'''
+    + STATUS_ROUTES
+)
+
+
+def test_sigusr1_reaches_a_zygote_that_is_still_importing(start_service: StartService, tmp_path: Path) -> None:
+    # A zygote seldom logs once it has imported: told nothing, it would hold the renamed file open
+    # for as long as its generation serves.
+    path = tmp_path / "pypnm.log"
+    write_app_package(tmp_path / "app", "slowapp", SLOW_IMPORT_APP)
+    env = base_env(
+        PYPNM_LOG_FILE=str(path), PYPNM_LOG_FILE_MAX_BYTES="0", PYPNM_RELOAD_MIN_INTERVAL="0", SLOW_DIR=str(tmp_path)
+    )
+    command = pypnm_command("--app", "slowapp.main:app", "--port", "{port}", "--workers", "1")
+    service = start_service(command, cwd=tmp_path / "app", env=env)
+    generation = supervisor_status(service)["generation"]
+
+    (tmp_path / "slow").touch()
+    service.signal(signal.SIGHUP)
+    zygote = int(wait_until(lambda: (tmp_path / "importing").exists() and (tmp_path / "importing").read_text()))
+    old_inode = path.stat().st_ino
+    assert old_inode in _open_inodes(zygote)
+
+    path.rename(tmp_path / "pypnm.log.1")
+    path.touch()
+    new_inode = path.stat().st_ino
+    service.signal(signal.SIGUSR1)
+    wait_until(lambda: new_inode in (inodes := _open_inodes(zygote)) and old_inode not in inodes, timeout=10.0)
+
+    (tmp_path / "go").touch()
+
+    def reloaded() -> dict[str, Any] | None:
+        status = supervisor_status(service)
+        last = status["last_reload"]
+        return status if last and last["generation"] > generation and last["outcome"] else None
+
+    status = wait_until(reloaded, timeout=30.0)
+    assert status["last_reload"]["outcome"] == "succeeded"
+    assert zygote in status["master"]["zygote_pids"]  # the generation that serves now was imported by it
+    assert old_inode not in _open_inodes(zygote)

@@ -266,6 +266,7 @@ class Generation:
         self.closed_early = False  # stopped before its drain ended: no longer counts against max_draining_generations
         self.workers: list[WorkerProcess] = []
         self.zygote: Zygote | None = None  # imported its code once; forks its workers (template.py)
+        self.importing: Zygote | None = None  # the zygote while it imports, before it is `zygote`
         self.code: CodeScan | None = None  # its snapshot's import graph, when reload_import is incremental
         self.imported: dict[str, Any] | None = None  # how its code was imported (the reload record's "import")
         self.incremental_line = 0  # incremental imports in a row up to this one's (0: imported clean)
@@ -288,19 +289,24 @@ class Generation:
         """
         request = ZygoteRequest(self.spec, CANDIDATE_NICE, drop)
         try:
+            zygote: Zygote | None = None
             if standby is not None:
                 try:
-                    self.zygote = await Zygote.from_standby(standby, request)
+                    zygote = await Zygote.from_standby(standby, request)
                 except StandbyGone as exc:  # nothing of the reload ran there: the usual way, then
                     logger.warning("%s: forking generation %d's zygote", exc, self.number)
                     standby = None
-            if standby is None:
-                self.zygote = await Zygote.fork(parent, request)
+            if zygote is None:
+                zygote = await Zygote.fork(parent, request)
+            self.importing = zygote  # a SIGUSR1 meanwhile reaches it (lifecycle.child_pids)
+            self.zygote = await zygote.imported()
         except ImportFailed as exc:
             raise CandidateFailed(str(exc)) from None
         except ZygoteExited as exc:
             how = await _ended(parent.exit_status(exc.pid))
             raise CandidateFailed(f"the zygote exited while importing the app ({how}; see its log)") from None
+        finally:
+            self.importing = None
         assert self.zygote is not None
         self.drop = drop
         steps = ", ".join(f"{step} {ms}ms" for step, ms in self.zygote.took_ms.items())

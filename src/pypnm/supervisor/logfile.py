@@ -20,8 +20,9 @@ Design: every process writes its own lines straight to the file; none waits for 
   in `.1`, not lost; it would take `log_file_backups` more rotations within one
   `stat`-to-`write` step for it to be dropped.
 - **SIGUSR1** (logrotate's `postrotate`) makes the master reopen its file and pass the
-  signal on to the fork template and every worker, which reopen theirs too; a process
-  that logs nothing would otherwise keep the renamed file open. The master signals
+  signal on to the fork template, the zygotes (one still importing too) and every worker,
+  which reopen theirs too; a process that logs nothing would otherwise keep the renamed
+  file open. The master signals
   only processes that catch SIGUSR1 already (`SigCgt` in `/proc/<pid>/status`), so a
   process still starting is never killed by it; it opens the current file anyway.
 

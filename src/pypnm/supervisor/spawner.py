@@ -283,22 +283,23 @@ class Zygote(ForkChannel):
 
     @classmethod
     async def fork(cls, parent: ForkChannel, request: ZygoteRequest) -> Zygote:
-        """Have `parent` (the template, or the previous generation's zygote) fork one; it has imported the app.
+        """Have `parent` (the template, or the previous generation's zygote) fork one, which starts importing the app.
 
-        ImportFailed when the app cannot be imported, ZygoteExited when the zygote ended first,
-        SpawnError when it could not be forked. Interrupted (a timeout), it is killed.
+        Two steps, so that the master knows the pid while the import runs (SIGUSR1 reaches it):
+        this one returns once it is forked, `imported` once it has imported. SpawnError when it
+        could not be forked.
         """
         pid, ours = await fork_with_channel(parent, request)
         zygote = cls(pid, parent.exits)
         zygote.template_pid = parent.template_pid
         zygote._open(ours)
-        return await zygote._imported()
+        return zygote
 
     @classmethod
     async def from_standby(cls, standby: Standby, request: ZygoteRequest) -> Zygote:
         """The standby goes on as the reload's zygote: `request` (whose drop is the standby's) tells it the new code.
 
-        Raises as `fork` does; ZygoteExited also when the standby was gone before it was asked.
+        Returns once it was told, as `fork` does; StandbyGone when the standby was gone before.
         """
         zygote = cls(standby.pid, standby.exits)
         zygote.template_pid = standby.template_pid
@@ -309,10 +310,14 @@ class Zygote(ForkChannel):
         except OSError as exc:
             zygote._close()
             raise StandbyGone(f"the standby pid={standby.pid} is gone: {exc}") from None
-        return await zygote._imported()
+        return zygote
 
-    async def _imported(self) -> Zygote:
-        """Read its hello: itself once it says ZygoteReady, else ImportFailed, ZygoteExited or SpawnError."""
+    async def imported(self) -> Zygote:
+        """Itself once it says ZygoteReady: it has imported the app.
+
+        ImportFailed when the app cannot be imported, ZygoteExited when the zygote ended first,
+        SpawnError when it says something else. Interrupted (a timeout), it is killed.
+        """
         try:
             hello = await self._receive()
         except SpawnError:
@@ -358,27 +363,36 @@ class Standby:
 
     @classmethod
     async def fork(cls, zygote: Zygote, drop: list[str], nice: int) -> Standby:
-        """Have `zygote` fork one that drops `drop`; returns once it is ready. SpawnError if it cannot be."""
+        """Have `zygote` fork one that drops `drop`; returns once it is forked (`ready` waits for the rest).
+
+        SpawnError if it cannot be forked.
+        """
         pid, ours = await fork_with_channel(zygote, StandbyRequest(drop, nice))
         ours.setblocking(False)
         standby = cls(pid, frozenset(drop), ours, zygote.exits)
         standby.template_pid = zygote.template_pid
+        return standby
+
+    async def ready(self) -> Standby:
+        """Itself once it has dropped and released; SpawnError (and it is killed) if it does not get there."""
+        assert self.channel is not None
         try:
             data = await asyncio.wait_for(
-                asyncio.get_running_loop().sock_recv(ours, protocol.MAX_MESSAGE), STANDBY_READY
+                asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE), STANDBY_READY
             )
             hello = protocol.decode_template(data) if data else None
         except (OSError, TimeoutError, protocol.ProtocolError) as exc:
-            standby.kill()
-            raise SpawnError(f"the standby pid={pid} did not get ready: {exc or type(exc).__name__}") from None
+            self.kill()
+            raise SpawnError(f"the standby pid={self.pid} did not get ready: {exc or type(exc).__name__}") from None
         except BaseException:
-            standby.kill()
+            self.kill()
             raise
         if not isinstance(hello, StandbyReady):
-            standby.kill()
-            raise SpawnError(f"the standby pid={pid} {'exited' if hello is None else f'said {hello}'} instead of ready")
-        standby.took_ms = hello.took_ms
-        return standby
+            self.kill()
+            said = "exited" if hello is None else f"said {hello}"
+            raise SpawnError(f"the standby pid={self.pid} {said} instead of ready")
+        self.took_ms = hello.took_ms
+        return self
 
     def hand_over(self) -> socket.socket:
         """Its channel, for the zygote it becomes."""

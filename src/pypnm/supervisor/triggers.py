@@ -50,7 +50,7 @@ def install_signals(
     """Route the process's signals to the master's loop (call from inside it).
 
     `log_writers`: the pids of the other processes that have the log file open (the fork
-    template, every live worker), read when SIGUSR1 arrives.
+    template, zygotes and a standby from their fork on, every live worker), read when SIGUSR1 arrives.
     """
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
