@@ -101,7 +101,7 @@ class Generations:
         self.draining: set[Generation] = set()
         self._closing: set[asyncio.Task[None]] = set()  # generations being closed early
         self._standby: asyncio.Task[Standby | None] | None = None  # this reload's (start_standby)
-        self._standby_forked: Standby | None = None  # that task's standby from its fork on, ready or not
+        self._standbys: list[Standby] = []  # forked; the ones still the master's (`is_mine`) get SIGUSR1
         # The last serving workers that ended and were replaced, newest last: /status's `worker_exits`.
         self.exits: deque[dict[str, Any]] = deque(maxlen=10)
 
@@ -119,12 +119,11 @@ class Generations:
         that missed a SIGUSR1 while it imported would hold the rotated file open for as long as
         its generation serves, since it seldom logs.
         """
-        standby = self._standby_forked
         return [
             self.template.pid,
             *(generation.zygote.pid for generation in self.all() if generation.zygote is not None),
             *(generation.importing.pid for generation in self.all() if generation.importing is not None),
-            *([standby.pid] if standby is not None else []),
+            *(standby.pid for standby in self._standbys if standby.is_mine()),
             *(worker.pid for generation in self.all() for worker in generation.live_workers()),
         ]
 
@@ -219,12 +218,9 @@ class Generations:
     async def _fork_standby(self, zygote: Zygote, drop: list[str]) -> Standby | None:
         try:
             standby = await Standby.fork(zygote, drop, CANDIDATE_NICE)
-            if asyncio.current_task() is self._standby:  # still this reload's: not ended while it was forked
-                self._standby_forked = standby
+            self._standbys = [*(s for s in self._standbys if s.is_mine()), standby]
             await standby.ready()
         except SpawnError as exc:
-            if asyncio.current_task() is self._standby:
-                self._standby_forked = None  # never forked, or killed by `ready`
             logger.warning("no standby for this reload: %s", exc)
             return None
         logger.debug("standby pid=%d ready: %s", standby.pid, standby.took_ms)
@@ -238,7 +234,7 @@ class Generations:
         """
         if self._standby is None:
             return None
-        task, self._standby, self._standby_forked = self._standby, None, None
+        task, self._standby = self._standby, None
         standby = await task
         if standby is None or standby.drop == frozenset(drop):
             return standby
@@ -248,7 +244,7 @@ class Generations:
 
     def end_standby(self) -> None:
         """The reload is over: a standby it did not take leaves (once it is ready, if it is not yet)."""
-        task, self._standby, self._standby_forked = self._standby, None, None
+        task, self._standby = self._standby, None
         if task is not None:
             task.add_done_callback(_stop_standby)
 

@@ -394,6 +394,10 @@ class Standby:
         self.took_ms = hello.took_ms
         return self
 
+    def is_mine(self) -> bool:
+        """Not yet handed over to the zygote it becomes, stopped or killed."""
+        return self.channel is not None
+
     def hand_over(self) -> socket.socket:
         """Its channel, for the zygote it becomes."""
         channel, self.channel = self.channel, None
