@@ -101,7 +101,7 @@ class Generations:
         self.draining: set[Generation] = set()
         self._closing: set[asyncio.Task[None]] = set()  # generations being closed early
         self._standby: asyncio.Task[Standby | None] | None = None  # this reload's (start_standby)
-        self._standbys: list[Standby] = []  # forked; the ones still the master's (`is_mine`) get SIGUSR1
+        self._standbys: list[Standby] = []  # forked; those still standing by (not taken or stopped) get SIGUSR1
         # The last serving workers that ended and were replaced, newest last: /status's `worker_exits`.
         self.exits: deque[dict[str, Any]] = deque(maxlen=10)
 
@@ -123,7 +123,7 @@ class Generations:
             self.template.pid,
             *(generation.zygote.pid for generation in self.all() if generation.zygote is not None),
             *(generation.importing.pid for generation in self.all() if generation.importing is not None),
-            *(standby.pid for standby in self._standbys if standby.is_mine()),
+            *(standby.pid for standby in self._standbys if standby.is_standing_by()),
             *(worker.pid for generation in self.all() for worker in generation.live_workers()),
         ]
 
@@ -218,7 +218,7 @@ class Generations:
     async def _fork_standby(self, zygote: Zygote, drop: list[str]) -> Standby | None:
         try:
             standby = await Standby.fork(zygote, drop, CANDIDATE_NICE)
-            self._standbys = [*(s for s in self._standbys if s.is_mine()), standby]
+            self._standbys = [*(s for s in self._standbys if s.is_standing_by()), standby]
             await standby.ready()
         except SpawnError as exc:
             logger.warning("no standby for this reload: %s", exc)

@@ -394,7 +394,7 @@ class Standby:
         self.took_ms = hello.took_ms
         return self
 
-    def is_mine(self) -> bool:
+    def is_standing_by(self) -> bool:
         """Not yet handed over to the zygote it becomes, stopped or killed."""
         return self.channel is not None
 
