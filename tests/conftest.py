@@ -73,6 +73,30 @@ async def supervisor() -> dict[str, object]:
 """
 
 
+# Once `slow` exists in SLOW_DIR, its import says its pid (file `importing`) and waits for `go` there
+# (serve_held_import, hold_next_import).
+SLOW_IMPORT_APP = (
+    '''"""A test app whose import can be held up, so that a test acts while a zygote imports it."""
+
+import os
+import time
+from pathlib import Path
+
+from fastapi import FastAPI
+
+HERE = Path(os.environ["SLOW_DIR"])
+if (HERE / "slow").exists():
+    (HERE / "importing.tmp").write_text(str(os.getpid()))
+    os.replace(HERE / "importing.tmp", HERE / "importing")
+    deadline = time.monotonic() + 30
+    while not (HERE / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+app = FastAPI()
+'''
+    + STATUS_ROUTES
+)
+
 # ----- coverage of the processes the tests start -----------------------------------------------
 # The test command measures coverage in every pypnm process (pyproject.toml, [tool.coverage]). A process
 # killed while it writes its data (the tests and the supervisor SIGKILL processes on purpose) leaves a
@@ -422,6 +446,11 @@ def metric(text: str, name: str, **labels: str) -> float:
 def reload_by_sighup(service: Service, generation_before: int, timeout: float = 30.0) -> dict[str, Any]:
     """SIGHUP the master; the status once the reload after `generation_before` has an outcome."""
     service.signal(signal.SIGHUP)
+    return reload_finished(service, generation_before, timeout)
+
+
+def reload_finished(service: Service, generation_before: int, timeout: float = 30.0) -> dict[str, Any]:
+    """The status once a reload after `generation_before` has an outcome."""
 
     def finished() -> dict[str, Any] | None:
         status = supervisor_status(service)
@@ -792,6 +821,22 @@ def set_marker(app_dir: Path, marker: str) -> None:
 
 
 # ----- logging set up inside the test process ------------------------------------------------------
+
+
+def serve_held_import(start_service: StartService, directory: Path, **env: str) -> Service:
+    """SLOW_IMPORT_APP with one worker, from `directory`, whose next import `hold_next_import` holds up."""
+    write_app_package(directory / "app", "slowapp", SLOW_IMPORT_APP)
+    command = pypnm_command("--app", "slowapp.main:app", "--port", "{port}", "--workers", "1")
+    env = base_env(PYPNM_RELOAD_MIN_INTERVAL="0", SLOW_DIR=str(directory), **env)
+    return start_service(command, cwd=directory / "app", env=env)
+
+
+def hold_next_import(service: Service, directory: Path) -> int:
+    """SIGHUP; the pid of that reload's zygote once it waits inside the app's import (file `go` lets it go on)."""
+    (directory / "slow").touch()
+    service.signal(signal.SIGHUP)
+    importing = directory / "importing"
+    return int(wait_until(lambda: importing.exists() and importing.read_text()))
 
 
 @pytest.fixture

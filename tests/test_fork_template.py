@@ -20,9 +20,11 @@ from conftest import (
     STATUS_ROUTES,
     StartService,
     base_env,
+    hold_next_import,
     pid_alive,
     pypnm_command,
     reload_by_sighup,
+    serve_held_import,
     serve_marker,
     serve_pypnm,
     wait_until,
@@ -171,3 +173,13 @@ def test_a_second_stop_signal_stops_at_once(start_service: StartService, marker_
     service.proc.wait(timeout=30)
     assert "SIGTERM again: stopping at once" in service.output()
     wait_until(lambda: not pid_alive(worker), timeout=10)
+
+
+def test_a_stop_during_a_reload_ends_the_zygote_that_is_importing(start_service: StartService, tmp_path: Path) -> None:
+    """The master stops while a reload's zygote is still inside the app's import: that zygote goes too."""
+    service = serve_held_import(start_service, tmp_path)
+    zygote = hold_next_import(service, tmp_path)  # held there for up to 30 s, unless it is ended
+
+    service.signal(signal.SIGTERM)
+    assert service.proc.wait(timeout=30) == 0
+    wait_until(lambda: not pid_alive(zygote), timeout=10)  # not waiting out its import

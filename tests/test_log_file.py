@@ -27,15 +27,16 @@ import pytest
 
 from conftest import (
     RELOAD_PATH,
-    STATUS_ROUTES,
     Service,
     StartService,
     base_env,
+    hold_next_import,
     pypnm_command,
+    reload_finished,
     run_cli,
+    serve_held_import,
     supervisor_status,
     wait_until,
-    write_app_package,
 )
 from pypnm.logs import LogOutput, setup_logging
 from pypnm.supervisor.logfile import LogFile
@@ -305,45 +306,13 @@ def test_sigusr1_after_logrotate_moves_every_process_to_the_new_file(
     assert "pypnm: cannot" not in service.output()
 
 
-# Once `slow` exists in SLOW_DIR, its import says its pid (file `importing`) and waits for `go` there.
-SLOW_IMPORT_APP = (
-    '''"""A test app whose import can be held up, so that a test acts while a zygote imports it."""
-
-import os
-import time
-from pathlib import Path
-
-from fastapi import FastAPI
-
-HERE = Path(os.environ["SLOW_DIR"])
-if (HERE / "slow").exists():
-    (HERE / "importing.tmp").write_text(str(os.getpid()))
-    os.replace(HERE / "importing.tmp", HERE / "importing")
-    deadline = time.monotonic() + 30
-    while not (HERE / "go").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-app = FastAPI()
-'''
-    + STATUS_ROUTES
-)
-
-
 def test_sigusr1_reaches_a_zygote_that_is_still_importing(start_service: StartService, tmp_path: Path) -> None:
     # A zygote seldom logs once it has imported: told nothing, it would hold the renamed file open
     # for as long as its generation serves.
     path = tmp_path / "pypnm.log"
-    write_app_package(tmp_path / "app", "slowapp", SLOW_IMPORT_APP)
-    env = base_env(
-        PYPNM_LOG_FILE=str(path), PYPNM_LOG_FILE_MAX_BYTES="0", PYPNM_RELOAD_MIN_INTERVAL="0", SLOW_DIR=str(tmp_path)
-    )
-    command = pypnm_command("--app", "slowapp.main:app", "--port", "{port}", "--workers", "1")
-    service = start_service(command, cwd=tmp_path / "app", env=env)
+    service = serve_held_import(start_service, tmp_path, PYPNM_LOG_FILE=str(path), PYPNM_LOG_FILE_MAX_BYTES="0")
     generation = supervisor_status(service)["generation"]
-
-    (tmp_path / "slow").touch()
-    service.signal(signal.SIGHUP)
-    zygote = int(wait_until(lambda: (tmp_path / "importing").exists() and (tmp_path / "importing").read_text()))
+    zygote = hold_next_import(service, tmp_path)
     old_inode = path.stat().st_ino
     assert old_inode in _open_inodes(zygote)
 
@@ -354,13 +323,7 @@ def test_sigusr1_reaches_a_zygote_that_is_still_importing(start_service: StartSe
     wait_until(lambda: new_inode in (inodes := _open_inodes(zygote)) and old_inode not in inodes, timeout=10.0)
 
     (tmp_path / "go").touch()
-
-    def reloaded() -> dict[str, Any] | None:
-        status = supervisor_status(service)
-        last = status["last_reload"]
-        return status if last and last["generation"] > generation and last["outcome"] else None
-
-    status = wait_until(reloaded, timeout=30.0)
+    status = reload_finished(service, generation)
     assert status["last_reload"]["outcome"] == "succeeded"
     assert zygote in status["master"]["zygote_pids"]  # the generation that serves now was imported by it
     assert old_inode not in _open_inodes(zygote)

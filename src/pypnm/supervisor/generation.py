@@ -400,12 +400,16 @@ class Generation:
         return [w for w in self.workers if not w.exited.done()]
 
     def kill(self) -> None:
-        """End every worker at once, and the zygote: a discarded candidate, or a second stop signal."""
+        """End every worker at once, and the zygote (one still importing too).
+
+        For a discarded candidate, or a second stop signal.
+        """
         for worker in self.live_workers():
             worker.signal(signal.SIGKILL)
-        if self.zygote is not None:
-            self.zygote.kill()
-            self.zygote = None
+        for zygote in (self.zygote, self.importing):
+            if zygote is not None:
+                zygote.kill()
+        self.zygote = self.importing = None
 
     async def stop_accepting(self) -> None:
         """The drain's first step: every worker stops accepting; waits until each says so (or is gone)."""
