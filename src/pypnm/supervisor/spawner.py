@@ -198,13 +198,7 @@ class ForkChannel:
     async def _receive(self) -> protocol.TemplateMessage:
         """The first message (the hello), before the reader runs."""
         assert self.channel is not None
-        data = await asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE)
-        if not data:
-            raise SpawnError(f"the {self.name} exited")
-        try:
-            return protocol.decode_template(data)
-        except protocol.ProtocolError as exc:  # e.g. a template of another pypnm version, after an upgrade
-            raise SpawnError(str(exc)) from exc
+        return await receive_hello(self.channel, self.name)
 
     def _start_reading(self) -> None:
         self._reader = asyncio.create_task(self._read())
@@ -252,6 +246,17 @@ class ForkChannel:
         if self.channel is not None:
             self.channel.close()  # end-of-file tells the process to exit
             self.channel = None
+
+
+async def receive_hello(channel: socket.socket, name: str) -> protocol.TemplateMessage:
+    """The first message of a process on its new channel (its hello); SpawnError if it exits or says garbage."""
+    data = await asyncio.get_running_loop().sock_recv(channel, protocol.MAX_MESSAGE)
+    if not data:
+        raise SpawnError(f"the {name} exited")
+    try:
+        return protocol.decode_template(data)
+    except protocol.ProtocolError as exc:  # e.g. a template of another pypnm version, after an upgrade
+        raise SpawnError(str(exc)) from exc
 
 
 async def fork_with_channel(parent: ForkChannel, request: protocol.TemplateMessage) -> tuple[int, socket.socket]:
@@ -373,24 +378,24 @@ class Standby:
         standby.template_pid = zygote.template_pid
         return standby
 
+    @property
+    def name(self) -> str:
+        return f"standby pid={self.pid}"
+
     async def ready(self) -> Standby:
         """Itself once it has dropped and released; SpawnError (and it is killed) if it does not get there."""
         assert self.channel is not None
         try:
-            data = await asyncio.wait_for(
-                asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE), STANDBY_READY
-            )
-            hello = protocol.decode_template(data) if data else None
-        except (OSError, TimeoutError, protocol.ProtocolError) as exc:
+            hello = await asyncio.wait_for(receive_hello(self.channel, self.name), STANDBY_READY)
+        except (OSError, TimeoutError) as exc:
             self.kill()
-            raise SpawnError(f"the standby pid={self.pid} did not get ready: {exc or type(exc).__name__}") from None
-        except BaseException:
+            raise SpawnError(f"the {self.name} did not get ready: {exc or type(exc).__name__}") from None
+        except BaseException:  # SpawnError among them: it exited, or said garbage
             self.kill()
             raise
         if not isinstance(hello, StandbyReady):
             self.kill()
-            said = "exited" if hello is None else f"said {hello}"
-            raise SpawnError(f"the standby pid={self.pid} {said} instead of ready")
+            raise SpawnError(f"the {self.name} said {hello} instead of ready")
         self.took_ms = hello.took_ms
         return self
 
