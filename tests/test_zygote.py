@@ -1,8 +1,8 @@
 """Per-generation zygotes: a generation's code is imported once, its workers are forked after the import.
 
 The app here writes a line (its pid) to a file each time its main module is imported, so the
-tests count imports; it reports the nice value it was imported at, the one its lifespan
-startup ran at, and the one it serves at.
+tests count imports; it reports the nice value and scheduling policy it was imported at, the
+ones its lifespan startup ran at, and the ones it serves at.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from conftest import (
     Service,
     StartService,
     base_env,
+    hold_next_import,
     pid_alive,
     pypnm_command,
     reload_by_sighup,
+    reload_finished,
     rewrite,
+    serve_held_import,
     supervisor_status,
     wait_until,
     write_app_package,
@@ -51,11 +54,13 @@ import zyg.plugin
 
 MAIN = "main1"
 IMPORT_NICE = os.getpriority(os.PRIO_PROCESS, 0)
+IMPORT_POLICY = os.sched_getscheduler(0)
 with open(os.environ["ZYG_IMPORTS"], "a") as log:
     log.write(f"{os.getpid()}\\n")
 
 app = FastAPI()
 startup_nice: list[int] = []
+startup_policy: list[int] = []
 
 
 class Counted(Route):
@@ -73,6 +78,7 @@ app.router.routes.append(Counted("/counted", lambda request: PlainTextResponse("
 @app.on_event("startup")
 async def startup() -> None:
     startup_nice.append(os.getpriority(os.PRIO_PROCESS, 0))
+    startup_policy.append(os.sched_getscheduler(0))
 
 
 @app.get("/values")
@@ -84,6 +90,7 @@ async def values() -> dict[str, object]:
         "registry": registry.ITEMS,
         "pid": os.getpid(),
         "nice": {"import": IMPORT_NICE, "startup": startup_nice[0], "serving": os.getpriority(os.PRIO_PROCESS, 0)},
+        "policy": {"import": IMPORT_POLICY, "startup": startup_policy[0], "serving": os.sched_getscheduler(0)},
     }
 '''
     + STATUS_ROUTES
@@ -225,14 +232,36 @@ def replaced(service: Any, victim: int) -> dict[str, Any]:
     return result
 
 
-def test_candidates_run_niced_until_they_serve(start_service: StartService, tmp_path: Path) -> None:
-    # The tests run as root (CAP_SYS_NICE): the nice value can be given back, so candidates are niced.
+def test_candidates_run_at_the_lowest_priority_until_they_serve(start_service: StartService, tmp_path: Path) -> None:
+    # The tests run as root (CAP_SYS_NICE): the priority can be given back, so candidates run SCHED_IDLE and niced.
     service = serve_app(start_service, tmp_path, 2)
     serving_workers(service, 1, 2)
     base = os.getpriority(os.PRIO_PROCESS, 0)
     for _ in range(4):  # both workers, most likely
-        nice = service.get("/values").json()["nice"]
-        assert nice == {"import": base + 10, "startup": base + 10, "serving": base}
+        values = service.get("/values").json()
+        assert values["nice"] == {"import": base + 10, "startup": base + 10, "serving": base}
+        idle, normal = os.SCHED_IDLE, os.SCHED_OTHER
+        assert values["policy"] == {"import": idle, "startup": idle, "serving": normal}
+
+
+def test_a_candidate_not_ready_in_time_is_promoted_and_stays_niced(start_service: StartService, tmp_path: Path) -> None:
+    """SCHED_IDLE gets no CPU on cores that never go idle: a candidate not ready IDLE_LIMIT seconds after its
+    fork (here a zygote held in the app's import) runs at the normal policy from then on, still niced."""
+    service = serve_held_import(start_service, tmp_path)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    zygote = hold_next_import(service, tmp_path)
+    assert (tmp_path / "policy").read_text().split() == [str(os.SCHED_IDLE), str(base + 10)]  # as its import began
+
+    wait_until(lambda: os.sched_getscheduler(zygote) == os.SCHED_OTHER, timeout=10)
+    assert os.getpriority(os.PRIO_PROCESS, zygote) == base + 10
+    promoted = f"zygote pid={zygote} of generation 2 not ready 1s after its fork with idle CPU time only"
+    wait_until(lambda: promoted in service.output(), timeout=10)
+
+    (tmp_path / "go").touch()
+    status = reload_finished(service, 1)
+    assert status["last_reload"]["outcome"] == "succeeded", status["last_reload"]
+    (worker,) = (w["pid"] for w in status["workers"] if w["generation"] == 2)
+    assert (os.sched_getscheduler(worker), os.getpriority(os.PRIO_PROCESS, worker)) == (os.SCHED_OTHER, base)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switches to an unprivileged user, which only root can do")
@@ -257,8 +286,10 @@ def test_an_unprivileged_process_nices_candidates_only_if_it_can_give_it_back(rl
             os.setuid(65534)
             renice = priority.start()
             lowered = priority.lower(priority.CANDIDATE_NICE)
+            lowered_policy = os.sched_getscheduler(0)
             priority.restore()
-            os.write(write, f"{renice} {lowered} {os.getpriority(os.PRIO_PROCESS, 0)}".encode())
+            restored = f"{os.getpriority(os.PRIO_PROCESS, 0)} {os.sched_getscheduler(0)}"
+            os.write(write, f"{renice} {lowered} {lowered_policy} {restored}".encode())
             code = 0
         finally:
             os._exit(code)
@@ -268,10 +299,11 @@ def test_an_unprivileged_process_nices_candidates_only_if_it_can_give_it_back(rl
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     base = os.getpriority(os.PRIO_PROCESS, 0)
+    idle, normal = str(os.SCHED_IDLE), str(os.SCHED_OTHER)
     if rlimit_nice == 0:  # the default: candidates run at the serving priority, never stuck niced
-        assert seen == ["False", str(base), str(base)]
+        assert seen == ["False", str(base), normal, str(base), normal]
     else:
-        assert seen == ["True", str(base + 10), str(base)]
+        assert seen == ["True", str(base + 10), idle, str(base), normal]
 
 
 def test_a_process_done_serving_ends_at_the_lowest_priority() -> None:
@@ -340,13 +372,14 @@ def test_incremental_reimports_what_changed_and_its_importers(start_service: Sta
     rewrite(package / "main.py", 'MAIN = "main1"', 'MAIN = "main2"')
     record = reloaded_by_main(service, 4)
     assert record["import"] == {"mode": "incremental", "reimported": 1}
-    assert values(service) | {"pid": 0, "nice": None} == {
+    assert values(service) | {"pid": 0, "nice": None, "policy": None} == {
         "leaf": "leaf2",
         "name": "name2",
         "main": "main2",
         "registry": ["plugin1"],  # zyg.plugin was not imported again: unchanged, it imports nothing that changed
         "pid": 0,
         "nice": None,
+        "policy": None,
     }
     # One import of the main module per generation, each by that generation's zygote.
     assert len(imports(tmp_path)) == 4 and len(set(imports(tmp_path))) == 4

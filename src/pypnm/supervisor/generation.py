@@ -34,7 +34,7 @@ from pypnm.profile import resident_bytes
 from pypnm.supervisor import protocol
 from pypnm.supervisor.import_graph import CodeScan
 from pypnm.supervisor.metrics import worker_gone
-from pypnm.supervisor.priority import CANDIDATE_NICE
+from pypnm.supervisor.priority import CANDIDATE_NICE, ready_or_promoted
 from pypnm.supervisor.protocol import (
     Close,
     Heartbeat,
@@ -283,9 +283,9 @@ class Generation:
 
         `parent` is the fork template (a clean import) or, with `drop`, the previous generation's
         zygote (an incremental one), unless `standby`, which that zygote forked ahead of this
-        reload and which dropped the same modules, goes on as this one's. The zygote runs niced,
-        and so do the workers it forks until they accept, when they can give the priority back
-        (priority.py).
+        reload and which dropped the same modules, goes on as this one's. The zygote runs at the
+        lowest priority (SCHED_IDLE, niced), and so do the workers it forks until they accept,
+        when they can give the priority back (priority.py).
         """
         request = ZygoteRequest(self.spec, CANDIDATE_NICE, drop)
         try:
@@ -299,7 +299,9 @@ class Generation:
             if zygote is None:
                 zygote = await Zygote.fork(parent, request)
             self.importing = zygote  # a SIGUSR1 meanwhile reaches it (lifecycle.child_pids)
-            self.zygote = await zygote.imported()
+            self.zygote = await ready_or_promoted(
+                zygote.pid, zygote.imported(), f"zygote pid={zygote.pid} of generation {self.number}"
+            )
         except ImportFailed as exc:
             raise CandidateFailed(str(exc)) from None
         except ZygoteExited as exc:
@@ -361,7 +363,9 @@ class Generation:
                         spawn.cancel()
             for spawn in spawns:
                 spawn.result()  # the first failure, raised
-            await asyncio.gather(*(w.ready for w in new))
+            await asyncio.gather(
+                *(ready_or_promoted(w.pid, w.ready, f"worker pid={w.pid} of generation {self.number}") for w in new)
+            )
         except BaseException:
             for worker in new:
                 worker.signal(signal.SIGKILL)

@@ -49,7 +49,7 @@ from pypnm.settings import Settings
 from pypnm.supervisor import import_graph
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.import_graph import CodeScan, Plan
-from pypnm.supervisor.priority import CANDIDATE_NICE
+from pypnm.supervisor.priority import CANDIDATE_NICE, ready_or_promoted
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
 from pypnm.supervisor.snapshot import Lineage, Snapshot
 from pypnm.supervisor.spawner import ForkTemplate, SpawnError, Standby, Zygote
@@ -219,7 +219,7 @@ class Generations:
         try:
             standby = await Standby.fork(zygote, drop, CANDIDATE_NICE)
             self._standbys = [*(s for s in self._standbys if s.is_standing_by()), standby]
-            await standby.ready()
+            await ready_or_promoted(standby.pid, standby.ready(), standby.name)
         except SpawnError as exc:
             logger.warning("no standby for this reload: %s", exc)
             return None

@@ -1,33 +1,58 @@
-"""Candidates run at a lower CPU priority (a higher nice value) until they serve.
+"""Candidates run at the lowest CPU priority (SCHED_IDLE, niced) until they serve.
 
 Why: a reload's zygote imports the new code and its workers run lifespan startup and smoke
-checks while the serving generation answers requests on the same cores. Niced, the candidate
-takes only the CPU the serving workers leave over, so their latency stays near steady.
+checks while the serving generation answers requests on the same cores. The candidate must
+take only the CPU the serving workers leave over, so that their latency stays near steady.
 
-Raising a nice value is always allowed; lowering it back (what a worker does when it starts
-accepting) is not for an unprivileged process: it needs CAP_SYS_NICE, or an RLIMIT_NICE soft
-limit of at least `20 - base nice` (systemd: `LimitNICE=`; a shell: `ulimit -e`; the default
-limit, 0, allows nothing). SCHED_IDLE has the same rule for leaving it, and SCHED_BATCH does
-not lower the priority. A worker that could not give its nice value back would serve niced
-for good, so the fork template asks once, at start (`start`), whether it can, trying it on a
-thread of its own (the nice value is per thread on Linux); when it cannot, candidates are not
-niced at all, the template says so, and the master logs it once (spawner.py): reloads then
-run as before, at the serving workers' priority.
+Why SCHED_IDLE and not only a higher nice value: when a task wakes, the scheduler looks for an
+idle core to run it on, and it counts a core that runs only SCHED_IDLE tasks as idle. A serving
+worker that wakes up is then put on the candidate's core and takes it at once. With a nice value
+alone the candidate's core counts as busy, and the worker often waited behind another serving
+worker on the other core: on the large benchmark app (4 workers, 2 cores) the serving workers'
+wake-ups delayed over 1 ms added up to 39-58 ms per second of reload window niced, 23-33 ms
+SCHED_IDLE (`perf sched`, 5 and 7 runs). The candidate is niced as well, so that it stays
+niced once promoted (below).
 
-The nice value is per thread: a worker gives it back to every thread it has when it starts
+A SCHED_IDLE process runs only when nothing else wants the core: on cores that the serving
+workers keep busy all the time, a candidate would wait for idle time that never comes. So the
+master promotes a candidate that is not ready IDLE_LIMIT seconds after its fork to the normal
+policy, still niced (`ready_or_promoted`); the workers it forks after that inherit the normal
+policy.
+
+Raising a nice value and entering SCHED_IDLE are always allowed; going back (what a worker does
+when it starts accepting, and the master's promotion) is not for an unprivileged process: it
+needs CAP_SYS_NICE, or an RLIMIT_NICE soft limit of at least `20 - base nice` (systemd:
+`LimitNICE=`; a shell: `ulimit -e`; the default limit, 0, allows nothing). A worker that could
+not go back would serve at the lowest priority for good, so the fork template asks once, at
+start (`start`), whether it can, trying both on a thread of its own (both are per thread on
+Linux); when it cannot, candidates run at the serving priority, the template says so, and the
+master logs it once (spawner.py): reloads then run as before, at the serving workers' priority.
+
+The priority is per thread: a worker gives it back to every thread it has when it starts
 accepting (threads a lifespan startup started inherit the lowered priority), and threads
 started later inherit it from their creator.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import threading
+from collections.abc import Awaitable
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How much a candidate's nice value is raised while it imports and validates.
 CANDIDATE_NICE = 10
 MAX_NICE = 19
+# A candidate not ready this long after its fork runs at the normal policy, still niced (`ready_or_promoted`).
+IDLE_LIMIT = 1.0
+# Linux has SCHED_IDLE; elsewhere candidates are only niced.
+_SCHED_IDLE: int | None = getattr(os, "SCHED_IDLE", None) if hasattr(os, "sched_setscheduler") else None
 
 # Set by the fork template at start; its zygotes and workers inherit them by fork.
 _base: int = 0  # the nice value serving workers run at (the template's own)
@@ -43,15 +68,17 @@ def start() -> bool:
 
 
 def _probe(base: int) -> bool:
-    """Raise and lower a thread's nice value by one: does this process have the right to lower it?"""
+    """Enter and leave the lowered priority on a thread: does this process have the right to leave it?"""
     if base >= MAX_NICE:
         return False
     answer: list[bool] = []
 
     def attempt() -> None:
-        # Linux: with `who` 0, setpriority acts on the calling thread only, not the whole process.
+        # Linux: with `who` 0, setpriority and sched_setscheduler act on the calling thread only.
         try:
             os.setpriority(os.PRIO_PROCESS, 0, base + 1)
+            _set_idle(0)
+            _set_normal(0)
             os.setpriority(os.PRIO_PROCESS, 0, base)
         except OSError:
             answer.append(False)
@@ -65,18 +92,22 @@ def _probe(base: int) -> bool:
 
 
 def lower(increment: int) -> int:
-    """Run this process (a candidate's zygote) `increment` nice levels below serving; its nice value now."""
+    """Run this process (a candidate's zygote) SCHED_IDLE, `increment` nice levels below serving; its nice now."""
     if increment > 0 and _can_renice:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, min(_base + increment, MAX_NICE))
+            _set_idle(0)
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def restore() -> None:
-    """Give every thread of this process (a worker that starts accepting) the serving nice value back."""
-    if not _can_renice or os.getpriority(os.PRIO_PROCESS, 0) == _base:
+    """Give every thread of this process (a worker that starts accepting) the serving priority back."""
+    if not _can_renice:
         return
-    _set_all_threads(_base)
+    for tid in _threads("self"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            _set_normal(tid)
+            os.setpriority(os.PRIO_PROCESS, tid, _base)
 
 
 def leave() -> None:
@@ -93,10 +124,56 @@ def leave() -> None:
 
 def _set_all_threads(nice: int) -> None:
     """Linux: setpriority on a thread id sets that thread's nice value only, so each one is set."""
-    try:
-        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        threads = [0]
-    for tid in threads:
+    for tid in _threads("self"):
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             os.setpriority(os.PRIO_PROCESS, tid, nice)
+
+
+def _threads(pid: int | str) -> list[int]:
+    """The thread ids of process `pid` ("self": this one); [0], this thread, where /proc cannot tell."""
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [0] if pid == "self" else []
+
+
+def _set_idle(tid: int) -> None:
+    if _SCHED_IDLE is not None:
+        os.sched_setscheduler(tid, _SCHED_IDLE, os.sched_param(0))
+
+
+def _set_normal(tid: int) -> None:
+    if _SCHED_IDLE is not None:
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+
+
+# ----- the master's side ---------------------------------------------------------------------------
+
+
+async def ready_or_promoted(pid: int, ready: Awaitable[T], name: str) -> T:
+    """Await candidate `pid` getting ready; if that takes over IDLE_LIMIT seconds, promote it meanwhile.
+
+    Promoted: each of its threads leaves SCHED_IDLE for the normal policy and keeps its nice
+    value, so it gets the share of the CPU a niced process gets even on cores that never go
+    idle. `name` says which candidate in the log line.
+    """
+    promotion = asyncio.get_running_loop().call_later(IDLE_LIMIT, _promote, pid, name)
+    try:
+        return await ready
+    finally:
+        promotion.cancel()
+
+
+def _promote(pid: int, name: str) -> None:
+    promoted = 0
+    for tid in _threads(pid):
+        with contextlib.suppress(OSError):  # a thread (or the process) that ended meanwhile
+            if _SCHED_IDLE is not None and os.sched_getscheduler(tid) == _SCHED_IDLE:
+                _set_normal(tid)
+                promoted += 1
+    if promoted:
+        logger.info(
+            "%s not ready %.0fs after its fork with idle CPU time only: it runs niced now, no longer SCHED_IDLE",
+            name,
+            IDLE_LIMIT,
+        )
