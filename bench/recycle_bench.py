@@ -24,10 +24,20 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
-from reload_bench import LOG_LINE, SERVERS, LoadGenerator, Sample, Server, _setting, kinds, msecs, percentile
+from reload_bench import (
+    SERVERS,
+    AppChoice,
+    LoadGenerator,
+    Sample,
+    Server,
+    _setting,
+    kinds,
+    msecs,
+    parse_log_line,
+    percentile,
+)
 
 SWITCH_SETTLE = 3.0  # seconds after the reload that turns recycling on, left out of both phases
 RECYCLED = re.compile(r"worker recycled pid=\d+ generation=\d+: (served \d+ requests \(limit \d+\)|RSS .*?):")
@@ -46,10 +56,9 @@ def recycle_times(lines: list[str], wall_to_monotonic: float) -> list[float]:
     """When the master logged each recycle, on the load generator's clock."""
     times = []
     for line in lines:
-        match = LOG_LINE.match(line)
-        if match and RECYCLED.search(match.group(3)):
-            wall = datetime.fromisoformat(match.group(1) + "+00:00").timestamp()
-            times.append(wall - wall_to_monotonic)
+        parsed = parse_log_line(line)
+        if parsed and RECYCLED.search(parsed.message):
+            times.append(parsed.wall - wall_to_monotonic)
     return times
 
 
@@ -71,7 +80,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     env = {f"PYPNM_{name.upper()}": value for name, value in args.pypnm_setting}
     env |= {"PYPNM_CONFIG": str(config), "PYPNM_WATCH_CONFIG": "false"}  # SIGHUP is the one trigger
     load_before = os.getloadavg()[0]
-    server = Server(SERVERS["pypnm"], workdir, env)
+    server = Server(SERVERS["pypnm"], workdir, AppChoice("small", 0), env)
     load: LoadGenerator | None = None
     wall_to_monotonic = time.time() - time.monotonic()
     try:

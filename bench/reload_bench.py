@@ -901,7 +901,28 @@ def _broken(data: RunData, results: list[RoundResult]) -> dict[str, Any] | None:
     }
 
 
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ \[(\w+) pid=\d+ gen=\S+\] \S+: (.*)$")
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ \[(\w+) pid=(\d+) gen=\S+\] \S+: (.*)$")
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line of a pypnm server's text log: when (wall clock), which process, what it said."""
+
+    wall: float
+    role: str  # master, template, zygote, worker, ...
+    pid: int
+    message: str
+
+
+def parse_log_line(line: str) -> LogLine | None:
+    """The line's parts; None for a line that is not one of pypnm's (a traceback's, uvicorn's before set-up)."""
+    match = LOG_LINE.match(line)
+    if not match:
+        return None
+    wall = datetime.fromisoformat(match.group(1) + "+00:00").timestamp()  # the log's stamps are UTC
+    return LogLine(wall, match.group(2), int(match.group(3)), match.group(4))
+
+
 PHASE_NAMES = (
     ("SIGHUP -> queued", "hup", "queued"),
     ("queued -> building", "queued", "building"),
@@ -922,11 +943,10 @@ def pypnm_phases(lines: list[str], rounds: list[Round]) -> tuple[dict[str, float
     queued: dict[str, float] = {}
     generation_of: dict[str, int] = {}
     for line in lines:
-        match = LOG_LINE.match(line)
-        if not match:
+        parsed = parse_log_line(line)
+        if parsed is None:
             continue
-        stamp = datetime.fromisoformat(match.group(1) + "+00:00").timestamp()
-        message = match.group(3)
+        stamp, message = parsed.wall, parsed.message
         if found := re.match(r"reload requested by SIGHUP: reload (\w+) queued", message):
             queued[found.group(1)] = stamp
         elif found := re.match(r"reload (\w+): building generation (\d+)", message):

@@ -30,15 +30,14 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
+
+from reload_bench import WINDOW, parse_log_line  # the window the benchmark reports on, its log reading
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_BENCH = ["--app", "big", "--reloads", "10", "--only", "pypnm-4", "--reload-import", "incremental"]
 DEFAULT_BENCH += ["--no-inflight", "--no-broken"]
-WINDOW = 1.0  # reload_bench.py's window: [trigger, trigger + 1 s)
 BIN = 0.05
-LOG_LINE = re.compile(r"^(\S+)Z \w+ \[(\w+) pid=(\d+) gen=[-\d]+\]")
 
 
 @dataclass(frozen=True)
@@ -70,21 +69,21 @@ class Roles:
         self.serving_since: dict[int, float] = {}  # generation -> the swap that made it serve
         self.drained_at: dict[int, float] = {}
         for line in log:
-            found = LOG_LINE.match(line)
-            if not found:
+            parsed = parse_log_line(line)
+            if parsed is None:
                 continue
-            when = datetime.fromisoformat(found.group(1)).replace(tzinfo=UTC).timestamp()
-            self.role.setdefault(int(found.group(3)), found.group(2))
-            if spawned := re.search(r"worker spawned pid=(\d+) generation=(\d+)", line):
+            self.role.setdefault(parsed.pid, parsed.role)
+            message = parsed.message
+            if spawned := re.match(r"worker spawned pid=(\d+) generation=(\d+)", message):
                 self.workers[int(spawned.group(1))] = int(spawned.group(2))
-            elif zygote := re.search(r"zygote imported pid=(\d+)", line):
+            elif zygote := re.match(r"zygote imported pid=(\d+)", message):
                 self.role[int(zygote.group(1))] = "zygote"
-            elif template := re.search(r"fork template started pid=(\d+)", line):
+            elif template := re.match(r"fork template started pid=(\d+)", message):
                 self.role[int(template.group(1))] = "template"
-            elif (swapped := re.search(r"swapped in .*generation (\d+) serving", line)) is not None:
-                self.serving_since[int(swapped.group(1))] = when
-            elif (drained := re.search(r"generation (\d+) drained", line)) is not None:
-                self.drained_at[int(drained.group(1))] = when
+            elif swapped := re.search(r"swapped in .*generation (\d+) serving", message):
+                self.serving_since[int(swapped.group(1))] = parsed.wall
+            elif drained := re.match(r"generation (\d+) drained", message):
+                self.drained_at[int(drained.group(1))] = parsed.wall
 
     def serving(self, pid: int, when: float) -> bool:
         generation = self.workers.get(pid)
