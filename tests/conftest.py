@@ -73,8 +73,8 @@ async def supervisor() -> dict[str, object]:
 """
 
 
-# Once `slow` exists in SLOW_DIR, its import says its pid (file `importing`) and waits for `go` there
-# (serve_held_import, hold_next_import).
+# Once `slow` exists in SLOW_DIR, its import writes its scheduling policy and nice value (file `policy`),
+# says its pid (file `importing`) and waits for `go` there (serve_held_import, hold_next_import).
 SLOW_IMPORT_APP = (
     '''"""A test app whose import can be held up, so that a test acts while a zygote imports it."""
 
@@ -821,9 +821,6 @@ def set_marker(app_dir: Path, marker: str) -> None:
     path.write_text(text[:start] + f'MARKER = "{marker}"' + text[end + 1 :])
 
 
-# ----- logging set up inside the test process ------------------------------------------------------
-
-
 def serve_held_import(start_service: StartService, directory: Path, **env: str) -> Service:
     """SLOW_IMPORT_APP with one worker, from `directory`, whose next import `hold_next_import` holds up."""
     write_app_package(directory / "app", "slowapp", SLOW_IMPORT_APP)
@@ -838,6 +835,9 @@ def hold_next_import(service: Service, directory: Path) -> int:
     service.signal(signal.SIGHUP)
     importing = directory / "importing"
     return int(wait_until(lambda: importing.exists() and importing.read_text()))
+
+
+# ----- logging set up inside the test process ------------------------------------------------------
 
 
 @pytest.fixture
