@@ -2,9 +2,10 @@
 
 The window p99 of 10 reloads moves by tenths from run to run with the same code; the kernel's own
 record of who waited for a core, and behind whom, shows changes that the request latencies hide.
-This runs `reload_bench.py` once for one pypnm server (`--only pypnm-4 --reload-import incremental
---no-inflight --no-broken --keep` by default, or the arguments after `--`) while `perf sched record
--a` records every context switch on the machine, then reads `perf sched timehist`:
+This runs `reload_bench.py` once (`--only pypnm-4 --reload-import incremental --no-inflight
+--no-broken --keep` by default, or the arguments after `--`; `--run` picks the pypnm server to
+read when they run several) while `perf sched record -a` records every context switch on the
+machine, then reads `perf sched timehist`:
 
 - each wake-up of a serving worker (a worker of the generation that serves, from the swap that
   made it serve to its generation's drain, by the master's log) that waited over `--over` ms for a
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reload_bench import WINDOW, parse_log_line  # the window the benchmark reports on, its log reading
+from reload_bench import parse_args as bench_parse_args
+from reload_bench import runs as bench_runs
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_BENCH = ["--app", "big", "--reloads", "10", "--only", "pypnm-4", "--reload-import", "incremental"]
@@ -175,11 +178,19 @@ def run_bench(bench_args: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--over", type=float, default=1.0, help="count wake-ups that waited over this many ms")
+    parser.add_argument(
+        "--run",
+        help="the run to read when the benchmark ran several servers, by its name in reload_bench.py's "
+        "report (e.g. 'pypnm-4[incremental]'); the others' processes still count as what ran on a core",
+    )
     parser.add_argument("bench", nargs="*", help="reload_bench.py's arguments (after --); --keep is added")
     args = parser.parse_args(argv)
     bench_args = [*(args.bench or DEFAULT_BENCH), "--keep"]
-    if "--only" not in bench_args:
-        parser.error("give reload_bench.py one pypnm server with --only")
+    names = [name for name, _, _ in bench_runs(bench_parse_args(bench_args))]
+    if args.run is None and len(names) != 1:
+        parser.error(f"the benchmark will run {', '.join(names)}: name the one to read with --run")
+    if args.run is not None and args.run not in names:
+        parser.error(f"--run {args.run}: the benchmark will run {', '.join(names)}")
     with tempfile.TemporaryDirectory(prefix="pypnm-sched-") as scratch:
         data = Path(scratch) / "perf.data"
         offset = time.time() - time.monotonic()  # perf's -k mono clock to the log's wall clock
@@ -200,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         timehist = subprocess.run(
             ["perf", "sched", "timehist", "-i", str(data)], capture_output=True, text=True, check=True, timeout=600
         ).stdout
-    (run,) = [p for p in Path(kept.group(1)).iterdir() if p.is_dir() and (p / "rounds.json").exists()]
+    run = Path(kept.group(1)) / (args.run or names[0])
+    if not (run / "rounds.json").exists():
+        print(f"{run.name} did not run (see the benchmark's output above): nothing to read", file=sys.stderr)
+        return 1
     rounds = json.loads((run / "rounds.json").read_text())
     triggers = [r["trigger_wall"] for r in rounds if r["kind"] == "reload"]
     roles = Roles((run / "server.log").read_text(errors="replace").splitlines())
