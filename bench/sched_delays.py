@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the benchmark will run {', '.join(names)}: name the one to read with --run")
     if args.run is not None and args.run not in names:
         parser.error(f"--run {args.run}: the benchmark will run {', '.join(names)}")
+    if not (args.run or names[0]).startswith("pypnm"):
+        parser.error("the run to read must be a pypnm server's: only its log says which pid is a serving worker")
     with tempfile.TemporaryDirectory(prefix="pypnm-sched-") as scratch:
         data = Path(scratch) / "perf.data"
         offset = time.time() - time.monotonic()  # perf's -k mono clock to the log's wall clock
