@@ -177,9 +177,14 @@ class Rollback:
         self._keep(None)
 
     def view(self) -> dict[str, Any] | None:
-        """The watch for /status: which generation, since which reload, its crashes so far, what is kept."""
+        """The watch for /status: which generation, since which reload, its crashes so far, what is kept.
+
+        Only the serving generation's: during a swap the new generation serves a moment before
+        `swapped` replaces the old one's watch (the swap waits for the old generation to stop
+        accepting), and /status must not show the new generation with the old one's watch.
+        """
         watch = self.watch
-        if watch is None:
+        if watch is None or watch.generation != self.generations.serving_number():
             return None
         return {
             "generation": watch.generation,
