@@ -833,7 +833,8 @@ def analyse(data: RunData) -> Report:
     results = [analyse_round(r, end, normal) for r, end in zip(rounds, ends, strict=True)]
 
     reload_rounds = [r for r in rounds if r.kind == "reload"]
-    in_window = [s for s in normal if any(r.trigger <= s.sent < r.trigger + WINDOW for r in reload_rounds)]
+    # Latencies of each reload's window; windows never overlap (--spacing >= WINDOW).
+    windows = [[s.latency for s in normal if r.trigger <= s.sent < r.trigger + WINDOW] for r in reload_rounds]
     reload_span = (reload_rounds[0].trigger, ends[len(reload_rounds) - 1]) if reload_rounds else (0.0, 0.0)
     outside = [
         s
@@ -842,7 +843,6 @@ def analyse(data: RunData) -> Report:
         and not any(r.trigger <= s.sent < r.trigger + WINDOW for r in reload_rounds)
     ]
     quiet = [s for s in normal if data.quiet[0] <= s.sent < data.quiet[1]]
-    windows = [[s.latency for s in in_window if r.trigger <= s.sent < r.trigger + WINDOW] for r in reload_rounds]
     blocks: dict[int, list[float]] = {}
     for sample in quiet + outside:
         blocks.setdefault(int(sample.sent // STEADY_BLOCK), []).append(sample.latency)
@@ -875,7 +875,7 @@ def analyse(data: RunData) -> Report:
         steady_p50=percentile([s.latency for s in quiet + outside if not s.error], 50),
         steady_p99=percentile([s.latency for s in quiet + outside], 99),
         quiet_p99=percentile([s.latency for s in quiet], 99),
-        window_p99=percentile([s.latency for s in in_window], 99),
+        window_p99=percentile([latency for window in windows for latency in window], 99),
         outside_p99=percentile([s.latency for s in outside], 99),
         window_max=median(r.window_max for r in results if r.kind == "reload"),
         window_ratio_interval=ratio_interval([w for w in windows if w], list(blocks.values())),
