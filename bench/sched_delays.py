@@ -22,6 +22,7 @@ kernel.perf_event_paranoid <= -1). Run it on an otherwise idle machine, as the b
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import re
 import signal
@@ -123,9 +124,12 @@ def largest(amounts: dict[str, float], count: int) -> list[tuple[str, float]]:
 
 
 def analyse(switches: list[Switch], roles: Roles, triggers: list[float], over: float) -> None:
+    # One core runs one task at a time: its switches, in the order of their ends, are in the order of
+    # their starts too, so those that ran while a task waited are found by bisection, not a scan.
     by_cpu: dict[str, list[Switch]] = defaultdict(list)
-    for switch in switches:
+    for switch in sorted(switches, key=lambda s: s.end):
         by_cpu[switch.cpu].append(switch)
+    ends = {cpu: [s.end for s in on_cpu] for cpu, on_cpu in by_cpu.items()}
     span = (min(s.end for s in switches), max(s.end for s in switches))
     inside: dict[str, float] = defaultdict(float)
     outside: dict[str, float] = defaultdict(float)
@@ -137,7 +141,11 @@ def analyse(switches: list[Switch], roles: Roles, triggers: list[float], over: f
         trigger = next((t for t in triggers if t <= switch.woken < t + WINDOW), None)
         blame = inside if trigger is not None else outside
         waited["inside" if trigger is not None else "outside"] += switch.delay
-        for other in by_cpu[switch.cpu]:  # what ran on its core while it waited
+        on_cpu = by_cpu[switch.cpu]
+        for index in range(bisect.bisect_right(ends[switch.cpu], switch.woken), len(on_cpu)):  # what ran meanwhile
+            other = on_cpu[index]
+            if other.start >= switch.start:
+                break
             overlap = min(other.end, switch.start) - max(other.start, switch.woken)
             if overlap > 0 and other is not switch:
                 blame[roles.name(other)] += overlap * 1000
