@@ -38,7 +38,7 @@ def test_sighup_to_the_whole_process_group_reloads_instead_of_killing(
     service = serve_marker(start_service, marker_app, graceful_timeout=5)
     before = supervisor_status(service)
     template = before["master"]["template_pid"]
-    assert os.getsid(template) != os.getsid(service.proc.pid)  # out of the terminal's reach
+    assert os.getpgid(template) != os.getpgid(service.proc.pid)  # out of the terminal's reach
 
     os.killpg(service.proc.pid, signal.SIGHUP)  # what a closing terminal does
 

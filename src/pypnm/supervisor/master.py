@@ -28,6 +28,7 @@ import logging
 import signal
 import socket
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from pypnm.identity import utc_now
 from pypnm.logs import set_generation, set_level, set_reload_id_source
 from pypnm.profile import runtime_profile
 from pypnm.settings import Settings, setting_source
-from pypnm.supervisor import build, control, status
+from pypnm.supervisor import build, control, priority, status
 from pypnm.supervisor.build import DEFAULT_APP
 from pypnm.supervisor.config_watch import ConfigWatch, as_given
 from pypnm.supervisor.generation import CandidateFailed, Generation
@@ -152,6 +153,9 @@ class Master:
         return self.exit_code
 
     async def _main(self) -> None:
+        # The master's threads do background file work beside the serving workers: niced (priority.py).
+        background = ThreadPoolExecutor(thread_name_prefix="pypnm-master", initializer=priority.lower_this_thread)
+        asyncio.get_running_loop().set_default_executor(background)  # asyncio.run shuts it down at the end
         install_signals(
             self.queue.request, self._on_stop_signal, log_writers=self.generations.child_pids, on_upgrade=self._upgrade
         )
@@ -279,7 +283,6 @@ class Master:
         serving = self.generations.serving
         replaced = KnownGood(serving.number, serving.snapshot, self.settings) if serving else None
         self.generations.start_standby()
-        await asyncio.sleep(0)  # its request goes out before the snapshot holds the loop
         try:
             snapshot, settings, tls_warnings = await self._build(number)
             logger.info("reload %s: snapshot of generation %d: %s", record.id, number, snapshot.summary())
@@ -377,7 +380,8 @@ class Master:
         await self.template.refresh_if_stale()
         self.files.follow(await asyncio.to_thread(self.locator.find))
         serving = self.generations.serving  # its snapshot shares what did not change with the new one
-        snapshot = take_snapshot(
+        snapshot = await asyncio.to_thread(
+            take_snapshot,
             self.files.sources,
             self.runtime.path / f"gen-{number}",
             self.config_file,

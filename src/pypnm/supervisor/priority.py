@@ -147,6 +147,23 @@ def _set_normal(tid: int) -> None:
         os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
+def lower_this_thread() -> None:
+    """Run the calling thread CANDIDATE_NICE levels below its process, for good (the master's background threads).
+
+    Why: the master's threads (its loop's default executor) do a reload's file work, the snapshot's
+    stat calls, hard links and compiles, and the import-graph scan, while the serving workers answer
+    on the same cores, and kept them waiting for a core in a reload's first 50 ms (`perf sched`, 10
+    reloads of the large benchmark app): 23 ms in all at the master's priority, 32 ms niced but in
+    a session of its own, 14 ms niced in the workers' session. Where the kernel groups tasks by
+    session (autogroups), a thread of another session is weighed as a whole group against the
+    workers, whatever its nice value: spawner.py keeps the workers in the master's session.
+    Not SCHED_IDLE, as candidates are: the reload waits for this work, and a master without the
+    right to renice could never take a thread out of SCHED_IDLE on cores the workers keep busy.
+    """
+    with contextlib.suppress(OSError):  # Linux: `who` 0 is the calling thread
+        os.setpriority(os.PRIO_PROCESS, 0, min(os.getpriority(os.PRIO_PROCESS, 0) + CANDIDATE_NICE, MAX_NICE))
+
+
 # ----- the master's side ---------------------------------------------------------------------------
 
 
