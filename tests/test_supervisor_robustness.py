@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import os
+import pty
 import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from conftest import StartService, pid_alive, reload_by_sighup, serve_marker, supervisor_status, wait_until
+from conftest import (
+    Service,
+    StartService,
+    base_env,
+    free_port,
+    pid_alive,
+    pypnm_command,
+    reload_by_sighup,
+    serve_marker,
+    supervisor_status,
+    wait_until,
+)
 
 O_CLOEXEC = 0o2000000  # as /proc/<pid>/fdinfo prints the descriptor's flags
 
@@ -38,7 +53,7 @@ def test_sighup_to_the_whole_process_group_reloads_instead_of_killing(
     service = serve_marker(start_service, marker_app, graceful_timeout=5)
     before = supervisor_status(service)
     template = before["master"]["template_pid"]
-    assert os.getpgid(template) != os.getpgid(service.proc.pid)  # out of the terminal's reach
+    assert os.getsid(template) != os.getsid(service.proc.pid)  # out of the terminal's reach
 
     os.killpg(service.proc.pid, signal.SIGHUP)  # what a closing terminal does
 
@@ -51,6 +66,64 @@ def test_sighup_to_the_whole_process_group_reloads_instead_of_killing(
     after = wait_until(reloaded, timeout=30)
     assert pid_alive(template) and after["master"]["template_pid"] == template
     assert service.get("/marker").status_code == 200
+
+
+TERMINAL_APP = """
+import sys
+
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.get("/health")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.get("/line")
+def line() -> dict[str, str]:
+    return {"line": sys.stdin.readline().strip()}  # what breakpoint() in a handler does: read the terminal
+"""
+# Makes the terminal on stdin the controlling terminal of this new session, then runs the command.
+ACQUIRE_TERMINAL = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.executable, sys.argv[1:])"
+)
+
+
+def test_a_worker_reads_the_terminal_pypnm_runs_in(tmp_path: Path) -> None:
+    """pypnm started at a terminal: a worker that reads it (`breakpoint()` in a handler) gets what is typed.
+
+    The workers' session of their own is why: in the terminal's session, as a process group of their own
+    (out of its signals' reach all the same), a worker that reads the terminal is stopped by SIGTTIN.
+    """
+    (tmp_path / "ttyapp.py").write_text(TERMINAL_APP)
+    terminal, its_device = pty.openpty()
+    port = free_port()
+    command = pypnm_command("serve", "--port", str(port), "--app", "ttyapp:app", "--workers", "1")
+    with (tmp_path / "server.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ACQUIRE_TERMINAL, *command],
+            cwd=tmp_path,
+            env=base_env(),
+            stdin=its_device,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    os.close(its_device)
+    service = Service(proc, port, tmp_path / "server.log")
+    try:
+        service.wait_ready()
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(service.get, "/line", timeout=20.0)
+            os.write(terminal, b"typed at the terminal\n")  # kept by the terminal until the worker reads it
+            answer = asked.result(timeout=30)
+        assert answer.status_code == 200, service.output()
+        assert answer.json() == {"line": "typed at the terminal"}
+    finally:
+        service.stop()
+        os.close(terminal)
 
 
 def test_worker_descriptors_are_not_inherited_by_the_apps_children(

@@ -152,13 +152,17 @@ def lower_this_thread() -> None:
 
     Why: the master's threads (its loop's default executor) do a reload's file work, the snapshot's
     stat calls, hard links and compiles, and the import-graph scan, while the serving workers answer
-    on the same cores, and kept them waiting for a core in a reload's first 50 ms (`perf sched`, 10
-    reloads of the large benchmark app): 23 ms in all at the master's priority, 32 ms niced but in
-    a session of its own, 14 ms niced in the workers' session. Where the kernel groups tasks by
-    session (autogroups), a thread of another session is weighed as a whole group against the
-    workers, whatever its nice value: spawner.py keeps the workers in the master's session.
+    on the same cores, and the master's loop (signals, the control channel, the swap) must not wait
+    behind it either. Where the workers share a scheduling group with the master (a systemd
+    service's control group with the CPU controller on), the niced threads yield to them: with the
+    workers moved into the master's session for a trial, the serving workers' waits behind the
+    master in a reload's first 50 ms fell from 23 ms (the snapshot in the master's loop) to 14 ms
+    over 10 reloads of the large benchmark app (`perf sched`). Where the kernel groups tasks by
+    session (autogroups), the workers' own session (spawner.py says why) is a group of its own,
+    weighed against the master's as a whole, and a thread's nice value counts only inside its
+    group: there the waits stayed about the same (32 ms in that trial).
     Not SCHED_IDLE, as candidates are: the reload waits for this work, and a master without the
-    right to renice could never take a thread out of SCHED_IDLE on cores the workers keep busy.
+    right to renice could never take a thread out of SCHED_IDLE.
     """
     with contextlib.suppress(OSError):  # Linux: `who` 0 is the calling thread
         os.setpriority(os.PRIO_PROCESS, 0, min(os.getpriority(os.PRIO_PROCESS, 0) + CANDIDATE_NICE, MAX_NICE))

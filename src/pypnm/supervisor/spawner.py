@@ -457,12 +457,11 @@ class ForkTemplate(ForkChannel):
                 *self.preload,
             ],
             pass_fds=[theirs.fileno(), lock],
-            # Its own process group: a terminal's SIGINT or SIGHUP reaches the master only, which then
-            # stops or reloads the workers in order instead of having them die under it. Not a session
-            # of its own: where the kernel groups tasks by session (autogroups), the master's threads
-            # would be a group of their own, scheduled as one task against all the workers, and their
-            # lower priority (priority.lower_this_thread) would count for nothing against the workers.
-            process_group=0,
+            # Its own session: a terminal's SIGINT or SIGHUP reaches the master only, which then
+            # stops or reloads the workers in order instead of having them die under it. Not only a
+            # process group of its own: that is a background job of the terminal's session, whose
+            # worker is stopped (SIGTTIN) when it reads the terminal, as `breakpoint()` in a handler does.
+            start_new_session=True,
         )
         theirs.close()
         self._open(ours)

@@ -26,9 +26,7 @@ with the master (protocol.py, "fork template"): a hello (`TemplateHello`, `Zygot
 an answer to each request, whose file descriptors are the new process's channels (a worker's:
 [worker channel, listeners...]; a zygote's: [its channel]), with its pid or the error.
 End-of-file means the master is gone (or, for a zygote, done with it): the process exits.
-The template runs in a process group of its own, so a terminal's signals reach only the master,
-and in the master's session, so the kernel's autogroups put the master and the workers in one
-group (spawner.py says why).
+The template runs in a session of its own (so a terminal's signals reach only the master).
 
 Exit statuses. Only a process's parent can wait for it, so each loop reaps its children and
 sends each one's wait status to the master (`WorkerExited`), which names it wherever it
@@ -482,9 +480,6 @@ def become_subreaper() -> None:
 
 
 def main() -> None:
-    # A process group of its own is a background one to a terminal: with `stty tostop` a write to it
-    # would stop the writer. Ignored, the write goes through (the zygotes and workers inherit this).
-    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     channel_fd, lock_fd, runtime_dir, log_level, *extra = sys.argv[1:]
     runtime.adopt(int(lock_fd), Path(runtime_dir))
     setup_logging("template", log_level)
