@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # reload_bench, beside
 
 import reload_bench as rb
 
+APP = rb.AppChoice("small", 0)  # the reload benchmark's small app (bench/app.py)
+
 WINDOW = 1.0  # seconds after a replacement serves that still count to its window
 OPERATION_TIMEOUT = 180.0  # a replacement that takes longer is reported as failed and ends the run
 
@@ -90,7 +92,7 @@ class Target:
         self.workdir = workdir
         self.port = rb.free_port()
         self.base_url = f"http://{rb.HOST}:{self.port}"
-        rb.AppCopy(workdir)
+        rb.AppCopy(workdir, APP)
         self.log_path = workdir / "server.log"
         self._log = self.log_path.open("ab")
         self.process = self._launch()
@@ -135,7 +137,7 @@ class UvicornRestart(Target):
     title = "uvicorn --workers 2, stopped (SIGTERM, wait) then started again"
 
     def command(self) -> list[str]:
-        return rb._uvicorn("--workers", "2")(self.port)
+        return rb._uvicorn("--workers", "2")(self.port, APP.spec)
 
     def replace(self) -> Operation:
         old = self.process
@@ -156,7 +158,7 @@ class PypnmUpgrade(Target):
         super().__init__(workdir)
 
     def command(self) -> list[str]:
-        return [*rb._pypnm(self.port), "--pid-file", str(self.pid_file)]
+        return rb._pypnm("--workers", "2", "--pid-file", str(self.pid_file))(self.port, APP.spec)
 
     def current_pid(self) -> int:
         return int(self.pid_file.read_text())
@@ -269,10 +271,10 @@ def print_report(results: list[Result]) -> None:
     print("| server | replacements | failed requests | longest request in a window | window p99 / steady p99 |")
     print("|---|---|---|---|---|")
     for r in results:
-        ratio = f"{r.window_p99 / r.steady_p99:.2f}x" if r.window_p99 is not None and r.steady_p99 else "-"
-        ratio += f" ({rb.msecs(r.window_p99)} vs {rb.msecs(r.steady_p99)})"
+        shown = f"{r.window_p99 / r.steady_p99:.2f}x" if r.window_p99 is not None and r.steady_p99 else "-"
+        shown += f" ({rb.msecs(r.window_p99)} vs {rb.msecs(r.steady_p99)})"
         failed = sum(r.failed.values())
-        print(f"| {r.name} | {r.replacements} | {failed} | {rb.msecs(r.longest_in_windows)} | {ratio} |")
+        print(f"| {r.name} | {r.replacements} | {failed} | {rb.msecs(r.longest_in_windows)} | {shown} |")
     pypnm = next((r for r in results if r.name == "pypnm-upgrade"), None)
     if pypnm is not None:
         failed = sum(pypnm.failed.values())
