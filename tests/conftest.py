@@ -314,11 +314,18 @@ class Service:
 
 
 def launch(
-    command: list[str], *, log: Path, port: int, cwd: Path, env: dict[str, str], host: str = "127.0.0.1"
+    command: list[str],
+    *,
+    log: Path,
+    port: int,
+    cwd: Path,
+    env: dict[str, str],
+    host: str = "127.0.0.1",
+    stdin: int = subprocess.DEVNULL,
 ) -> Service:
     """Start a server process in a session of its own (so that its whole group can be stopped), output to `log`.
 
-    `command` may contain "{port}", replaced by `port`.
+    `command` may contain "{port}", replaced by `port`. `stdin`: a descriptor to read from (a terminal's).
     """
     with log.open("wb") as output:
         proc = subprocess.Popen(
@@ -327,7 +334,7 @@ def launch(
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             start_new_session=True,
         )
     return Service(proc, port, log, host)

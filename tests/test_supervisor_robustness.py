@@ -5,17 +5,16 @@ from __future__ import annotations
 import os
 import pty
 import signal
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from conftest import (
-    Service,
     StartService,
     base_env,
     free_port,
+    launch,
     pid_alive,
     pypnm_command,
     reload_by_sighup,
@@ -99,20 +98,16 @@ def test_a_worker_reads_the_terminal_pypnm_runs_in(tmp_path: Path) -> None:
     """
     (tmp_path / "ttyapp.py").write_text(TERMINAL_APP)
     terminal, its_device = pty.openpty()
-    port = free_port()
-    command = pypnm_command("serve", "--port", str(port), "--app", "ttyapp:app", "--workers", "1")
-    with (tmp_path / "server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", ACQUIRE_TERMINAL, *command],
-            cwd=tmp_path,
-            env=base_env(),
-            stdin=its_device,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    command = pypnm_command("serve", "--port", "{port}", "--app", "ttyapp:app", "--workers", "1")
+    service = launch(
+        [sys.executable, "-c", ACQUIRE_TERMINAL, *command],
+        log=tmp_path / "server.log",
+        port=free_port(),
+        cwd=tmp_path,
+        env=base_env(),
+        stdin=its_device,
+    )
     os.close(its_device)
-    service = Service(proc, port, tmp_path / "server.log")
     try:
         service.wait_ready()
         with ThreadPoolExecutor(1) as pool:
