@@ -833,15 +833,17 @@ def analyse(data: RunData) -> Report:
     results = [analyse_round(r, end, normal) for r, end in zip(rounds, ends, strict=True)]
 
     reload_rounds = [r for r in rounds if r.kind == "reload"]
-    # Latencies of each reload's window; windows never overlap (--spacing >= WINDOW).
-    windows = [[s.latency for s in normal if r.trigger <= s.sent < r.trigger + WINDOW] for r in reload_rounds]
     reload_span = (reload_rounds[0].trigger, ends[len(reload_rounds) - 1]) if reload_rounds else (0.0, 0.0)
-    outside = [
-        s
-        for s in normal
-        if reload_span[0] <= s.sent < reload_span[1]
-        and not any(r.trigger <= s.sent < r.trigger + WINDOW for r in reload_rounds)
-    ]
+    # Each sample of the reload rounds goes to its reload's window (they never overlap: --spacing >= WINDOW)
+    # or, sent outside every window, to the steady samples between them.
+    windows: list[list[float]] = [[] for _ in reload_rounds]
+    outside: list[Sample] = []
+    for s in normal:
+        window = next((i for i, r in enumerate(reload_rounds) if r.trigger <= s.sent < r.trigger + WINDOW), None)
+        if window is not None:
+            windows[window].append(s.latency)
+        elif reload_span[0] <= s.sent < reload_span[1]:
+            outside.append(s)
     quiet = [s for s in normal if data.quiet[0] <= s.sent < data.quiet[1]]
     blocks: dict[int, list[float]] = {}
     for sample in quiet + outside:
