@@ -25,6 +25,7 @@ from conftest import (
     reload_by_sighup,
     serve_marker,
     supervisor_status,
+    wait_until,
 )
 
 SERVING = re.compile(r"\[worker pid=(\d+) gen=\d+\] pypnm\.supervisor\.worker: generation \d+ worker serving")
@@ -75,9 +76,16 @@ def test_each_worker_warms_up_before_it_accepts_and_the_app_never_sees_it(
     assert "warm-up request" not in service.output()  # neither failed nor answered other than 200
 
     # The app counts every request it answers (pypnm_http_requests_total, by route): the warm-up is not one.
-    metrics = service.get("/metrics").text
-    routes = set(re.findall(r'^pypnm_http_requests_total\{[^}]*route="([^"]*)"', metrics, re.MULTILINE))
-    assert routes and routes <= {"/health", "/supervisor", "/metrics"}, metrics
+    # Generation 1's worker, which answered the test's requests so far, writes its counts out up to
+    # a second after its last one (pypnm.api.metrics.FLUSH_INTERVAL), and the first scrape after the
+    # swap may come before that: scrape until some count shows, checking every scrape.
+    def counted_routes() -> set[str]:
+        metrics = service.get("/metrics").text
+        routes = set(re.findall(r'^pypnm_http_requests_total\{[^}]*route="([^"]*)"', metrics, re.MULTILINE))
+        assert routes <= {"/health", "/supervisor", "/metrics"}, metrics
+        return routes
+
+    wait_until(counted_routes, timeout=10.0, interval=0.2)
 
 
 def test_keep_alive_connections_to_a_replaced_generation_are_drained_at_the_swap(
