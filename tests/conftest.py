@@ -241,6 +241,11 @@ class Service:
         kwargs.setdefault("verify", self.verify)
         return httpx.get(self.base_url + path, **kwargs)
 
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        kwargs.setdefault("timeout", 10.0)
+        kwargs.setdefault("verify", self.verify)
+        return httpx.post(self.base_url + path, **kwargs)
+
     def status(self) -> dict[str, Any]:
         response = self.get(STATUS_PATH)
         assert response.status_code == 200, response.text
@@ -498,6 +503,7 @@ def asgi_request(
     base_url: str = "http://127.0.0.1:8000",
     headers: Mapping[str, str] | Mapping[bytes, bytes] | None = None,
     params: Mapping[str, str] | None = None,
+    json: Any = None,
 ) -> httpx.Response:
     """One request through an ASGI app in-process, from any client address (`peer`); scope["server"] is base_url's.
 
@@ -507,7 +513,7 @@ def asgi_request(
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=app, client=(peer, 50000))
         async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
-            return await client.request(method, path, params=params, headers=headers)
+            return await client.request(method, path, params=params, headers=headers, json=json)
 
     return asyncio.run(go())
 

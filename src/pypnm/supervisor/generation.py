@@ -312,6 +312,8 @@ class Generation:
         assert self.zygote is not None
         self.drop = drop
         steps = ", ".join(f"{step} {ms}ms" for step, ms in self.zygote.took_ms.items())
+        if self.zygote.adapters is not None:
+            steps += "; field adapters: {} reused, {} built".format(*self.zygote.adapters)
         how = "clean import" if self.zygote.reimported is None else f"{self.zygote.reimported} module(s) re-imported"
         logger.info(
             "zygote imported pid=%d generation=%d (%s%s)%s",

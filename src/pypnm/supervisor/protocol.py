@@ -181,6 +181,8 @@ class ZygoteReady:
     reimported: int | None = None
     # How long each step took, in order: "drop", "release" or "full release" (reimport.py), "import", "routes".
     took_ms: dict[str, int] = field(default_factory=dict, hash=False)
+    # (reused, built): the pydantic adapters of FastAPI's fields (field_adapters.py); None where not reused.
+    adapters: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -244,10 +246,12 @@ def encode_template(message: TemplateMessage) -> bytes:
             body = {"cmd": "zygote", "spec": spec.as_dict(), "nice": nice}
             if drop is not None:
                 body["drop"] = drop
-        case ZygoteReady(pid=pid, nice=nice, reimported=reimported, took_ms=took_ms):
+        case ZygoteReady(pid=pid, nice=nice, reimported=reimported, took_ms=took_ms, adapters=adapters):
             body = {"zygote": pid, "nice": nice, "reimported": reimported}
             if took_ms:
                 body["took_ms"] = took_ms
+            if adapters is not None:
+                body["adapters"] = list(adapters)
         case ZygoteFailed(reason=reason):
             body = {"zygote_failed": reason}
         case StandbyRequest(drop=drop, nice=nice):
@@ -288,7 +292,20 @@ def decode_template(data: bytes) -> TemplateMessage:
         if reimported is not None and not isinstance(reimported, int):
             raise ProtocolError(channel, "field 'reimported' must be an integer or null")
         took_ms = _milliseconds(body.get("took_ms", {}), channel)
-        return ZygoteReady(_get(body, "zygote", int, channel), _get(body, "nice", int, channel), reimported, took_ms)
+        adapters = body.get("adapters")
+        if adapters is not None and not (
+            isinstance(adapters, list)
+            and len(adapters) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in adapters)
+        ):
+            raise ProtocolError(channel, "field 'adapters' must be two counts [reused, built]")
+        return ZygoteReady(
+            _get(body, "zygote", int, channel),
+            _get(body, "nice", int, channel),
+            reimported,
+            took_ms,
+            None if adapters is None else (adapters[0], adapters[1]),
+        )
     if "standby" in body:
         return StandbyReady(_get(body, "standby", int, channel), _milliseconds(body.get("took_ms", {}), channel))
     if "error" in body:

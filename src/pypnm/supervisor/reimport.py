@@ -22,7 +22,8 @@ FastAPI memoizes facts about each endpoint function and model class in `functool
 and a cached function holds its module's globals, so the whole previous app. Uncollected, each
 incremental import would add the previous app to the zygote's memory, and its workers'. So
 `release` clears the caches of the frameworks in `FRAMEWORK_CACHES` and typing's (caches are
-transparent: what is asked again is computed again, for the kept code too) and collects. A cache
+transparent: what is asked again is computed again, for the kept code too), forgets the pydantic
+adapters of the dropped modules' fields (field_adapters.py) and collects. A cache
 of the app's own, in a kept module, that holds dropped code keeps it: that is the stale-state
 limit of incremental imports (README).
 
@@ -65,6 +66,8 @@ from importlib.abc import Loader
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
+
+from pypnm.supervisor import field_adapters
 
 
 def drop(packages: list[str], names: list[str]) -> KeptSubmodules:
@@ -195,6 +198,7 @@ def release(frozen: Frozen, drop: Collection[str], kept: Collection[str]) -> Fro
     dropped, `kept` the project's modules still imported. Returns this zygote's `Frozen`.
     """
     full = frozen.needs_full_collection(drop)
+    field_adapters.forget(drop)  # the adapters of the dropped modules' fields hold their classes
     for name, module in list(sys.modules.items()):
         if name.partition(".")[0] in FRAMEWORK_CACHES and isinstance(module, ModuleType):
             for value in list(vars(module).values()):

@@ -281,6 +281,7 @@ class Zygote(ForkChannel):
         self.nice = 0  # its nice value, which its workers validate at
         self.reimported: int | None = None  # modules imported again (incremental), None: a clean import
         self.took_ms: dict[str, int] = {}  # how long its steps took (ZygoteReady.took_ms)
+        self.adapters: tuple[int, int] | None = None  # field adapters (reused, built) (ZygoteReady.adapters)
 
     @property
     def name(self) -> str:
@@ -338,6 +339,7 @@ class Zygote(ForkChannel):
             self.kill()
             raise SpawnError(f"the zygote pid={self.pid} said {hello} instead of hello")
         self.nice, self.reimported, self.took_ms = hello.nice, hello.reimported, hello.took_ms
+        self.adapters = hello.adapters
         self._start_reading()
         return self
 

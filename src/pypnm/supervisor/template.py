@@ -84,7 +84,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pypnm.logs import set_generation, setup_logging
-from pypnm.supervisor import priority, protocol, reimport, runtime, worker
+from pypnm.supervisor import field_adapters, priority, protocol, reimport, runtime, worker
 from pypnm.supervisor.protocol import (
     Spawned,
     SpawnRefused,
@@ -246,6 +246,7 @@ def run_zygote(child: ZygoteChild) -> int | Child:
     nice = priority.lower(request.nice)
     took = Stopwatch()
     if request.drop is None or previous is None:
+        field_adapters.begin()
         try:
             app = worker.load_app(spec)
         except worker.AppLoadError as exc:
@@ -343,6 +344,7 @@ def release(
 
 def import_again(channel: socket.socket, spec: WorkerSpec, dropped: Dropped, nice: int, took: Stopwatch) -> int | Child:
     """Import what was dropped from the new snapshot (the app's import reaches it), then serve the generation."""
+    field_adapters.begin()
     try:
         app = worker.find_app(spec)
     except worker.AppLoadError as exc:
@@ -366,7 +368,8 @@ def serve_generation(
     """Build the routes, say ready, and fork the generation's workers (and the next zygote) until the master is done."""
     worker.build_routes(imported.app)  # what the first request would build in each worker (worker.build_routes)
     took.lap("routes")
-    return serve_forks(channel, ZygoteReady(os.getpid(), nice, reimported, took.laps), imported) or 0
+    adapters = field_adapters.end()  # the workers build their own (field_adapters.py)
+    return serve_forks(channel, ZygoteReady(os.getpid(), nice, reimported, took.laps, adapters), imported) or 0
 
 
 class Stopwatch:
@@ -485,6 +488,9 @@ def main() -> None:
     setup_logging("template", log_level)
     try:
         preload([*PRELOADED, *extra])
+        not_reused = field_adapters.install()
+        if not_reused is not None:
+            logger.info("field adapters are not reused: %s", not_reused)
         gc.freeze()  # see the module docstring, "Garbage collection"
         become_subreaper()
         renice = priority.start()
