@@ -14,6 +14,7 @@ import sys
 import types
 import weakref
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -119,28 +120,86 @@ def test_a_field_that_cannot_be_a_key_builds_its_own_adapter(reuse: None) -> Non
     assert field_adapters.end() == (0, 5)
 
 
-def define_module(name: str) -> types.ModuleType:
-    """A module `name` in sys.modules defining a model, as a project's route module would."""
-    module = types.ModuleType(name)
-    sys.modules[name] = module
-    exec("from pydantic import BaseModel\n\nclass Dropped(BaseModel):\n    value: int\n", module.__dict__)
-    return module
+def test_values_equal_but_shown_apart_are_other_keys(reuse: None) -> None:
+    """`==` is not enough where the schema or an error message shows the value: 1.0 and 1.00, 0.0 and -0.0."""
+    decimals = [
+        v2.ModelField(field_info=FieldInfo(annotation=Decimal, le=Decimal(text)), name="d") for text in ("1.0", "1.00")
+    ]
+    zeros = [v2.ModelField(field_info=FieldInfo(annotation=float, default=zero), name="z") for zero in (0.0, -0.0)]
+    assert adapter(decimals[0]) is not adapter(decimals[1])
+    assert adapter(zeros[0]) is not adapter(zeros[1])
+    assert field_adapters.end() == (0, 4)
+
+
+DROPPED = """from fastapi import APIRouter
+from pydantic import BaseModel
+
+
+class Dropped(BaseModel):
+    value: int
+
+    def doubled(self) -> int:
+        return self.value * 2
+
+
+router = APIRouter()
+
+
+@router.post("/two")
+async def two(a: Dropped, b: Dropped) -> Dropped:  # two bodies: FastAPI makes a model of its own for them
+    return a
+"""
 
 
 @pytest.mark.parametrize("dropped", [True, False])
 def test_a_release_forgets_the_dropped_modules_adapters_and_so_frees_their_classes(reuse: None, dropped: bool) -> None:
     name = "fieldadapters_dropped"
-    module = define_module(name)
-    field = v2.ModelField(field_info=FieldInfo(annotation=module.Dropped), name="dropped")
-    kept = v2.ModelField(field_info=FieldInfo(annotation=Reading), name="kept")
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    exec(DROPPED, module.__dict__)
+    app = FastAPI()
+    app.include_router(module.router)
+    app.include_router(router_with("kept", most=10))
+    build_routes(app)
+    field_adapters.end()  # as the zygote does before it forks the next one
     gone = weakref.ref(module.Dropped)
-    del sys.modules[name], module, field
+    del app, module
+    if dropped:
+        del sys.modules[name]  # what reimport.drop does
     # What an incremental zygote's release does (typing's and FastAPI's caches cleared, then a collection),
     # for this module or, as a control, for another one.
-    reimport.release(reimport.NOTHING_FROZEN, [name if dropped else "fieldadapters_other"], [])
-    assert (gone() is None) is dropped  # held by its adapter until the release forgets it
-    again = v2.ModelField(field_info=FieldInfo(annotation=Reading), name="again")
-    assert adapter(again) is adapter(kept)  # a kept module's adapter stays either way
+    try:
+        reimport.release(reimport.NOTHING_FROZEN, [name] if dropped else ["fieldadapters_other"], [])
+        # Held by its adapters (its own fields', the model FastAPI made for the two bodies) unless forgotten.
+        assert (gone() is None) is dropped
+    finally:
+        sys.modules.pop(name, None)
+    field_adapters.begin()
+    again = FastAPI()
+    again.include_router(router_with("kept", most=10))
+    build_routes(again)
+    counts = field_adapters.end()
+    assert counts is not None and counts[0] > 0 and counts[1] == 0, counts  # the kept router's fields: all kept
+
+
+def test_what_an_import_did_not_use_is_not_kept(reuse: None) -> None:
+    """Fields never equal to a later one (a model FastAPI makes per app, a pattern constraint) do not pile up."""
+    router = APIRouter()
+
+    @router.post("/pair")
+    async def pair(a: Reading, b: Reading, q: str = Query("a", pattern="^a+$")) -> Reading:
+        return a
+
+    kept = []
+    for _ in range(4):
+        field_adapters.begin()
+        app = FastAPI()
+        app.include_router(router)
+        build_routes(app)
+        field_adapters.end()
+        kept.append(len(field_adapters._reuse.adapters))
+        field_adapters.forget([])  # a release that drops none of it
+    assert kept == [kept[0]] * 4, kept
 
 
 ORDERS = """from fastapi import APIRouter, Query
