@@ -131,8 +131,11 @@ def test_values_equal_but_shown_apart_are_other_keys(reuse: None) -> None:
     assert field_adapters.end() == (0, 4)
 
 
-DROPPED = """from fastapi import APIRouter
-from pydantic import BaseModel
+# Each route's fields hold the module's code another way than by naming one of its classes at the top.
+DROPPED = """from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, BeforeValidator, Field
 
 
 class Dropped(BaseModel):
@@ -142,12 +145,27 @@ class Dropped(BaseModel):
         return self.value * 2
 
 
+def check(schema: dict) -> None:
+    schema["x-checked"] = True
+
+
+TABLE = {"a": Dropped}
 router = APIRouter()
 
 
 @router.post("/two")
 async def two(a: Dropped, b: Dropped) -> Dropped:  # two bodies: FastAPI makes a model of its own for them
     return a
+
+
+@router.get("/nested")  # a Field inside the annotation, holding a function of the module
+async def nested(q: Annotated[list[Annotated[int, Field(json_schema_extra=check)]], Query()] = []) -> int:
+    return len(q)
+
+
+@router.get("/table")  # a validator bound to a dict of the module
+async def table(q: Annotated[str, BeforeValidator(TABLE.get), Query()] = "a") -> str:
+    return q
 """
 
 

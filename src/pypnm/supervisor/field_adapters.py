@@ -33,11 +33,13 @@ globals: kept across a release, an adapter of a dropped module would keep the pr
 alive. So `forget`, called before the release's collection (reimport.release), keeps an adapter
 only when everything its field names is still held by name by the modules kept: a class or
 function found at its `__qualname__` in its module, which must not be one dropped; an instance
-of such a class; anything made in C. A class FastAPI makes per route (the `Body_…` model of a
-route with several bodies: module FastAPI's, found nowhere), one made inside a function, a
-lambda: forgotten, whatever their module, as they might hold the previous code. A class of a
-kept module cannot hold one of a dropped module in its fields: a module that imports a dropped
-one is dropped too (import_graph.py), the assumption incremental imports rest on.
+of such a class that holds only such things (a `Field(...)` nested in an annotation holds its
+`default_factory`, a validator `TABLE.get` its dict); anything else made in C. A class FastAPI
+makes per route (the `Body_…` model of a route with several bodies: module FastAPI's, found
+nowhere), one made inside a function, a lambda: forgotten, whatever their module, as they might
+hold the previous code. A class of a kept module cannot hold one of a dropped module in its
+fields: a module that imports a dropped one is dropped too (import_graph.py), the assumption
+incremental imports rest on.
 
 Written here rather than taken from a library: none does this, FastAPI has no hook for it and
 pydantic keeps no cache of adapters. An adapter is built in the private
@@ -54,7 +56,7 @@ import functools
 import sys
 import types
 import typing
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from typing import Any
 
 # A field's value is looked into this deep (nested containers, typing forms); deeper is not reused.
@@ -234,6 +236,7 @@ def _still_named(value: Any, gone: frozenset[str], verdicts: dict[int, bool], de
         return True
     known = verdicts.get(id(value))
     if known is None:
+        verdicts[id(value)] = False  # meanwhile: an object that holds itself (a cycle) is not kept, nor walked twice
         known = verdicts[id(value)] = _held_by_name(value, gone, verdicts, depth)
     return known
 
@@ -244,22 +247,36 @@ def _held_by_name(value: Any, gone: frozenset[str], verdicts: dict[int, bool], d
     module = getattr(value, "__module__", None)  # a class's, a function's, an alias's; an instance's class's
     if isinstance(module, str) and (module in gone or module not in sys.modules):
         return False
-    if isinstance(value, tuple | frozenset | list):  # inside a partial's arguments
-        return all(_still_named(part, gone, verdicts, depth + 1) for part in value)
     if isinstance(value, functools.partial):
-        parts = (value.func, *value.args, *value.keywords.values())
-        return all(_still_named(part, gone, verdicts, depth + 1) for part in parts)
-    if isinstance(value, types.MethodType):
-        return _still_named(value.__func__, gone, verdicts, depth + 1) and _still_named(
-            value.__self__, gone, verdicts, depth + 1
-        )
-    if isinstance(value, types.BuiltinFunctionType) or (
-        isinstance(value, type) and not value.__flags__ & _HEAP_TYPE
-    ):  # made in C (NoneType, int, len): holds no Python code of anyone's
-        return True
-    if isinstance(value, type | types.FunctionType):
+        parts: Iterable[Any] = (value.func, *value.args, *value.keywords.values())
+    elif isinstance(value, types.MethodType):
+        parts = (value.__func__, value.__self__)
+    elif isinstance(value, types.BuiltinFunctionType):  # made in C; a bound one (`TABLE.get`) holds its object
+        owner = value.__self__
+        return owner is None or isinstance(owner, types.ModuleType) or _still_named(owner, gone, verdicts, depth + 1)
+    elif isinstance(value, type):
+        # Made in C (NoneType, int): holds no Python code of anyone's.
+        return not value.__flags__ & _HEAP_TYPE or _found_by_name(value)
+    elif isinstance(value, types.FunctionType):
         return _found_by_name(value)
-    return _still_named(type(value), gone, verdicts, depth + 1)
+    else:  # an instance: of a class held by name, holding only what is (a nested `Field(...)` holds its callables)
+        parts = (type(value), *_state(value))
+    return all(_still_named(part, gone, verdicts, depth + 1) for part in parts)
+
+
+def _state(value: Any) -> Iterable[Any]:
+    """What an instance holds: a container's items, else its attributes (`__dict__` and slots)."""
+    if isinstance(value, dict):
+        return (*value.keys(), *value.values())
+    if isinstance(value, list | tuple | set | frozenset):
+        return value
+    held = list(getattr(value, "__dict__", {}).values())
+    for cls in type(value).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(value, name):
+                held.append(getattr(value, name))
+    return held
 
 
 def _found_by_name(value: type | types.FunctionType) -> bool:
@@ -274,4 +291,6 @@ def _found_by_name(value: type | types.FunctionType) -> bool:
         if not isinstance(namespace, dict | types.MappingProxyType):
             return False
         found = namespace.get(part)
+    if isinstance(found, classmethod | staticmethod):  # a method's function, as its class holds it
+        found = found.__func__
     return found is value
