@@ -169,7 +169,14 @@ def _post_init(field: Any) -> None:
         return
     try:
         parts = field.field_info.asdict()
-        key = _key((parts["annotation"], parts["metadata"], parts["attributes"], field.config, field.mode), 0)
+        key = (
+            _key(parts["annotation"], 0),
+            _key(parts["metadata"], 0),
+            # Every attribute is there, most of them None: leaving those out keeps the key short and as unique.
+            tuple((name, _key(value, 0)) for name, value in parts["attributes"].items() if value is not None),
+            _key(field.config, 0),
+            field.mode,
+        )
         kept = _reuse.adapters.get(key)
     except Exception:  # unhashable, too deep, or an __eq__ or repr that raises: this field builds its own
         kept, key = None, None
@@ -201,19 +208,20 @@ def _key(value: Any, depth: int) -> Hashable:
     if kind is float:
         return (kind, repr(value))
     if isinstance(value, dict):
-        return (kind, tuple((_key(k, depth + 1), _key(v, depth + 1)) for k, v in value.items()))
+        return (kind, tuple([(_key(k, depth + 1), _key(v, depth + 1)) for k, v in value.items()]))
     if isinstance(value, list | tuple):
-        return (kind, tuple(_key(item, depth + 1) for item in value))
+        return (kind, tuple([_key(item, depth + 1) for item in value]))
     if isinstance(value, set | frozenset):
-        return (kind, frozenset(_key(item, depth + 1) for item in value))
+        return (kind, frozenset([_key(item, depth + 1) for item in value]))
+    if isinstance(value, type) and not isinstance(value, types.GenericAlias):  # (`list[int]` passed for one once)
+        return (kind, value)  # identity; no typing form or dataclass instance
     origin = typing.get_origin(value)
     if origin is not None:
-        return (kind, _key(origin, depth + 1), tuple(_key(argument, depth + 1) for argument in typing.get_args(value)))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return (kind, tuple(_key(getattr(value, field.name), depth + 1) for field in dataclasses.fields(value)))
+        arguments = tuple([_key(argument, depth + 1) for argument in typing.get_args(value)])
+        return (kind, _key(origin, depth + 1), arguments)
+    if dataclasses.is_dataclass(value):
+        return (kind, tuple([_key(getattr(value, field.name), depth + 1) for field in dataclasses.fields(value)]))
     hash(value)  # TypeError: not reusable
-    if isinstance(value, type):
-        return (kind, value)  # identity: its repr adds nothing
     return (kind, value, repr(value))
 
 
