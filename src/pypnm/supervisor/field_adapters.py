@@ -147,8 +147,9 @@ def forget(dropped: Collection[str]) -> None:
 
     What a field names survives only if the modules kept still hold it under its name: a
     class or function found at its `__qualname__` in its kept module, an instance of such a
-    class. A class FastAPI makes per route (`Body_…`), one made in a function, a lambda or
-    anything of a dropped module fails that and is forgotten: it might hold the previous code.
+    class holding only such things. A class FastAPI makes per route (`Body_…`), one made in a
+    function, a lambda or anything of a dropped module fails that and is forgotten: it might
+    hold the previous code.
     """
     gone = frozenset(dropped)
     verdicts: dict[int, bool] = {}  # by id: the same classes recur in many fields
