@@ -62,6 +62,7 @@ from typing import Any
 # A field's value is looked into this deep (nested containers, typing forms); deeper is not reused.
 MAX_DEPTH = 12
 _PLAIN = (str, int, bool, bytes, type(None))  # compared by value; float by its repr (-0.0 is not 0.0)
+_NAMES_NOTHING = (*_PLAIN, float)  # a key's values that hold no code: `forget` looks past them
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made at run time (a `class` statement), not one built into C
 
 
@@ -234,14 +235,14 @@ def _names(key: Hashable) -> list[Any]:
         item = pending.pop()
         if type(item) is tuple or type(item) is frozenset:  # a key's own structure: `_key` made every container one
             pending.extend(item)
-        elif type(item) not in _PLAIN and type(item) is not float:
+        elif type(item) not in _NAMES_NOTHING:
             found[id(item)] = item
     return list(found.values())
 
 
 def _still_named(value: Any, gone: frozenset[str], verdicts: dict[int, bool], depth: int) -> bool:
     """Whether the kept modules still hold `value` by name (see `forget`); remembered in `verdicts` by id."""
-    if type(value) in _PLAIN or type(value) is float:
+    if type(value) in _NAMES_NOTHING:
         return True
     known = verdicts.get(id(value))
     if known is None:
