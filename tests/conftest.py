@@ -236,15 +236,16 @@ class Service:
         self.base_url = f"http://{host}:{port}"
         self.verify: ssl.SSLContext | bool = True  # a test of an HTTPS service sets base_url and this
 
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         kwargs.setdefault("timeout", 10.0)
         kwargs.setdefault("verify", self.verify)
-        return httpx.get(self.base_url + path, **kwargs)
+        return httpx.request(method, self.base_url + path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
 
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
-        kwargs.setdefault("timeout", 10.0)
-        kwargs.setdefault("verify", self.verify)
-        return httpx.post(self.base_url + path, **kwargs)
+        return self.request("POST", path, **kwargs)
 
     def status(self) -> dict[str, Any]:
         response = self.get(STATUS_PATH)
