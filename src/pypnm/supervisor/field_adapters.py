@@ -215,8 +215,8 @@ def _key(value: Any, depth: int) -> Hashable:
         return (kind, tuple([_key(item, depth + 1) for item in value]))
     if isinstance(value, set | frozenset):
         return (kind, frozenset([_key(item, depth + 1) for item in value]))
-    if isinstance(value, type) and not isinstance(value, types.GenericAlias):  # (`list[int]` passed for one once)
-        return (kind, value)  # identity; no typing form or dataclass instance
+    if isinstance(value, type):
+        return (kind, value)  # identity; neither a typing form (`list[int]` is no type on 3.11+) nor a dataclass
     origin = typing.get_origin(value)
     if origin is not None:
         arguments = tuple([_key(argument, depth + 1) for argument in typing.get_args(value)])
