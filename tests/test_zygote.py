@@ -13,11 +13,14 @@ import resource
 import signal
 import subprocess
 import sys
+import types
+import weakref
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic._internal import _generics
 
 from conftest import (
     STATUS_ROUTES,
@@ -537,6 +540,121 @@ def test_incremental_frees_a_module_that_was_kept_and_frozen(start_service: Star
     imports = [line for line in service.output().splitlines() if "zygote imported" in line]
     assert sum(": drop " in line for line in imports) == 7, imports
     assert sum(", full release " in line for line in imports) == 3, imports
+
+
+PAGES = '''"""A generic model, kept: nothing here changes."""
+
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+'''
+
+ITEMS = '''"""A module with a large table and a model that a kept generic model is parametrized with."""
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from gen.pages import Page
+
+MARKER = "items1"
+TABLE = bytes(range(256)) * (128 * 1024)
+router = APIRouter()
+
+
+class Item(BaseModel):
+    marker: str
+
+    def size(self) -> int:  # a method: the class holds this module's globals, the table with them
+        return len(TABLE)
+
+
+@router.get("/items", response_model=Page[Item])
+async def items() -> Page[Item]:
+    return Page[Item](items=[Item(marker=MARKER)])
+'''
+
+
+def test_incremental_frees_a_model_that_a_kept_generic_model_was_parametrized_with(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """`Page[Item]`, with `Page` kept and `Item` changed, lets the old `Item` (and its module) go.
+
+    pydantic caches `Page[Item]` under a key that holds `Item` for as long as `Page[Item]` lives,
+    which is until a collection: without `reimport.forget_generic_models` the release's collection
+    would leave the old module alive, and each reload would keep one more table.
+    """
+    main = write_app_package(tmp_path, "gen", BLOB_MAIN.replace("mem import blob, other", "gen import items"))
+    routers = "app.include_router(blob.router)\napp.include_router(other.router)"
+    rewrite(main, routers, "app.include_router(items.router)")
+    package = main.parent
+    (package / "pages.py").write_text(PAGES)
+    (package / "items.py").write_text(ITEMS)
+    env = base_env(PYPNM_RELOAD_IMPORT="incremental", PYPNM_RELOAD_MIN_INTERVAL="0")
+    service = start_service(
+        pypnm_command("--app", "gen.main:app", "--port", "{port}", "--workers", "1"), cwd=tmp_path, env=env
+    )
+    rss = []
+    for generation in range(2, 7):
+        (package / "items.py").write_text(ITEMS.replace("items1", f"items{generation}"))
+        status = reload_by_sighup(service, generation - 1)
+        assert status["last_reload"]["import"] == {"mode": "incremental", "reimported": 2}  # gen.items and gen.main
+        assert service.get("/items").json() == {"items": [{"marker": f"items{generation}"}]}
+        (worker,) = serving_workers(service, generation, 1)["workers"]
+        rss.append(resident_mib(worker["pid"]))
+    # Kept, each old module would add its 32 MiB table to the zygote and so to the worker: 128 MiB over 4 reloads.
+    assert rss[-1] - rss[0] < 32, rss
+
+
+DROPPED_ITEMS = """
+import enum
+from typing import Literal
+
+from pydantic import BaseModel
+
+from zygote_generics_kept import Page
+
+
+class Item(BaseModel):
+    value: int
+
+
+class Kind(enum.Enum):
+    A = "a"
+
+
+NESTED = Page[Page[list[Item]]]
+BY_VALUE = Page[Literal[Kind.A]]
+"""
+
+
+def test_forget_generic_models_takes_out_what_names_dropped_code_and_keeps_the_rest() -> None:
+    """In this process: a dropped module's entries in pydantic's generics cache go (nested, by value), the rest stay."""
+    modules = {name: types.ModuleType(name) for name in ("zygote_generics_kept", "zygote_generics_dropped")}
+    try:
+        for name, source in (("zygote_generics_kept", PAGES), ("zygote_generics_dropped", DROPPED_ITEMS)):
+            sys.modules[name] = modules[name]
+            exec(source, modules[name].__dict__)
+        page_of_ints = modules["zygote_generics_kept"].Page[int]
+        dropped = modules.pop("zygote_generics_dropped")
+        item, kind = weakref.ref(dropped.Item), weakref.ref(dropped.Kind)
+        del sys.modules[dropped.__name__], dropped
+        cache = _generics._GENERIC_TYPES_CACHE
+        naming = sum("zygote_generics_dropped" in repr(key) or "Kind.A" in repr(key) for key in cache)
+        assert naming >= 9, naming  # NESTED's (list[Item] in some), BY_VALUE's (Literal[Kind.A])
+        # Every one of them is taken out, before any collection (the release calls it before its own).
+        assert reimport.forget_generic_models(frozenset({"zygote_generics_dropped"})) == naming
+        reimport.release(reimport.NOTHING_FROZEN, ["zygote_generics_dropped"], ["zygote_generics_kept"])
+        assert item() is None and kind() is None
+        assert modules["zygote_generics_kept"].Page[int] is page_of_ints  # what names only kept code is still cached
+    finally:
+        for name in ("zygote_generics_kept", "zygote_generics_dropped"):
+            sys.modules.pop(name, None)
 
 
 def start_blob_service(start_service: StartService, tmp_path: Path) -> tuple[Service, Path]:

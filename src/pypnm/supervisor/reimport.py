@@ -23,7 +23,8 @@ and a cached function holds its module's globals, so the whole previous app. Unc
 incremental import would add the previous app to the zygote's memory, and its workers'. So
 `release` clears the caches of the frameworks in `FRAMEWORK_CACHES` and typing's (caches are
 transparent: what is asked again is computed again, for the kept code too), forgets the pydantic
-adapters of the dropped modules' fields (field_adapters.py) and collects. A cache
+adapters of the dropped modules' fields (field_adapters.py) and pydantic's parametrized generic
+models that name them (`forget_generic_models`), and collects. A cache
 of the app's own, in a kept module, that holds dropped code keeps it: that is the stale-state
 limit of incremental imports (README).
 
@@ -60,11 +61,11 @@ import importlib.abc
 import importlib.machinery
 import sys
 import typing
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, MutableMapping, Sequence
 from dataclasses import dataclass
 from importlib.abc import Loader
 from importlib.machinery import ModuleSpec
-from types import ModuleType
+from types import FunctionType, ModuleType
 from typing import Any
 
 from pypnm.supervisor import field_adapters
@@ -161,6 +162,7 @@ class _WithAttributes(importlib.abc.Loader):
 # FastAPI's cache facts about the app's functions and classes. Not pydantic's: they hold no app code,
 # and one of them returns a class it makes at its first call (clearing it would make a second one).
 FRAMEWORK_CACHES = ("fastapi", "starlette")
+MAX_KEY_DEPTH = 12  # how deep `forget_generic_models` looks into a key (nested typing forms)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ def release(frozen: Frozen, drop: Collection[str], kept: Collection[str]) -> Fro
     """
     full = frozen.needs_full_collection(drop)
     field_adapters.forget(drop)  # the adapters of the dropped modules' fields hold their classes
+    forget_generic_models(frozenset(drop))
     for name, module in list(sys.modules.items()):
         if name.partition(".")[0] in FRAMEWORK_CACHES and isinstance(module, ModuleType):
             for value in list(vars(module).values()):
@@ -216,6 +219,44 @@ def release(frozen: Frozen, drop: Collection[str], kept: Collection[str]) -> Fro
         gc.freeze()
         return Frozen(frozenset(kept), dropped, full)
     return Frozen(frozen.modules, dropped, full)
+
+
+def forget_generic_models(dropped: frozenset[str]) -> int:
+    """Take out of pydantic's cache of parametrized generic models every entry that names dropped code.
+
+    Why: `Page[Item]`, a generic model of a kept module parametrized with a class of a dropped
+    one, is cached under a key that holds `Item`, for as long as `Page[Item]` lives. The cache
+    holds the model only weakly, but the model lives in a cycle (a class and its validators) that
+    only the release's collection frees, and the key, with `Item` and its module's globals, is let
+    go of only when that collection has run: the dropped module would outlive the collection meant
+    to free it. Taken out first, the entry's key is freed now, and the collection frees the model
+    and the dropped module with it. What names only kept code stays: `Page[Item]` is `Page[Item]`
+    again when a kept module asks for it. Returns how many entries were taken out.
+    """
+    generics = sys.modules.get("pydantic._internal._generics")
+    cache = getattr(generics, "_GENERIC_TYPES_CACHE", None)
+    if not isinstance(cache, MutableMapping):  # a pydantic that keeps no such cache, or keeps it otherwise
+        return 0
+    stale = [key for key in list(cache.keys()) if _names_dropped(key, dropped, 0)]
+    for key in stale:
+        cache.pop(key, None)
+    return len(stale)
+
+
+def _names_dropped(value: Any, dropped: frozenset[str], depth: int) -> bool:
+    """Whether `value` (a cache key: tuples of classes, typing forms, values) holds anything of a dropped module."""
+    if depth > MAX_KEY_DEPTH:
+        return True  # not looked into: taken out, which costs only the model's making again
+    if isinstance(value, tuple | list):
+        return any(_names_dropped(item, dropped, depth + 1) for item in value)
+    owner = value if isinstance(value, type | FunctionType) else type(value)
+    module = getattr(owner, "__module__", None)
+    if isinstance(module, str) and (module in dropped or module not in sys.modules):
+        return True
+    # A parametrized model (`Page[Item]` in `Page[Page[Item]]`) is of its generic's module: its arguments say the rest.
+    metadata = getattr(value, "__pydantic_generic_metadata__", None) if isinstance(value, type) else None
+    arguments = metadata.get("args", ()) if isinstance(metadata, dict) else typing.get_args(value)
+    return any(_names_dropped(item, dropped, depth + 1) for item in arguments)
 
 
 def project_modules(packages: list[str]) -> set[str]:
