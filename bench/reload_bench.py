@@ -1324,6 +1324,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def loop_seconds(additions: int = 10_000_000, tries: int = 3) -> float:
+    """The best of `tries` timings of a pure-Python loop of `additions` additions.
+
+    Why: ratios within one run hold whatever the host, but the absolute times of two runs, and
+    how full the load keeps the cores, are comparable only on hosts of the same speed; this
+    says which kind of host a run was on (the README's runs name it).
+    """
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        total = 0
+        for i in range(additions):
+            total += i
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = runs(args)
@@ -1332,6 +1349,8 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: load average {os.getloadavg()[0]:.2f} before the run: other work on this "
             "machine will show up in the latencies\n"
         )
+    print(f"machine: {os.cpu_count()} CPUs; a Python loop of 10 million additions takes {loop_seconds():.2f} s")
+    sys.stdout.flush()
     scratch = Path(tempfile.mkdtemp(prefix="pypnm-reload-bench-"))
     reports: list[Report] = []
     try:
