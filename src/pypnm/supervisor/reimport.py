@@ -59,9 +59,10 @@ import gc
 import importlib
 import importlib.abc
 import importlib.machinery
+import logging
 import sys
 import typing
-from collections.abc import Collection, MutableMapping, Sequence
+from collections.abc import Collection, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from importlib.abc import Loader
 from importlib.machinery import ModuleSpec
@@ -69,6 +70,8 @@ from types import FunctionType, ModuleType
 from typing import Any
 
 from pypnm.supervisor import field_adapters
+
+logger = logging.getLogger("pypnm.supervisor.reimport")
 
 
 def drop(packages: list[str], names: list[str]) -> KeptSubmodules:
@@ -159,10 +162,13 @@ class _WithAttributes(importlib.abc.Loader):
 
 
 # The packages whose module-level `lru_cache`s are cleared when modules are dropped (see "Releasing"):
-# FastAPI's cache facts about the app's functions and classes. Not pydantic's: they hold no app code,
-# and one of them returns a class it makes at its first call (clearing it would make a second one).
+# FastAPI's cache facts about the app's functions and classes. Not pydantic's `lru_cache`s: they hold no
+# app code, and one of them returns a class it makes at its first call (clearing it would make a second
+# one). pydantic's cache of parametrized generic models does hold app code: `forget_generic_models`.
 FRAMEWORK_CACHES = ("fastapi", "starlette")
-MAX_KEY_DEPTH = 12  # how deep `forget_generic_models` looks into a key (nested typing forms)
+MAX_KEY_DEPTH = 12  # how deep `forget_generic_models` looks into a key (nested typing forms, validators)
+MAX_KEY_PARTS = 2000  # and how many objects of one key at most
+_PLAIN = (str, bytes, int, float, bool, complex, type(None))  # values that hold nothing
 
 
 @dataclass(frozen=True)
@@ -228,35 +234,61 @@ def forget_generic_models(dropped: frozenset[str]) -> int:
     one, is cached under a key that holds `Item`, for as long as `Page[Item]` lives. The cache
     holds the model only weakly, but the model lives in a cycle (a class and its validators) that
     only the release's collection frees, and the key, with `Item` and its module's globals, is let
-    go of only when that collection has run: the dropped module would outlive the collection meant
-    to free it. Taken out first, the entry's key is freed now, and the collection frees the model
-    and the dropped module with it. What names only kept code stays: `Page[Item]` is `Page[Item]`
-    again when a kept module asks for it. Returns how many entries were taken out.
+    go of only once that collection has run. The zygote then freezes what survived (see
+    "Freezing"), so the dropped module would stay for the rest of the line of incremental imports,
+    one more with each reload. Taken out first, the entry's key is freed now, and the collection
+    frees the model and the dropped module with it. An entry that names only kept code stays, so
+    `Page[int]` is the same class before and after a release. Returns how many entries were taken
+    out; a pydantic whose cache is not where this looks leaves it alone, and one whose keys cannot
+    be looked into as here is logged, the entries left in place (the leak, not a failed reload).
     """
     generics = sys.modules.get("pydantic._internal._generics")
     cache = getattr(generics, "_GENERIC_TYPES_CACHE", None)
-    if not isinstance(cache, MutableMapping):  # a pydantic that keeps no such cache, or keeps it otherwise
+    if not isinstance(cache, MutableMapping):
         return 0
-    stale = [key for key in list(cache.keys()) if _names_dropped(key, dropped, 0)]
+    try:
+        stale = [key for key in list(cache.keys()) if _names_dropped(key, dropped)]
+    except Exception as exc:  # pydantic's own internals: never let them fail a reload
+        logger.warning("pydantic's generic models were not looked into: %s: %s", type(exc).__name__, exc)
+        return 0
     for key in stale:
         cache.pop(key, None)
     return len(stale)
 
 
-def _names_dropped(value: Any, dropped: frozenset[str], depth: int) -> bool:
-    """Whether `value` (a cache key: tuples of classes, typing forms, values) holds anything of a dropped module."""
-    if depth > MAX_KEY_DEPTH:
-        return True  # not looked into: taken out, which costs only the model's making again
-    if isinstance(value, tuple | list):
-        return any(_names_dropped(item, dropped, depth + 1) for item in value)
-    owner = value if isinstance(value, type | FunctionType) else type(value)
-    module = getattr(owner, "__module__", None)
-    if isinstance(module, str) and (module in dropped or module not in sys.modules):
-        return True
-    # A parametrized model (`Page[Item]` in `Page[Page[Item]]`) is of its generic's module: its arguments say the rest.
-    metadata = getattr(value, "__pydantic_generic_metadata__", None) if isinstance(value, type) else None
-    arguments = metadata.get("args", ()) if isinstance(metadata, dict) else typing.get_args(value)
-    return any(_names_dropped(item, dropped, depth + 1) for item in arguments)
+def _names_dropped(key: Any, dropped: frozenset[str]) -> bool:
+    """Whether a cache key holds anything of a dropped module, however deep (`MAX_KEY_DEPTH`, `MAX_KEY_PARTS`).
+
+    Classes, functions and anything else with a `__module__` (a TypeVar, an enum member) are
+    judged by it: a module dropped, or no longer imported at all (a module an earlier release
+    dropped). Everything else is looked into, typing forms by their arguments and other objects
+    by what they hold (a validator in `Annotated` holds its function, an evaluated forward
+    reference its class). A parametrized model (`Page[int]`) is judged by its generic and its
+    arguments, not by its `__module__`, which names the module that first asked for it: one of a
+    kept generic and kept arguments is kept, whichever module made it. A key too large or deep to
+    look through is taken out, which costs only making its model again.
+    """
+    seen: set[int] = set()
+    pending: list[tuple[Any, int]] = [(key, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if type(value) in _PLAIN or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if depth > MAX_KEY_DEPTH or len(seen) > MAX_KEY_PARTS:
+            return True
+        generic = getattr(value, "__pydantic_generic_metadata__", None) if isinstance(value, type) else None
+        if isinstance(generic, dict) and generic.get("origin") is not None:
+            parts: Iterable[Any] = (generic["origin"], *generic.get("args", ()))
+        else:
+            module = getattr(value, "__module__", None)
+            if isinstance(module, str) and (module in dropped or module not in sys.modules):
+                return True
+            if isinstance(value, type | FunctionType | ModuleType):  # judged by their module: nothing more to see
+                continue
+            parts = (*typing.get_args(value), *gc.get_referents(value))
+        pending.extend((part, depth + 1) for part in parts)
+    return False
 
 
 def project_modules(packages: list[str]) -> set[str]:
