@@ -1324,21 +1324,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def loop_seconds(additions: int = 10_000_000, tries: int = 3) -> float:
-    """The best of `tries` timings of a pure-Python loop of `additions` additions.
+def host_speed(tries: int = 3) -> tuple[float, float]:
+    """(s for a Python loop of 10 million additions, ms for a fresh interpreter to import FastAPI): best of `tries`.
 
     Why: ratios within one run hold whatever the host, but the absolute times of two runs, and
-    how full the load keeps the cores, are comparable only on hosts of the same speed; this
-    says which kind of host a run was on (the README's runs name it).
+    how full the load keeps the cores, compare only between hosts of about the same speed. The
+    two can disagree: on a virtual machine whose memory the host hands out page by page, a loop
+    runs at full speed while everything that touches new memory (an interpreter's start, an
+    import, a fork's copies) is slow, and a reload is mostly the second kind.
     """
-    best = float("inf")
+    loop, start_up = float("inf"), float("inf")
     for _ in range(tries):
         start = time.perf_counter()
         total = 0
-        for i in range(additions):
+        for i in range(10_000_000):
             total += i
-        best = min(best, time.perf_counter() - start)
-    return best
+        loop = min(loop, time.perf_counter() - start)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import fastapi"], check=True, timeout=60)
+        start_up = min(start_up, (time.perf_counter() - start) * 1000)
+    return loop, start_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1349,7 +1354,11 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: load average {os.getloadavg()[0]:.2f} before the run: other work on this "
             "machine will show up in the latencies\n"
         )
-    print(f"machine: {os.cpu_count()} CPUs; a Python loop of 10 million additions takes {loop_seconds():.2f} s")
+    loop, start_up = host_speed()
+    print(
+        f"machine: {os.cpu_count()} CPUs; a Python loop of 10 million additions {loop:.2f} s, "
+        f"a fresh interpreter importing FastAPI {start_up:.0f} ms (best of 3 each)"
+    )
     sys.stdout.flush()
     scratch = Path(tempfile.mkdtemp(prefix="pypnm-reload-bench-"))
     reports: list[Report] = []
