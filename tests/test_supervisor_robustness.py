@@ -127,10 +127,11 @@ def test_worker_descriptors_are_not_inherited_by_the_apps_children(
     service = serve_marker(start_service, marker_app, graceful_timeout=5)
     (worker,) = supervisor_status(service)["workers"]
     fd_dir = Path(f"/proc/{worker['pid']}/fd")
-    sockets = [fd for fd in fd_dir.iterdir() if os.readlink(fd).startswith("socket:") and int(fd.name) > 2]
     checked = []
-    for fd in sockets:
+    for fd in fd_dir.iterdir():
         try:
+            if not os.readlink(fd).startswith("socket:") or int(fd.name) <= 2:
+                continue
             info = Path(f"/proc/{worker['pid']}/fdinfo/{fd.name}").read_text()
         except FileNotFoundError:
             continue  # a connection that closed since the listing (e.g. the status request's own)
