@@ -315,7 +315,11 @@ def test_runtime_profile_follows_the_settings_a_reload_applies(start_service: St
     """The master keeps the profile it built until a reload applies other settings; the answer is then theirs."""
     config = tmp_path / "pypnm.toml"
     config.write_text("workers = 1\nworker_timeout = 12.5\n")
-    service = serve_pypnm(start_service, "--config", str(config), PYPNM_RELOAD_MIN_INTERVAL="0")
+    # Reloaded by hand below: with the watch on, a settings file change seen while that reload builds
+    # would ask for a second one, and the first one's generation would never be the one left serving.
+    service = serve_pypnm(
+        start_service, "--config", str(config), PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false"
+    )
     first = runtime_profile(service)
     assert (first["active_workers"], first["worker_timeout"]) == (1, 12.5)
     assert runtime_profile(service) == first  # asked again: the same answer
