@@ -7,19 +7,42 @@ a real master, workers and runtime directory.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import importlib.util
 import os
 import shutil
 import signal
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import StartService, reload_by_sighup, serve_marker, set_marker, supervisor_status, wait_until
-from pypnm.supervisor.snapshot import Compiler, Lineage, Snapshot, SnapshotChanges, SnapshotError, take_snapshot
+from conftest import (
+    StartService,
+    base_env,
+    pypnm_command,
+    reload_by_sighup,
+    serve_marker,
+    set_marker,
+    supervisor_status,
+    wait_until,
+    write_app_package,
+)
+from pypnm.supervisor import next_snapshot
+from pypnm.supervisor import snapshot as snapshot_module
+from pypnm.supervisor.snapshot import (
+    Compiler,
+    Lineage,
+    Prepared,
+    Snapshot,
+    SnapshotChanges,
+    SnapshotError,
+    prepare_next,
+    take_snapshot,
+)
 
 
 def write_tree(root: Path, files: dict[str, str]) -> Path:
@@ -46,9 +69,13 @@ def project(tmp_path: Path) -> Path:
 
 
 def snap(
-    project: Path, directory: Path, previous: Snapshot | None = None, compiler: Compiler | None = None
+    project: Path,
+    directory: Path,
+    previous: Snapshot | None = None,
+    compiler: Compiler | None = None,
+    prepared: Prepared | None = None,
 ) -> Snapshot:
-    return take_snapshot({"pkg": project}, directory, None, compiler or Compiler(), previous)
+    return take_snapshot({"pkg": project}, directory, None, compiler or Compiler(), previous, prepared)
 
 
 def inode(snapshot: Snapshot, relative: str) -> int:
@@ -207,6 +234,102 @@ def test_a_link_loop_in_the_project_is_copied_once(project: Path, tmp_path: Path
     shutil.rmtree(made.directory)
 
 
+# ----- links made ahead (prepare_next) ------------------------------------------------------------
+
+
+def tree(directory: Path) -> tuple[dict[str, bytes], set[str]]:
+    """Every file below `directory` with its bytes, and every directory, by relative path."""
+    files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    directories = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_dir()}
+    return files, directories
+
+
+@pytest.mark.parametrize("racy", [True, False], ids=["hashed", "by-stat"])
+def test_a_snapshot_takes_over_the_links_made_ahead_and_ends_as_one_made_without_them(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, racy: bool
+) -> None:
+    """Changed, added, removed and untouched files, a package gone whole: the same tree, the old one untouched."""
+    if not racy:  # files just written are hashed (RACY_NS); without that window the stat alone decides
+        monkeypatch.setattr(snapshot_module, "RACY_NS", 0)
+    write_tree(project, {"gone/__init__.py": "", "gone/mod.py": "G = 1\n"})
+    first = snap(project, tmp_path / "gen-1")
+    old_files = tree(first.directory)
+    prepared = prepare_next(first, tmp_path / "next-1")
+    for relative in first.manifest:  # every file and its bytecode, the very same inodes
+        assert inode(first, relative) == (prepared.directory / relative).stat().st_ino, relative
+        if relative.endswith(".py"):
+            copy = importlib.util.cache_from_source(str(prepared.directory / relative))
+            assert bytecode(first, relative).stat().st_ino == os.stat(copy).st_ino, relative
+
+    (project / "util.py").write_text("VALUE = 2\n")
+    (project / "sub" / "leaf.py").unlink()
+    (project / "sub" / "new.py").write_text("NEW = True\n")
+    (project / "data.json").write_text('{"a": 1}\n')
+    shutil.rmtree(project / "gone")
+    os.utime(project / "main.py")  # touched only
+    second = snap(project, tmp_path / "gen-2", first, prepared=prepared)
+    plain = snap(project, tmp_path / "plain", first)
+
+    assert second.prepared is prepared and not prepared.directory.exists()  # taken over, not copied
+    assert "; linked ahead in " in second.summary()
+    assert tree(second.directory) == tree(plain.directory)
+    assert not (second.directory / "pkg" / "gone").exists()  # an empty directory would import as a namespace
+    assert (second.changes, second.shared, second.code_version, second.manifest) == (
+        plain.changes,
+        plain.shared,
+        plain.code_version,
+        plain.manifest,
+    )
+    assert inode(second, "pkg/main.py") == inode(first, "pkg/main.py")
+    assert inode(second, "pkg/util.py") != inode(first, "pkg/util.py")
+    assert tree(first.directory) == old_files  # nothing was written through a link
+
+
+def test_links_made_ahead_of_another_snapshot_are_removed_and_not_used(project: Path, tmp_path: Path) -> None:
+    first = snap(project, tmp_path / "gen-1")
+    prepared = prepare_next(first, tmp_path / "next-1")
+    (project / "util.py").write_text("VALUE = 2\n")
+    second = snap(project, tmp_path / "gen-2", first)  # a reload that did not take them (a rollback came between)
+    third = snap(project, tmp_path / "gen-3", second, prepared=prepared)  # util.py as in second, not as in first
+    assert third.prepared is None and not prepared.directory.exists()
+    assert "linked ahead" not in third.summary()
+    assert (third.directory / "pkg" / "util.py").read_text() == "VALUE = 2\n"
+    assert inode(third, "pkg/util.py") == inode(second, "pkg/util.py")
+
+
+def test_a_file_that_became_a_directory_makes_the_snapshot_again_without_the_links_made_ahead(
+    project: Path, tmp_path: Path
+) -> None:
+    first = snap(project, tmp_path / "gen-1")
+    prepared = prepare_next(first, tmp_path / "next-1")
+    (project / "data.json").unlink()
+    write_tree(project, {"data.json/inside.txt": "x\n"})
+    second = snap(project, tmp_path / "gen-2", first, prepared=prepared)
+    assert (second.directory / "pkg" / "data.json" / "inside.txt").read_text() == "x\n"
+    assert tree(second.directory) == tree(snap(project, tmp_path / "plain", first).directory)
+    assert not prepared.directory.exists()
+
+
+def test_links_refused_ahead_leave_nothing_behind(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = snap(project, tmp_path / "gen-1")
+    link = os.link
+    made: list[str] = []
+
+    def refuse_the_third(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        if len(made) == 2:
+            raise OSError(errno.EMLINK, "Too many links", str(source))
+        link(source, target)
+        made.append(str(target))
+
+    monkeypatch.setattr(os, "link", refuse_the_third)
+    with pytest.raises(OSError, match="Too many links"):
+        prepare_next(first, tmp_path / "next-1")
+    assert len(made) == 2 and not (tmp_path / "next-1").exists()
+    assert not any(Path(path).exists() for path in made)
+
+
 # ----- with a real master -------------------------------------------------------------------------
 
 
@@ -264,6 +387,70 @@ def test_a_reload_links_what_did_not_change_and_serves_what_did(
     assert service.get("/marker").json()["marker"] == "v2"
 
 
+PROBE_APP = """
+import importlib
+
+from pypnm.api.app import create_app
+
+app = create_app()  # the pypnm service (its status and health) with one more route
+
+
+@app.get("/probe")
+def probe() -> dict[str, object]:
+    found: dict[str, object] = {}
+    for name in ("leaf", "gone", "sub"):
+        try:
+            found[name] = getattr(importlib.import_module(f"probepkg.{name}"), "VALUE", "no VALUE")
+        except ImportError:
+            found[name] = None
+    return found
+"""
+
+
+def test_a_reload_takes_the_links_made_ahead_and_serves_changed_added_and_removed_files(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """The links of the serving snapshot are made after each reload; the next one takes them and is exact."""
+    parent, app = tmp_path / "run", tmp_path / "app"
+    parent.mkdir()
+    write_app_package(app, "probepkg", PROBE_APP)
+    write_tree(
+        app / "probepkg", {"leaf.py": "VALUE = 'v1'\n", "gone.py": "VALUE = 'g'\n", "sub/__init__.py": "VALUE = 's'\n"}
+    )
+    command = pypnm_command("--app", "probepkg.main:app", "--port", "{port}", "--workers", "1")
+    env = base_env(PYPNM_RUNTIME_DIR=str(parent), PYPNM_RELOAD_MIN_INTERVAL="0")
+    service = start_service(command, cwd=app, env=env)
+    runtime = runtime_dir(parent)
+    assert service.get("/probe").json() == {"leaf": "v1", "gone": "g", "sub": "s"}
+    wait_until(lambda: list(runtime.glob("next-*/probepkg/main.py")), timeout=20)  # linked after the first reload
+
+    (app / "probepkg" / "leaf.py").write_text("VALUE = 'v2'\n")
+    (app / "probepkg" / "gone.py").unlink()
+    shutil.rmtree(app / "probepkg" / "sub")
+    (app / "probepkg" / "new.py").write_text("VALUE = 'n'\n")
+    before = supervisor_status(service)
+    after = reload_by_sighup(service, before["generation"])
+    assert after["last_reload"]["outcome"] == "succeeded", after["last_reload"]
+    assert service.get("/probe").json() == {"leaf": "v2", "gone": None, "sub": None}
+    snapshot_line = wait_until(
+        lambda: [
+            line for line in service.output().splitlines() if f"snapshot of generation {after['generation']}:" in line
+        ]
+    )
+    assert "shared with the previous one, 4 modules changed; linked ahead in " in snapshot_line[0], snapshot_line
+    new = runtime / f"gen-{after['generation']}" / "probepkg"
+    assert sorted(path.name for path in new.iterdir() if path.name != "__pycache__") == [
+        "__init__.py",
+        "leaf.py",
+        "main.py",
+        "new.py",
+    ]
+    old = runtime / f"gen-{before['generation']}" / "probepkg"  # kept for the rollback window, as it was
+    assert (old / "leaf.py").read_text() == "VALUE = 'v1'\n" and (old / "sub" / "__init__.py").is_file()
+    assert (new / "main.py").stat().st_ino == (old / "main.py").stat().st_ino
+    wait_until(lambda: list(runtime.glob("next-*/probepkg/new.py")), timeout=20)  # and again for the next one
+
+
 def test_a_file_that_is_not_a_regular_file_fails_the_snapshot_in_one_line(project: Path, tmp_path: Path) -> None:
     fifo = project / "pipe"
     os.mkfifo(fifo)  # a copy would block on it forever
@@ -296,3 +483,75 @@ def test_a_lineage_replaces_removed_snapshots_by_links_to_its_newest_and_ends_wi
     third.remove()
     lineage.end()
     assert list(runtime.iterdir()) == []
+
+
+# ----- when the links are made: NextSnapshot, in a real event loop -----------------------------------
+
+
+def test_next_snapshot_links_after_its_wait_is_cancelled_by_an_early_reload_and_cleans_up(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(next_snapshot, "PREPARE_AFTER", 0.2)
+    base = snap(project, tmp_path / "gen-1")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+
+    def made() -> list[str]:
+        return sorted(path.name for path in runtime.iterdir())
+
+    async def until(names: list[str]) -> None:
+        for _ in range(200):  # 10 s at most
+            if made() == names:
+                return
+            await asyncio.sleep(0.05)
+        assert made() == names
+
+    async def scenario() -> None:
+        ahead = next_snapshot.NextSnapshot(runtime)
+        assert await ahead.take() is None  # nothing prepared yet
+
+        ahead.prepare(base)
+        assert await ahead.take() is None  # a reload within the wait: it links as it always did
+        await asyncio.sleep(0.4)
+        assert made() == []  # and nothing is linked behind its back
+
+        ahead.prepare(base)
+        await until(["next-2"])
+        ahead.prepare(base)  # a new one (the next reload ended): the unused one goes
+        await until(["next-3"])
+        prepared = await ahead.take()
+        assert prepared is not None and prepared.base is base and prepared.directory == runtime / "next-3"
+        assert await ahead.take() is None  # taken once
+
+        ahead.prepare(base)
+        await until(["next-3", "next-4"])
+        ahead.discard()  # the master stops
+        await until(["next-3"])  # the taken one is its snapshot's now, left alone
+
+    asyncio.run(scenario())
+
+
+def test_a_reload_that_starts_while_the_links_are_made_waits_for_them(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(next_snapshot, "PREPARE_AFTER", 0.0)
+    base = snap(project, tmp_path / "gen-1")
+    linking, go = threading.Event(), threading.Event()
+    real = snapshot_module.prepare_next
+
+    def held(*args: Any) -> Prepared:
+        linking.set()
+        assert go.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(next_snapshot, "prepare_next", held)
+
+    async def scenario() -> Prepared | None:
+        ahead = next_snapshot.NextSnapshot(tmp_path)
+        ahead.prepare(base)
+        assert await asyncio.to_thread(linking.wait, 10)
+        threading.Timer(0.2, go.set).start()
+        return await ahead.take()
+
+    prepared = asyncio.run(scenario())
+    assert prepared is not None and (prepared.directory / "pkg" / "util.py").read_text() == "VALUE = 1\n"

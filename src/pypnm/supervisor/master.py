@@ -43,6 +43,7 @@ from pypnm.supervisor.generation import CandidateFailed, Generation
 from pypnm.supervisor.import_graph import CodeScan, ImportScanner
 from pypnm.supervisor.lifecycle import Generations
 from pypnm.supervisor.metrics import MasterMetrics
+from pypnm.supervisor.next_snapshot import NextSnapshot
 from pypnm.supervisor.reloads import ReloadOutcome, ReloadQueue, ReloadRecord
 from pypnm.supervisor.rollback import KnownGood, Rollback
 from pypnm.supervisor.runtime import RuntimeDir, RuntimeDirError
@@ -99,6 +100,7 @@ class Master:
             raise
         self.metrics = MasterMetrics.start(self.runtime.path)  # before the fork template starts: it inherits the dir
         self.control_path = str(self.runtime.path / "control.sock")
+        self.next_snapshot = NextSnapshot(self.runtime.path)  # the next reload's links, made ahead
         self.template = ForkTemplate(settings.log_level, settings.preload_modules, self.runtime)
         logger.info("runtime directory %s", self.runtime.path)
 
@@ -241,6 +243,7 @@ class Master:
         await self.upgrades.abort()  # a new master still coming up does not outlive this one
         self.stopping = True
         self.files.stop()
+        self.next_snapshot.discard()
         for task in list(self._tasks):
             task.cancel()
         for sock in self.listeners:
@@ -276,6 +279,8 @@ class Master:
         old = await bring_up(record, number)
         if old is not None:
             self.generations.drain(old)
+        serving = self.generations.serving
+        self.next_snapshot.prepare(serving.snapshot if serving is not None else None)
 
     async def _reload_from_disk(self, record: ReloadRecord, number: int) -> Generation | None:
         """Build generation `number` from the code and settings on disk; the one it replaced (None: none, or failed)."""
@@ -387,6 +392,7 @@ class Master:
             self.config_file,
             self.compiler,
             serving.snapshot if serving is not None else None,
+            await self.next_snapshot.take(),
         )
         settings = build.settings_for(snapshot, self.settings, self.overrides)
         self.config_watch.read_by_reload(snapshot, settings)  # the content this reload read is the one to compare

@@ -9,6 +9,9 @@ A snapshot costs what changed, not the size of the tree: a file whose content is
 the previous snapshot (the serving generation's) is a hard link to that snapshot's copy
 and bytecode; only changed and new files are copied and compiled (`_Freezer`). Removing
 the previous snapshot after its generation drains leaves the links of the new one whole.
+The links need not wait for the reload: `prepare_next` makes them ahead, while the service is
+quiet (next_snapshot.py says when), and `take_snapshot` then takes that directory over, so a
+reload only stats the tree, replaces what changed and removes what is gone.
 Where hard links are refused (another file system, a file system without them, a
 permission), files are copied instead. `Snapshot.changes` says which modules changed
 (`SnapshotChanges.between`, the one comparison of two snapshots' files: import_graph.py's
@@ -163,6 +166,7 @@ class Snapshot:
     changes: SnapshotChanges | None = None  # None: no previous snapshot to compare with, everything is new
     shared: int = 0  # files hard-linked from the previous snapshot rather than copied
     took_ms: float = 0.0
+    prepared: Prepared | None = None  # the links made ahead that it took over (prepare_next), if any
     lineage: Lineage | None = None  # the incremental imports it takes part in (None: imported clean only)
 
     @property
@@ -191,7 +195,10 @@ class Snapshot:
         made = f"{len(self.manifest)} files in {self.took_ms:.0f}ms"
         if self.changes is None:
             return f"{made}, all copied (no previous snapshot)"
-        return f"{made}, {self.shared} shared with the previous one, {len(self.changes.modules)} modules changed"
+        summary = f"{made}, {self.shared} shared with the previous one, {len(self.changes.modules)} modules changed"
+        if self.prepared is not None:
+            summary += f"; linked ahead in {self.prepared.took_ms:.0f}ms"
+        return summary
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -358,24 +365,88 @@ class SourceLocator:
         return {self.top: self._found}
 
 
+@dataclass(eq=False)
+class Prepared:
+    """A directory made ahead of a reload: every code file of `base` and its bytecode, hard-linked (`prepare_next`)."""
+
+    directory: Path
+    base: Snapshot  # whose files it links: only a snapshot taken with this one as the previous may take it over
+    took_ms: float
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def prepare_next(base: Snapshot, directory: Path) -> Prepared:
+    """Hard-link every code file of `base` (the serving generation's snapshot), and its bytecode, into `directory`.
+
+    What the next snapshot would link anyway for every file that did not change, done before it is
+    asked for. All or nothing: OSError (the directory removed) when any link is refused.
+    """
+    started = time.perf_counter()
+    made: set[str] = set()
+    try:
+        directory.mkdir()
+        for relative in base.manifest:
+            _link_copy(base.directory, directory, relative, made)
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return Prepared(directory, base, (time.perf_counter() - started) * 1000)
+
+
+def _link_copy(source_dir: Path | str, target_dir: Path | str, relative: str, made: set[str]) -> None:
+    """Hard-link the snapshot file `relative` of `source_dir`, and its bytecode for a `.py` file, into `target_dir`.
+
+    OSError when the file system refuses (EXDEV, EPERM, EMLINK, no links at all, the copy gone);
+    then neither is left in `target_dir`. `made`: the directories known to exist already.
+    """
+    source = os.path.join(source_dir, relative)
+    target = os.path.join(target_dir, relative)
+    _make_parent(target, made)
+    os.link(source, target)
+    if relative.endswith(".py"):
+        cfile = importlib.util.cache_from_source(target)
+        _make_parent(cfile, made)
+        try:
+            os.link(importlib.util.cache_from_source(source), cfile)
+        except OSError:
+            os.unlink(target)  # its bytecode could not follow
+            raise
+
+
+def _make_parent(path: str, made: set[str]) -> None:
+    directory = os.path.dirname(path)
+    if directory not in made:
+        os.makedirs(directory, exist_ok=True)
+        made.add(directory)
+
+
 def take_snapshot(
     sources: dict[str, Path],
     directory: Path,
     config_file: Path | None,
     compiler: Compiler | None = None,
     previous: Snapshot | None = None,
+    prepared: Prepared | None = None,
 ) -> Snapshot:
-    """Freeze `sources` into `directory`, sharing with `previous` (the serving generation's) what did not change."""
+    """Freeze `sources` into `directory`, sharing with `previous` (the serving generation's) what did not change.
+
+    `prepared`: the links of `previous`'s files made ahead (`prepare_next`); the snapshot takes its
+    directory over (renamed to `directory`), or removes it when it was made from another snapshot.
+    """
     started = time.perf_counter()
     compiler = compiler or Compiler()
+    prelinked = _take_over(prepared, previous, directory)
     try:
-        directory.mkdir(parents=True)
+        if prelinked is None:
+            directory.mkdir(parents=True)
     except OSError as exc:
         raise SnapshotError(_write_problem(exc)) from None
     source_dirs: dict[str, str] = {}
     digest = hashlib.sha256()
     package_version = ""
-    freezer = _Freezer(directory, compiler, previous)
+    freezer = _Freezer(directory, compiler, previous, prelinked or set())
     try:
         for top, source in sources.items():
             if source.is_dir():
@@ -393,6 +464,7 @@ def take_snapshot(
                 freezer.freeze(source, source.name)
                 digest.update(target.read_bytes())
             source_dirs[str(target)] = str(source)
+        freezer.remove_unseen()
         single_package = len(sources) == 1 and next(iter(sources.values())).is_dir()
         version = package_version if single_package else digest.hexdigest()[:16]
         snapshot = Snapshot(
@@ -407,17 +479,40 @@ def take_snapshot(
                 else None
             ),
             shared=freezer.shared,
+            prepared=prepared if prelinked is not None else None,
         )
         if config_file is not None:
             snapshot.add_file(CONFIG_FILE, config_file)
     except OSError as exc:  # a file that vanished mid-copy, a dangling link, a full file system
         shutil.rmtree(directory, ignore_errors=True)
+        if prelinked is not None:  # or a path the links made ahead stand in the way of (a file now a directory)
+            logger.debug("snapshot %s made again without its links made ahead: %s", directory, exc)
+            return take_snapshot(sources, directory, config_file, compiler, previous)
         raise SnapshotError(_copy_problem(exc)) from None
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
     snapshot.took_ms = (time.perf_counter() - started) * 1000
     return snapshot
+
+
+def _take_over(prepared: Prepared | None, previous: Snapshot | None, directory: Path) -> set[str] | None:
+    """Rename `prepared`'s directory to `directory` if it holds `previous`'s files: the files it links, else None.
+
+    Prepared from another snapshot (the serving one changed since: a rollback) or not movable, it is removed.
+    """
+    if prepared is None:
+        return None
+    if previous is not None and prepared.base is previous:
+        try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(prepared.directory, directory)
+        except OSError as exc:
+            logger.debug("cannot take over %s: %s", prepared.directory, exc.strerror or exc)
+        else:
+            return set(previous.manifest)
+    prepared.remove()
+    return None
 
 
 def _walk(source: Path) -> Iterator[tuple[Path, str]]:
@@ -458,13 +553,15 @@ class _Freezer:
     whenever the stat differs, the content is hashed and compared.
     """
 
-    def __init__(self, directory: Path, compiler: Compiler, previous: Snapshot | None) -> None:
+    def __init__(self, directory: Path, compiler: Compiler, previous: Snapshot | None, prelinked: set[str]) -> None:
         self.directory = directory
         self.compiler = compiler
         self.previous = previous
         self.manifest: dict[str, FileRecord] = {}
         self.shared = 0  # files hard-linked from the previous snapshot
         self._made: set[str] = set()  # directories made so far (strings: this runs for every file of the tree)
+        # Files of the previous snapshot linked ahead (prepare_next) and not yet met in the walk.
+        self._prelinked = prelinked
 
     def freeze(self, original: Path, relative: str) -> None:
         target = os.path.join(self.directory, relative)
@@ -484,6 +581,9 @@ class _Freezer:
         self.manifest[relative] = record
         if before is not None and before.digest == record.digest and self._link(relative, target):
             return  # touched, or rewritten with the same bytes
+        if relative in self._prelinked:  # changed: the link made ahead goes, never written through
+            self._prelinked.discard(relative)
+            self._unlink(relative)
         _write_new(Path(target), data, stat.st_mode)
         if relative.endswith(".py"):
             self.compiler.compile(Path(target), original, record.digest)
@@ -491,27 +591,54 @@ class _Freezer:
     def _link(self, relative: str, target: str) -> bool:
         """Hard-link the previous snapshot's copy and its bytecode; False when the file system refuses."""
         assert self.previous is not None
-        source = os.path.join(self.previous.directory, relative)
+        if relative in self._prelinked:  # linked ahead already
+            self._prelinked.discard(relative)
+            self.shared += 1
+            return True
         try:
-            os.link(source, target)
-        except OSError:  # EXDEV, EPERM, EMLINK, a file system without links, or the copy is gone
+            _link_copy(self.previous.directory, self.directory, relative, self._made)
+        except OSError:  # the caller copies and compiles both
             return False
-        if relative.endswith(".py"):
-            cfile = importlib.util.cache_from_source(target)
-            self._parent(cfile)
-            try:
-                os.link(importlib.util.cache_from_source(source), cfile)
-            except OSError:
-                os.unlink(target)  # its bytecode could not follow: the caller copies and compiles both
-                return False
         self.shared += 1
         return True
 
     def _parent(self, path: str) -> None:
-        directory = os.path.dirname(path)
-        if directory not in self._made:
-            os.makedirs(directory, exist_ok=True)
-            self._made.add(directory)
+        _make_parent(path, self._made)
+
+    def remove_unseen(self) -> None:
+        """Remove the links made ahead of files the walk did not meet (gone from the sources), and what that empties.
+
+        An empty directory must go too: below a package, it would import as a namespace package.
+        """
+        top = str(self.directory)
+        for relative in sorted(self._prelinked, reverse=True):  # a directory's files before the directory
+            target = self._unlink(relative)
+            empty = [os.path.dirname(importlib.util.cache_from_source(target))] if relative.endswith(".py") else []
+            directory = os.path.dirname(target)
+            while directory != top:
+                empty.append(directory)
+                directory = os.path.dirname(directory)
+            for directory in empty:
+                if not _remove_if_empty(directory):
+                    break
+        self._prelinked.clear()
+
+    def _unlink(self, relative: str) -> str:
+        """Remove the link made ahead for `relative`, and its bytecode's; the removed path."""
+        target = os.path.join(self.directory, relative)
+        os.unlink(target)
+        if relative.endswith(".py"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(importlib.util.cache_from_source(target))
+        return target
+
+
+def _remove_if_empty(directory: str) -> bool:
+    try:
+        os.rmdir(directory)
+    except OSError:  # ENOTEMPTY, mostly
+        return False
+    return True
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
