@@ -270,7 +270,7 @@ def test_a_snapshot_takes_over_the_links_made_ahead_and_ends_as_one_made_without
     second = snap(project, tmp_path / "gen-2", first, prepared=prepared)
     plain = snap(project, tmp_path / "plain", first)
 
-    assert second.prepared is prepared and not prepared.directory.exists()  # taken over, not copied
+    assert second.linked_ahead_ms == prepared.took_ms and not prepared.directory.exists()  # taken over
     assert "; linked ahead in " in second.summary()
     assert tree(second.directory) == tree(plain.directory)
     assert not (second.directory / "pkg" / "gone").exists()  # an empty directory would import as a namespace
@@ -291,7 +291,7 @@ def test_links_made_ahead_of_another_snapshot_are_removed_and_not_used(project: 
     (project / "util.py").write_text("VALUE = 2\n")
     second = snap(project, tmp_path / "gen-2", first)  # a reload that did not take them (a rollback came between)
     third = snap(project, tmp_path / "gen-3", second, prepared=prepared)  # util.py as in second, not as in first
-    assert third.prepared is None and not prepared.directory.exists()
+    assert third.linked_ahead_ms is None and not prepared.directory.exists()
     assert "linked ahead" not in third.summary()
     assert (third.directory / "pkg" / "util.py").read_text() == "VALUE = 2\n"
     assert inode(third, "pkg/util.py") == inode(second, "pkg/util.py")

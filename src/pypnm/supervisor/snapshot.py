@@ -166,7 +166,9 @@ class Snapshot:
     changes: SnapshotChanges | None = None  # None: no previous snapshot to compare with, everything is new
     shared: int = 0  # files hard-linked from the previous snapshot rather than copied
     took_ms: float = 0.0
-    prepared: Prepared | None = None  # the links made ahead that it took over (prepare_next), if any
+    # How long making the links it took over took (prepare_next); None: it made its own. Not the
+    # Prepared itself: that holds the previous snapshot, and each snapshot would hold all before it.
+    linked_ahead_ms: float | None = None
     lineage: Lineage | None = None  # the incremental imports it takes part in (None: imported clean only)
 
     @property
@@ -196,8 +198,8 @@ class Snapshot:
         if self.changes is None:
             return f"{made}, all copied (no previous snapshot)"
         summary = f"{made}, {self.shared} shared with the previous one, {len(self.changes.modules)} modules changed"
-        if self.prepared is not None:
-            summary += f"; linked ahead in {self.prepared.took_ms:.0f}ms"
+        if self.linked_ahead_ms is not None:
+            summary += f"; linked ahead in {self.linked_ahead_ms:.0f}ms"
         return summary
 
     def remove(self) -> None:
@@ -479,7 +481,7 @@ def take_snapshot(
                 else None
             ),
             shared=freezer.shared,
-            prepared=prepared if prelinked is not None else None,
+            linked_ahead_ms=prepared.took_ms if prepared is not None and prelinked is not None else None,
         )
         if config_file is not None:
             snapshot.add_file(CONFIG_FILE, config_file)
