@@ -463,7 +463,7 @@ def take_snapshot(
                 digest.update(package_version.encode())
             else:
                 target = directory / source.name
-                freezer.freeze(source, source.name)
+                freezer.freeze(str(source), source.name)
                 digest.update(target.read_bytes())
             source_dirs[str(target)] = str(source)
         freezer.remove_unseen()
@@ -517,11 +517,12 @@ def _take_over(prepared: Prepared | None, previous: Snapshot | None, directory: 
     return None
 
 
-def _walk(source: Path) -> Iterator[tuple[Path, str]]:
+def _walk(source: Path) -> Iterator[tuple[str, str]]:
     """Every file below `source` but compiled bytecode, in a stable order: (its path, its path relative to `source`).
 
     Symbolic links are followed, as a copy would (a linked directory is copied as a directory);
-    a directory met again through a link is not entered twice, so a link loop ends.
+    a directory met again through a link is not entered twice, so a link loop ends. Strings, not
+    Path objects: this runs for every file of the tree at every reload.
     """
     seen: set[tuple[int, int]] = set()
 
@@ -535,11 +536,10 @@ def _walk(source: Path) -> Iterator[tuple[Path, str]]:
             continue
         seen.add((info.st_dev, info.st_ino))
         dirs[:] = sorted(name for name in dirs if name != "__pycache__")
-        base = Path(root)
-        prefix = base.relative_to(source).as_posix()
+        prefix = Path(root).relative_to(source).as_posix()
         for name in sorted(files):
             if not name.endswith(".pyc"):
-                yield base / name, name if prefix == "." else f"{prefix}/{name}"
+                yield os.path.join(root, name), name if prefix == "." else f"{prefix}/{name}"
 
 
 class _Freezer:
@@ -565,18 +565,19 @@ class _Freezer:
         # Files of the previous snapshot linked ahead (prepare_next) and not yet met in the walk.
         self._prelinked = prelinked
 
-    def freeze(self, original: Path, relative: str) -> None:
+    def freeze(self, original: str, relative: str) -> None:
         target = os.path.join(self.directory, relative)
         self._parent(target)
         stat = os.stat(original)  # before reading: a write after this changes the stat seen next time
         if not S_ISREG(stat.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(original))
+            raise OSError(errno.EINVAL, "not a regular file", original)
         key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         before = self.previous.manifest.get(relative) if self.previous is not None else None
         if before is not None and before.stat == key and not before.racy and self._link(relative, target):
             self.manifest[relative] = before
             return
-        data = original.read_bytes()
+        with open(original, "rb") as file:
+            data = file.read()
         now = time.time_ns()
         racy = max(stat.st_mtime_ns, stat.st_ctime_ns) > now - RACY_NS
         record = FileRecord(key, hashlib.sha256(data).digest(), racy)
@@ -588,7 +589,7 @@ class _Freezer:
             self._unlink(relative)
         _write_new(Path(target), data, stat.st_mode)
         if relative.endswith(".py"):
-            self.compiler.compile(Path(target), original, record.digest)
+            self.compiler.compile(Path(target), Path(original), record.digest)
 
     def _link(self, relative: str, target: str) -> bool:
         """Hard-link the previous snapshot's copy and its bytecode; False when the file system refuses."""
