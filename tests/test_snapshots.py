@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -449,6 +450,7 @@ def test_a_reload_takes_the_links_made_ahead_and_serves_changed_added_and_remove
     assert (old / "leaf.py").read_text() == "VALUE = 'v1'\n" and (old / "sub" / "__init__.py").is_file()
     assert (new / "main.py").stat().st_ino == (old / "main.py").stat().st_ino
     wait_until(lambda: list(runtime.glob("next-*/probepkg/new.py")), timeout=20)  # and again for the next one
+    assert [path.name for path in runtime.glob("next-*")] == ["next-2"]  # the one taken is gen-N now, no other
 
 
 def test_a_file_that_is_not_a_regular_file_fails_the_snapshot_in_one_line(project: Path, tmp_path: Path) -> None:
@@ -493,6 +495,7 @@ def test_next_snapshot_links_after_its_wait_is_cancelled_by_an_early_reload_and_
 ) -> None:
     monkeypatch.setattr(next_snapshot, "PREPARE_AFTER", 0.2)
     base = snap(project, tmp_path / "gen-1")
+    other = snap(project, tmp_path / "gen-2", base)
     runtime = tmp_path / "runtime"
     runtime.mkdir()
 
@@ -511,16 +514,20 @@ def test_next_snapshot_links_after_its_wait_is_cancelled_by_an_early_reload_and_
         assert await ahead.take() is None  # nothing prepared yet
 
         ahead.prepare(base)
-        assert await ahead.take() is None  # a reload within the wait: it links as it always did
+        ahead.reload_started()  # a reload within the wait: it links as it always did
+        assert await ahead.take() is None
         await asyncio.sleep(0.4)
         assert made() == []  # and nothing is linked behind its back
 
         ahead.prepare(base)
         await until(["next-2"])
-        ahead.prepare(base)  # a new one (the next reload ended): the unused one goes
+        ahead.prepare(base)  # a reload that failed before its snapshot: the links stay for the next one
+        ahead.reload_started()  # made already: kept for the snapshot
+        assert made() == ["next-2"]
+        ahead.prepare(other)  # another snapshot serves (a rollback): the unused links go, new ones are made
         await until(["next-3"])
         prepared = await ahead.take()
-        assert prepared is not None and prepared.base is base and prepared.directory == runtime / "next-3"
+        assert prepared is not None and prepared.base is other and prepared.directory == runtime / "next-3"
         assert await ahead.take() is None  # taken once
 
         ahead.prepare(base)
@@ -555,3 +562,80 @@ def test_a_reload_that_starts_while_the_links_are_made_waits_for_them(
 
     prepared = asyncio.run(scenario())
     assert prepared is not None and (prepared.directory / "pkg" / "util.py").read_text() == "VALUE = 1\n"
+
+
+def test_links_discarded_while_they_are_made_neither_leak_nor_disturb_the_next_ones(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rollback ends while the links of the replaced snapshot are being made: they go, and the new ones are used."""
+    monkeypatch.setattr(next_snapshot, "PREPARE_AFTER", 0.0)
+    first = snap(project, tmp_path / "gen-1")
+    second = snap(project, tmp_path / "gen-2", first)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    entered = {id(first): threading.Event(), id(second): threading.Event()}
+    release = {id(first): threading.Event(), id(second): threading.Event()}
+    real = snapshot_module.prepare_next
+
+    def held(base: Snapshot, directory: Path) -> Prepared:
+        entered[id(base)].set()
+        assert release[id(base)].wait(10)
+        return real(base, directory)
+
+    monkeypatch.setattr(next_snapshot, "prepare_next", held)
+
+    async def scenario() -> Prepared | None:
+        ahead = next_snapshot.NextSnapshot(runtime)
+        ahead.prepare(first)
+        assert await asyncio.to_thread(entered[id(first)].wait, 10)
+        ahead.prepare(second)  # the first's links are still being made
+        assert await asyncio.to_thread(entered[id(second)].wait, 10)
+        release[id(first)].set()  # the first's thread ends while the second's is making links
+        await asyncio.sleep(0.3)
+        ahead.reload_started()
+        threading.Timer(0.3, release[id(second)].set).start()
+        return await ahead.take()  # waits for the second's links
+
+    prepared = asyncio.run(scenario())
+    assert prepared is not None and prepared.base is second and prepared.directory == runtime / "next-2"
+    assert sorted(path.name for path in runtime.iterdir()) == ["next-2"]  # the first's links removed
+
+
+def test_no_links_are_made_ahead_when_the_bytecode_is_kept_outside_the_tree(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = snap(project, tmp_path / "gen-1")
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "pycache"))
+    with pytest.raises(OSError, match="PYTHONPYCACHEPREFIX"):
+        prepare_next(first, tmp_path / "next-1")
+    assert not (tmp_path / "next-1").exists()
+
+
+@pytest.mark.parametrize("change", ["module-to-package", "package-to-module", "single-module"])
+def test_links_made_ahead_follow_a_module_that_becomes_a_package_and_back(
+    project: Path, tmp_path: Path, change: str
+) -> None:
+    if change == "single-module":
+        module = write_tree(tmp_path / "single", {"app.py": "A = 1\n"}) / "app.py"
+        first = take_snapshot({"app": module}, tmp_path / "gen-1", None)
+        prepared = prepare_next(first, tmp_path / "next-1")
+        module.write_text("A = 22\n")
+        second = take_snapshot({"app": module}, tmp_path / "gen-2", None, previous=first, prepared=prepared)
+        plain = take_snapshot({"app": module}, tmp_path / "plain", None, previous=first)
+    else:
+        if change == "package-to-module":
+            (project / "util.py").unlink()
+            write_tree(project, {"util/__init__.py": "VALUE = 1\n"})
+        first = snap(project, tmp_path / "gen-1")
+        prepared = prepare_next(first, tmp_path / "next-1")
+        if change == "module-to-package":
+            (project / "util.py").unlink()
+            write_tree(project, {"util/__init__.py": "VALUE = 2\n"})
+        else:
+            shutil.rmtree(project / "util")
+            (project / "util.py").write_text("VALUE = 2\n")
+        second = snap(project, tmp_path / "gen-2", first, prepared=prepared)
+        plain = snap(project, tmp_path / "plain", first)
+    assert second.linked_ahead_ms is not None
+    assert tree(second.directory) == tree(plain.directory)
+    assert second.manifest == plain.manifest

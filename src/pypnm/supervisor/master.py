@@ -272,6 +272,7 @@ class Master:
         The steps every reload shares are here (its generation number and start, the drain); what
         it brings up (from disk, or a rollback's kept snapshot) is `_reload_from_disk`'s or `_roll_back`'s.
         """
+        self.next_snapshot.reload_started()
         number = self._next_generation
         self._next_generation += 1
         record.begin(number)

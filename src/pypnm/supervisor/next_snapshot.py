@@ -12,12 +12,13 @@ changed and removes the ones that are gone (`take_snapshot(prepared=...)`).
 
 The rules that keep it right:
 - It is made from the serving generation's snapshot, and taken only by a snapshot whose
-  previous one is that very snapshot; after a rollback or a failed reload it is made again.
+  previous one is that very snapshot; after a rollback they are made again, from the one that serves then.
 - A reload that starts while the links wait for `PREPARE_AFTER` cancels them and links as
   it always did; one that starts while they are being made waits for them (it would make the
-  same links itself).
+  same links itself). A reload that failed before its snapshot leaves them for the next one.
 - A refused link (another file system, one without hard links) leaves nothing behind, and the
-  snapshot links or copies file by file as before.
+  snapshot links or copies file by file as before. So does a bytecode cache kept outside the
+  tree (`PYTHONPYCACHEPREFIX`): the links would name the directory made ahead, not the snapshot.
 - The directory is in the runtime directory: what a stop leaves there goes with it.
 """
 
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from pypnm.supervisor.snapshot import Prepared, Snapshot, prepare_next
@@ -35,6 +38,20 @@ logger = logging.getLogger(__name__)
 
 # Seconds from the end of a reload to linking the next snapshot's files.
 PREPARE_AFTER = 0.5
+# What a file system that refuses hard links answers (then every time: said once).
+REFUSED = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+@dataclass(eq=False)
+class _Preparation:
+    """One making of the links: from which snapshot, and whether its thread has started (it then runs to its end)."""
+
+    base: Snapshot
+    task: asyncio.Task[Prepared | None] | None = None
+    linking: bool = False
+
+    def waiting(self) -> bool:
+        return self.task is not None and not self.task.done() and not self.linking
 
 
 class NextSnapshot:
@@ -42,56 +59,66 @@ class NextSnapshot:
 
     def __init__(self, runtime: Path) -> None:
         self.runtime = runtime
-        self._task: asyncio.Task[Prepared | None] | None = None
-        self._linking = False  # the task is past its wait: the thread is making links
+        self._current: _Preparation | None = None
         self._names = itertools.count(1)
         self._refused_before = False
 
     def prepare(self, base: Snapshot | None) -> None:
-        """A reload ended and `base` is the serving generation's snapshot: link its files ahead of the next one."""
+        """A reload ended and `base` is the serving generation's snapshot: link its files ahead of the next one.
+
+        Links already made (or being made) from `base` are kept: the reload that ended did not take
+        them (it failed before its snapshot).
+        """
+        if self._current is not None and self._current.base is base:
+            return
         self.discard()
         if base is not None:
-            self._task = asyncio.create_task(self._prepare(base, self.runtime / f"next-{next(self._names)}"))
+            current = self._current = _Preparation(base)
+            current.task = asyncio.create_task(self._prepare(current, self.runtime / f"next-{next(self._names)}"))
 
-    async def _prepare(self, base: Snapshot, directory: Path) -> Prepared | None:
+    async def _prepare(self, current: _Preparation, directory: Path) -> Prepared | None:
         await asyncio.sleep(PREPARE_AFTER)
-        self._linking = True
+        current.linking = True
         try:
-            prepared = await asyncio.to_thread(prepare_next, base, directory)
+            prepared = await asyncio.to_thread(prepare_next, current.base, directory)
         except OSError as exc:
             # A file system that refuses links refuses them every time: said once, at info.
-            log = logger.debug if self._refused_before else logger.info
+            refused = exc.errno in REFUSED
+            log = logger.debug if refused and self._refused_before else logger.info
             log("the next snapshot's files are not linked ahead: %s", exc.strerror or exc)
-            self._refused_before = True
+            self._refused_before = self._refused_before or refused
             return None
         except Exception:  # never a reason for a reload to fail: it links file by file instead
             logger.warning("the next snapshot's files are not linked ahead", exc_info=True)
             return None
-        finally:
-            self._linking = False
         logger.debug("the next snapshot's files linked ahead in %.0fms (%s)", prepared.took_ms, directory.name)
         return prepared
 
+    def reload_started(self) -> None:
+        """A reload starts: links still waiting for PREPARE_AFTER are not made (the reload does not wait for them)."""
+        if self._current is not None and self._current.waiting():
+            self.discard()
+
     async def take(self) -> Prepared | None:
-        """For the reload starting now: the links made ahead, once made; None if they are not being made yet."""
-        task, self._task = self._task, None
-        if task is None:
+        """For the reload's snapshot: the links made ahead, once made (waiting for a thread making them); or None."""
+        current, self._current = self._current, None
+        if current is None or current.task is None:
             return None
-        if not task.done() and not self._linking:
-            task.cancel()
+        if current.waiting():
+            current.task.cancel()
             return None
         # Shielded: a stop that cancels the reload lets the thread finish; the runtime directory then goes.
-        return await asyncio.shield(task)
+        return await asyncio.shield(current.task)
 
     def discard(self) -> None:
         """Nobody will take what is prepared (a new one is made, or the master stops): cancel it or remove it."""
-        task, self._task = self._task, None
-        if task is None:
+        current, self._current = self._current, None
+        if current is None or current.task is None:
             return
-        if not task.done() and not self._linking:
-            task.cancel()
+        if current.waiting():
+            current.task.cancel()
         else:
-            task.add_done_callback(_remove_result)
+            current.task.add_done_callback(_remove_result)
 
 
 def _remove_result(task: asyncio.Task[Prepared | None]) -> None:

@@ -385,6 +385,8 @@ def prepare_next(base: Snapshot, directory: Path) -> Prepared:
     What the next snapshot would link anyway for every file that did not change, done before it is
     asked for. All or nothing: OSError (the directory removed) when any link is refused.
     """
+    if sys.pycache_prefix is not None:  # the bytecode's links would be named after `directory`, not the snapshot
+        raise OSError(errno.ENOTSUP, "the bytecode is kept outside the tree (PYTHONPYCACHEPREFIX)", str(directory))
     started = time.perf_counter()
     made: set[str] = set()
     try:
