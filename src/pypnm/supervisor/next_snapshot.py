@@ -11,7 +11,7 @@ reload's snapshot takes that directory over and only stats the tree, replaces th
 changed and removes the ones that are gone (`take_snapshot(prepared=...)`).
 
 The rules that keep it right:
-- It is made from the serving generation's snapshot, and taken only by a snapshot whose
+- The links are made from the serving generation's snapshot, and taken only by a snapshot whose
   previous one is that very snapshot; after a rollback they are made again, from the one that serves then.
 - A reload that starts while the links wait for `PREPARE_AFTER` cancels them and links as
   it always did; one that starts while they are being made waits for them (it would make the
