@@ -490,14 +490,19 @@ def test_a_lineage_replaces_removed_snapshots_by_links_to_its_newest_and_ends_wi
 # ----- when the links are made: NextSnapshot, in a real event loop -----------------------------------
 
 
+def two_snapshots_and_a_runtime(project: Path, tmp_path: Path) -> tuple[Snapshot, Snapshot, Path]:
+    """Two snapshots of `project`, one after the other, and an empty runtime directory for the links."""
+    first = snap(project, tmp_path / "gen-1")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    return first, snap(project, tmp_path / "gen-2", first), runtime
+
+
 def test_next_snapshot_links_after_its_wait_is_cancelled_by_an_early_reload_and_cleans_up(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(next_snapshot, "PREPARE_AFTER", 0.2)
-    base = snap(project, tmp_path / "gen-1")
-    other = snap(project, tmp_path / "gen-2", base)
-    runtime = tmp_path / "runtime"
-    runtime.mkdir()
+    base, other, runtime = two_snapshots_and_a_runtime(project, tmp_path)
 
     def made() -> list[str]:
         return sorted(path.name for path in runtime.iterdir())
@@ -569,10 +574,7 @@ def test_links_discarded_while_they_are_made_neither_leak_nor_disturb_the_next_o
 ) -> None:
     """A rollback ends while the links of the replaced snapshot are being made: they go, and the new ones are used."""
     monkeypatch.setattr(next_snapshot, "PREPARE_AFTER", 0.0)
-    first = snap(project, tmp_path / "gen-1")
-    second = snap(project, tmp_path / "gen-2", first)
-    runtime = tmp_path / "runtime"
-    runtime.mkdir()
+    first, second, runtime = two_snapshots_and_a_runtime(project, tmp_path)
     entered = {id(first): threading.Event(), id(second): threading.Event()}
     release = {id(first): threading.Event(), id(second): threading.Event()}
     real = snapshot_module.prepare_next
