@@ -87,6 +87,13 @@ def bytecode(snapshot: Snapshot, relative: str) -> Path:
     return Path(importlib.util.cache_from_source(str(snapshot.directory / relative)))
 
 
+def tree(directory: Path) -> tuple[dict[str, bytes], set[str]]:
+    """Every file below `directory` with its bytes, and every directory, by relative path."""
+    files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    directories = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_dir()}
+    return files, directories
+
+
 def test_unchanged_files_are_links_to_the_previous_snapshot_and_only_changes_are_copied(
     project: Path, tmp_path: Path
 ) -> None:
@@ -152,15 +159,10 @@ def test_snapshot_files_are_read_only(project: Path, tmp_path: Path) -> None:
 def test_removing_the_previous_snapshot_leaves_the_new_one_whole(project: Path, tmp_path: Path) -> None:
     first = snap(project, tmp_path / "gen-1")
     second = snap(project, tmp_path / "gen-2", first)
-    contents = {
-        path.relative_to(second.directory): path.read_bytes() for path in second.directory.rglob("*") if path.is_file()
-    }
+    contents = tree(second.directory)
     first.remove()
     assert not first.directory.exists()
-    after = {
-        path.relative_to(second.directory): path.read_bytes() for path in second.directory.rglob("*") if path.is_file()
-    }
-    assert after == contents
+    assert tree(second.directory) == contents
 
     third = snap(project, tmp_path / "gen-3", second)  # and it is the previous one of the next
     assert third.shared == 6 and inode(third, "pkg/util.py") == inode(second, "pkg/util.py")
@@ -236,13 +238,6 @@ def test_a_link_loop_in_the_project_is_copied_once(project: Path, tmp_path: Path
 
 
 # ----- links made ahead (prepare_next) ------------------------------------------------------------
-
-
-def tree(directory: Path) -> tuple[dict[str, bytes], set[str]]:
-    """Every file below `directory` with its bytes, and every directory, by relative path."""
-    files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
-    directories = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_dir()}
-    return files, directories
 
 
 @pytest.mark.parametrize("racy", [True, False], ids=["hashed", "by-stat"])

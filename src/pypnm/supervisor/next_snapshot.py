@@ -29,7 +29,7 @@ import contextlib
 import errno
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pypnm.supervisor.snapshot import Prepared, Snapshot, prepare_next
@@ -47,11 +47,11 @@ class _Preparation:
     """One making of the links: from which snapshot, and whether its thread has started (it then runs to its end)."""
 
     base: Snapshot
-    task: asyncio.Task[Prepared | None] | None = None
+    task: asyncio.Task[Prepared | None] = field(init=False)  # set as it is made (the task is given this object)
     linking: bool = False
 
     def waiting(self) -> bool:
-        return self.task is not None and not self.task.done() and not self.linking
+        return not self.task.done() and not self.linking
 
 
 class NextSnapshot:
@@ -102,7 +102,7 @@ class NextSnapshot:
     async def take(self) -> Prepared | None:
         """For the reload's snapshot: the links made ahead, once made (waiting for a thread making them); or None."""
         current, self._current = self._current, None
-        if current is None or current.task is None:
+        if current is None:
             return None
         if current.waiting():
             current.task.cancel()
@@ -113,7 +113,7 @@ class NextSnapshot:
     def discard(self) -> None:
         """Nobody will take what is prepared (a new one is made, or the master stops): cancel it or remove it."""
         current, self._current = self._current, None
-        if current is None or current.task is None:
+        if current is None:
             return
         if current.waiting():
             current.task.cancel()

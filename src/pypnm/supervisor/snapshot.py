@@ -569,7 +569,7 @@ class _Freezer:
 
     def freeze(self, original: str, relative: str) -> None:
         target = os.path.join(self.directory, relative)
-        self._parent(target)
+        _make_parent(target, self._made)
         stat = os.stat(original)  # before reading: a write after this changes the stat seen next time
         if not S_ISREG(stat.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", original)
@@ -606,9 +606,6 @@ class _Freezer:
             return False
         self.shared += 1
         return True
-
-    def _parent(self, path: str) -> None:
-        _make_parent(path, self._made)
 
     def remove_unseen(self) -> None:
         """Remove the links made ahead of files the walk did not meet (gone from the sources), and what that empties.
