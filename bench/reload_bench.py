@@ -997,6 +997,10 @@ def pypnm_phases(lines: list[str], rounds: list[Round]) -> tuple[dict[str, float
             events.setdefault(int(found.group(1)), {})["snapshot"] = stamp
         elif found := re.match(r"zygote imported pid=\d+ generation=(\d+)", message):
             events.setdefault(int(found.group(1)), {})["zygote"] = stamp
+            if cpu := re.search(r"; CPU (\d+)ms of (\d+)ms", message):  # its own count of its steps
+                events[int(found.group(1))].update(
+                    zygote_cpu=int(cpu.group(1)) / 1000, zygote_steps=int(cpu.group(2)) / 1000
+                )
         elif found := re.match(r"worker spawned pid=\d+ generation=(\d+)", message):
             events.setdefault(int(found.group(1)), {})["spawned"] = stamp  # the last one wins
         elif found := re.match(r"reload \w+: generation (\d+) validated", message):
@@ -1017,6 +1021,9 @@ def pypnm_phases(lines: list[str], rounds: list[Round]) -> tuple[dict[str, float
     phases: dict[str, float | None] = {}
     for label, start, end in PHASE_NAMES:
         phases[label] = median(m[end] - m[start] for m in wanted if start in m and end in m)
+    # How much of its steps the zygote ran on the CPU: far less than their sum, it waited for the CPU.
+    for label, key in (("zygote's steps, in its log line", "zygote_steps"), ("  of them on the CPU", "zygote_cpu")):
+        phases[label] = median(m.get(key) for m in wanted)
     return phases, len(wanted)
 
 

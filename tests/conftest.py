@@ -92,6 +92,10 @@ if (HERE / "slow").exists():
     deadline = time.monotonic() + 30
     while not (HERE / "go").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
+if (HERE / "spin").exists():  # use this many seconds of CPU time, however long that takes
+    spun = time.process_time() + float((HERE / "spin").read_text())
+    while time.process_time() < spun:
+        pass
 
 app = FastAPI()
 '''

@@ -13,6 +13,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 import types
 import weakref
 from datetime import datetime
@@ -264,6 +265,39 @@ def test_a_candidate_not_ready_in_time_is_promoted_and_stays_niced(start_service
     assert status["last_reload"]["outcome"] == "succeeded", status["last_reload"]
     (worker,) = (w["pid"] for w in status["workers"] if w["generation"] == 2)
     assert (os.sched_getscheduler(worker), os.getpriority(os.PRIO_PROCESS, worker)) == (os.SCHED_OTHER, base)
+
+
+def test_the_zygote_line_says_how_much_of_its_steps_it_ran_on_the_cpu(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """A zygote that waited in its import ran a small share of its steps' time; one that computed, nearly all of it.
+
+    What an operator reads a slow reload's cause from: a candidate waiting for the CPU the serving
+    workers use (priority.py) shows a low share, an app heavy to import a high one.
+    """
+    service = serve_held_import(start_service, tmp_path)
+    hold_next_import(service, tmp_path)
+    time.sleep(1.0)  # the zygote sleeps in its import meanwhile
+    (tmp_path / "go").touch()
+    assert reload_finished(service, 1)["last_reload"]["outcome"] == "succeeded"
+    import_ms, cpu_ms, took_ms = cpu_share(zygote_line(service, 2))
+    assert took_ms >= import_ms >= 1000 and cpu_ms < took_ms // 2, (cpu_ms, took_ms)
+
+    (tmp_path / "slow").unlink()
+    (tmp_path / "spin").write_text("0.4")
+    assert reload_by_sighup(service, 2)["last_reload"]["outcome"] == "succeeded"
+    import_ms, cpu_ms, took_ms = cpu_share(zygote_line(service, 3))
+    assert 400 <= cpu_ms <= took_ms + 10, (cpu_ms, took_ms)  # its steps' time rounded lap by lap
+
+
+def cpu_share(line: str) -> tuple[int, int, int]:
+    """A clean zygote line's import time, CPU time and the sum of its steps, which the line says its share is of."""
+    adapters = r"(?:; field adapters: \d+ reused, \d+ built)?"
+    found = re.search(rf": import (\d+)ms, routes (\d+)ms{adapters}; CPU (\d+)ms of (\d+)ms \((\d+) %\)$", line)
+    assert found, line
+    import_ms, routes_ms, cpu_ms, took_ms, percent = (int(group) for group in found.groups())
+    assert took_ms == import_ms + routes_ms and percent == cpu_ms * 100 // took_ms, line
+    return import_ms, cpu_ms, took_ms
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switches to an unprivileged user, which only root can do")

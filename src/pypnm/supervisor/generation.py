@@ -251,6 +251,12 @@ async def _ended(exit_status: asyncio.Future[int], killed_by_master: bool = Fals
     return describe_exit(exit_status.result() if exit_status.done() else None, killed_by_master)
 
 
+def _cpu_share(cpu_ms: int, took_ms: int) -> str:
+    """How much of its steps' time a zygote ran: far below 100 %, it waited for the CPU (priority.py)."""
+    share = f" ({cpu_ms * 100 // took_ms} %)" if took_ms > 0 else ""
+    return f"CPU {cpu_ms}ms of {took_ms}ms{share}"
+
+
 def _mark_retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -311,9 +317,13 @@ class Generation:
             self.importing = None
         assert self.zygote is not None
         self.drop = drop
-        steps = ", ".join(f"{step} {ms}ms" for step, ms in self.zygote.took_ms.items())
+        took, cpu = self.zygote.took_ms, self.zygote.cpu_ms
+        parts = [", ".join(f"{step} {ms}ms" for step, ms in took.items())] if took else []
         if self.zygote.adapters is not None:
-            steps += "; field adapters: {} reused, {} built".format(*self.zygote.adapters)
+            parts.append("field adapters: {} reused, {} built".format(*self.zygote.adapters))
+        if cpu is not None and took:  # None from a template older than the field (self-upgrade)
+            parts.append(_cpu_share(cpu, sum(took.values())))
+        steps = "; ".join(parts)
         how = "clean import" if self.zygote.reimported is None else f"{self.zygote.reimported} module(s) re-imported"
         logger.info(
             "zygote imported pid=%d generation=%d (%s%s)%s",

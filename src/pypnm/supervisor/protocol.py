@@ -183,6 +183,8 @@ class ZygoteReady:
     took_ms: dict[str, int] = field(default_factory=dict, hash=False)
     # (reused, built): the pydantic adapters of FastAPI's fields (field_adapters.py); None where not reused.
     adapters: tuple[int, int] | None = None
+    # The CPU time it used over those steps: far below their sum, it waited for the CPU (priority.py).
+    cpu_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -246,12 +248,14 @@ def encode_template(message: TemplateMessage) -> bytes:
             body = {"cmd": "zygote", "spec": spec.as_dict(), "nice": nice}
             if drop is not None:
                 body["drop"] = drop
-        case ZygoteReady(pid=pid, nice=nice, reimported=reimported, took_ms=took_ms, adapters=adapters):
+        case ZygoteReady(pid=pid, nice=nice, reimported=reimported, took_ms=took_ms, adapters=adapters, cpu_ms=cpu_ms):
             body = {"zygote": pid, "nice": nice, "reimported": reimported}
             if took_ms:
                 body["took_ms"] = took_ms
             if adapters is not None:
                 body["adapters"] = list(adapters)
+            if cpu_ms is not None:
+                body["cpu_ms"] = cpu_ms
         case ZygoteFailed(reason=reason):
             body = {"zygote_failed": reason}
         case StandbyRequest(drop=drop, nice=nice):
@@ -299,12 +303,16 @@ def decode_template(data: bytes) -> TemplateMessage:
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in adapters)
         ):
             raise ProtocolError(channel, "field 'adapters' must be two counts [reused, built]")
+        cpu_ms = body.get("cpu_ms")
+        if cpu_ms is not None and not (isinstance(cpu_ms, int) and not isinstance(cpu_ms, bool) and cpu_ms >= 0):
+            raise ProtocolError(channel, "field 'cpu_ms' must be a count of milliseconds or absent")
         return ZygoteReady(
             _get(body, "zygote", int, channel),
             _get(body, "nice", int, channel),
             reimported,
             took_ms,
             None if adapters is None else (adapters[0], adapters[1]),
+            cpu_ms,
         )
     if "standby" in body:
         return StandbyReady(_get(body, "standby", int, channel), _milliseconds(body.get("took_ms", {}), channel))

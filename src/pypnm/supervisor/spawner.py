@@ -282,6 +282,7 @@ class Zygote(ForkChannel):
         self.reimported: int | None = None  # modules imported again (incremental), None: a clean import
         self.took_ms: dict[str, int] = {}  # how long its steps took (ZygoteReady.took_ms)
         self.adapters: tuple[int, int] | None = None  # field adapters (reused, built) (ZygoteReady.adapters)
+        self.cpu_ms: int | None = None  # the CPU time it used over its steps (ZygoteReady.cpu_ms)
 
     @property
     def name(self) -> str:
@@ -339,7 +340,7 @@ class Zygote(ForkChannel):
             self.kill()
             raise SpawnError(f"the zygote pid={self.pid} said {hello} instead of hello")
         self.nice, self.reimported, self.took_ms = hello.nice, hello.reimported, hello.took_ms
-        self.adapters = hello.adapters
+        self.adapters, self.cpu_ms = hello.adapters, hello.cpu_ms
         self._start_reading()
         return self
 

@@ -369,15 +369,20 @@ def serve_generation(
     worker.build_routes(imported.app)  # what the first request would build in each worker (worker.build_routes)
     took.lap("routes")
     adapters = field_adapters.end()  # the workers build their own (field_adapters.py)
-    return serve_forks(channel, ZygoteReady(os.getpid(), nice, reimported, took.laps, adapters), imported) or 0
+    ready = ZygoteReady(os.getpid(), nice, reimported, took.laps, adapters, took.cpu_ms())
+    return serve_forks(channel, ready, imported) or 0
 
 
 class Stopwatch:
-    """The milliseconds each step of a zygote's start took, for the master's log."""
+    """The milliseconds each step of a zygote's start took, and the CPU time it used over them, for the master's log."""
 
     def __init__(self) -> None:
         self.laps: dict[str, int] = {}
         self._last = time.perf_counter()
+        self._cpu_started = time.process_time()  # a standby's wait between its steps sleeps: no CPU
+
+    def cpu_ms(self) -> int:
+        return round((time.process_time() - self._cpu_started) * 1000)
 
     def lap(self, step: str) -> None:
         now = time.perf_counter()
