@@ -321,7 +321,7 @@ class Generation:
         parts = [", ".join(f"{step} {ms}ms" for step, ms in took.items())] if took else []
         if self.zygote.adapters is not None:
             parts.append("field adapters: {} reused, {} built".format(*self.zygote.adapters))
-        if cpu is not None and took:  # None from a template older than the field (self-upgrade)
+        if cpu is not None and took:  # None: a zygote of an older pypnm leaves it out
             parts.append(_cpu_share(cpu, sum(took.values())))
         steps = "; ".join(parts)
         how = "clean import" if self.zygote.reimported is None else f"{self.zygote.reimported} module(s) re-imported"

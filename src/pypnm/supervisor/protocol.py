@@ -183,7 +183,8 @@ class ZygoteReady:
     took_ms: dict[str, int] = field(default_factory=dict, hash=False)
     # (reused, built): the pydantic adapters of FastAPI's fields (field_adapters.py); None where not reused.
     adapters: tuple[int, int] | None = None
-    # The CPU time it used over those steps: far below their sum, it waited for the CPU (priority.py).
+    # The CPU time it used over those steps: far below their sum, it waited for the CPU (priority.py);
+    # a zygote of an older pypnm leaves it out: None.
     cpu_ms: int | None = None
 
 
