@@ -1022,7 +1022,10 @@ def pypnm_phases(lines: list[str], rounds: list[Round]) -> tuple[dict[str, float
     for label, start, end in PHASE_NAMES:
         phases[label] = median(m[end] - m[start] for m in wanted if start in m and end in m)
     # How much of its steps the zygote ran on the CPU: far less than their sum, it waited for the CPU.
-    for label, key in (("zygote's steps, in its log line", "zygote_steps"), ("  of them on the CPU", "zygote_cpu")):
+    for label, key in (
+        ("zygote's steps, in its log line", "zygote_steps"),
+        ("zygote's CPU time in them", "zygote_cpu"),
+    ):
         phases[label] = median(m.get(key) for m in wanted)
     return phases, len(wanted)
 

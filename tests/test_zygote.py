@@ -270,7 +270,7 @@ def test_a_candidate_not_ready_in_time_is_promoted_and_stays_niced(start_service
 def test_the_zygote_line_says_how_much_of_its_steps_it_ran_on_the_cpu(
     start_service: StartService, tmp_path: Path
 ) -> None:
-    """A zygote that waited in its import ran a small share of its steps' time; one that computed, nearly all of it.
+    """A zygote that waited in its import ran a small share of its steps' time; one that computed, at least its CPU.
 
     What an operator reads a slow reload's cause from: a candidate waiting for the CPU the serving
     workers use (priority.py) shows a low share, an app heavy to import a high one.
@@ -844,6 +844,10 @@ def test_a_reload_that_drops_what_the_last_one_did_goes_on_from_a_standby(
     assert reload_ok(service, 3)["import"] == {"mode": "incremental", "reimported": 2}
     line = zygote_line(service, 3)
     assert "from a standby, which dropped and released while the snapshot was taken" in line, line
+    steps = {name: int(ms) for name, ms in re.findall(r"(drop|release|paths|import|routes) (\d+)ms", line)}
+    assert set(steps) == {"drop", "release", "paths", "import", "routes"}, line
+    cpu = re.search(r"; CPU (\d+)ms of (\d+)ms", line)
+    assert cpu and int(cpu[2]) == sum(steps.values()) and int(cpu[1]) <= int(cpu[2]) + 10, line
     [standby] = re.findall(r"standby pid=(\d+) ready", service.output())
     zygote = int(line.split("pid=")[1].split()[0])
     assert zygote == int(standby) == imports(tmp_path)[-1]  # the standby imported generation 3's code

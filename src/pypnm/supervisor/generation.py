@@ -251,7 +251,7 @@ async def _ended(exit_status: asyncio.Future[int], killed_by_master: bool = Fals
     return describe_exit(exit_status.result() if exit_status.done() else None, killed_by_master)
 
 
-def _cpu_share(cpu_ms: int, took_ms: int) -> str:
+def _cpu_part(cpu_ms: int, took_ms: int) -> str:
     """How much of its steps' time a zygote ran: far below 100 %, it waited for the CPU (priority.py)."""
     share = f" ({cpu_ms * 100 // took_ms} %)" if took_ms > 0 else ""
     return f"CPU {cpu_ms}ms of {took_ms}ms{share}"
@@ -322,7 +322,7 @@ class Generation:
         if self.zygote.adapters is not None:
             parts.append("field adapters: {} reused, {} built".format(*self.zygote.adapters))
         if cpu is not None and took:  # None: a zygote of an older pypnm leaves it out
-            parts.append(_cpu_share(cpu, sum(took.values())))
+            parts.append(_cpu_part(cpu, sum(took.values())))
         steps = "; ".join(parts)
         how = "clean import" if self.zygote.reimported is None else f"{self.zygote.reimported} module(s) re-imported"
         logger.info(

@@ -306,7 +306,7 @@ def decode_template(data: bytes) -> TemplateMessage:
             raise ProtocolError(channel, "field 'adapters' must be two counts [reused, built]")
         cpu_ms = body.get("cpu_ms")
         if cpu_ms is not None and not (isinstance(cpu_ms, int) and not isinstance(cpu_ms, bool) and cpu_ms >= 0):
-            raise ProtocolError(channel, "field 'cpu_ms' must be a count of milliseconds or absent")
+            raise ProtocolError(channel, "field 'cpu_ms' must be a count of milliseconds, null or absent")
         return ZygoteReady(
             _get(body, "zygote", int, channel),
             _get(body, "nice", int, channel),

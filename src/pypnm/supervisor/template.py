@@ -369,7 +369,7 @@ def serve_generation(
     worker.build_routes(imported.app)  # what the first request would build in each worker (worker.build_routes)
     took.lap("routes")
     adapters = field_adapters.end()  # the workers build their own (field_adapters.py)
-    ready = ZygoteReady(os.getpid(), nice, reimported, took.laps, adapters, took.cpu_ms())
+    ready = ZygoteReady(os.getpid(), nice, reimported, took.laps, adapters=adapters, cpu_ms=took.cpu_ms())
     return serve_forks(channel, ready, imported) or 0
 
 
@@ -378,20 +378,21 @@ class Stopwatch:
 
     def __init__(self) -> None:
         self.laps: dict[str, int] = {}
-        self._last = time.perf_counter()
-        self._cpu_started = time.process_time()  # a standby's wait between its steps sleeps: no CPU
+        self._cpu = 0.0  # seconds of CPU time in the laps
+        self._last, self._last_cpu = time.perf_counter(), time.process_time()
 
     def cpu_ms(self) -> int:
-        return round((time.process_time() - self._cpu_started) * 1000)
+        return round(self._cpu * 1000)
 
     def lap(self, step: str) -> None:
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         self.laps[step] = round((now - self._last) * 1000)
-        self._last = now
+        self._cpu += now_cpu - self._last_cpu
+        self._last, self._last_cpu = now, now_cpu
 
     def restart(self) -> None:
         """The time since the last lap belongs to no step (a standby's wait for its reload)."""
-        self._last = time.perf_counter()
+        self._last, self._last_cpu = time.perf_counter(), time.process_time()
 
 
 def report_exits(channel: socket.socket, wakeup: int) -> None:
