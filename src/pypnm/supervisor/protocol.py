@@ -299,13 +299,11 @@ def decode_template(data: bytes) -> TemplateMessage:
         took_ms = _milliseconds(body.get("took_ms", {}), channel)
         adapters = body.get("adapters")
         if adapters is not None and not (
-            isinstance(adapters, list)
-            and len(adapters) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in adapters)
+            isinstance(adapters, list) and len(adapters) == 2 and all(_is_count(n) for n in adapters)
         ):
             raise ProtocolError(channel, "field 'adapters' must be two counts [reused, built]")
         cpu_ms = body.get("cpu_ms")
-        if cpu_ms is not None and not (isinstance(cpu_ms, int) and not isinstance(cpu_ms, bool) and cpu_ms >= 0):
+        if cpu_ms is not None and not _is_count(cpu_ms):
             raise ProtocolError(channel, "field 'cpu_ms' must be a count of milliseconds, null or absent")
         return ZygoteReady(
             _get(body, "zygote", int, channel),
@@ -727,6 +725,11 @@ def _load(data: bytes, channel: Channel) -> dict[str, Any]:
 
 
 _T = TypeVar("_T")
+
+
+def _is_count(value: object) -> bool:
+    """A whole number of things or milliseconds: an int, not a bool (JSON's true is Python's 1), not negative."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _get(body: dict[str, Any], name: str, kind: type[_T], channel: Channel) -> _T:
