@@ -7,6 +7,7 @@ ones its lifespan startup ran at, and the ones it serves at.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -16,6 +17,7 @@ import sys
 import time
 import types
 import weakref
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from conftest import (
     base_env,
     hold_next_import,
     pid_alive,
+    process_stat,
     pypnm_command,
     reload_by_sighup,
     reload_finished,
@@ -826,40 +829,124 @@ def zygote_line(service: Service, generation: int) -> str:
     return found.group(0)
 
 
-def test_a_reload_that_drops_what_the_last_one_did_goes_on_from_a_standby(
+def standing_by(service: Service, zygote: int, log: Callable[[], str] | None = None) -> int:
+    """The standby forked by `zygote`, once it is ready: its log line (in `log`, else the output) and the status."""
+
+    def ready() -> int | None:
+        pids = supervisor_status(service)["master"]["standby_pids"]
+        said = re.findall(r"standby pid=(\d+) of generation \d+'s zygote ready", (log or service.output)())
+        return pids[0] if len(pids) == 1 and said and int(said[-1]) == pids[0] else None
+
+    pid: int = wait_until(ready, timeout=20)
+    stat = process_stat(pid)
+    assert stat is not None and int(stat[1]) == zygote, (stat, zygote)  # its parent: the serving zygote
+    return pid
+
+
+def test_a_standby_is_forked_ahead_of_the_next_reload_and_goes_on_as_its_zygote(
     start_service: StartService, tmp_path: Path
 ) -> None:
-    """The standby the serving zygote forks as a reload begins becomes its zygote when it dropped the same modules.
+    """Once a reload is over, the serving zygote forks the next one's, which drops what that reload dropped.
 
-    And it leaves when the reload drops other modules (or ends without it).
+    A reload that drops the same modules has it go on as its zygote; one that drops others forks
+    its zygote as usual, and the standby leaves, having imported nothing. So does a standby at stop.
     """
-    service = serve_app(start_service, tmp_path, 2, "--log-level", "debug", PYPNM_RELOAD_IMPORT="incremental")
+    env = {"PYPNM_RELOAD_IMPORT": "incremental", "PYPNM_RELOAD_STANDBY": "ahead"}
+    service = serve_app(start_service, tmp_path, 2, "--log-level", "debug", **env)
     package = tmp_path / "zyg"
     serving_workers(service, 1, 2)
+    assert supervisor_status(service)["master"]["standby_pids"] == []  # a clean import: nothing to guess from
     (package / "leaf.py").write_text('VALUE = "leaf2"\n')
     reload_ok(service, 2)
-    assert "standby" not in zygote_line(service, 2)  # after a clean import there is nothing to guess from
+    assert "standby" not in zygote_line(service, 2)
+    zygote = supervisor_status(service)["master"]["zygote_pids"][0]
+    standby = standing_by(service, zygote)  # generation 1 drained: generation 2's zygote forked it
+    assert standby not in imports(tmp_path)  # it dropped zyg.leaf and zyg.main, and imported nothing yet
 
     (package / "leaf.py").write_text('VALUE = "leaf3"\n')  # the same module again: zyg.leaf and zyg.main dropped
     assert reload_ok(service, 3)["import"] == {"mode": "incremental", "reimported": 2}
     line = zygote_line(service, 3)
-    assert "from a standby, which dropped and released while the snapshot was taken" in line, line
+    assert "from a standby, which dropped and released before the reload needed it" in line, line
     steps = {name: int(ms) for name, ms in re.findall(r"(drop|release|paths|import|routes) (\d+)ms", line)}
     assert set(steps) == {"drop", "release", "paths", "import", "routes"}, line
     cpu = re.search(r"; CPU (\d+)ms of (\d+)ms", line)
     assert cpu and int(cpu[2]) == sum(steps.values()) and int(cpu[1]) <= int(cpu[2]) + 10, line
-    [standby] = re.findall(r"standby pid=(\d+) ready", service.output())
-    zygote = int(line.split("pid=")[1].split()[0])
-    assert zygote == int(standby) == imports(tmp_path)[-1]  # the standby imported generation 3's code
+    assert int(line.split("pid=")[1].split()[0]) == standby == imports(tmp_path)[-1]  # it imported generation 3
     assert values(service)["leaf"] == "leaf3"
+    standby = standing_by(service, standby)  # the next one, forked by the zygote it became
 
     (package / "names.py").write_text('NAME = "name2"\n')  # another module: the standby dropped zyg.leaf, not this
     assert reload_ok(service, 4)["import"] == {"mode": "incremental", "reimported": 2}
     assert "standby" not in zygote_line(service, 4)
-    unused = int(re.findall(r"standby pid=(\d+) not used: the reload drops other modules", service.output())[-1])
-    assert unused not in imports(tmp_path)  # it imported nothing
-    wait_until(lambda: not pid_alive(unused), timeout=10)  # and it left
+    assert f"standby pid={standby} not used: the reload drops other modules" in service.output()
+    assert standby not in imports(tmp_path)  # it imported nothing
+    wait_until(lambda: not pid_alive(standby), timeout=10)  # and it left
     assert (values(service)["leaf"], values(service)["name"]) == ("leaf3", "name2")
+
+    standby = standing_by(service, imports(tmp_path)[-1])  # dropping zyg.names and zyg.main, for the next reload
+    assert service.stop() == 0
+    wait_until(lambda: not pid_alive(standby), timeout=10)  # it leaves with the service
+
+
+def test_a_standby_moves_to_the_new_log_file_on_sigusr1(start_service: StartService, tmp_path: Path) -> None:
+    """A standby may wait for hours: logrotate's SIGUSR1 to the master reaches it as it reaches the workers."""
+    path = tmp_path / "pypnm.log"
+    env = {"PYPNM_RELOAD_IMPORT": "incremental", "PYPNM_RELOAD_STANDBY": "ahead", "PYPNM_LOG_FILE": str(path)}
+    service = serve_app(start_service, tmp_path, 1, PYPNM_LOG_FILE_MAX_BYTES="0", **env)
+    serving_workers(service, 1, 1)
+    (tmp_path / "zyg" / "leaf.py").write_text('VALUE = "leaf2"\n')
+    reload_by_sighup(service, 1)
+    zygote = serving_workers(service, 2, 1)["master"]["zygote_pids"][0]
+    standby = standing_by(service, zygote, path.read_text)
+    old_inode = path.stat().st_ino
+    assert old_inode in open_inodes(standby)
+
+    path.rename(tmp_path / "pypnm.log.1")  # logrotate's `create` mode, then its postrotate SIGUSR1
+    path.touch()
+    service.signal(signal.SIGUSR1)
+    wait_until(lambda: path.stat().st_ino in (inodes := open_inodes(standby)) and old_inode not in inodes, timeout=10)
+    assert pid_alive(standby)
+
+
+def open_inodes(pid: int) -> set[int]:
+    """The inodes of the files `pid` has open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+    return inodes
+
+
+def test_by_default_a_standby_is_forked_as_the_reload_begins(start_service: StartService, tmp_path: Path) -> None:
+    """Without --reload, `reload_standby` is `at_reload`: none waits between reloads, and the reload forks its own."""
+    service = serve_app(start_service, tmp_path, 1, PYPNM_RELOAD_IMPORT="incremental")
+    package = tmp_path / "zyg"
+    serving_workers(service, 1, 1)
+    for generation in (2, 3):
+        (package / "leaf.py").write_text(f'VALUE = "leaf{generation}"\n')
+        reload_by_sighup(service, generation - 1)
+        serving_workers(service, generation, 1)  # and the generation before has drained
+        time.sleep(1)  # a standby forked ahead would be ready by now (a few tenths of a second)
+        assert supervisor_status(service)["master"]["standby_pids"] == []
+    assert "from a standby, which dropped and released before the reload needed it" in zygote_line(service, 3)
+    assert values(service)["leaf"] == "leaf3"
+
+
+def test_with_reload_a_standby_waits_ahead_of_the_next_edit(start_service: StartService, tmp_path: Path) -> None:
+    """`--reload` (development, where the file edited last is edited again) forks the standby ahead by default."""
+    service = serve_app(start_service, tmp_path, 1, "--reload")
+    package = tmp_path / "zyg"
+    serving_workers(service, 1, 1)
+    wait_until(lambda: "watching" in service.output(), timeout=10)
+    (package / "leaf.py").write_text('VALUE = "leaf2"\n')
+    zygote = serving_workers(service, 2, 1)["master"]["zygote_pids"][0]
+    standby = standing_by(service, zygote)
+
+    (package / "leaf.py").write_text('VALUE = "leaf3"\n')
+    serving_workers(service, 3, 1)
+    line = zygote_line(service, 3)
+    assert "from a standby" in line and int(line.split("pid=")[1].split()[0]) == standby, line
+    assert values(service)["leaf"] == "leaf3"
 
 
 def test_a_release_walks_everything_when_what_it_drops_may_be_frozen() -> None:

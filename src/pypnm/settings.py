@@ -168,6 +168,10 @@ class Settings(BaseSettings):
     reload_import: Literal["incremental", "clean"] | None = None
     # The longest line of incremental imports in a row; the next reload imports clean (supervisor/lifecycle.py).
     reload_import_line: int = Field(32, ge=1, le=1000)
+    # When an incremental line's next zygote (a standby) is forked: `ahead`, once the last reload is over,
+    # kept waiting (faster reloads, its own copy of the pages it wrote meanwhile); `at_reload`, as a reload
+    # begins. None: ahead with --reload (development), at_reload otherwise (supervisor/standby.py).
+    reload_standby: Literal["ahead", "at_reload"] | None = None
     reload_dirs: list[Path] = Field(default_factory=list)
     reload_includes: list[str] = Field(default_factory=lambda: ["*.py", "*.toml"])
     reload_excludes: list[str] = Field(default_factory=lambda: [".*", "*~", "__pycache__"])

@@ -289,7 +289,7 @@ class Generation:
 
         `parent` is the fork template (a clean import) or, with `drop`, the previous generation's
         zygote (an incremental one), unless `standby`, which that zygote forked ahead of this
-        reload and which dropped the same modules, goes on as this one's. The zygote runs at the
+        reload (standby.py) and which dropped the same modules, goes on as this one's. The zygote runs at the
         lowest priority (SCHED_IDLE, niced), and so do the workers it forks until they accept,
         when they can give the priority back (priority.py).
         """
@@ -330,7 +330,7 @@ class Generation:
             self.zygote.pid,
             self.number,
             how,
-            "; from a standby, which dropped and released while the snapshot was taken" if standby is not None else "",
+            "; from a standby, which dropped and released before the reload needed it" if standby is not None else "",
             f": {steps}" if steps else "",
         )
         return self.zygote

@@ -49,10 +49,10 @@ from pypnm.settings import Settings
 from pypnm.supervisor import import_graph
 from pypnm.supervisor.generation import CandidateFailed, Generation, WorkerProcess
 from pypnm.supervisor.import_graph import CodeScan, Plan
-from pypnm.supervisor.priority import CANDIDATE_NICE, ready_or_promoted
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
 from pypnm.supervisor.snapshot import Lineage, Snapshot
-from pypnm.supervisor.spawner import ForkTemplate, SpawnError, Standby, Zygote
+from pypnm.supervisor.spawner import ForkTemplate, SpawnError, Zygote
+from pypnm.supervisor.standby import NextStandby
 from pypnm.supervisor.timeouts import (
     AFTER_KILL,
     CLOSE_GRACE,
@@ -87,6 +87,7 @@ class Generations:
         worker_restarted: Callable[[str], object] = lambda reason: None,
         worker_failed: Callable[[int, str], object] = lambda generation, ended: None,
         kept: Callable[[], Snapshot | None] = lambda: None,
+        standby_ahead: Callable[[], bool] = lambda: False,
     ) -> None:
         self.template = template
         self.listeners = listeners
@@ -96,12 +97,12 @@ class Generations:
         self._worker_restarted = worker_restarted  # the metrics' pypnm_worker_restarts_total{reason}
         self._worker_failed = worker_failed  # rollback.py counts a serving worker's crash or hang, by generation
         self._kept = kept  # rollback.py's: the snapshot a rollback would serve again, which must stay
+        self._standby_ahead = standby_ahead  # reload_standby is `ahead` (standby.py)
         self.candidate: Generation | None = None
         self.serving: Generation | None = None
         self.draining: set[Generation] = set()
         self._closing: set[asyncio.Task[None]] = set()  # generations being closed early
-        self._standby: asyncio.Task[Standby | None] | None = None  # this reload's (start_standby)
-        self._standbys: list[Standby] = []  # forked; those still standing by (not taken or stopped) get SIGUSR1
+        self.standby = NextStandby(spawn_task)  # the next reload's zygote, forked ahead of it
         # The last serving workers that ended and were replaced, newest last: /status's `worker_exits`.
         self.exits: deque[dict[str, Any]] = deque(maxlen=10)
 
@@ -123,7 +124,7 @@ class Generations:
             self.template.pid,
             *(generation.zygote.pid for generation in self.all() if generation.zygote is not None),
             *(generation.importing.pid for generation in self.all() if generation.importing is not None),
-            *(standby.pid for standby in self._standbys if standby.is_standing_by()),
+            *self.standby.pids(),
             *(worker.pid for generation in self.all() for worker in generation.live_workers()),
         ]
 
@@ -150,7 +151,7 @@ class Generations:
                 plan = self._import_plan(candidate, code)
                 if plan.drop is not None and self.serving is not None and self.serving.zygote is not None:
                     try:
-                        standby = await self._take_standby(plan.drop)
+                        standby = await self.standby.take(plan.drop)
                         zygote = await candidate.start_zygote(self.serving.zygote, plan.drop, standby)
                         workers = await candidate.bring_up(self.template, self.listeners, candidate.size)
                     except (CandidateFailed, SpawnError) as exc:
@@ -196,57 +197,36 @@ class Generations:
             snapshot, self.candidate = self.candidate.snapshot, None
             self.release(snapshot)
 
-    # ----- the standby: the next zygote, forked as the reload begins ------------------------------
+    # ----- the standby: the next zygote, forked ahead of the reload (standby.py) ------------------
 
     def start_standby(self) -> None:
-        """As a reload begins: have the serving zygote fork the next one now, dropping what the last reload dropped.
+        """Have a standby for the next reload: keep the one that fits the serving generation, else fork one.
 
-        Why: the standby's fork, drop and collection (template.py, `run_standby`) then run while
-        the master takes the snapshot and reads its import graph, instead of after. It is a
-        guess (the file edited last is the likeliest to be edited again): a reload that drops
-        other modules stops it (`end_standby`) and forks its zygote as usual. Only after an
-        incremental import, and not when this reload imports clean anyway (the end of the line,
-        `reload_import_line`).
+        Called as a reload begins and, with `reload_standby = "ahead"`, once a replaced generation
+        has drained (the reload is over). Only after an incremental import, and not when the next
+        reload imports clean anyway (`_standby_source`).
         """
-        serving = self.serving
-        if serving is None or serving.code is None or not serving.drop or serving.zygote is None:
-            return
-        if serving.incremental_line >= self._settings().reload_import_line or self._standby is not None:
-            return
-        self._standby = self._spawn_task(self._fork_standby(serving.zygote, serving.drop))
-
-    async def _fork_standby(self, zygote: Zygote, drop: list[str]) -> Standby | None:
-        try:
-            standby = await Standby.fork(zygote, drop, CANDIDATE_NICE)
-            self._standbys = [*(s for s in self._standbys if s.is_standing_by()), standby]
-            await ready_or_promoted(standby.pid, standby.ready(), standby.name)
-        except SpawnError as exc:
-            logger.warning("no standby for this reload: %s", exc)
-            return None
-        logger.debug("standby pid=%d ready: %s", standby.pid, standby.took_ms)
-        return standby
-
-    async def _take_standby(self, drop: list[str]) -> Standby | None:
-        """The standby, for a reload that drops `drop`, if it dropped the same; otherwise it is stopped.
-
-        One still getting ready is waited for: it does what a zygote forked now would do first,
-        and it started earlier.
-        """
-        if self._standby is None:
-            return None
-        task, self._standby = self._standby, None
-        standby = await task
-        if standby is None or standby.drop == frozenset(drop):
-            return standby
-        logger.debug("standby pid=%d not used: the reload drops other modules", standby.pid)
-        standby.stop()
-        return None
+        zygote, drop = self._standby_source()
+        if not self.standby.keep(zygote, drop) and zygote is not None and self.serving is not None:
+            self.standby.fork(zygote, drop, self.serving.number)
 
     def end_standby(self) -> None:
-        """The reload is over: a standby it did not take leaves (once it is ready, if it is not yet)."""
-        task, self._standby = self._standby, None
-        if task is not None:
-            task.add_done_callback(_stop_standby)
+        """The reload is over: a standby it did not take stays if standbys are kept ahead and it still fits."""
+        if self._standby_ahead():
+            self.standby.keep(*self._standby_source())
+        else:
+            self.standby.stop()
+
+    def _standby_source(self) -> tuple[Zygote | None, list[str]]:
+        """The zygote a standby is forked from, and what it drops; (None, []) when the serving generation wants none."""
+        serving = self.serving
+        if serving is None or serving.code is None or not serving.drop or serving.zygote is None:
+            return None, []
+        if serving.incremental_line >= self._settings().reload_import_line or self._stopping():
+            return None, []
+        if not serving.zygote.is_open() or serving.zygote.template_pid != self.template.template_pid:
+            return None, []  # the next reload imports clean (`_import_plan`)
+        return serving.zygote, serving.drop
 
     def release(self, snapshot: Snapshot) -> None:
         """Remove a snapshot that no live generation uses and that is not `kept` (a rollback reuses one).
@@ -297,6 +277,8 @@ class Generations:
         self.release(generation.snapshot)
         if not generation.closed_early:  # _close_early says how that one ended
             logger.info("generation %d drained%s", generation.number, "" if clean else " (some workers were killed)")
+        if self.candidate is None and self._standby_ahead():  # no reload runs: the next one's standby, ahead of it
+            self.start_standby()
 
     def _make_room_to_drain(self, reload_id: str) -> None:
         """Close the oldest draining generations early so that one more may drain."""
@@ -529,22 +511,14 @@ class Generations:
 
     def kill(self) -> None:
         """A second stop signal: every worker of every generation ends at once."""
+        self.standby.stop()
         for generation in self.all():
             generation.kill()
 
     async def shutdown(self, timeout: float) -> None:
         """Drain every generation (the master is stopping: nothing is respawned)."""
+        self.standby.stop()
         generations = self.all()
         await asyncio.gather(*(g.drain(timeout) for g in generations))
         for generation in generations:
             generation.stop_zygote()
-
-
-def _ready(task: asyncio.Task[Standby | None]) -> bool:
-    """The standby task ended with a result (a standby, or None when there is none)."""
-    return task.done() and not task.cancelled() and task.exception() is None
-
-
-def _stop_standby(task: asyncio.Task[Standby | None]) -> None:
-    if _ready(task) and (standby := task.result()) is not None:
-        standby.stop()

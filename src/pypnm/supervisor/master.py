@@ -114,6 +114,7 @@ class Master:
             worker_restarted=self.metrics.worker_restarted,
             worker_failed=lambda generation, ended: self.rollback.worker_failed(generation, ended),
             kept=lambda: self.rollback.kept(),
+            standby_ahead=lambda: (self.settings.reload_standby or ("ahead" if watch else "at_reload")) == "ahead",
         )
         self.rollback = Rollback(self.queue, self.generations, lambda: self.settings, self._spawn_task)
         self.files = FileWatch(app, self.locator.find(), watch, lambda: self.settings, self.queue.request)

@@ -72,6 +72,7 @@ def status_view(
             "watching_config": watching_config,
             "template_pid": template_pid,
             "zygote_pids": [g.zygote.pid for g in generations.all() if g.zygote is not None],
+            "standby_pids": generations.standby.pids(),  # the next reload's zygote, forked ahead (standby.py)
         },
     }
 

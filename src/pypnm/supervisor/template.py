@@ -15,11 +15,11 @@ before it. The zygote lives as long as its generation serves or drains (the mast
 channel after), and forks the respawns of its generation's workers. An incremental reload
 asks the serving generation's zygote for the next one (`ZygoteRequest.drop`, reimport.py).
 
-Standby. As an incremental reload begins, the master asks the serving zygote for a standby
+Standby. After an incremental reload, the master asks the serving zygote for a standby
 (`StandbyRequest`): the next zygote, forked before the new code is known, which drops and
-releases what the last reload dropped while the master takes the snapshot, then waits for the
-reload's `ZygoteRequest` and goes on from there as its zygote (`run_standby` says why). The
-master closes its channel when the reload drops other modules, and it exits.
+releases what the last reload dropped, then waits for the next reload's `ZygoteRequest` and
+goes on from there as its zygote (`run_standby` says why; standby.py says when the master
+asks). The master closes its channel when that reload drops other modules, and it exits.
 
 The template and every zygote run the same loop (`serve_forks`) on a SEQPACKET socketpair
 with the master (protocol.py, "fork template"): a hello (`TemplateHello`, `ZygoteReady`), then
@@ -268,12 +268,12 @@ def run_standby(child: StandbyChild) -> int | Child:
     Why: the fork, dropping the modules and collecting what they held are a sixth of an
     incremental reload of a large app (about 30 ms of 200), and none of it needs the new code,
     only which modules it replaces. The master guesses them from the last reload (the module
-    edited last is the likeliest to be edited again: `Generation.drop`), forks this process as
-    the reload begins, so that all of this runs beside the snapshot, and sends it the reload's
-    `ZygoteRequest` only when that drops the same modules; otherwise it closes the channel and
-    this process exits, having cost some CPU, niced. What is left for the reload: pointing the
-    kept modules at the new snapshot (`reimport.move`), the import, the routes. A standby is not
-    kept waiting between reloads: it would hold its own copy of every page its collection wrote.
+    edited last is the likeliest to be edited again: `Generation.drop`), forks this process
+    ahead of the next reload (standby.py), and sends it that reload's `ZygoteRequest` only when
+    that drops the same modules; otherwise it closes the channel and this process exits, having
+    cost some CPU, niced. What is left for the reload: pointing the kept modules at the new
+    snapshot (`reimport.move`), the import, the routes. While it waits, the pages its drop and
+    collection wrote are its own.
     """
     request, previous = child.request, child.previous
     child.previous = None
