@@ -205,6 +205,8 @@ def test_unknown_kinds_are_refused(decode: Any, wire: bytes, problem: str) -> No
         (protocol.decode_template, b'{"cmd": "standby", "nice": 10}', "'drop' is missing"),
         (protocol.decode_template, b'{"cmd": "standby", "drop": "app", "nice": 10}', "'drop' must be a list"),
         (protocol.decode_template, b'{"standby": 3, "took_ms": {"drop": "2"}}', "'took_ms' must map step names"),
+        (protocol.decode_template, b'{"standby": 3, "took_ms": {"drop": -2}}', "'took_ms' must map step names"),
+        (protocol.decode_template, b'{"zygote": 3, "nice": 0, "took_ms": {"import": true}}', "'took_ms' must map"),
         (protocol.decode_template, b'{"zygote": 3, "nice": 0, "adapters": [1, -2]}', "'adapters' must be two counts"),
         (protocol.decode_template, b'{"zygote": 3, "nice": 0, "adapters": {"reused": 1}}', "'adapters' must be two"),
         (protocol.decode_template, b'{"zygote": 3, "nice": 0, "cpu_ms": -1}', "'cpu_ms' must be a count"),

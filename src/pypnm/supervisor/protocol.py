@@ -335,7 +335,7 @@ def _module_names(value: object, channel: Channel) -> list[str] | None:
 
 
 def _milliseconds(value: object, channel: Channel) -> dict[str, int]:
-    if isinstance(value, dict) and all(isinstance(ms, int) for ms in value.values()):
+    if isinstance(value, dict) and all(_is_count(ms) for ms in value.values()):
         return {str(step): int(ms) for step, ms in value.items()}
     raise ProtocolError(channel, "field 'took_ms' must map step names to milliseconds or be absent")
 
