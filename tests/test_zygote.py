@@ -85,6 +85,7 @@ app.router.routes.append(Counted("/counted", lambda request: PlainTextResponse("
 async def startup() -> None:
     startup_nice.append(os.getpriority(os.PRIO_PROCESS, 0))
     startup_policy.append(os.sched_getscheduler(0))
+    getattr(leaf, "startup", lambda: None)()  # a leaf module may start something in each worker
 
 
 @app.get("/values")
@@ -888,6 +889,90 @@ def test_a_standby_is_forked_ahead_of_the_next_reload_and_goes_on_as_its_zygote(
     wait_until(lambda: not pid_alive(standby), timeout=10)  # it leaves with the service
 
 
+def test_a_standby_lost_to_a_failed_reload_or_a_kill_is_forked_again(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """With `ahead`: a failed reload that took the standby leaves one for the fixing reload; a killed one is noticed."""
+    env = {"PYPNM_RELOAD_IMPORT": "incremental", "PYPNM_RELOAD_STANDBY": "ahead", "PYPNM_ROLLBACK_WINDOW": "0"}
+    service = serve_app(start_service, tmp_path, 1, **env)
+    leaf = tmp_path / "zyg" / "leaf.py"
+    serving_workers(service, 1, 1)
+    leaf.write_text('VALUE = "leaf2"\n')
+    reload_by_sighup(service, 1)
+    zygote = serving_workers(service, 2, 1)["master"]["zygote_pids"][0]
+    taken = standing_by(service, zygote)
+
+    leaf.write_text("VALUE = (\n")  # a syntax error: the reload fails at the snapshot, before it needs a zygote
+    assert reload_by_sighup(service, 2)["last_reload"]["outcome"] == "failed"
+    assert supervisor_status(service)["master"]["standby_pids"] == [taken]  # it still fits: it stays
+
+    leaf.write_text('raise RuntimeError("broken")\n')  # the reload takes the standby, whose import fails
+    assert reload_by_sighup(service, 2)["last_reload"]["outcome"] == "failed"
+    wait_until(lambda: not pid_alive(taken), timeout=10)  # it was the candidate's zygote
+    standby = standing_by(service, zygote)  # nothing drains: forked as the failed reload ended
+    assert standby != taken
+
+    os.kill(standby, signal.SIGKILL)  # the OOM killer, or an operator, while it waits
+    wait_until(lambda: supervisor_status(service)["master"]["standby_pids"] == [], timeout=10)
+    assert f"standby pid={standby} ended while standing by" in service.output()
+
+    leaf.write_text('VALUE = "leaf5"\n')  # the fix: its reload forks a standby as it begins, and takes it
+    status = reload_by_sighup(service, 4)  # generations 3 and 4 were the failed reloads
+    assert status["last_reload"]["outcome"] == "succeeded", status["last_reload"]
+    line = zygote_line(service, status["generation"])
+    assert "from a standby" in line and f"pid={standby} " not in line, line
+    assert values(service)["leaf"] == "leaf5"
+
+
+# A leaf module whose workers start serving, then crash: the generation is rolled back.
+CRASHING_LEAF = """import os
+import threading
+import time
+
+VALUE = "crashing"
+
+
+def startup():
+    threading.Thread(target=lambda: (time.sleep(3), os._exit(3)), daemon=True).start()
+"""
+
+
+def test_a_rollback_stops_the_standby_of_the_generation_it_rolls_back(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    env = {"PYPNM_RELOAD_IMPORT": "incremental", "PYPNM_RELOAD_STANDBY": "ahead", "PYPNM_ROLLBACK_CRASHES": "2"}
+    service = serve_app(start_service, tmp_path, 1, **env)
+    leaf = tmp_path / "zyg" / "leaf.py"
+    serving_workers(service, 1, 1)
+    leaf.write_text('VALUE = "leaf2"\n')
+    reload_by_sighup(service, 1)
+    serving_workers(service, 2, 1)
+
+    leaf.write_text(CRASHING_LEAF)  # served, then its workers crash: rolled back
+    reload_by_sighup(service, 2)
+    bad = standing_by(service, serving_workers(service, 3, 1)["master"]["zygote_pids"][0])  # of generation 3's
+
+    def rolled_back() -> dict[str, Any] | None:
+        status = supervisor_status(service)
+        return status if (status["last_reload"] or {}).get("outcome") == "rolled_back" else None
+
+    status = wait_until(rolled_back, timeout=40)
+    assert status["last_reload"]["import"] == {"mode": "clean"}  # a rollback imports clean: nothing to guess from
+    wait_until(lambda: not pid_alive(bad), timeout=10)
+    assert supervisor_status(service)["master"]["standby_pids"] == []
+    assert values(service)["leaf"] == "leaf1"  # generation 2 was replaced before it proved itself: passed over
+
+
+def test_a_standby_leaves_with_a_killed_master(start_service: StartService, tmp_path: Path) -> None:
+    service = serve_app(start_service, tmp_path, 1, PYPNM_RELOAD_IMPORT="incremental", PYPNM_RELOAD_STANDBY="ahead")
+    serving_workers(service, 1, 1)
+    (tmp_path / "zyg" / "leaf.py").write_text('VALUE = "leaf2"\n')
+    reload_by_sighup(service, 1)
+    standby = standing_by(service, serving_workers(service, 2, 1)["master"]["zygote_pids"][0])
+    service.signal(signal.SIGKILL)
+    wait_until(lambda: not pid_alive(standby), timeout=10)  # end-of-file on its channel: it exits
+
+
 def test_a_standby_moves_to_the_new_log_file_on_sigusr1(start_service: StartService, tmp_path: Path) -> None:
     """A standby may wait for hours: logrotate's SIGUSR1 to the master reaches it as it reaches the workers."""
     path = tmp_path / "pypnm.log"
@@ -926,7 +1011,7 @@ def test_by_default_a_standby_is_forked_as_the_reload_begins(start_service: Star
         (package / "leaf.py").write_text(f'VALUE = "leaf{generation}"\n')
         reload_by_sighup(service, generation - 1)
         serving_workers(service, generation, 1)  # and the generation before has drained
-        time.sleep(1)  # a standby forked ahead would be ready by now (a few tenths of a second)
+        time.sleep(1)  # one forked ahead would be listed from its fork on, right after the drain
         assert supervisor_status(service)["master"]["standby_pids"] == []
     assert "from a standby, which dropped and released before the reload needed it" in zygote_line(service, 3)
     assert values(service)["leaf"] == "leaf3"

@@ -98,6 +98,7 @@ class Generations:
         self._worker_failed = worker_failed  # rollback.py counts a serving worker's crash or hang, by generation
         self._kept = kept  # rollback.py's: the snapshot a rollback would serve again, which must stay
         self._standby_ahead = standby_ahead  # reload_standby is `ahead` (standby.py)
+        self._reloading = False  # between begin_reload and end_reload
         self.candidate: Generation | None = None
         self.serving: Generation | None = None
         self.draining: set[Generation] = set()
@@ -199,34 +200,45 @@ class Generations:
 
     # ----- the standby: the next zygote, forked ahead of the reload (standby.py) ------------------
 
-    def start_standby(self) -> None:
-        """Have a standby for the next reload: keep the one that fits the serving generation, else fork one.
+    def begin_reload(self) -> None:
+        """A reload (from disk, or a rollback) begins: no standby is forked ahead until it ends."""
+        self._reloading = True
 
-        Called as a reload begins and, with `reload_standby = "ahead"`, once a replaced generation
-        has drained (the reload is over). Only after an incremental import, and not when the next
-        reload imports clean anyway (`_standby_source`).
+    def end_reload(self) -> None:
+        """The reload is over (swapped, rolled back or failed): the standby for the next one, if any.
+
+        With `reload_standby = "ahead"`, a standby it did not take stays if it fits the serving
+        generation; if there is none, one is forked now or, while a generation drains, once it
+        has drained (`_drain`). With `at_reload`, none stays.
         """
-        zygote, drop = self._standby_source()
-        if not self.standby.keep(zygote, drop) and zygote is not None and self.serving is not None:
-            self.standby.fork(zygote, drop, self.serving.number)
-
-    def end_standby(self) -> None:
-        """The reload is over: a standby it did not take stays if standbys are kept ahead and it still fits."""
+        self._reloading = False
         if self._standby_ahead():
-            self.standby.keep(*self._standby_source())
+            self._standby_for_next(fork=not self.draining)
         else:
             self.standby.stop()
 
-    def _standby_source(self) -> tuple[Zygote | None, list[str]]:
-        """The zygote a standby is forked from, and what it drops; (None, []) when the serving generation wants none."""
+    def start_standby(self) -> None:
+        """As a reload from disk begins: the standby that fits the serving generation, or one forked now."""
+        self._standby_for_next(fork=True)
+
+    def _standby_for_next(self, fork: bool) -> None:
+        """Keep the standby if it fits the serving generation, else stop it, and then fork one if `fork`."""
+        parent = self._standby_parent()
+        if parent is None:
+            self.standby.stop()
+        elif not self.standby.keep_if_fits(*_standby_of(parent)) and fork:
+            self.standby.fork(*_standby_of(parent), parent.number)
+
+    def _standby_parent(self) -> Generation | None:
+        """The serving generation, if its zygote is to fork the next standby; None if the next reload imports clean."""
         serving = self.serving
         if serving is None or serving.code is None or not serving.drop or serving.zygote is None:
-            return None, []
+            return None  # it was imported clean: nothing to guess from
         if serving.incremental_line >= self._settings().reload_import_line or self._stopping():
-            return None, []
+            return None
         if not serving.zygote.is_open() or serving.zygote.template_pid != self.template.template_pid:
-            return None, []  # the next reload imports clean (`_import_plan`)
-        return serving.zygote, serving.drop
+            return None  # (`_import_plan`)
+        return serving
 
     def release(self, snapshot: Snapshot) -> None:
         """Remove a snapshot that no live generation uses and that is not `kept` (a rollback reuses one).
@@ -277,8 +289,8 @@ class Generations:
         self.release(generation.snapshot)
         if not generation.closed_early:  # _close_early says how that one ended
             logger.info("generation %d drained%s", generation.number, "" if clean else " (some workers were killed)")
-        if self.candidate is None and self._standby_ahead():  # no reload runs: the next one's standby, ahead of it
-            self.start_standby()
+        if not self._reloading and self._standby_ahead():  # the next reload's standby, ahead of it
+            self._standby_for_next(fork=True)
 
     def _make_room_to_drain(self, reload_id: str) -> None:
         """Close the oldest draining generations early so that one more may drain."""
@@ -522,3 +534,9 @@ class Generations:
         await asyncio.gather(*(g.drain(timeout) for g in generations))
         for generation in generations:
             generation.stop_zygote()
+
+
+def _standby_of(generation: Generation) -> tuple[Zygote, list[str]]:
+    """The zygote a standby of `generation` is forked from, and what it drops (`_standby_parent` vouched for both)."""
+    assert generation.zygote is not None and generation.drop is not None
+    return generation.zygote, generation.drop

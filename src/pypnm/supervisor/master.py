@@ -245,6 +245,7 @@ class Master:
         self.stopping = True
         self.files.stop()
         self.next_snapshot.discard()
+        self.generations.standby.stop()  # before its task is cancelled: one getting ready leaves once it is
         for task in list(self._tasks):
             task.cancel()
         for sock in self.listeners:
@@ -278,7 +279,11 @@ class Master:
         self._next_generation += 1
         record.begin(number)
         bring_up = self._roll_back if record.rolls_back is not None else self._reload_from_disk
-        old = await bring_up(record, number)
+        self.generations.begin_reload()
+        try:
+            old = await bring_up(record, number)
+        finally:
+            self.generations.end_reload()
         if old is not None:
             self.generations.drain(old)
         serving = self.generations.serving
@@ -298,8 +303,6 @@ class Master:
         except Exception as exc:
             self._failed(record, number, exc)
             return None
-        finally:
-            self.generations.end_standby()
         record.finish(ReloadOutcome.SUCCEEDED)
         self.rollback.swapped(record, number, replaced)  # before the drain: the replaced snapshot is kept
         logger.info(

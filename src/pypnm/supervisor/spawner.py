@@ -400,10 +400,31 @@ class Standby:
             self.kill()
             raise SpawnError(f"the {self.name} said {hello} instead of ready")
         self.took_ms = hello.took_ms
+        # Ready, it says nothing more until its reload. Why watch it: it may wait for hours, and one
+        # that ended meanwhile (killed by hand, the OOM killer) must leave the status and the SIGUSR1
+        # list before its pid is given to another process.
+        asyncio.get_running_loop().add_reader(self.channel.fileno(), self._ended)
         return self
 
+    def _ended(self) -> None:
+        """Its channel is readable while it waits: it ended (end-of-file), or said what it should not."""
+        assert self.channel is not None
+        try:
+            said = self.channel.recv(protocol.MAX_MESSAGE)
+        except OSError:
+            said = b""
+        logger.warning(
+            "%s %s while standing by: the next reload forks its zygote",
+            self.name,
+            "sent a message out of turn, and was killed" if said else "ended",
+        )
+        if said:
+            self.kill()
+        else:
+            self.stop()
+
     def is_standing_by(self) -> bool:
-        """Not yet handed over to the zygote it becomes, stopped or killed."""
+        """Not yet handed over to the zygote it becomes, stopped, killed or ended."""
         return self.channel is not None
 
     def hand_over(self) -> socket.socket:
@@ -411,11 +432,13 @@ class Standby:
         channel, self.channel = self.channel, None
         if channel is None:
             raise StandbyGone(f"the standby pid={self.pid} was stopped")
+        _unwatch(channel)
         return channel
 
     def stop(self) -> None:
         """Not wanted (the reload dropped other modules, or its generation is over): end-of-file ends it."""
         if self.channel is not None:
+            _unwatch(self.channel)
             self.channel.close()
             self.channel = None
 
@@ -423,6 +446,12 @@ class Standby:
         self.stop()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
+
+
+def _unwatch(channel: socket.socket) -> None:
+    """No more reading of `channel` by the loop (`Standby.ready` watches a standby's)."""
+    with contextlib.suppress(RuntimeError):  # no running loop: nothing watches it
+        asyncio.get_running_loop().remove_reader(channel.fileno())
 
 
 class ForkTemplate(ForkChannel):

@@ -1,4 +1,4 @@
-"""The next reload's standby zygote, as the master keeps it: forked ahead, handed over or stopped.
+"""The next reload's standby zygote, as the master keeps it: forked, handed over or stopped.
 
 A standby (template.py, `run_standby`) is the next zygote of an incremental line, forked from
 the serving generation's zygote before the new code is known: it drops the modules the last
@@ -7,15 +7,15 @@ held, and waits. A reload whose plan drops the same modules has it go on as its 
 other reload forks its zygote as usual, and the standby leaves.
 
 `NextStandby` owns the one standby there is at a time, with the zygote it was forked from and
-what it drops: whether it still fits the serving generation (`keep`), forking one (`fork`),
-handing it to a reload (`take`), stopping it (`stop`).
+what it drops: whether it fits the serving generation (`keep_if_fits`), forking one (`fork`),
+handing it to a reload (`take`), stopping it (`stop`). Generations (lifecycle.py) says when.
 
-When it is forked: once a reload is over and the generation it replaced has drained
-(lifecycle.py), so that the fork, the drop and the collection run between reloads on the CPU
-time the serving workers leave (`SCHED_IDLE`), and the next reload's zygote starts at pointing
-the kept modules at the new snapshot. A reload that begins with none ready for it (the first
-incremental one, one right after another, or after a fork that failed) forks it as it begins,
-beside the snapshot.
+When, by `reload_standby`: `at_reload`, as a reload from disk begins, beside the snapshot; none
+waits between reloads. `ahead`, also once a reload is over (when the generation it replaced has
+drained, or right away when none drains), so that the fork, the drop and the collection run
+between reloads, niced, and the next reload's zygote starts at pointing the kept modules at the
+new snapshot; a reload from disk that begins with none (one that follows the last before its
+replaced generation drained, or after a standby ended while it waited) forks it as it begins.
 
 What waiting costs: the pages its drop and collection wrote, which are its own while it waits
 (the README's "Incremental imports" gives the figure for the benchmark's large app).
@@ -43,6 +43,10 @@ class _Forking:
     drop: frozenset[str]
     task: asyncio.Task[Standby | None]
 
+    def fits(self, zygote: Zygote, drop: list[str]) -> bool:
+        """Asked of `zygote`, dropping `drop`, and still usable: getting ready, standing by, or its fork failed."""
+        return self.zygote is zygote and self.drop == frozenset(drop) and _usable(self.task)
+
 
 class NextStandby:
     """At most one standby for the next reload, forked from the serving generation's zygote."""
@@ -53,40 +57,36 @@ class NextStandby:
         self._forked: list[Standby] = []  # those still standing by get SIGUSR1 (`pids`)
 
     def pids(self) -> list[int]:
-        """The standbys still standing by (not handed over, not stopped), from their fork on."""
+        """The standbys still standing by (not handed over, not stopped, not ended), from their fork on."""
         self._forked = [standby for standby in self._forked if standby.is_standing_by()]
         return [standby.pid for standby in self._forked]
 
-    def keep(self, zygote: Zygote | None, drop: list[str]) -> bool:
+    def keep_if_fits(self, zygote: Zygote, drop: list[str]) -> bool:
         """Whether the standby there is was forked by `zygote` and drops `drop`; one that was not is stopped.
 
-        `zygote` None: the serving generation wants none (a clean import, the end of its line).
-        A standby whose fork failed is kept all the same: the same fork would fail again.
+        One that ended while it waited does not fit. One whose fork failed does: the same fork
+        would fail again, and the reload forks its zygote as usual.
         """
-        forking = self._next
-        if forking is not None and zygote is not None and forking.zygote is zygote and forking.drop == frozenset(drop):
+        if self._next is not None and self._next.fits(zygote, drop):
             return True
         self.stop()
         return False
 
     def fork(self, zygote: Zygote, drop: list[str], generation: int) -> None:
-        """Have `zygote`, generation `generation`'s, fork a standby that drops `drop`, in the background.
-
-        The one there was is stopped.
-        """
-        self.stop()
+        """Have `zygote`, generation `generation`'s, fork a standby that drops `drop`, in the background."""
+        assert self._next is None, "keep_if_fits stops the standby there was"
         self._next = _Forking(zygote, frozenset(drop), self._spawn_task(self._fork(zygote, drop, generation)))
 
     async def _fork(self, zygote: Zygote, drop: list[str], generation: int) -> Standby | None:
         try:
             standby = await Standby.fork(zygote, drop, CANDIDATE_NICE)
-            self._forked.append(standby)
+            self._forked = [*(s for s in self._forked if s.is_standing_by()), standby]
             await ready_or_promoted(standby.pid, standby.ready(), standby.name)
         except SpawnError as exc:
             logger.warning("no standby for the next reload: %s", exc)
             return None
         logger.info(
-            "standby pid=%d of generation %d's zygote ready: dropped the %d module(s) the last reload re-imported (%s)",
+            "standby pid=%d of generation %d's zygote ready: dropped the %d module(s) the last reload dropped (%s)",
             standby.pid,
             generation,
             len(drop),
@@ -115,6 +115,16 @@ class NextStandby:
         forking, self._next = self._next, None
         if forking is not None:
             forking.task.add_done_callback(_stop_standby)
+
+
+def _usable(task: asyncio.Task[Standby | None]) -> bool:
+    """Getting ready, standing by, or its fork failed (a reload then forks its zygote as usual): not ended."""
+    if not task.done():
+        return True
+    if task.cancelled() or task.exception() is not None:
+        return False
+    standby = task.result()
+    return standby is None or standby.is_standing_by()
 
 
 def _stop_standby(task: asyncio.Task[Standby | None]) -> None:

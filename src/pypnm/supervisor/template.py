@@ -15,11 +15,12 @@ before it. The zygote lives as long as its generation serves or drains (the mast
 channel after), and forks the respawns of its generation's workers. An incremental reload
 asks the serving generation's zygote for the next one (`ZygoteRequest.drop`, reimport.py).
 
-Standby. After an incremental reload, the master asks the serving zygote for a standby
-(`StandbyRequest`): the next zygote, forked before the new code is known, which drops and
-releases what the last reload dropped, then waits for the next reload's `ZygoteRequest` and
-goes on from there as its zygote (`run_standby` says why; standby.py says when the master
-asks). The master closes its channel when that reload drops other modules, and it exits.
+Standby. When the serving generation was imported incrementally, the master asks its zygote
+for a standby (`StandbyRequest`), as the next reload begins or ahead of it (standby.py says
+when): the next zygote, forked before the new code is known, which drops and releases what the
+last reload dropped, then waits for the reload's `ZygoteRequest` and goes on from there as its
+zygote (`run_standby` says why). The master closes its channel when that reload drops other
+modules, and it exits.
 
 The template and every zygote run the same loop (`serve_forks`) on a SEQPACKET socketpair
 with the master (protocol.py, "fork template"): a hello (`TemplateHello`, `ZygoteReady`), then
@@ -287,7 +288,10 @@ def run_standby(child: StandbyChild) -> int | Child:
     kept = reimport.drop(packages, request.drop)
     took.lap("drop")
     dropped = release(packages, frozen, request.drop, kept, took)
-    channel.sendall(protocol.encode_template(StandbyReady(os.getpid(), dict(took.laps))))
+    try:
+        channel.sendall(protocol.encode_template(StandbyReady(os.getpid(), dict(took.laps))))
+    except OSError:  # the master closed the channel meanwhile: it stops, or no longer wants this standby
+        return 0
     go = wait_for_reload(channel, request)
     if go is None:
         return 0
