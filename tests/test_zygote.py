@@ -889,17 +889,23 @@ def test_a_standby_is_forked_ahead_of_the_next_reload_and_goes_on_as_its_zygote(
     wait_until(lambda: not pid_alive(standby), timeout=10)  # it leaves with the service
 
 
+def serve_after_a_reload(start_service: StartService, tmp_path: Path, **env: str) -> tuple[Service, int]:
+    """A 1-worker service with standbys forked ahead, once generation 2 (leaf.py edited) serves alone; its zygote."""
+    settings = {"PYPNM_RELOAD_IMPORT": "incremental", "PYPNM_RELOAD_STANDBY": "ahead", **env}
+    service = serve_app(start_service, tmp_path, 1, **settings)
+    serving_workers(service, 1, 1)
+    (tmp_path / "zyg" / "leaf.py").write_text('VALUE = "leaf2"\n')
+    reload_by_sighup(service, 1)
+    zygote: int = serving_workers(service, 2, 1)["master"]["zygote_pids"][0]
+    return service, zygote
+
+
 def test_a_standby_lost_to_a_failed_reload_or_a_kill_is_forked_again(
     start_service: StartService, tmp_path: Path
 ) -> None:
     """With `ahead`: a failed reload that took the standby leaves one for the fixing reload; a killed one is noticed."""
-    env = {"PYPNM_RELOAD_IMPORT": "incremental", "PYPNM_RELOAD_STANDBY": "ahead", "PYPNM_ROLLBACK_WINDOW": "0"}
-    service = serve_app(start_service, tmp_path, 1, **env)
+    service, zygote = serve_after_a_reload(start_service, tmp_path, PYPNM_ROLLBACK_WINDOW="0")
     leaf = tmp_path / "zyg" / "leaf.py"
-    serving_workers(service, 1, 1)
-    leaf.write_text('VALUE = "leaf2"\n')
-    reload_by_sighup(service, 1)
-    zygote = serving_workers(service, 2, 1)["master"]["zygote_pids"][0]
     taken = standing_by(service, zygote)
 
     leaf.write_text("VALUE = (\n")  # a syntax error: the reload fails at the snapshot, before it needs a zygote
@@ -940,15 +946,8 @@ def startup():
 def test_a_rollback_stops_the_standby_of_the_generation_it_rolls_back(
     start_service: StartService, tmp_path: Path
 ) -> None:
-    env = {"PYPNM_RELOAD_IMPORT": "incremental", "PYPNM_RELOAD_STANDBY": "ahead", "PYPNM_ROLLBACK_CRASHES": "2"}
-    service = serve_app(start_service, tmp_path, 1, **env)
-    leaf = tmp_path / "zyg" / "leaf.py"
-    serving_workers(service, 1, 1)
-    leaf.write_text('VALUE = "leaf2"\n')
-    reload_by_sighup(service, 1)
-    serving_workers(service, 2, 1)
-
-    leaf.write_text(CRASHING_LEAF)  # served, then its workers crash: rolled back
+    service, _ = serve_after_a_reload(start_service, tmp_path, PYPNM_ROLLBACK_CRASHES="2")
+    (tmp_path / "zyg" / "leaf.py").write_text(CRASHING_LEAF)  # served, then its workers crash: rolled back
     reload_by_sighup(service, 2)
     bad = standing_by(service, serving_workers(service, 3, 1)["master"]["zygote_pids"][0])  # of generation 3's
 
@@ -964,11 +963,8 @@ def test_a_rollback_stops_the_standby_of_the_generation_it_rolls_back(
 
 
 def test_a_standby_leaves_with_a_killed_master(start_service: StartService, tmp_path: Path) -> None:
-    service = serve_app(start_service, tmp_path, 1, PYPNM_RELOAD_IMPORT="incremental", PYPNM_RELOAD_STANDBY="ahead")
-    serving_workers(service, 1, 1)
-    (tmp_path / "zyg" / "leaf.py").write_text('VALUE = "leaf2"\n')
-    reload_by_sighup(service, 1)
-    standby = standing_by(service, serving_workers(service, 2, 1)["master"]["zygote_pids"][0])
+    service, zygote = serve_after_a_reload(start_service, tmp_path)
+    standby = standing_by(service, zygote)
     service.signal(signal.SIGKILL)
     wait_until(lambda: not pid_alive(standby), timeout=10)  # end-of-file on its channel: it exits
 
@@ -976,12 +972,9 @@ def test_a_standby_leaves_with_a_killed_master(start_service: StartService, tmp_
 def test_a_standby_moves_to_the_new_log_file_on_sigusr1(start_service: StartService, tmp_path: Path) -> None:
     """A standby may wait for hours: logrotate's SIGUSR1 to the master reaches it as it reaches the workers."""
     path = tmp_path / "pypnm.log"
-    env = {"PYPNM_RELOAD_IMPORT": "incremental", "PYPNM_RELOAD_STANDBY": "ahead", "PYPNM_LOG_FILE": str(path)}
-    service = serve_app(start_service, tmp_path, 1, PYPNM_LOG_FILE_MAX_BYTES="0", **env)
-    serving_workers(service, 1, 1)
-    (tmp_path / "zyg" / "leaf.py").write_text('VALUE = "leaf2"\n')
-    reload_by_sighup(service, 1)
-    zygote = serving_workers(service, 2, 1)["master"]["zygote_pids"][0]
+    service, zygote = serve_after_a_reload(
+        start_service, tmp_path, PYPNM_LOG_FILE=str(path), PYPNM_LOG_FILE_MAX_BYTES="0"
+    )
     standby = standing_by(service, zygote, path.read_text)
     old_inode = path.stat().st_ino
     assert old_inode in open_inodes(standby)
