@@ -223,14 +223,16 @@ class Generations:
 
     def _standby_for_next(self, fork: bool) -> None:
         """Keep the standby if it fits the serving generation, else stop it, and then fork one if `fork`."""
-        parent = self._standby_parent()
-        if parent is None:
+        source = self._standby_source()
+        if source is None:
             self.standby.stop()
-        elif not self.standby.keep_if_fits(*_standby_of(parent)) and fork:
-            self.standby.fork(*_standby_of(parent), parent.number)
+            return
+        zygote, drop, generation = source
+        if not self.standby.keep_if_fits(zygote, drop) and fork:
+            self.standby.fork(zygote, drop, generation)
 
-    def _standby_parent(self) -> Generation | None:
-        """The serving generation, if its zygote is to fork the next standby; None if the next reload imports clean."""
+    def _standby_source(self) -> tuple[Zygote, list[str], int] | None:
+        """The serving zygote, what its standby drops and its generation; None if the next reload imports clean."""
         serving = self.serving
         if serving is None or serving.code is None or not serving.drop or serving.zygote is None:
             return None  # it was imported clean: nothing to guess from
@@ -238,7 +240,7 @@ class Generations:
             return None
         if not serving.zygote.is_open() or serving.zygote.template_pid != self.template.template_pid:
             return None  # (`_import_plan`)
-        return serving
+        return serving.zygote, serving.drop, serving.number
 
     def release(self, snapshot: Snapshot) -> None:
         """Remove a snapshot that no live generation uses and that is not `kept` (a rollback reuses one).
@@ -534,9 +536,3 @@ class Generations:
         await asyncio.gather(*(g.drain(timeout) for g in generations))
         for generation in generations:
             generation.stop_zygote()
-
-
-def _standby_of(generation: Generation) -> tuple[Zygote, list[str]]:
-    """The zygote a standby of `generation` is forked from, and what it drops (`_standby_parent` vouched for both)."""
-    assert generation.zygote is not None and generation.drop is not None
-    return generation.zygote, generation.drop

@@ -58,8 +58,11 @@ class NextStandby:
 
     def pids(self) -> list[int]:
         """The standbys still standing by (not handed over, not stopped, not ended), from their fork on."""
+        return [standby.pid for standby in self._standing_by()]
+
+    def _standing_by(self) -> list[Standby]:
         self._forked = [standby for standby in self._forked if standby.is_standing_by()]
-        return [standby.pid for standby in self._forked]
+        return self._forked
 
     def keep_if_fits(self, zygote: Zygote, drop: list[str]) -> bool:
         """Whether the standby there is was forked by `zygote` and drops `drop`; one that was not is stopped.
@@ -80,7 +83,7 @@ class NextStandby:
     async def _fork(self, zygote: Zygote, drop: list[str], generation: int) -> Standby | None:
         try:
             standby = await Standby.fork(zygote, drop, CANDIDATE_NICE)
-            self._forked = [*(s for s in self._forked if s.is_standing_by()), standby]
+            self._forked = [*self._standing_by(), standby]
             await ready_or_promoted(standby.pid, standby.ready(), standby.name)
         except SpawnError as exc:
             logger.warning("no standby for the next reload: %s", exc)
@@ -121,12 +124,17 @@ def _usable(task: asyncio.Task[Standby | None]) -> bool:
     """Getting ready, standing by, or its fork failed (a reload then forks its zygote as usual): not ended."""
     if not task.done():
         return True
-    if task.cancelled() or task.exception() is not None:
+    if not _returned(task):
         return False
     standby = task.result()
     return standby is None or standby.is_standing_by()
 
 
 def _stop_standby(task: asyncio.Task[Standby | None]) -> None:
-    if task.done() and not task.cancelled() and task.exception() is None and (standby := task.result()) is not None:
+    if _returned(task) and (standby := task.result()) is not None:
         standby.stop()
+
+
+def _returned(task: asyncio.Task[Standby | None]) -> bool:
+    """The task ended with a result (a standby, or None when its fork failed), not cancelled or raising."""
+    return task.done() and not task.cancelled() and task.exception() is None
