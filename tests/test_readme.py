@@ -1,7 +1,8 @@
-"""The README stays consistent while several people edit it: links resolve, the settings table matches the model.
+"""The READMEs stay consistent while several people edit them: links resolve, the settings table matches the model.
 
-Sections move (issue 9.8 gathered them under "Operations") and settings are added by different
-branches; these checks catch a `(#anchor)` whose heading was renamed and a setting without a row.
+Sections move (issue 9.8 gathered them under "Operations"; the large app's run history moved to
+bench/README.md) and settings are added by different branches; these checks catch a `(#anchor)`
+or `(other.md#anchor)` whose heading was renamed or moved, and a setting without a row.
 """
 
 import re
@@ -10,13 +11,15 @@ from pathlib import Path
 from pypnm.cli import CACERT_ENV, TOKEN_ENV
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+BENCH_README = ROOT / "bench" / "README.md"
 
 
-def prose_lines() -> list[str]:
-    """The README's lines outside fenced code blocks (a `# comment` in a sh block is no heading)."""
+def prose_lines(path: Path = README) -> list[str]:
+    """A markdown file's lines outside fenced code blocks (a `# comment` in a sh block is no heading)."""
     lines, fenced = [], False
-    for line in README.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("```"):
             fenced = not fenced
         elif not fenced:
@@ -29,8 +32,8 @@ def anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def headings() -> list[str]:
-    return [m.group(1) for line in prose_lines() if (m := re.match(r"#{1,6} (.+)", line))]
+def headings(path: Path = README) -> list[str]:
+    return [m.group(1) for line in prose_lines(path) if (m := re.match(r"#{1,6} (.+)", line))]
 
 
 def section(title: str) -> str:
@@ -46,6 +49,22 @@ def test_every_in_page_link_names_a_heading_and_no_two_headings_share_an_anchor(
     links = re.findall(r"\]\(#([^)]+)\)", README.read_text())
     assert links, "no in-page links found: the pattern is wrong"
     assert sorted(set(links) - set(anchors)) == []
+
+
+def test_every_link_to_a_heading_of_either_readme_names_one() -> None:
+    """`(#a)` in bench/README.md, `(bench/README.md#a)` and `(../README.md#a)` across the two."""
+    anchors = {path: {anchor(h) for h in headings(path)} for path in (README, BENCH_README)}
+    missing = []
+    for source in anchors:
+        links = re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", source.read_text())
+        assert links, f"no links to a heading found in {source.name}: the pattern is wrong"
+        for target, name in links:
+            path = (source.parent / target).resolve() if target else source
+            if "://" in target or (path.exists() and path not in anchors):
+                continue  # a web page's fragment, or another file's: not checked here
+            if name not in anchors.get(path, set()):
+                missing.append(f"{source.relative_to(ROOT)}: ({target}#{name})")
+    assert missing == []
 
 
 def test_the_settings_table_has_a_row_for_every_setting_and_no_other() -> None:
