@@ -183,6 +183,9 @@ def test_allowed_hosts_entries_are_normalised() -> None:
         "-a.example",
         "",
         "[10.0.0.1]",
+        "127.1",  # a browser's IPv4 address, no name; not one `ipaddress` takes either
+        "999.1.1.1",
+        "pypnm.0x7f",
     ],
 )
 def test_bad_allowed_hosts_entry_is_a_settings_error(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
@@ -223,6 +226,13 @@ def call(
         ({"allowed_hosts": ["*.example.net"]}, "http://127.0.0.1:8000", "x.example.net:http", 403),
         ({}, "http://127.0.0.1:8000", "localhost:8000:8000", 403),
         ({}, "http://127.0.0.1:8000", "", 403),
+        # Neither a name nor an address: refused as an unknown host, not a server error
+        ({}, "http://127.0.0.1:8000", "127.1:8000", 403),
+        ({}, "http://127.0.0.1:8000", "999.1.1.1", 403),
+        ({}, "http://127.0.0.1:8000", "1.2.3.4.5", 403),
+        ({}, "http://127.0.0.1:8000", "0x7f.1", 403),
+        ({}, "http://127.0.0.1:8000", "10", 403),
+        ({"host": "127.1"}, "http://127.0.0.1:8000", "127.0.0.1:8000", 200),  # such a host setting names nothing
     ],
 )
 def test_host_rule_in_process(settings: dict[str, Any], base_url: str, host: str, expected: int) -> None:

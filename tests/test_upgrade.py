@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -103,6 +104,24 @@ def test_the_pid_file_is_replaced_whole_and_removed_only_while_it_names_us(tmp_p
     second.write_text("1\n")  # a new master took it over
     pid_file.remove()
     assert second.read_text() == "1\n"
+
+
+def test_the_pid_file_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    """In a directory others may write to, a link under any name the temporary file could take is never followed."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    public = tmp_path / "public"
+    public.mkdir()
+    (public / f".pypnm.pid.{os.getpid()}.tmp").symlink_to(victim)  # the name a pid-derived temporary file had
+    pid_file = PidFile()
+    pid_file.write(public / "pypnm.pid")
+    assert victim.read_text() == "precious\n"
+    written = public / "pypnm.pid"
+    assert not written.is_symlink() and written.read_text() == f"{os.getpid()}\n"
+    created = tmp_path / "created"
+    created.write_text("")  # as the umask makes any new file: the pid file is as readable, never writable by others
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(created.stat().st_mode) & 0o644
+    assert sorted(p.name for p in public.iterdir()) == [f".pypnm.pid.{os.getpid()}.tmp", "pypnm.pid"]
 
 
 # ----- real masters --------------------------------------------------------------------------------

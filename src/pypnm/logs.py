@@ -122,13 +122,13 @@ class _ProcessContext(logging.Filter):
         return True
 
 
-# Control characters (C0, DEL, C1), line/paragraph separators, bidirectional-text controls.
+# Control characters (C0, DEL, C1), line/paragraph separators, bidirectional-text controls (Unicode's Bidi_Control).
 _ESCAPES: dict[int, str] = {
     **{code: f"\\x{code:02x}" for code in (*range(0x00, 0x20), *range(0x7F, 0xA0))},
     **{ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"},
     **{
         code: f"\\u{code:04x}"
-        for code in (0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+        for code in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
     },
 }
 _UNSAFE = re.compile("[" + re.escape("".join(map(chr, _ESCAPES))) + "]")

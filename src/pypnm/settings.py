@@ -304,13 +304,17 @@ class Settings(BaseSettings):
 
 _HOST_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOST_NAME = re.compile(rf"(?:{_HOST_LABEL}\.)*{_HOST_LABEL}")
+# A last label like these makes a browser read the host as an IPv4 address ("127.1", "0x7f.1"),
+# and it is none that `ipaddress` takes: neither a name nor an address here.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 
 
 def canonical_host(text: str) -> str | None:
     """A host name or IP address in one spelling, or None if it is neither.
 
     Names: lower case, without the trailing dot. Addresses: as `ipaddress` prints them,
-    IPv6 with or without brackets, an IPv4-mapped IPv6 address as the IPv4 one.
+    IPv6 with or without brackets, an IPv4-mapped IPv6 address as the IPv4 one. A name
+    whose last label is a number ("127.1", "999.1.1.1") is neither.
     """
     text = text.strip().lower()
     bracketed = text.startswith("[") and text.endswith("]")
@@ -318,7 +322,9 @@ def canonical_host(text: str) -> str | None:
         address = ipaddress.ip_address(text[1:-1] if bracketed else text)
     except ValueError:
         name = text.removesuffix(".")
-        return name if not bracketed and len(name) <= 253 and _HOST_NAME.fullmatch(name) else None
+        if bracketed or len(name) > 253 or not _HOST_NAME.fullmatch(name):
+            return None
+        return None if _NUMERIC_LABEL.fullmatch(name.rpartition(".")[2]) else name
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return None if bracketed and address.version == 4 else str(address)
@@ -326,7 +332,7 @@ def canonical_host(text: str) -> str | None:
 
 def is_host_name(host: str) -> bool:
     """Whether a canonical host (from `canonical_host`) is a name rather than an IP address."""
-    return ":" not in host and not host.replace(".", "").isdigit()
+    return ":" not in host and not _NUMERIC_LABEL.fullmatch(host.rpartition(".")[2])
 
 
 def _host_pattern(value: str) -> str:

@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -446,12 +447,21 @@ class PidFile:
         self.path: Path | None = None
 
     def write(self, path: Path | None) -> None:
-        """Write (atomically) our pid to `path`, and remove the previous file if it was another one; OSError."""
+        """Write (atomically) our pid to `path`, and remove the previous file if it was another one; OSError.
+
+        The temporary file beside it has a name no one can guess and is created, never opened:
+        in a directory others may write to (/run, /tmp), a link planted under a predictable name
+        would make the master overwrite whatever file the link points to.
+        """
         if path is not None:
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
             try:
-                temporary.write_text(f"{os.getpid()}\n")
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                with os.fdopen(fd, "w") as file:
+                    file.write(f"{os.getpid()}\n")
                 os.replace(temporary, path)
+            except FileExistsError:
+                raise  # not ours to remove
             except OSError:
                 temporary.unlink(missing_ok=True)
                 raise
