@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pypnm.cli import CACERT_ENV, TOKEN_ENV
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings
+from pypnm.supervisor.upgrade import BOOTSTRAP_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -76,6 +77,7 @@ def test_the_settings_table_has_a_row_for_every_setting_and_no_other() -> None:
 def test_environment_variables_named_in_the_readme_exist() -> None:
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     known |= {CONFIG_ENV, TOKEN_ENV, CACERT_ENV}  # the settings file, and the CLI's own
+    known |= {BOOTSTRAP_ENV}  # what a self-upgrade's new master shows in `ps`
     assert sorted(set(re.findall(r"PYPNM_[A-Z_]+", README.read_text())) - known) == []
 
 

@@ -259,6 +259,7 @@ def test_sigusr2_hands_over_to_a_new_master_under_load_without_a_failed_request(
     assert status["generation"] == 2 and all(w["generation"] == 2 for w in status["workers"])
     assert not [pid for pid in old_tree if pid_alive(pid)]  # the old master and all of its processes left
     output = service.output()
+    assert f"upgrade {record['id']}: taking over from master pid={old} (pypnm {before['master']['version']})" in output
     assert f"upgrade {record['id']} succeeded: new master pid={new}" in output
     assert "Traceback" not in output
 

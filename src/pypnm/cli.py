@@ -286,6 +286,8 @@ def serve(args: argparse.Namespace) -> int:
         setup_logging("master", settings.log_level, LogOutput.from_settings(settings))
     except LogFileError as exc:
         return fail(str(exc))
+    if successor is not None:
+        successor.announce()
     sys.path.insert(0, os.getcwd())  # find --app modules where uvicorn would, without importing them
     # systemd (pypnm.supervisor.systemd): take NOTIFY_SOCKET, WATCHDOG_* and LISTEN_* out of the
     # environment before any process is started, and serve on the sockets systemd passed, if any.

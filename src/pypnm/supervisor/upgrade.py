@@ -383,8 +383,12 @@ class Successor:
             raise HandoverError(str(exc)) from None
         if not isinstance(offer, HandoverOffer) or not inherited:
             raise HandoverError(f"expected an offer with the listening sockets, got {type(offer).__name__}")
-        logger.info("upgrade %s: taking over from master pid=%d (pypnm %s)", offer.upgrade_id, offer.pid, offer.version)
         return cls(channel, offer, inherited)
+
+    def announce(self) -> None:
+        """The new master's first log line; called once logging is set up (`take` runs before the settings are read)."""
+        offer = self.offer
+        logger.info("upgrade %s: taking over from master pid=%d (pypnm %s)", offer.upgrade_id, offer.pid, offer.version)
 
     def listeners(self, settings: Settings, bind: Callable[[str, int], list[socket.socket]]) -> list[socket.socket]:
         """The old master's sockets, unless this master's host or port differ (then new ones; OSError if not)."""
