@@ -8,6 +8,7 @@ its version there; the module itself still comes from the test environment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +28,12 @@ from conftest import (
     serve_held_import,
     serve_marker,
     serve_pypnm,
+    supervisor_status,
     wait_until,
+    worker_pids,
     write_app_package,
 )
+from pypnm.supervisor.timeouts import SPAWN_ANSWER
 
 MISSING_MODULE = "pypnm_test_no_such_module"
 
@@ -67,6 +71,26 @@ def test_a_template_that_died_is_replaced_at_the_next_reload(start_service: Star
     output = service.output()
     assert "fork template is gone; starting a new one" in output
     assert output.count(f"cannot preload {MISSING_MODULE}") == 2, output
+
+
+def test_a_template_that_answers_no_fork_is_killed_and_replaced(start_service: StartService) -> None:
+    """Stopped (or deadlocked), it would fail every reload after: the first one it fails ends it."""
+    service = serve_pypnm(start_service, PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_RELOAD_TIMEOUT="60")
+    template = service.status()["master"]["template_pid"]
+    os.kill(template, signal.SIGSTOP)
+    try:
+        failed = service.wait_reload(service.trigger_reload(), timeout=40)
+        assert failed["outcome"] == "failed", failed
+        assert f"the fork template answered no fork request within {SPAWN_ANSWER:g}s: killed" in failed["reason"]
+        wait_until(lambda: not pid_alive(template), timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(template, signal.SIGCONT)
+    assert service.get("/health").status_code == 200  # the serving generation never needed it
+
+    record = service.wait_reload(service.trigger_reload())
+    assert record["outcome"] == "succeeded", record
+    assert service.status()["master"]["template_pid"] not in (None, template)
 
 
 def test_changed_third_party_packages_get_a_new_template(start_service: StartService, tmp_path: Path) -> None:
@@ -183,3 +207,16 @@ def test_a_stop_during_a_reload_ends_the_zygote_that_is_importing(start_service:
     service.signal(signal.SIGTERM)
     assert service.proc.wait(timeout=30) == 0
     wait_until(lambda: not pid_alive(zygote), timeout=10)  # not waiting out its import
+
+
+def test_a_killed_master_takes_along_the_zygote_that_is_importing(start_service: StartService, tmp_path: Path) -> None:
+    """SIGKILL leaves the master no say: the zygote inside the app's import goes with its parent, not at its end."""
+    service = serve_held_import(start_service, tmp_path)
+    master = supervisor_status(service)["master"]
+    others = [master["template_pid"], *master["zygote_pids"], *worker_pids(service)]
+    zygote = hold_next_import(service, tmp_path)  # held there for 30 s: a pass is not the import ending
+
+    service.signal(signal.SIGKILL)
+    service.proc.wait(timeout=10)
+    wait_until(lambda: not any(pid_alive(pid) for pid in [zygote, *others]), timeout=10)
+    assert not (tmp_path / "go").exists()

@@ -166,11 +166,11 @@ def test_counters_never_go_back_across_reloads_a_crash_and_a_failed_reload(
     assert value(every, "pypnm_build_info", version="0.1.0", code_version=code_version) == 1
 
     # Eight workers have gone so far; their files are folded into the archives, so the directory holds
-    # the master's two files, two archives, three files per live worker and the live gauge file of the
-    # serving generation's zygote (the app's metrics are made as it is imported), however many workers went.
+    # the master's two files, two archives, and the three files each live worker and the serving
+    # generation's zygote reserve as they start (pypnm.metrics), however many workers went.
     def compacted() -> Samples | None:
         monotonic, every = scrape(service)
-        return monotonic if value(every, "pypnm_metrics_files") <= 2 + 2 + 3 * 2 + 1 else None
+        return monotonic if value(every, "pypnm_metrics_files") <= 2 + 2 + 3 * 2 + 3 else None
 
     assert_never_back(broken, wait_until(compacted, timeout=20))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -234,6 +235,24 @@ def test_a_worker_past_limit_worker_memory_is_recycled(start_service: StartServi
     [entry] = supervisor_status(service)["worker_exits"]
     assert (entry["pid"], entry["reason"]) == (before, "recycle")
     assert entry["ended"].startswith("RSS ") and entry["ended"].endswith("exit code 0")
+
+
+def test_a_memory_limit_below_a_new_worker_is_said_once_and_recycles_nothing(
+    start_service: StartService, marker_app: Path
+) -> None:
+    """A replacement would hold as much as the worker it replaces: recycling it would go on every second."""
+    service = serve_marker(start_service, marker_app, "--limit-worker-memory", "1MiB", workers=2)
+    first = wait_until(lambda: worker_pids(service) if len(worker_pids(service)) == 2 else None)
+    told = re.compile(
+        r"limit_worker_memory 1 MiB is below what worker pid=(\d+) generation=1 held as it started serving "
+        r"\(RSS (\d+) MiB\): its generation's workers are not recycled for memory; set limit_worker_memory above that"
+    )
+    match = wait_until(lambda: told.search(service.output()), timeout=15)
+    assert int(match.group(1)) in first and int(match.group(2)) > 1
+    time.sleep(3)  # three checks of each worker at the master's heartbeat tick
+    assert worker_pids(service) == first
+    output = service.output()
+    assert len(told.findall(output)) == 1 and "worker recycled" not in output
 
 
 def test_a_reload_applies_new_limits_to_the_new_generation(start_service: StartService, marker_app: Path) -> None:

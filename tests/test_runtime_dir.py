@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -55,6 +56,20 @@ def test_the_last_process_of_a_killed_master_removes_its_directory(start_service
     wait_until(lambda: not any(pid_alive(pid) for pid in others) and not runtime.exists(), timeout=15)
     assert parent.is_dir() and runtime_dirs(parent) == []
     assert "this was its last process" in service.output()
+
+
+def test_a_stopped_worker_of_a_killed_master_leaves_too(start_service: StartService, tmp_path: Path) -> None:
+    """A stopped worker cannot read that its master is gone: the template wakes it as it leaves, and it goes."""
+    service = serve(start_service, PYPNM_RUNTIME_DIR=str(tmp_path))
+    others = process_pids(service)
+    stopped = service.status()["workers"][0]["pid"]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        service.signal(signal.SIGKILL)
+        wait_until(lambda: not any(pid_alive(pid) for pid in others) and runtime_dirs(tmp_path) == [], timeout=15)
+    finally:
+        if pid_alive(stopped):  # the test failed: let it go
+            os.kill(stopped, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -130,6 +145,21 @@ def test_runtime_directory_and_runtime_dir_setting(start_service: StartService, 
     assert len(runtime_dirs(chosen)) == 1 and list(systemd.iterdir()) == []  # the setting wins
     assert service.stop() == 0
     assert list(chosen.iterdir()) == []
+
+
+def test_the_master_holds_its_directory_against_age_based_cleanup(start_service: StartService, tmp_path: Path) -> None:
+    """systemd-tmpfiles skips a directory it cannot lock exclusively: it must not be able to while the master serves."""
+    service = serve(start_service, PYPNM_RUNTIME_DIR=str(tmp_path))
+    (runtime,) = runtime_dirs(tmp_path)
+    fd = os.open(runtime, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the cleanup tries before it removes anything
+        assert service.stop() == 0
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the master is gone, and its hold with it
+    finally:
+        os.close(fd)
+    assert runtime_dirs(tmp_path) == []
 
 
 @pytest.mark.parametrize("variable", ["PYPNM_RUNTIME_DIR", "RUNTIME_DIRECTORY"])

@@ -17,6 +17,13 @@ so the directory does not grow with every worker ever started. A scrape holds a 
 it swaps the archive in and removes what it folded, so a scrape never counts a value twice
 or misses one.
 
+Room on disk is reserved ahead (`reserve`): prometheus-client grows its files by truncating
+them, so their blocks are taken only as the memory map is written, and on a full file system
+that write is a SIGBUS, which kills the process. Each zygote and worker reserves its own files
+as it starts (`reserve_worker_files`) and the master an archive before it writes one, so a full
+file system fails an import, a worker's start or a compaction with an error that says so instead.
+(The master's own files are written whole at its start: every label value is set then.)
+
 This module is imported by both sides, which may run different versions of pypnm (the
 master keeps the code it was started with; workers run each reload's snapshot), so what it
 defines is a protocol: change names and the lock only together with a restart in mind. It
@@ -62,6 +69,30 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 # pypnm answers most requests in about a millisecond: the default buckets (from 5 ms) would hide that.
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RELOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+# What a worker's own families write (a file per type and pid), and the room reserved for each:
+# prometheus-client's own first size, about 400 counter series before a file grows.
+WORKER_FILES = ("counter", "histogram", "gauge_livesum")
+RESERVED = 64 * 1024
+
+
+def reserve(path: Path, size: int) -> None:
+    """Give `path` (created if missing) `size` bytes of blocks of its own; OSError (ENOSPC) when there is no room."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)  # blocks that hold data are kept as they are
+    finally:
+        os.close(fd)
+
+
+def reserve_worker_files() -> None:
+    """Reserve this process's value files before it writes to them (see the module docstring); OSError."""
+    path = directory()
+    if path is None:
+        return
+    for kind in WORKER_FILES:
+        reserve(path / f"{kind}_{os.getpid()}.db", RESERVED)
 
 
 def directory() -> Path | None:

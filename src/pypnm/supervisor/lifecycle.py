@@ -16,7 +16,10 @@ Who sees a recycle's limit: the request count is the worker's own (it says so on
 the memory is read by the master from /proc/<pid>/statm on its heartbeat tick (one small
 read per worker per second, and it works for a worker whose loop is busy, or of an older
 pypnm). A slot recycles again only once its previous worker has left, so recycling adds
-at most `workers` processes to the bound below.
+at most `workers` processes to the bound below. A worker that holds more than the memory limit
+as it starts serving (the app's import and its lifespan startup are that large) is not recycled
+for memory: its replacement would hold as much, and be replaced in turn every second. The master
+says so once per generation, with the size the limit must exceed.
 
 A generation's snapshot is removed once no generation uses it any more, unless it is the one
 `kept`: the last-known-good one that rollback.py holds on to during a new generation's
@@ -106,6 +109,7 @@ class Generations:
         self.standby = NextStandby(spawn_task)  # the next reload's zygote, forked ahead of it
         # The last serving workers that ended and were replaced, newest last: /status's `worker_exits`.
         self.exits: deque[dict[str, Any]] = deque(maxlen=10)
+        self._told_memory: set[tuple[int, int]] = set()  # (generation, limit) said to be below a new worker's RSS
 
     def all(self) -> list[Generation]:
         """Every generation with live workers: candidate, serving, draining."""
@@ -438,6 +442,7 @@ class Generations:
         Only a worker that announced heartbeats is asked (one of an older pypnm is not, and is
         never taken for hung); worker_timeout = 0 turns the check off. A reload applies new values.
         """
+        started = worker.resident_memory()  # what its replacement would hold too (the module docstring)
         while self._still_serving(generation) and not worker.exited.done():
             settings = self._settings()
             if worker.heartbeats and settings.worker_timeout > 0:
@@ -445,7 +450,7 @@ class Generations:
                 if waited >= settings.worker_timeout:
                     return waited
             may_recycle = predecessor is None or predecessor.done()
-            if may_recycle and (recycle := self._past_limit(worker, settings)) is not None:
+            if may_recycle and (recycle := self._past_limit(generation, worker, settings, started)) is not None:
                 return recycle
             wake: list[asyncio.Future[Any]] = [worker.exited]
             if not worker.limit_reached.done():  # wakes at once when it says so; once said, no more
@@ -453,18 +458,38 @@ class Generations:
             await asyncio.wait(wake, timeout=HEARTBEAT_INTERVAL)
         return None
 
-    @staticmethod
-    def _past_limit(worker: WorkerProcess, settings: Settings) -> Recycle | None:
+    def _past_limit(
+        self, generation: Generation, worker: WorkerProcess, settings: Settings, started: int | None
+    ) -> Recycle | None:
+        """Why `worker` is recycled now, or None; `started` is its RSS as it began serving."""
         if worker.limit_reached.done():
             reached = worker.limit_reached.result()
             return Recycle(f"served {reached.requests} requests (limit {reached.limit})")
-        if settings.limit_worker_memory > 0:
-            rss = worker.resident_memory()
-            if rss is not None and rss > settings.limit_worker_memory:
-                return Recycle(
-                    f"RSS {rss / MIB:.0f} MiB over limit_worker_memory {settings.limit_worker_memory / MIB:.0f} MiB"
-                )
+        limit = settings.limit_worker_memory
+        if limit <= 0:
+            return None
+        if started is not None and started > limit:
+            self._tell_limit_unmet(generation, worker, limit, started)
+            return None
+        rss = worker.resident_memory()
+        if rss is not None and rss > limit:
+            return Recycle(f"RSS {rss / MIB:.0f} MiB over limit_worker_memory {limit / MIB:.0f} MiB")
         return None
+
+    def _tell_limit_unmet(self, generation: Generation, worker: WorkerProcess, limit: int, started: int) -> None:
+        if (generation.number, limit) in self._told_memory:
+            return
+        self._told_memory = {told for told in self._told_memory if told[0] >= generation.number}
+        self._told_memory.add((generation.number, limit))
+        logger.warning(
+            "limit_worker_memory %.0f MiB is below what worker pid=%d generation=%d held as it started "
+            "serving (RSS %.0f MiB): its generation's workers are not recycled for memory; "
+            "set limit_worker_memory above that",
+            limit / MIB,
+            worker.pid,
+            generation.number,
+            started / MIB,
+        )
 
     async def _recycle(self, generation: Generation, worker: WorkerProcess, reason: str) -> WorkerProcess | None:
         """Bring up a worker in place of one past its limit; the replacement, accepting (None: none came up)."""

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import mmap
 import os
 import re
 import time
@@ -50,9 +51,11 @@ from pypnm.metrics import (
     RELOAD_DURATION,
     RELOAD_OUTCOMES,
     RELOADS,
+    RESERVED,
     RESTART_REASONS,
     WORKER_RESTARTS,
     directory,
+    reserve,
 )
 
 if TYPE_CHECKING:
@@ -196,6 +199,7 @@ def compact(path: Path) -> int:
                     totals[key] = totals.get(key, 0.0) + value
             staging = archive.with_name(archive.name + ".new")  # not `*.db`: no scrape reads it
             staging.unlink(missing_ok=True)  # left by a compaction that was cut short
+            reserve(staging, _archive_size(totals))  # a full file system: OSError here, not SIGBUS below
             new = MmapedDict(str(staging))
             try:
                 for key, value in totals.items():
@@ -216,6 +220,12 @@ def compact(path: Path) -> int:
         for staging in staged:
             staging.unlink(missing_ok=True)
     return sum(len(files) for files in dead.values())
+
+
+def _archive_size(totals: dict[str, float]) -> int:
+    """Room for an archive of these values in prometheus-client's format (a little more), in whole pages."""
+    entries = sum(4 + len(key.encode()) + 8 + 16 for key in totals)  # length, padded key, value, timestamp
+    return max(RESERVED, -(-(FILE_HEADER + entries) // mmap.PAGESIZE) * mmap.PAGESIZE)
 
 
 @contextlib.contextmanager

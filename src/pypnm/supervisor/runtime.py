@@ -23,6 +23,13 @@ is alive, and the kernel drops it when the last one exits, however it exits. So:
 Whoever removes a directory holds its lock meanwhile and deletes the lock file last, so a
 removal cut short (the process killed half-way) is finished by the next sweep.
 
+The master also holds a shared `flock` on the directory itself, for as long as it has it:
+`systemd-tmpfiles`, which ages out old files in the temporary directory (ten days by default,
+by their timestamps, which a long-lived service's control socket and snapshots do not move),
+skips a directory that someone holds such a lock on. Without it, a service started with the
+default parent would lose its control socket and snapshots after some days and be left unable
+to reload or respawn a worker.
+
 Hand-written because `tempfile` knows nothing of an owner's life, and the lock has to
 travel through the fork template into the workers.
 """
@@ -74,9 +81,10 @@ def choose_parent(setting: Path | None) -> tuple[Path, str]:
 class RuntimeDir:
     """A directory this process created and holds the lock of, until `remove`."""
 
-    def __init__(self, path: Path, lock_fd: int) -> None:
+    def __init__(self, path: Path, lock_fd: int, pin_fd: int) -> None:
         self.path = path
         self.lock_fd = lock_fd
+        self.pin_fd = pin_fd  # the directory, shared-locked (see the module docstring, systemd-tmpfiles)
 
     @classmethod
     def create(cls, setting: Path | None) -> RuntimeDir:
@@ -89,20 +97,33 @@ class RuntimeDir:
         except OSError as exc:
             raise RuntimeDirError(f"cannot create the runtime directory in {named}: {_why(exc)}") from None
         try:
+            pin_fd = _pin(path)
             lock_fd = _take_new_lock(path)
         except OSError as exc:
             shutil.rmtree(path, ignore_errors=True)
             raise RuntimeDirError(f"cannot create the runtime directory in {named}: {_why(exc)}") from None
-        return cls(path, lock_fd)
+        return cls(path, lock_fd, pin_fd)
 
     def remove(self) -> None:
         _remove_lock_last(self.path)
-        with contextlib.suppress(OSError):
-            os.close(self.lock_fd)
+        for fd in (self.lock_fd, self.pin_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _why(exc: OSError) -> str:
     return exc.strerror or str(exc)
+
+
+def _pin(directory: Path) -> int:
+    """The directory opened and shared-locked, so that systemd-tmpfiles' age-based cleanup passes it by."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _take_new_lock(directory: Path) -> int:

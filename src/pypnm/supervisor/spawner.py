@@ -167,8 +167,8 @@ class ForkChannel:
             self._waiting.append(answer_to_this)
         try:
             answer = await asyncio.wait_for(answer_to_this, SPAWN_ANSWER)
-        except TimeoutError as exc:
-            raise SpawnError(f"the {self.name} did not answer: {type(exc).__name__}") from exc
+        except TimeoutError:
+            raise SpawnError(self._give_up()) from None
         if isinstance(answer, SpawnRefused):
             raise SpawnError(answer.error)
         if not isinstance(answer, Spawned):
@@ -181,6 +181,20 @@ class ForkChannel:
 
     def exit_status(self, pid: int) -> asyncio.Future[int]:
         return self.exits.exit_status(pid)
+
+    def process_pid(self) -> int | None:
+        """The pid of the process at the other end."""
+        return None
+
+    def _give_up(self) -> str:
+        """A fork is a matter of milliseconds: a process that answers none in SPAWN_ANSWER is stuck (stopped,
+        deadlocked), and would fail every reload or respawn after. Killed, it is as if it had died: the next
+        reload starts a new template, the next respawn imports the generation again. Returns the reason."""
+        pid = self.process_pid()
+        if pid is not None:
+            with contextlib.suppress(OSError):  # gone meanwhile
+                os.kill(pid, signal.SIGKILL)
+        return f"the {self.name} answered no fork request within {SPAWN_ANSWER:g}s: killed, a new one takes over"
 
     @property
     def name(self) -> str:
@@ -287,6 +301,9 @@ class Zygote(ForkChannel):
     @property
     def name(self) -> str:
         return f"zygote pid={self.pid}"
+
+    def process_pid(self) -> int | None:
+        return self.pid
 
     @classmethod
     async def fork(cls, parent: ForkChannel, request: ZygoteRequest) -> Zygote:
@@ -471,6 +488,9 @@ class ForkTemplate(ForkChannel):
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
+
+    def process_pid(self) -> int | None:
+        return self.pid
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -62,6 +62,13 @@ returns its `Child` up out of that loop, and `live` runs it from the bottom of t
 inside, a zygote forked from a zygote would keep the previous generation's frames, and with them
 its app, for good, and each incremental import would add a level to the stack.
 
+An importing zygote or standby watches no channel: the app's import runs, however long it takes,
+and may hang. So until it is done (`serve_generation`) it dies with the process that forked it
+(PR_SET_PDEATHSIG, `exit_with_parent`), which reads its own channel and leaves at once when the
+master is gone: a SIGKILLed master takes along a zygote in the middle of an import too, instead
+of leaving it to run to the import's end. Only until then: a serving zygote outlives the
+previous generation's, which forked it.
+
 It holds the master's runtime directory lock, which its zygotes and workers inherit by fork;
 whichever of them leaves last after the master died removes that directory (runtime.py).
 Candidates run niced until they serve (priority.py).
@@ -84,6 +91,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pypnm import metrics
 from pypnm.logs import set_generation, setup_logging
 from pypnm.supervisor import field_adapters, priority, protocol, reimport, runtime, worker
 from pypnm.supervisor.protocol import (
@@ -135,6 +143,8 @@ def preload(names: list[str]) -> None:
             logger.warning("cannot preload %s: %s", name, exc)
 
 
+# prctl(2): the signal this process gets when the thread that forked it exits (0: none).
+PR_SET_PDEATHSIG = 1
 # prctl(2): orphaned descendants are reparented to this process instead of init.
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -171,6 +181,7 @@ class ZygoteChild:
     request: ZygoteRequest
     fds: list[int]
     previous: Imported | None
+    parent: int  # the pid of the process that forked it (exit_with_parent)
     role = "zygote"
 
     def run(self) -> int | Child:
@@ -184,6 +195,7 @@ class StandbyChild:
     request: StandbyRequest
     fds: list[int]
     previous: Imported | None
+    parent: int  # the pid of the process that forked it (exit_with_parent)
     role = "zygote"
 
     def run(self) -> int | Child:
@@ -241,9 +253,13 @@ def run_zygote(child: ZygoteChild) -> int | Child:
     child.previous = None  # the previous generation's app: garbage once its modules are dropped (reimport.release)
     spec = request.spec
     channel = socket.socket(fileno=child.fds[0])
+    if not exit_with_parent(child.parent):
+        return 1
     os.environ.update(spec.env)  # the app may read its settings as it is imported
     setup_logging("zygote", spec.log_level)
     set_generation(spec.generation)
+    if not reserve_metrics(channel, spec):
+        return 1
     nice = priority.lower(request.nice)
     took = Stopwatch()
     if request.drop is None or previous is None:
@@ -280,6 +296,8 @@ def run_standby(child: StandbyChild) -> int | Child:
     child.previous = None
     assert previous is not None, "a standby is forked by a zygote"
     channel = socket.socket(fileno=child.fds[0])
+    if not exit_with_parent(child.parent):
+        return 1
     setup_logging("zygote", previous.spec.log_level)
     nice = priority.lower(request.nice)
     took = Stopwatch()
@@ -298,6 +316,8 @@ def run_standby(child: StandbyChild) -> int | Child:
     spec = go.spec
     os.environ.update(spec.env)
     set_generation(spec.generation)
+    if not reserve_metrics(channel, spec):
+        return 1
     took.restart()  # the wait is no step of the reload's
     reimport.move(packages, old_snapshot, spec.snapshot_dir)
     took.lap("paths")
@@ -360,10 +380,24 @@ def import_again(channel: socket.socket, spec: WorkerSpec, dropped: Dropped, nic
     return serve_generation(channel, Imported(spec, app, dropped.frozen), nice, reimported, took)
 
 
-def import_failed(channel: socket.socket, spec: WorkerSpec, exc: worker.AppLoadError) -> int:
+def import_failed(channel: socket.socket, spec: WorkerSpec, exc: worker.AppLoadError | str) -> int:
     logger.error("generation %d cannot serve: %s", spec.generation, exc)
     channel.sendall(protocol.encode_template(ZygoteFailed(str(exc))))
     return 1
+
+
+def reserve_metrics(channel: socket.socket, spec: WorkerSpec) -> bool:
+    """Reserve the value files the app's metrics write as it is imported; False, said, when there is no room.
+
+    A full file system then fails the reload here, in so many words, instead of killing the
+    zygote by SIGBUS as its import writes to a metrics file (pypnm.metrics).
+    """
+    try:
+        metrics.reserve_worker_files()
+    except OSError as exc:
+        import_failed(channel, spec, f"cannot reserve room for its metrics in {metrics.directory()}: {exc}")
+        return False
+    return True
 
 
 def serve_generation(
@@ -373,6 +407,7 @@ def serve_generation(
     worker.build_routes(imported.app)  # what the first request would build in each worker (worker.build_routes)
     took.lap("routes")
     adapters = field_adapters.end()  # the workers build their own (field_adapters.py)
+    exit_with_parent(None)  # from here on its loop reads the channel (see the module docstring)
     ready = ZygoteReady(os.getpid(), nice, reimported, took.laps, adapters=adapters, cpu_ms=took.cpu_ms())
     return serve_forks(channel, ready, imported) or 0
 
@@ -471,9 +506,9 @@ def fork_for(
 ) -> int | Child:
     """Fork what `request` asks for: its pid, or in the child its `Child`. ProtocolError for a request not for here."""
     if isinstance(request, ZygoteRequest) and len(fds) == 1:
-        return fork_child(channel, wakeup, ZygoteChild(request, fds, imported))
+        return fork_child(channel, wakeup, ZygoteChild(request, fds, imported, os.getpid()))
     if isinstance(request, StandbyRequest) and imported is not None and len(fds) == 1:
-        return fork_child(channel, wakeup, StandbyChild(request, fds, imported))
+        return fork_child(channel, wakeup, StandbyChild(request, fds, imported, os.getpid()))
     if isinstance(request, SpawnRequest) and imported is not None and fds:
         return fork_child(channel, wakeup, WorkerChild(request, fds, imported))
     if isinstance(request, SpawnRequest):
@@ -481,15 +516,43 @@ def fork_for(
     raise protocol.ProtocolError("fork template", f"expected a spawn or zygote request, got {request}")
 
 
-def become_subreaper() -> None:
-    """Be given the orphans among this process's descendants (a worker whose zygote left first)."""
+def prctl(option: int, value: int) -> bool:
+    """prctl(2) with one argument; False where it failed or there is none (not Linux)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        failed = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0
+        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
     except (OSError, AttributeError):
-        failed = True
-    if failed:  # the workers of a zygote that ended first then go to init: their exit status is unknown
+        return False
+
+
+def wake_stopped() -> None:
+    """As the template leaves, continue every process of its group: one stopped (SIGSTOP) then sees its master gone.
+
+    Its zygotes and workers leave by themselves once they read end-of-file from the master; a
+    stopped one reads nothing, and would hold the listening socket and the runtime directory
+    for good. Whether the master died or only replaced this template (whose generations serve
+    on) cannot be told apart here without a race (the kernel closes a dying master's channel
+    before it reparents its children), and need not be: SIGCONT does nothing to a process that
+    runs, and one stopped by hand would only go on serving.
+    """
+    with contextlib.suppress(OSError):
+        os.killpg(0, signal.SIGCONT)
+
+
+def become_subreaper() -> None:
+    """Be given the orphans among this process's descendants (a worker whose zygote left first)."""
+    if not prctl(PR_SET_CHILD_SUBREAPER, 1):  # those workers then go to init: their exit status is unknown
         logger.warning("cannot become the subreaper of the workers: some exit statuses will be unknown")
+
+
+def exit_with_parent(parent: int | None) -> bool:
+    """Be SIGKILLed when `parent`, which forked this process, exits (None: no longer); False if it already has.
+
+    See the module docstring for why and until when. Where prctl is missing (not Linux), an
+    importing zygote whose master died lives on until its import ends, as it did before.
+    """
+    prctl(PR_SET_PDEATHSIG, 0 if parent is None else signal.SIGKILL)
+    return parent is None or os.getppid() == parent  # it left before the prctl: no signal will come
 
 
 def main() -> None:
@@ -507,6 +570,7 @@ def main() -> None:
         child = serve_forks(socket.socket(fileno=int(channel_fd)), TemplateHello(os.getpid(), renice), None)
         if child is not None:  # this is a zygote the template forked
             live(child)
+        wake_stopped()
     finally:
         runtime.leave()
 

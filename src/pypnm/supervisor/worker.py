@@ -43,6 +43,7 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
+from pypnm import metrics
 from pypnm.identity import WORKER_STATE_KEY
 from pypnm.logs import set_generation, setup_logging
 from pypnm.supervisor import priority, protocol, runtime, warmup
@@ -559,13 +560,21 @@ def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.so
     set_generation(spec.generation)
     channel = MasterChannel(channel_sock)
     try:
+        metrics.reserve_worker_files()
+    except OSError as exc:  # a full file system: refused here, not killed by SIGBUS at a request (pypnm.metrics)
+        return refuse(spec, channel, f"cannot reserve room for its metrics in {metrics.directory()}: {exc}")
+    try:
         server = make_server(spec, channel, app)
     except AppLoadError as exc:
-        logger.error("generation %d cannot serve: %s", spec.generation, exc)
-        channel.send(WorkerFailed(str(exc)))
-        return 1
+        return refuse(spec, channel, str(exc))
     server.run(sockets=listeners)
     return 1 if server.failure else 0
+
+
+def refuse(spec: WorkerSpec, channel: MasterChannel, reason: str) -> int:
+    logger.error("generation %d cannot serve: %s", spec.generation, reason)
+    channel.send(WorkerFailed(reason))
+    return 1
 
 
 def check(spec: WorkerSpec) -> str | None:
