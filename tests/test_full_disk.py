@@ -2,7 +2,7 @@
 
 prometheus-client's value files are sparse and memory-mapped (pypnm.metrics): on a full file
 system a write into a page that has no block yet kills the writer by SIGBUS. A small tmpfs stands
-for the full disk here; mounting one needs root (CAP_SYS_ADMIN), and without it these tests skip.
+for the full disk here; mounting one needs root (CAP_SYS_ADMIN), and without it those tests skip.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import StartService, pid_alive, serve_pypnm, wait_until
+from pypnm import metrics
 
 SIZE = 8 * 1024 * 1024
 NO_ROOM = "cannot reserve room for its metrics in"
@@ -101,6 +102,19 @@ def test_compaction_on_a_full_file_system_is_an_error_not_a_crash(small_fs: Path
     assert compacting.returncode == 0, f"killed by signal {-compacting.returncode}: {compacting.stderr}"
     assert "OSError" in compacting.stdout and "No space left on device" in compacting.stdout
     assert not list(directory.glob("*_archive.db"))  # nothing half-written taken for an archive
+
+
+@pytest.mark.parametrize(("routes", "counter", "histogram"), [(4, 64, 64), (20, 64, 128), (400, 448, 1024)])
+def test_a_worker_reserves_room_by_its_routes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, routes: int, counter: int, histogram: int
+) -> None:
+    """Blocks of its own (not a sparse file), sized by the (method, path) pairs its request metrics are labelled by."""
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+    metrics.reserve_worker_files(routes)
+    expected = {"counter": counter, "histogram": histogram, "gauge_livesum": 64}
+    for kind, kib in expected.items():
+        info = (tmp_path / f"{kind}_{os.getpid()}.db").stat()
+        assert info.st_size == kib * 1024 and info.st_blocks * 512 >= info.st_size, (kind, info)
 
 
 # A process that counts something in the directory, then exits: its file is a dead process's, to fold.

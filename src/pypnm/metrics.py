@@ -71,10 +71,12 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 RELOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-# What a worker's own families write (a file per type and pid), and the room reserved for each:
-# prometheus-client's own first size, about 400 counter series before a file grows.
-WORKER_FILES = ("counter", "histogram", "gauge_livesum")
+# What a worker's own families write (a file per type and pid), and the room each takes per route
+# (method and path) it may be labelled with: a histogram series is 15 entries of up to ~260 bytes,
+# a counter's a few (by status). At least prometheus-client's own first size, at most RESERVED_MAX.
+WORKER_FILES = {"counter": 1024, "histogram": 4096, "gauge_livesum": 0}
 RESERVED = 64 * 1024
+RESERVED_MAX = 1024 * 1024
 
 
 def reserve(path: Path, size: int) -> None:
@@ -86,13 +88,18 @@ def reserve(path: Path, size: int) -> None:
         os.close(fd)
 
 
-def reserve_worker_files() -> None:
-    """Reserve this process's value files before it writes to them (see the module docstring); OSError."""
+def reserve_worker_files(routes: int = 0) -> None:
+    """Reserve this process's value files before it writes to them (see the module docstring); OSError.
+
+    `routes`: how many (method, path) pairs the app serves. Past what was reserved, a file grows
+    as prometheus-client grows it, unreserved.
+    """
     path = directory()
     if path is None:
         return
-    for kind in WORKER_FILES:
-        reserve(path / f"{kind}_{os.getpid()}.db", RESERVED)
+    for kind, per_route in WORKER_FILES.items():
+        wanted = -(-routes * per_route // RESERVED) * RESERVED  # whole multiples of the first size
+        reserve(path / f"{kind}_{os.getpid()}.db", min(RESERVED_MAX, max(RESERVED, wanted)))
 
 
 def directory() -> Path | None:

@@ -128,6 +128,7 @@ class WorkerProcess:
         self.exit_status: asyncio.Future[int] = exit_status if exit_status is not None else loop.create_future()
         self.killed_by_master = False
         self.heartbeats = False  # it said in WorkerReady that it answers them
+        self.serving_rss: int | None = None  # its RSS as it began serving: what a replacement holds too
         self._heartbeat_sent: float | None = None  # loop time of the unanswered heartbeat
         self.ready: asyncio.Future[WorkerReady] = loop.create_future()
         self.accepting: asyncio.Future[None] = loop.create_future()

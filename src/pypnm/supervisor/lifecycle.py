@@ -442,7 +442,8 @@ class Generations:
         Only a worker that announced heartbeats is asked (one of an older pypnm is not, and is
         never taken for hung); worker_timeout = 0 turns the check off. A reload applies new values.
         """
-        started = worker.resident_memory()  # what its replacement would hold too (the module docstring)
+        if worker.serving_rss is None:  # once: a recycle that found no replacement watches the same worker again
+            worker.serving_rss = worker.resident_memory()
         while self._still_serving(generation) and not worker.exited.done():
             settings = self._settings()
             if worker.heartbeats and settings.worker_timeout > 0:
@@ -450,7 +451,7 @@ class Generations:
                 if waited >= settings.worker_timeout:
                     return waited
             may_recycle = predecessor is None or predecessor.done()
-            if may_recycle and (recycle := self._past_limit(generation, worker, settings, started)) is not None:
+            if may_recycle and (recycle := self._past_limit(generation, worker, settings)) is not None:
                 return recycle
             wake: list[asyncio.Future[Any]] = [worker.exited]
             if not worker.limit_reached.done():  # wakes at once when it says so; once said, no more
@@ -458,16 +459,15 @@ class Generations:
             await asyncio.wait(wake, timeout=HEARTBEAT_INTERVAL)
         return None
 
-    def _past_limit(
-        self, generation: Generation, worker: WorkerProcess, settings: Settings, started: int | None
-    ) -> Recycle | None:
-        """Why `worker` is recycled now, or None; `started` is its RSS as it began serving."""
+    def _past_limit(self, generation: Generation, worker: WorkerProcess, settings: Settings) -> Recycle | None:
+        """Why `worker` is recycled now, or None."""
         if worker.limit_reached.done():
             reached = worker.limit_reached.result()
             return Recycle(f"served {reached.requests} requests (limit {reached.limit})")
         limit = settings.limit_worker_memory
         if limit <= 0:
             return None
+        started = worker.serving_rss
         if started is not None and started > limit:
             self._tell_limit_unmet(generation, worker, limit, started)
             return None

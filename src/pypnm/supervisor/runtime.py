@@ -45,6 +45,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from pypnm.supervisor.timeouts import CONTROL_PROBE
@@ -54,6 +55,7 @@ logger = logging.getLogger("pypnm.supervisor.runtime")
 PREFIX = "pypnm-"
 LOCK_FILE = "master.lock"
 CONTROL_SOCKET = "control.sock"
+PIN_TRIES = 100  # 5 s of 50 ms waits for a cleanup that holds the new directory's lock as it looks in
 SYSTEMD_ENV = "RUNTIME_DIRECTORY"
 SETTING_ENV = "PYPNM_RUNTIME_DIR"
 
@@ -81,7 +83,7 @@ def choose_parent(setting: Path | None) -> tuple[Path, str]:
 class RuntimeDir:
     """A directory this process created and holds the lock of, until `remove`."""
 
-    def __init__(self, path: Path, lock_fd: int, pin_fd: int) -> None:
+    def __init__(self, path: Path, lock_fd: int, pin_fd: int | None) -> None:
         self.path = path
         self.lock_fd = lock_fd
         self.pin_fd = pin_fd  # the directory, shared-locked (see the module docstring, systemd-tmpfiles)
@@ -97,33 +99,48 @@ class RuntimeDir:
         except OSError as exc:
             raise RuntimeDirError(f"cannot create the runtime directory in {named}: {_why(exc)}") from None
         try:
-            pin_fd = _pin(path)
             lock_fd = _take_new_lock(path)
         except OSError as exc:
             shutil.rmtree(path, ignore_errors=True)
             raise RuntimeDirError(f"cannot create the runtime directory in {named}: {_why(exc)}") from None
-        return cls(path, lock_fd, pin_fd)
+        return cls(path, lock_fd, _pin(path))
 
     def remove(self) -> None:
         _remove_lock_last(self.path)
         for fd in (self.lock_fd, self.pin_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _why(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _pin(directory: Path) -> int:
-    """The directory opened and shared-locked, so that systemd-tmpfiles' age-based cleanup passes it by."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _pin(directory: Path) -> int | None:
+    """The directory opened and shared-locked, so that systemd-tmpfiles' age-based cleanup passes it by.
+
+    The cleanup holds its own lock only while it looks into the directory: waited for, a little.
+    Without the lock pypnm runs all the same, and says what it risks.
+    """
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        logger.warning("cannot hold the runtime directory %s against age-based cleanup: %s", directory, _why(exc))
+        return None
+    for _ in range(PIN_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            time.sleep(0.05)
+        except OSError as exc:
+            logger.warning("cannot hold the runtime directory %s against age-based cleanup: %s", directory, _why(exc))
+            break
+    else:
+        logger.warning("cannot hold the runtime directory %s against age-based cleanup: it stays locked", directory)
+    os.close(fd)
+    return None
 
 
 def _take_new_lock(directory: Path) -> int:

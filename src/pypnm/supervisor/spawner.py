@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
+from pathlib import Path
 
 from pypnm.supervisor import protocol
 from pypnm.supervisor.protocol import (
@@ -165,10 +166,11 @@ class ForkChannel:
             except OSError as exc:
                 raise SpawnError(f"the {self.name} did not answer: {exc}") from exc
             self._waiting.append(answer_to_this)
+        before = process_cpu(self.process_pid())
         try:
             answer = await asyncio.wait_for(answer_to_this, SPAWN_ANSWER)
         except TimeoutError:
-            raise SpawnError(self._give_up()) from None
+            raise SpawnError(self._no_answer(before)) from None
         if isinstance(answer, SpawnRefused):
             raise SpawnError(answer.error)
         if not isinstance(answer, Spawned):
@@ -186,14 +188,22 @@ class ForkChannel:
         """The pid of the process at the other end."""
         return None
 
-    def _give_up(self) -> str:
-        """A fork is a matter of milliseconds: a process that answers none in SPAWN_ANSWER is stuck (stopped,
-        deadlocked), and would fail every reload or respawn after. Killed, it is as if it had died: the next
-        reload starts a new template, the next respawn imports the generation again. Returns the reason."""
+    def _no_answer(self, before: tuple[int, str] | None) -> str:
+        """Why a fork request failed unanswered; a process that is stuck is killed first.
+
+        A fork is a matter of milliseconds. A process that answers none in SPAWN_ANSWER and is
+        stopped, or asleep without having used any CPU meanwhile (deadlocked), would fail every
+        reload or respawn after: killed, it is as if it had died, and the next reload starts a
+        new template, the next respawn imports the generation again. One that is only starved
+        (it runs at the candidates' priority on cores the serving workers keep busy) is left alone.
+        """
         pid = self.process_pid()
-        if pid is not None:
-            with contextlib.suppress(OSError):  # gone meanwhile
-                os.kill(pid, signal.SIGKILL)
+        now = process_cpu(pid)
+        stuck = now is not None and (now[1] in "tT" or (now[1] == "S" and before is not None and now[0] == before[0]))
+        if pid is None or not stuck:
+            return f"the {self.name} did not answer within {SPAWN_ANSWER:g}s"
+        with contextlib.suppress(OSError):  # gone meanwhile
+            os.kill(pid, signal.SIGKILL)
         return f"the {self.name} answered no fork request within {SPAWN_ANSWER:g}s: killed, a new one takes over"
 
     @property
@@ -260,6 +270,18 @@ class ForkChannel:
         if self.channel is not None:
             self.channel.close()  # end-of-file tells the process to exit
             self.channel = None
+
+
+def process_cpu(pid: int | None) -> tuple[int, str] | None:
+    """A process's CPU time so far (clock ticks, user and system) and its state letter, from /proc; None if unknown."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+    return int(fields[11]) + int(fields[12]), fields[0]
 
 
 async def receive_hello(channel: socket.socket, name: str) -> protocol.TemplateMessage:
@@ -490,7 +512,7 @@ class ForkTemplate(ForkChannel):
         return self.process.pid if self.process else None
 
     def process_pid(self) -> int | None:
-        return self.pid
+        return self.pid if self.is_running() else None  # a pid Popen reaped may be another process's now
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

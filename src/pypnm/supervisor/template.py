@@ -67,7 +67,9 @@ and may hang. So until it is done (`serve_generation`) it dies with the process 
 (PR_SET_PDEATHSIG, `exit_with_parent`), which reads its own channel and leaves at once when the
 master is gone: a SIGKILLed master takes along a zygote in the middle of an import too, instead
 of leaving it to run to the import's end. Only until then: a serving zygote outlives the
-previous generation's, which forked it.
+previous generation's, which forked it. The one import this ends while the master lives is a
+respawn's, when the zygote a generation lost is imported again from a template that a reload
+replaces meanwhile (third-party packages changed): that respawn is tried again after its back-off.
 
 It holds the master's runtime directory lock, which its zygotes and workers inherit by fork;
 whichever of them leaves last after the master died removes that directory (runtime.py).
@@ -568,10 +570,10 @@ def main() -> None:
         become_subreaper()
         renice = priority.start()
         child = serve_forks(socket.socket(fileno=int(channel_fd)), TemplateHello(os.getpid(), renice), None)
-        if child is not None:  # this is a zygote the template forked
+        if child is not None:  # this is a zygote the template forked (live never returns)
             live(child)
-        wake_stopped()
     finally:
+        wake_stopped()  # also when the loop failed: a master that died mid-request breaks the channel
         runtime.leave()
 
 

@@ -560,7 +560,7 @@ def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.so
     set_generation(spec.generation)
     channel = MasterChannel(channel_sock)
     try:
-        metrics.reserve_worker_files()
+        metrics.reserve_worker_files(route_methods(app))
     except OSError as exc:  # a full file system: refused here, not killed by SIGBUS at a request (pypnm.metrics)
         return refuse(spec, channel, f"cannot reserve room for its metrics in {metrics.directory()}: {exc}")
     try:
@@ -569,6 +569,12 @@ def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.so
         return refuse(spec, channel, str(exc))
     server.run(sockets=listeners)
     return 1 if server.failure else 0
+
+
+def route_methods(app: Any) -> int:
+    """How many (method, path) pairs the app's routes serve, and a few more: what request metrics are labelled by."""
+    routes = getattr(app, "routes", None) or []
+    return 4 + sum(len(getattr(route, "methods", None) or ()) or 1 for route in routes)
 
 
 def refuse(spec: WorkerSpec, channel: MasterChannel, reason: str) -> int:
