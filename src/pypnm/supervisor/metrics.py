@@ -15,8 +15,8 @@ Every exited worker's live gauge files are dropped at once (`worker_gone`, prome
 `mark_process_dead`). Its counter and histogram files must stay, or the totals would go back;
 but prometheus-client has no compaction, and a scrape reads every file, so without it the
 directory and the scrape time grow with every worker ever started (two files per worker, of
-the room it reserved as it started: pypnm.metrics, and the README). `compact` folds the files of dead processes
-into one archive per type. Hand-written, because no maintained library does it (the
+the room it reserved as it started: pypnm.metrics, and the README). `compact` folds the files
+of dead processes into one archive per type. Hand-written, because no maintained library does it (the
 prometheus-client maintainers leave it to applications; talisker and skypilot wrote their own
 the same way): the merge is a sum per key of prometheus-client's own file format, read and
 written with its `MmapedDict`. The new archive is built beside the old one, then swapped in
