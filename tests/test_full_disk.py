@@ -110,7 +110,7 @@ def test_a_worker_reserves_room_by_its_routes(
 ) -> None:
     """Blocks of its own (not a sparse file), sized by the (method, path) pairs its request metrics are labelled by."""
     monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
-    metrics.reserve_worker_files(routes)
+    assert metrics.reserve_worker_files(routes) is None
     expected = {"counter": counter, "histogram": histogram, "gauge_livesum": 64}
     for kind, kib in expected.items():
         info = (tmp_path / f"{kind}_{os.getpid()}.db").stat()

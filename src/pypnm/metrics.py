@@ -88,18 +88,27 @@ def reserve(path: Path, size: int) -> None:
         os.close(fd)
 
 
-def reserve_worker_files(routes: int = 0) -> None:
-    """Reserve this process's value files before it writes to them (see the module docstring); OSError.
+def reserve_worker_files(routes: int = 0) -> str | None:
+    """Reserve this process's value files before it writes to them (see the module docstring).
 
     `routes`: how many (method, path) pairs the app serves. Past what was reserved, a file grows
-    as prometheus-client grows it, unreserved.
+    as prometheus-client grows it, unreserved. Returns why it could not (no room), else None.
     """
     path = directory()
     if path is None:
-        return
-    for kind, per_route in WORKER_FILES.items():
-        wanted = -(-routes * per_route // RESERVED) * RESERVED  # whole multiples of the first size
-        reserve(path / f"{kind}_{os.getpid()}.db", min(RESERVED_MAX, max(RESERVED, wanted)))
+        return None
+    try:
+        for kind, per_route in WORKER_FILES.items():
+            wanted = round_up(routes * per_route, RESERVED)
+            reserve(path / f"{kind}_{os.getpid()}.db", min(RESERVED_MAX, max(RESERVED, wanted)))
+    except OSError as exc:
+        return f"cannot reserve room for its metrics in {path}: {exc}"
+    return None
+
+
+def round_up(size: int, unit: int) -> int:
+    """`size` rounded up to a whole multiple of `unit`."""
+    return -(-size // unit) * unit
 
 
 def directory() -> Path | None:

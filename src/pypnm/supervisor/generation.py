@@ -278,6 +278,7 @@ class Generation:
         self.imported: dict[str, Any] | None = None  # how its code was imported (the reload record's "import")
         self.incremental_line = 0  # incremental imports in a row up to this one's (0: imported clean)
         self.drop: list[str] | None = None  # what its incremental import dropped (None: imported clean)
+        self.memory_limit_told: int | None = None  # the limit_worker_memory said to be below a new worker's RSS
 
     @property
     def code_version(self) -> str:

@@ -109,7 +109,6 @@ class Generations:
         self.standby = NextStandby(spawn_task)  # the next reload's zygote, forked ahead of it
         # The last serving workers that ended and were replaced, newest last: /status's `worker_exits`.
         self.exits: deque[dict[str, Any]] = deque(maxlen=10)
-        self._told_memory: set[tuple[int, int]] = set()  # (generation, limit) said to be below a new worker's RSS
 
     def all(self) -> list[Generation]:
         """Every generation with live workers: candidate, serving, draining."""
@@ -459,7 +458,8 @@ class Generations:
             await asyncio.wait(wake, timeout=HEARTBEAT_INTERVAL)
         return None
 
-    def _past_limit(self, generation: Generation, worker: WorkerProcess, settings: Settings) -> Recycle | None:
+    @staticmethod
+    def _past_limit(generation: Generation, worker: WorkerProcess, settings: Settings) -> Recycle | None:
         """Why `worker` is recycled now, or None."""
         if worker.limit_reached.done():
             reached = worker.limit_reached.result()
@@ -469,27 +469,22 @@ class Generations:
             return None
         started = worker.serving_rss
         if started is not None and started > limit:
-            self._tell_limit_unmet(generation, worker, limit, started)
+            if generation.memory_limit_told != limit:
+                generation.memory_limit_told = limit
+                logger.warning(
+                    "limit_worker_memory %.0f MiB is below what worker pid=%d generation=%d held as it started "
+                    "serving (RSS %.0f MiB): its generation's workers are not recycled for memory; "
+                    "set limit_worker_memory above that",
+                    limit / MIB,
+                    worker.pid,
+                    generation.number,
+                    started / MIB,
+                )
             return None
         rss = worker.resident_memory()
         if rss is not None and rss > limit:
             return Recycle(f"RSS {rss / MIB:.0f} MiB over limit_worker_memory {limit / MIB:.0f} MiB")
         return None
-
-    def _tell_limit_unmet(self, generation: Generation, worker: WorkerProcess, limit: int, started: int) -> None:
-        if (generation.number, limit) in self._told_memory:
-            return
-        self._told_memory = {told for told in self._told_memory if told[0] >= generation.number}
-        self._told_memory.add((generation.number, limit))
-        logger.warning(
-            "limit_worker_memory %.0f MiB is below what worker pid=%d generation=%d held as it started "
-            "serving (RSS %.0f MiB): its generation's workers are not recycled for memory; "
-            "set limit_worker_memory above that",
-            limit / MIB,
-            worker.pid,
-            generation.number,
-            started / MIB,
-        )
 
     async def _recycle(self, generation: Generation, worker: WorkerProcess, reason: str) -> WorkerProcess | None:
         """Bring up a worker in place of one past its limit; the replacement, accepting (None: none came up)."""

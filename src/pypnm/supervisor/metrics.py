@@ -56,6 +56,7 @@ from pypnm.metrics import (
     WORKER_RESTARTS,
     directory,
     reserve,
+    round_up,
 )
 
 if TYPE_CHECKING:
@@ -225,7 +226,7 @@ def compact(path: Path) -> int:
 def _archive_size(totals: dict[str, float]) -> int:
     """Room for an archive of these values in prometheus-client's format (a little more), in whole pages."""
     entries = sum(4 + len(key.encode()) + 8 + 16 for key in totals)  # length, padded key, value, timestamp
-    return max(RESERVED, -(-(FILE_HEADER + entries) // mmap.PAGESIZE) * mmap.PAGESIZE)
+    return max(RESERVED, round_up(FILE_HEADER + entries, mmap.PAGESIZE))
 
 
 @contextlib.contextmanager

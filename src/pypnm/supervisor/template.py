@@ -394,12 +394,10 @@ def reserve_metrics(channel: socket.socket, spec: WorkerSpec) -> bool:
     A full file system then fails the reload here, in so many words, instead of killing the
     zygote by SIGBUS as its import writes to a metrics file (pypnm.metrics).
     """
-    try:
-        metrics.reserve_worker_files()
-    except OSError as exc:
-        import_failed(channel, spec, f"cannot reserve room for its metrics in {metrics.directory()}: {exc}")
-        return False
-    return True
+    no_room = metrics.reserve_worker_files()
+    if no_room is not None:
+        import_failed(channel, spec, no_room)
+    return no_room is None
 
 
 def serve_generation(

@@ -559,10 +559,9 @@ def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.so
     setup_logging("worker", spec.log_level)
     set_generation(spec.generation)
     channel = MasterChannel(channel_sock)
-    try:
-        metrics.reserve_worker_files(route_methods(app))
-    except OSError as exc:  # a full file system: refused here, not killed by SIGBUS at a request (pypnm.metrics)
-        return refuse(spec, channel, f"cannot reserve room for its metrics in {metrics.directory()}: {exc}")
+    no_room = metrics.reserve_worker_files(route_methods(app))
+    if no_room is not None:  # a full file system: refused here, not killed by SIGBUS at a request (pypnm.metrics)
+        return refuse(spec, channel, no_room)
     try:
         server = make_server(spec, channel, app)
     except AppLoadError as exc:
@@ -572,7 +571,12 @@ def run(spec: WorkerSpec, channel_sock: socket.socket, listeners: list[socket.so
 
 
 def route_methods(app: Any) -> int:
-    """How many (method, path) pairs the app's routes serve, and a few more: what request metrics are labelled by."""
+    """How many (method, path) pairs the app's routes serve, and a few more: what request metrics are labelled by.
+
+    As far as `app.routes` shows them: FastAPI keeps a router it includes behind one entry there,
+    with no public way to list its routes (pypnm.api.metrics reads the OpenAPI document instead,
+    too costly at a worker's start), so such a router counts as one route.
+    """
     routes = getattr(app, "routes", None) or []
     return 4 + sum(len(getattr(route, "methods", None) or ()) or 1 for route in routes)
 
