@@ -17,7 +17,9 @@ from conftest import (
     assert_one_line_error,
     base_env,
     pypnm_command,
+    rewrite,
     run_cli,
+    serve_pypnm,
     wait_until,
     write_app_package,
 )
@@ -112,3 +114,23 @@ def test_an_app_that_cannot_serve_at_start_ends_pypnm_with_its_reason(
         assert name.format(main=main) in line, (name, line)
     # Nothing is left of it: its runtime directory went with it.
     wait_until(lambda: list(runtime.iterdir()) == [], timeout=10)
+
+
+def test_a_reason_of_any_size_is_cut_for_the_status_and_whole_in_the_log(
+    start_service: StartService, pypnm_copy: Path
+) -> None:
+    """An exception holding 100 000 characters: more than any message between the processes can carry."""
+    service = serve_pypnm(
+        start_service, PYTHONPATH=str(pypnm_copy), PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_WATCH_CONFIG="false"
+    )
+    future = "from __future__ import annotations\n"
+    rewrite(pypnm_copy / "pypnm" / "api" / "health.py", future, future + 'raise ValueError("x" * 100_000 + "END")\n')
+    for _ in range(3):  # several records with such a reason: the status still fits one answer
+        record = service.reload_and_settle()
+        assert record["outcome"] == "failed", record
+        reason = record["reason"]
+        assert reason.startswith("ValueError: xxxx") and "END" not in reason, reason[:200]
+        assert reason.endswith("more characters: the whole reason is in the log)"), reason[-200:]
+        assert len(reason) < 5000
+    assert service.status()["generation"] == 1 and service.get("/health").status_code == 200
+    assert "xxxxEND" in service.output()  # the process that met it logged all of it

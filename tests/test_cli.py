@@ -40,6 +40,23 @@ def test_bad_config_file(tmp_path: Path, content: str, names: list[str]) -> None
     assert_one_line_error(result, 2, *names)
 
 
+@pytest.mark.parametrize(
+    ("content", "names"),
+    [
+        (b"ci:abcdefghijklmnop\xff\xfeqrstuvwxyz\n", ["api_tokens_file", "tokens", "not UTF-8 text (byte 19"]),
+        ("ci:abcdefghijklmnopäöü\n".encode(), ["api_tokens_file", "line 1", "printable ASCII"]),
+    ],
+    ids=["not-utf-8", "not-ascii"],
+)
+def test_bad_tokens_file_ends_the_start_in_one_line(tmp_path: Path, content: bytes, names: list[str]) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_bytes(content)
+    config = tmp_path / "settings.toml"
+    config.write_text(f'api_tokens_file = "{tokens}"\n')
+    result = run_cli("--config", str(config), "--port", str(free_port()), cwd=tmp_path, timeout=30)
+    assert_one_line_error(result, 2, *names)
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "settings.toml"
     result = run_cli("serve", "--config", str(missing), "--port", str(free_port()), cwd=tmp_path, timeout=30)

@@ -182,6 +182,28 @@ def test_configmap_update_is_applied_in_place(tmp_path: Path, serve: Callable[..
     assert status(service)["master"]["pid"] == master
 
 
+def test_a_log_file_beside_the_settings_file_is_passed_over(tmp_path: Path, serve: Callable[..., Service]) -> None:
+    """Lines written to a log file in the settings file's directory are events there too: they must not
+    make the master read the files (and say so at debug level, one more line each time) again and again."""
+    directory = tmp_path / "etc"
+    directory.mkdir()
+    log, config = directory / "pypnm.log", directory / "pypnm.toml"
+    config.write_text(f'log_file = "{log}"\n')
+    service = serve(config)  # at --log-level debug: each request writes lines into the directory
+    wait_until(lambda: log.exists() and "watching the content of" in log.read_text(), timeout=30.0)
+    deadline = time.monotonic() + 3.0  # longer than watchfiles' debounce: several batches of events
+    for _ in range(300):
+        if time.monotonic() > deadline:
+            break
+        assert get(service, "/health").status_code == 200
+        time.sleep(0.01)
+    assert log.read_text().count(UNCHANGED) == 0
+
+    os.utime(config)  # an event that names the file, with the same content: read, and said
+    wait_until(lambda: log.read_text().count(UNCHANGED) >= 1, timeout=30.0)
+    assert status(service)["generation"] == 1
+
+
 def test_tokens_secret_update_is_applied_in_place(tmp_path: Path, serve: Callable[..., Service]) -> None:
     secret = KubeletVolume(tmp_path / "pypnm-tokens", {"tokens": f"ci:{TOKEN}\n"})
     tokens = secret.path("tokens")

@@ -214,6 +214,8 @@ def test_unknown_kinds_are_refused(decode: Any, wire: bytes, problem: str) -> No
         (protocol.decode_template, b'{"zygote": 3, "nice": 0, "cpu_ms": 1.5}', "'cpu_ms' must be a count"),
         (protocol.decode_control, b'{"cmd": "status", "v": "1"}', "version '1' is not a number"),
         (protocol.decode_control, b'{"cmd": "status", "v": 0}', "protocol version 0"),
+        (protocol.decode_control, b"[" * 30000 + b"]" * 30000, "nested too deep"),
+        (protocol.decode_handover, b'{"a": ' * 30000 + b"1" + b"}" * 30000, "nested too deep"),
     ],
 )
 def test_garbage_raises_one_protocol_error(decode: Any, wire: bytes, problem: str) -> None:

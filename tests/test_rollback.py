@@ -51,6 +51,30 @@ def test_a_rollback_runs_before_a_queued_reload_and_never_joins_it() -> None:
     asyncio.run(scenario())
 
 
+def test_a_rollback_does_not_wait_out_the_min_interval() -> None:
+    """The interval may be the crashing generation's own setting: it must not keep that generation serving."""
+
+    async def scenario() -> None:
+        queue = ReloadQueue(lambda: 3600.0)
+        first = queue.request("start")
+        assert await queue.next() is first
+        queue.done(first)
+        rollback = queue.request_rollback("abc")
+        assert await asyncio.wait_for(queue.next(), timeout=5) is rollback
+        queue.done(rollback)
+
+        pending = queue.request("SIGHUP")  # waits out the hour: a rollback queued meanwhile ends the wait
+        waiting = asyncio.ensure_future(queue.next())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        second = queue.request_rollback("def")
+        assert await asyncio.wait_for(waiting, timeout=5) is second
+        assert queue.pending is pending  # still queued, behind the interval again
+        queue.done(second)
+
+    asyncio.run(scenario())
+
+
 def test_a_withdrawn_rollback_is_not_run() -> None:
     async def scenario() -> None:
         queue = ReloadQueue(lambda: 0.0)

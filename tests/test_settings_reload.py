@@ -178,6 +178,27 @@ def test_restart_only_changes_are_reported_not_applied(configured: Callable[...,
     assert f"reload {record['id']}: setting 'log_file_backups' changed" in service.output()
 
 
+def test_a_pid_file_moved_where_it_cannot_be_written_is_a_warning_and_tried_again(
+    tmp_path: Path, configured: Callable[..., tuple[Service, Path]]
+) -> None:
+    first, second = tmp_path / "first.pid", tmp_path / "run" / "second.pid"
+    service, config = configured(f'pid_file = "{first}"\n' + INITIAL)
+    master = str(service.status()["master"]["pid"])
+    assert first.read_text().strip() == master
+
+    config.write_text(f'pid_file = "{second}"\n' + INITIAL)  # its directory does not exist
+    record = service.reload_and_settle()
+    assert record["outcome"] == "succeeded", record  # the code serves: only the pid file could not move
+    assert record["warnings"] == [f"cannot write pid_file {second}: No such file or directory; {first} stays in force"]
+    assert first.read_text().strip() == master
+
+    second.parent.mkdir()
+    record = service.reload_and_settle()  # the same settings: the move is tried again, and now it works
+    assert record["outcome"] == "succeeded" and record["warnings"] == [], record
+    assert second.read_text().strip() == master
+    assert not first.exists()
+
+
 def test_environment_outranks_the_file_on_reload(configured: Callable[..., tuple[Service, Path]]) -> None:
     service, config = configured(INITIAL, PYPNM_TRUSTED_NETWORKS='["127.0.0.1/32"]')
     config.write_text(INITIAL.replace('["127.0.0.1/32"]', '["127.0.0.1/32", "127.0.0.2/32"]'))

@@ -354,6 +354,28 @@ def test_slow_request_finishes_on_old_generation_while_new_one_serves(
     wait_serving_alone(service, 2)
 
 
+def test_a_replaced_generation_drains_within_the_graceful_timeout_it_started_with(
+    start_service: StartService, marker_app: Path
+) -> None:
+    config = marker_app / "pypnm.toml"
+    config.write_text("graceful_timeout = 8\n")
+    service = serve_marker(start_service, marker_app, "--config", str(config), graceful_timeout=None)
+    before = wait_serving_alone(service, 1)
+    (old_pid,) = worker_pids(before)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow: Future[httpx.Response] = pool.submit(service.get, "/slow?seconds=4", timeout=30)
+        wait_in_flight(service)
+        config.write_text("graceful_timeout = 1\n")  # the reload that replaces generation 1 lowers it
+
+        service.signal(signal.SIGHUP)
+
+        response = slow.result(timeout=30)  # the old worker's uvicorn gives it 8 s: the master kills none sooner
+    assert response.status_code == 200, response.text
+    assert response.json() == {"marker": "v1", "pid": old_pid, "slept": 4.0}
+    assert f"worker pid={old_pid} generation=1 did not finish" not in service.output()
+    wait_serving_alone(service, 2)
+
+
 def test_sigterm_lets_the_request_in_flight_finish(start_service: StartService, marker_app: Path) -> None:
     service = serve_marker(start_service, marker_app, workers=2)
     status = wait_serving_alone(service, 1, workers=2)

@@ -310,6 +310,7 @@ def test_systemd_socket_activate_starts_pypnm_on_its_socket(start_service: Start
     [
         ("tcp-listening", "abc", "LISTEN_FDS='abc' is not a number of sockets"),
         ("tcp-listening", "0", "LISTEN_FDS='0' is not a number of sockets"),
+        ("tcp-listening", "65", "LISTEN_FDS=65: pypnm serves on at most 64 sockets"),
         ("tcp-listening", "2", "fd 4, which is not open"),
         ("file", "1", "fd 3, which is not a socket"),
         ("udp", "1", "fd 3, which is not a stream socket"),

@@ -47,7 +47,13 @@ from pypnm.api.app import create_app
 from pypnm.identity import SUPERVISOR_ENV
 from pypnm.settings import Settings
 from pypnm.supervisor import protocol
-from pypnm.supervisor.protocol import HandoverComplete, HandoverFailed, HandoverOffer, HandoverServing
+from pypnm.supervisor.protocol import (
+    ForwardedReload,
+    HandoverComplete,
+    HandoverFailed,
+    HandoverOffer,
+    HandoverServing,
+)
 from pypnm.supervisor.upgrade import PidFile
 
 # ----- unit: the handover channel's messages and the pid file ------------------------------------
@@ -60,9 +66,12 @@ def test_every_handover_message_survives_its_encoding() -> None:
         HandoverServing(11, "0.1.1"),
         HandoverFailed("the new master died: SyntaxError: invalid syntax"),
         HandoverComplete(),
+        HandoverComplete(ForwardedReload("0123456789ab", "SIGHUP", "2026-01-01T00:00:01.000Z", coalesced=2)),
     ]
     for message in messages:
         assert protocol.decode_handover(protocol.encode_handover(message)) == message
+    # An older master confirms with nothing held for the new one.
+    assert protocol.decode_handover(b'{"handover": "complete", "v": 1}') == HandoverComplete()
     # An older pypnm's offer has no generation: the new master numbers its first one 1, as before.
     older = b'{"handover": "offer", "v": 1, "upgrade_id": "u3", "source": "SIGUSR2", "requested_at": "",'
     older += b' "pid": 10, "version": "0.1.0", "host": "127.0.0.1", "port": 8000}'
@@ -475,6 +484,105 @@ def test_a_master_stopped_during_its_upgrade_takes_the_new_master_with_it(
 
     assert service.stop() == 0
     assert "upgrade aborted: this master stops; stopping the new master" in service.output()
+    wait_until(lambda: masters.leftovers() == [], timeout=30)
+
+
+def test_a_reload_asked_for_during_an_upgrade_is_run_by_the_new_master_under_its_id(
+    start_service: StartService, pypnm_copy: Path, masters: Masters, tmp_path: Path
+) -> None:
+    """Held by the old master, handed over with HandoverComplete: no two generations share a number."""
+    service = serve_pypnm(
+        start_service, "--graceful-timeout", "10", PYTHONPATH=str(pypnm_copy), PYPNM_RELOAD_MIN_INTERVAL="0"
+    )
+    old = service.proc.pid
+    masters.track(old)
+    gate = tmp_path / "gate"  # the new master's first generation imports until it exists
+    future = "from __future__ import annotations\n"
+    wait = (
+        "import os as _os, time as _time\n"
+        f"for _ in range(1200):\n    if _os.path.exists({str(gate)!r}):\n        break\n    _time.sleep(0.05)\n"
+    )
+    rewrite(pypnm_copy / "pypnm" / "api" / "health.py", future, future + wait)
+    service.signal(signal.SIGUSR2)
+    started = wait_until(lambda: (upgrade_record(service) or {}).get("to"), timeout=30)
+    masters.track(int(started["pid"]))
+
+    reload_id = service.trigger_reload()  # answered by the old master's worker: the documented 200
+    held = service.status()
+    assert held["pending_reload"] == reload_id and held["generation"] == 1, held
+    assert held["reload_state"] == "idle"  # held: it waits for the upgrade's end
+    gate.touch()
+
+    status = wait_handed_over(service, old)
+    new = status["master"]["pid"]
+    masters.track(new)
+
+    def ran() -> dict[str, Any] | None:
+        record = next((r for r in service.status()["reloads"] if r["id"] == reload_id), None)
+        return record if record and record["outcome"] else None
+
+    record: dict[str, Any] = wait_until(ran, timeout=60, interval=0.2)
+    assert record["outcome"] == "succeeded", record
+    first = next(r for r in service.status()["reloads"] if r["source"] == "start")
+    assert (first["generation"], record["generation"]) == (2, 3)  # the old master built none meanwhile
+    output = service.output()
+    assert f"reload {reload_id}: handed to the new master" in output
+    assert f"reload {reload_id} queued" in output
+    assert service.proc.wait(timeout=30) == 0
+    masters.stop(new)
+    assert masters.leftovers() == []
+
+
+def test_a_new_master_the_old_one_refuses_claims_nothing_and_stops(
+    start_service: StartService, pypnm_copy: Path, masters: Masters, tmp_path: Path
+) -> None:
+    """The old master cannot read HandoverServing (a protocol version it does not speak): it serves on,
+    and the new master, whose workers already accept, must neither take the pid file nor stay."""
+    pid_file = tmp_path / "pypnm.pid"
+    service = serve_pypnm(
+        start_service, "--graceful-timeout", "10", "--pid-file", str(pid_file), PYTHONPATH=str(pypnm_copy)
+    )
+    old = service.proc.pid
+    masters.track(old)
+    rewrite(pypnm_copy / "pypnm" / "supervisor" / "protocol.py", "PROTOCOL_VERSION = 1\n", "PROTOCOL_VERSION = 2\n")
+    service.signal(signal.SIGUSR2)
+
+    def refused() -> dict[str, Any] | None:
+        record = upgrade_record(service)
+        return record if record and record["outcome"] and record["to"] else None
+
+    record: dict[str, Any] = wait_until(refused, timeout=120, interval=0.2)
+    new = int(record["to"]["pid"])
+    masters.track(new)
+    assert record["outcome"] == "failed" and "protocol version 2" in record["reason"], record
+    wait_until(lambda: not pid_alive(new), timeout=30)
+    output = service.output()
+    assert f"the old master pid={old} did not let go" in output and "this master stops" in output, output
+    assert "took over from" not in output
+    assert pid_file.read_text() == f"{old}\n"  # never rewritten, nor removed by the new master's stop
+    assert service.status()["master"]["pid"] == old and service.get("/health").status_code == 200
+    assert service.stop() == 0
+    assert masters.leftovers() == []
+
+
+def test_a_new_master_that_cannot_read_the_offer_says_why(
+    start_service: StartService, pypnm_copy: Path, masters: Masters
+) -> None:
+    """A new pypnm that dropped the old master's protocol version: the upgrade's reason says so."""
+    service = serve_pypnm(start_service, "--graceful-timeout", "10", PYTHONPATH=str(pypnm_copy))
+    old = service.proc.pid
+    masters.track(old)
+    protocol_file = pypnm_copy / "pypnm" / "supervisor" / "protocol.py"
+    rewrite(protocol_file, "PROTOCOL_VERSION = 1\n", "PROTOCOL_VERSION = 2\n")
+    rewrite(protocol_file, "MIN_PROTOCOL_VERSION = 1\n", "MIN_PROTOCOL_VERSION = 2\n")
+    result = run_cli("upgrade", "--wait", "--url", service.base_url, timeout=150)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "protocol version" in result.stdout and "exit code" not in result.stdout, result.stdout
+    record = upgrade_record(service)
+    assert record is not None and record["to"] is not None
+    masters.track(int(record["to"]["pid"]))
+    assert service.status()["master"]["pid"] == old and service.get("/health").status_code == 200
+    assert service.stop() == 0
     wait_until(lambda: masters.leftovers() == [], timeout=30)
 
 

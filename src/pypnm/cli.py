@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import json
+import math
 import os
 import shutil
 import socket
@@ -31,6 +32,7 @@ import ssl
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import pypnm
-from pypnm.settings import Settings, SettingsError, config_path, load_settings
+from pypnm.settings import SettingsError, config_path, load_settings
 
 if TYPE_CHECKING:
     import httpx
@@ -53,6 +55,8 @@ STATUS_PATH = "/pypnm/system/webService/status"
 STABLE_MARGIN = 10.0
 UPGRADE_GONE = 3.0  # seconds of refused connections after which `upgrade --wait` stops asking (see _await_upgrade)
 STATUS_CONCURRENCY = 8  # instances `pypnm status` asks at once: a large fleet answers in seconds, not minutes
+INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C, as a shell gives it
+REQUEST_TIMEOUT = 10.0  # seconds one HTTP request of a client waits for its answer
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,7 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     reload.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=60.0,
         help="seconds to wait for each instance's outcome (default 60); the rollback_window is waited on top",
     )
@@ -135,7 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument(
         "--wait", action="store_true", help="wait for the outcome: exit 0 the new master serves, 1 the upgrade failed"
     )
-    upgrade.add_argument("--timeout", type=float, default=150.0, help="seconds to wait (default 150)")
+    upgrade.add_argument("--timeout", type=_seconds, default=150.0, help="seconds to wait (default 150)")
 
     status = commands.add_parser("status", help="show what running services serve")
     _url_flags(status)
@@ -158,6 +162,16 @@ def _workers(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of workers or 'auto': {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -222,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     except _Unanswered as exc:
         return _fail(str(exc), exc.code)
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
 
 
 # ----- serve -------------------------------------------------------------------------------
@@ -366,17 +380,20 @@ def check(args: argparse.Namespace) -> int:
 
 
 def _base_url(args: argparse.Namespace) -> str:
-    """The instance of the settings, when no instance is named."""
+    """The instance of the settings, when no instance is named.
+
+    Settings that cannot be read are said, not stepped over: the defaults (127.0.0.1:8000) might
+    be another instance on the same host, which would then be the one reloaded.
+    """
     try:
-        settings: Settings | None = load_settings(args.config)
-    except SettingsError:
-        settings = None
-    host = settings.host if settings else "127.0.0.1"
-    port = settings.port if settings else 8000
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        raise _Unanswered(f"{exc} (the settings name the instance to talk to: fix them, or give --url)", 2) from None
+    host = settings.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
-    scheme = "https" if settings and settings.ssl else "http"
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+    scheme = "https" if settings.ssl else "http"
+    return f"{scheme}://[{host}]:{settings.port}" if ":" in host else f"{scheme}://{host}:{settings.port}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -422,7 +439,7 @@ def _client(args: argparse.Namespace, target: _Target, verify: ssl.SSLContext | 
     url = httpx.URL(target.url)  # checked by _targets
     token = args.token or os.environ.get(TOKEN_ENV)
     # Decided before the client exists, so a refused token cannot leave by any code path.
-    refusal = _refuse_http_token(url, token, args.allow_http_token)
+    refusal = _refuse_http_token(url, token, args.allow_http_token) or _bad_token(token)
     if refusal:
         raise _Unanswered(refusal, 2)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -437,7 +454,24 @@ def _client(args: argparse.Namespace, target: _Target, verify: ssl.SSLContext | 
             request.extensions["sni_hostname"] = server_name
 
         hooks["request"] = [name_the_server]
-    return httpx.Client(base_url=target.url, headers=headers, timeout=10.0, verify=verify, event_hooks=hooks)
+    # A request waits at most 10 s, and never longer than the whole command may (`--timeout`).
+    timeout = min(REQUEST_TIMEOUT, getattr(args, "timeout", REQUEST_TIMEOUT))
+    return httpx.Client(base_url=target.url, headers=headers, timeout=timeout, verify=verify, event_hooks=hooks)
+
+
+def _bad_token(token: str | None) -> str | None:
+    """Why `token` cannot be sent, or None: a header carries printable ASCII only, and a token has no white space."""
+    if not token or (token.isascii() and token.isprintable() and not any(c.isspace() for c in token)):
+        return None
+    return (
+        f"the token (--token or ${TOKEN_ENV}) holds {_odd_character(token)}: a token is printable ASCII "
+        "with no white space; check for a line ending or a stray character where it was copied from"
+    )
+
+
+def _odd_character(token: str) -> str:
+    odd = next(c for c in token if not (c.isascii() and c.isprintable()) or c.isspace())
+    return f"{odd!r} at position {token.index(odd) + 1}"
 
 
 # ----- targets: the instances an HTTP sub-command talks to ---------------------------------------
@@ -468,7 +502,10 @@ def _targets(args: argparse.Namespace) -> list[_Target]:
         found = [_Target(_checked_url(_base_url(args), "--url"))]
     if not found:
         raise _Unanswered("no instance to talk to: the --targets files and --dns names gave none", 2)
-    return list(dict.fromkeys(found))
+    unique: dict[str, _Target] = {}  # each instance once, by its URL, as it was first named
+    for target in found:
+        unique.setdefault(target.url, target)
+    return list(unique.values())
 
 
 def _checked_url(text: str, where: str) -> str:
@@ -506,15 +543,17 @@ def _resolve(spec: str) -> list[_Target]:
 
     has_scheme = "://" in spec
     usage = f"--dns {spec}: give it as NAME:PORT, or https://NAME:PORT for instances serving HTTPS"
+    text = spec if has_scheme else f"http://{spec}"
     try:
-        url = httpx.URL(spec if has_scheme else f"http://{spec}")
-    except httpx.InvalidURL:
+        url = httpx.URL(text)
+        given_port = urllib.parse.urlsplit(text).port  # httpx drops a port that is the scheme's default
+    except (httpx.InvalidURL, ValueError):
         raise _Unanswered(usage, 2) from None
     if (
         url.scheme not in ("http", "https")
         or not url.host
         or url.raw_path not in (b"", b"/")
-        or (url.port is None and not has_scheme)
+        or (given_port is None and not has_scheme)
     ):
         raise _Unanswered(usage, 2)
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -554,6 +593,12 @@ def _get(client: httpx.Client, path: str, what: str) -> httpx.Response:
 
     try:
         response = client.get(path)
+    except httpx.ReadTimeout:
+        raise _Unanswered(
+            f"{client.base_url}: no answer to the {what} request within {client.timeout.read:g}s (it was sent: "
+            f"the {what} may have started; ask 'pypnm status')",
+            2,
+        ) from None
     except httpx.HTTPError as exc:
         certificate = _certificate_problem(exc)
         if certificate:
@@ -563,6 +608,9 @@ def _get(client: httpx.Client, path: str, what: str) -> httpx.Response:
                 2,
             ) from None
         raise _Unanswered(f"cannot reach {client.base_url}: {exc}", 2) from None
+    if response.is_redirect:  # a proxy or another service: pypnm never redirects these paths
+        where = response.headers.get("location", "nowhere")
+        raise _Unanswered(f"{what} refused ({response.status_code}): redirected to {where}; give that URL", 1)
     if response.status_code != 200:
         raise _Unanswered(f"{what} refused ({response.status_code}): {_detail(response)}", 1)
     return response
@@ -639,11 +687,14 @@ def _await_outcome(
     Raises _Unanswered when the status is refused, when no outcome comes within `timeout` (and the
     window after it), and when `stop` is set (the command was interrupted).
     """
-    poll = _StatusPoll(client, timeout, 0.1, stop)  # the service may be busy swapping: a failed ask is asked again
+    # The service may be busy swapping: a failed ask is asked again.
+    poll = _StatusPoll(client, f"reload {reload_id}", timeout, 0.1, stop)
     watching_since: float | None = None
     rolling_back = False
     for info in poll.answers():
-        if info is not None:
+        with _expected(client.base_url):
+            if info is None:
+                continue
             record = next((r for r in info.get("reloads", []) if r.get("id") == reload_id), None)
             watching = record is not None and stable and record.get("stability") == "watching"
             if record is not None and record.get("outcome") and not watching:
@@ -658,10 +709,10 @@ def _await_outcome(
                 poll.extend(time.monotonic() + timeout)
             show(_phase(reload_id, info, record, time.monotonic() - poll.began))
     if stop.is_set():
-        raise _Unanswered(f"reload {reload_id}: interrupted before its outcome", 130)
+        raise _Unanswered(f"reload {reload_id}: interrupted before its outcome", INTERRUPTED)
     if watching_since is not None:
-        raise _Unanswered(f"reload {reload_id} succeeded but was still watched for a rollback when the wait ended", 2)
-    raise _Unanswered(f"reload {reload_id} had no outcome within {timeout:.0f}s", 2)
+        raise poll.ran_out(f"reload {reload_id} succeeded but was still watched for a rollback when the wait ended")
+    raise poll.ran_out(f"reload {reload_id} had no outcome within {timeout:g}s")
 
 
 class _StatusPoll:
@@ -669,16 +720,22 @@ class _StatusPoll:
     deadline (`timeout` from now, which `extend` may push back) or until `stop` is set.
 
     A status that did not come (a connection error, a swap or a handover in progress, an answer that is
-    not a JSON object) is None, and asked again; a refusal (401, 403) ends the wait (_Unanswered), since
-    asking again cannot change it. `refused_for` says how long connections have been refused in a row.
+    not a JSON object) is None, and asked again; `last_failure` says why the last one did not. A refusal
+    (401, 403) ends the wait (_Unanswered), since asking again cannot change it: what was `triggered`
+    (a reload, an upgrade) may have brought settings under which these credentials no longer read the
+    status. `refused_for` says how long connections have been refused in a row.
     """
 
-    def __init__(self, client: httpx.Client, timeout: float, interval: float, stop: threading.Event) -> None:
+    def __init__(
+        self, client: httpx.Client, triggered: str, timeout: float, interval: float, stop: threading.Event
+    ) -> None:
         self.client = client
+        self.triggered = triggered  # "reload <id>", "upgrade <id>": what the wait is for
         self.began = time.monotonic()
         self.deadline = self.began + timeout
         self.interval = interval
         self.stop = stop
+        self.last_failure: str | None = None
         self._refused_since: float | None = None  # the first of the refused asks in a row
         self._refused = False  # whether the last ask was refused
 
@@ -705,18 +762,46 @@ class _StatusPoll:
         import httpx  # here, not at the top: the server's master never needs it (memory)
 
         self._refused = False
+        self.last_failure = None
         try:
             response = self.client.get(STATUS_PATH)
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:
             self._refused = True
             self._refused_since = self._refused_since or time.monotonic()
+            self.last_failure = f"cannot connect: {exc}"
             return None
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            self.last_failure = str(exc) or type(exc).__name__
             return None
         self._refused_since = None
         if response.status_code in (401, 403):
-            raise _Unanswered(f"status refused ({response.status_code}): {_detail(response)}", 1)
-        return _json_object(response) if response.status_code == 200 else None
+            raise _Unanswered(
+                f"{self.triggered} was triggered, but the status now refuses these credentials "
+                f"({response.status_code}: {_detail(response)}): its settings may have changed who may read it "
+                "(tokens, trusted_networks, allowed_hosts); ask 'pypnm status' with the new ones",
+                2,
+            )
+        body = _json_object(response) if response.status_code == 200 else None
+        if body is None:
+            self.last_failure = f"the status answered {response.status_code} with no JSON object"
+        return body
+
+    def ran_out(self, what: str) -> _Unanswered:
+        """The end of a wait that saw no outcome: `what` happened, and why the status last did not come."""
+        failure = f" (the status last failed: {self.last_failure})" if self.last_failure else ""
+        return _Unanswered(f"{what}{failure}", 2)
+
+
+@contextlib.contextmanager
+def _expected(url: object) -> Iterator[None]:
+    """A status of another shape than pypnm's (another service on the port, a proxy's page, a pypnm too
+    old or too new) ends the command in one line, not a traceback."""
+    try:
+        yield
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise _Unanswered(
+            f"{url}: the status is not what pypnm answers ({type(exc).__name__}: {exc}): is pypnm serving there?", 2
+        ) from None
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:
@@ -848,8 +933,12 @@ def _rolling_reload(args: argparse.Namespace, targets: list[_Target], verify: ss
                     outcome = outcomes[url] = future.result()
                     console.finish(url, [f"{url}: {line}" for line in (outcome.message, *outcome.warnings)])
         except KeyboardInterrupt:
-            stop.set()  # the threads stop polling; the pool then joins them
-            raise
+            stop.set()  # the threads stop polling and say so (a request under way first ends)
+            for future, url in running.items():
+                outcomes[url] = future.result()
+            console.finish("")
+            sys.stdout.write(_roll_summary(list(clients), outcomes, waiting))
+            return INTERRUPTED
     sys.stdout.write(_roll_summary(list(clients), outcomes, waiting))
     codes = {outcome.code for outcome in outcomes.values()}
     return 1 if 1 in codes else max(codes, default=0)
@@ -871,13 +960,19 @@ def _reload_instance(
 
 def _roll_summary(urls: list[str], outcomes: dict[str, _Outcome], not_attempted: list[str]) -> str:
     reloaded = [url for url in urls if url in outcomes and outcomes[url].code == 0]
-    failed = [url for url, outcome in outcomes.items() if outcome.code]
+    failed = [url for url, outcome in outcomes.items() if outcome.code not in (0, INTERRUPTED)]
+    interrupted = [url for url, outcome in outcomes.items() if outcome.code == INTERRUPTED]
     if failed:
         head = f"rolling reload stopped at {failed[0]}: {outcomes[failed[0]].message}"
+    elif interrupted:
+        head = f"rolling reload interrupted: {len(reloaded)} of {len(urls)} instances reloaded"
     else:
         head = f"rolling reload done: {len(reloaded)} of {len(urls)} instances reloaded"
     lines = [head]
-    for label, group in (("reloaded", reloaded), ("failed", failed), ("not attempted", not_attempted)):
+    groups = [("reloaded", reloaded), ("failed", failed), ("not attempted", not_attempted)]
+    if interrupted:  # triggered, outcome not seen: `pypnm status` tells how they ended
+        groups.insert(2, ("interrupted, outcome unknown", interrupted))
+    for label, group in groups:
         lines.append(f"{label} ({len(group)}): {', '.join(group) or '-'}")
     return "\n".join(lines) + "\n"
 
@@ -909,7 +1004,8 @@ def _await_upgrade(client: httpx.Client, upgrade_id: str, timeout: float) -> tup
     an upgrade, unless the new master listens elsewhere (host or port changed) and the old one
     has left: then the outcome cannot be read here, and the command says where to look.
     """
-    poll = _StatusPoll(client, timeout, 0.2, threading.Event())  # the masters may be handing over: asked again
+    # The masters may be handing over: a failed ask is asked again.
+    poll = _StatusPoll(client, f"upgrade {upgrade_id}", timeout, 0.2, threading.Event())
     for info in poll.answers():
         if poll.refused_for() >= UPGRADE_GONE:
             raise _Unanswered(
@@ -917,10 +1013,11 @@ def _await_upgrade(client: httpx.Client, upgrade_id: str, timeout: float) -> tup
                 "if host or port changed, the new master serves there: ask 'pypnm status --url NEW_URL'",
                 2,
             )
-        record = (info or {}).get("upgrade") or {}
-        if record.get("id") == upgrade_id and record.get("outcome"):
-            return _upgrade_outcome(record)
-    raise _Unanswered(f"upgrade {upgrade_id} had no outcome within {timeout:.0f}s", 2)
+        with _expected(client.base_url):
+            record = (info or {}).get("upgrade") or {}
+            if record.get("id") == upgrade_id and record.get("outcome"):
+                return _upgrade_outcome(record)
+    raise poll.ran_out(f"upgrade {upgrade_id} had no outcome within {timeout:g}s")
 
 
 def _upgrade_outcome(record: dict[str, Any]) -> tuple[int, str]:
@@ -942,11 +1039,16 @@ def status(args: argparse.Namespace) -> int:
     if _several(args):
         return _fleet_status(args, targets, verify)
     with _client(args, targets[0], verify) as client:
-        info = _get(client, STATUS_PATH, "status").json()
+        url, info, error = _instance_status(targets[0].url, client)
+    if error is not None:
+        raise error
+    assert info is not None
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return 0
-    sys.stdout.write(_format_status(info))
+    with _expected(url):
+        text = _format_status(info)
+    sys.stdout.write(text)
     return 0
 
 
@@ -974,33 +1076,37 @@ def _instance_status(url: str, client: httpx.Client) -> tuple[str, dict[str, Any
     except _Unanswered as exc:
         return url, None, exc
     if info is None:
-        return url, None, _Unanswered("status answered with something that is not a JSON object", 2)
+        return url, None, _Unanswered(f"{url}: the status answered with no JSON object: is pypnm serving there?", 2)
+    try:
+        with _expected(url):
+            _status_row(url, info)  # the fields a row reads are there, of their types
+    except _Unanswered as exc:
+        return url, None, exc
     return url, info, None
 
 
 def _status_table(answers: list[tuple[str, dict[str, Any] | None, _Unanswered | None]]) -> str:
     rows = [("INSTANCE", "GENERATION", "CODE_VERSION", "LAST_RELOAD", "WORKERS", "STATE")]
     for url, info, error in answers:
-        if info is None:
-            rows.append((url, "-", "-", "-", "-", f"error: {error}"))
-            continue
-        supervised = info.get("mode") == "supervised"
-        last = info.get("last_reload") or {}
-        serving = [worker for worker in info.get("workers", []) if worker.get("state") == "serving"]
-        rows.append(
-            (
-                url,
-                str(info.get("generation") or "-"),
-                str(info.get("generation_code_version") or info.get("code_version") or "-"),
-                str(last.get("outcome") or "-"),
-                str(len(serving)) if supervised else "-",
-                str(info.get("reload_state") if supervised else info.get("mode")),
-            )
-        )
+        rows.append(_status_row(url, info) if info is not None else (url, "-", "-", "-", "-", f"error: {error}"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     return "".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] + "\n"
         for row in rows
+    )
+
+
+def _status_row(url: str, info: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
+    supervised = info.get("mode") == "supervised"
+    last = info.get("last_reload") or {}
+    serving = [worker for worker in info.get("workers", []) if worker.get("state") == "serving"]
+    return (
+        url,
+        str(info.get("generation") or "-"),
+        str(info.get("generation_code_version") or info.get("code_version") or "-"),
+        str(last.get("outcome") or "-"),
+        str(len(serving)) if supervised else "-",
+        str(info.get("reload_state") if supervised else info.get("mode")),
     )
 
 
@@ -1031,6 +1137,7 @@ def _format_status(info: dict[str, Any]) -> str:
         )
         if last.get("reason"):
             lines.append(f"  reason:     {last['reason']}")
+        lines.extend(f"  warning:    {warning}" for warning in last.get("warnings") or [])
     watch = info.get("rollback_watch")
     if watch:
         kept = watch.get("kept_generation")
@@ -1039,6 +1146,8 @@ def _format_status(info: dict[str, Any]) -> str:
             f"{len(watch.get('crashes', []))} of {watch.get('rollback_crashes')} crashes"
             + (f", generation {kept}'s snapshot kept" if kept is not None else ", nothing to roll back to")
         )
+    if info.get("pending_rollback"):
+        lines.append(f"queued:       {info['pending_rollback']} (rollback, next)")
     if info.get("pending_reload"):
         lines.append(f"queued:       {info['pending_reload']}")
     profile = info.get("runtime_profile")

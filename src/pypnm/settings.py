@@ -395,8 +395,9 @@ def _plain(value: Any) -> Any:
 def _check_token(label: str, token: str) -> None:
     if not label or not label.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"token label {label!r} must be letters, digits, '-' or '_'")
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise ValueError(f"token {label!r} must be at least 16 characters with no white space")
+    # ASCII: an HTTP header carries nothing else, so a client could never send another token.
+    if len(token) < 16 or not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise ValueError(f"token {label!r} must be at least 16 characters, printable ASCII with no white space")
 
 
 def read_tokens_file(path: Path) -> dict[str, str]:
@@ -405,6 +406,8 @@ def read_tokens_file(path: Path) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SettingsError(f"api_tokens_file {str(path)!r}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"api_tokens_file {str(path)!r}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     tokens: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()

@@ -18,10 +18,13 @@ Why it works this way:
   directory of the path as given, not recursive (a mount point, or `/etc`, holds much else),
   and on the directory of the file the path leads to now, which catches an edit in place of a
   symlink's target elsewhere; the watch is set up again when that directory changes.
-- Every event there only makes the files be read again: a reload is asked for only when a
-  file's content (SHA-256, read through its symlinks) differs from what the last reload read
-  or the last trigger saw. A touch, a metadata change, an editor saving the same bytes or
-  another file of the directory reload nothing.
+- An event that names a watched file (by its name as given or the name it leads to) or an
+  entry of the kubelet's (`..data`, `..2026_…`) makes the files be read again; events that
+  name only other files of the directory (a log file written there, many times a second) are
+  passed over, and the files are then read at most every few seconds. A reload is asked for
+  only when a file's content (SHA-256, read through its symlinks) differs from what the last
+  reload read or the last trigger saw. A touch, a metadata change or an editor saving the same
+  bytes reload nothing.
 - Besides the events, the files are compared every few seconds: that catches a change made
   while the watch is being set up, which no event reports.
 
@@ -37,7 +40,8 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import watchfiles
@@ -64,6 +68,12 @@ def content_digest(path: Path) -> str:
         return f"unreadable: {exc.strerror or exc}"
 
 
+def names_a_file(changes: Iterable[tuple[object, str]], files: list[Path]) -> bool:
+    """Whether a batch of watchfiles changes names one of `files` (as given or as it leads to) or a kubelet entry."""
+    names = {name for path in files for name in (path.name, Path(os.path.realpath(path)).name)}
+    return any((name := Path(changed).name) in names or name.startswith("..") for _, changed in changes)
+
+
 def directories_to_watch(files: list[Path]) -> list[Path]:
     """The directory of each path as given (the `..data` swap) and of the file it leads to now."""
     # realpath, not Path.resolve: it never raises, not even for a symlink loop.
@@ -82,6 +92,7 @@ class ConfigWatch:
         self._files: dict[Path, str] = {}  # path as given -> what it is, for the log
         self._known: dict[Path, str] = {}  # path -> content digest last read by a reload or seen by a trigger
         self._rearm = asyncio.Event()  # set: the files changed, or the master stops
+        self._next_check = 0.0  # time.monotonic() after which any event, or none, makes the files be read
 
     def watched(self) -> list[str]:
         """The files watched now, for the status."""
@@ -114,7 +125,11 @@ class ConfigWatch:
             self._rearm.set()
 
     def check(self, events: bool) -> None:
-        """Ask for one reload if any watched file's content differs from the last one known."""
+        """Ask for one reload if any watched file's content differs from the last one known.
+
+        `events`: events named the files (for the debug line when nothing changed).
+        """
+        self._next_check = time.monotonic() + CHECK_INTERVAL_MS / 1000
         changed: list[Path] = []
         for path in self._files:
             digest = content_digest(path)
@@ -171,7 +186,9 @@ class ConfigWatch:
         )
         async with contextlib.aclosing(changes):
             async for batch in changes:
-                self.check(events=bool(batch))
+                named = names_a_file(batch, files)
+                if named or time.monotonic() >= self._next_check:
+                    self.check(events=named)
                 if directories_to_watch(files) != roots:  # e.g. `..data` leads to another directory now
                     return
 

@@ -79,11 +79,13 @@ async def ask(path: str, request: ControlRequest, expect: type[Answer], timeout:
     request = dataclasses.replace(request, deadline=clock() + max(timeout - ANSWER_MARGIN, timeout / 2))
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(path, limit=protocol.MAX_MESSAGE)
+            reader, writer = await asyncio.open_unix_connection(path, limit=protocol.MAX_ANSWER)
             try:
                 writer.write(protocol.encode_control(request))
                 await writer.drain()
                 line = await reader.readline()
+            except ValueError:  # longer than MAX_ANSWER
+                raise ControlError(f"the supervisor's answer is longer than {protocol.MAX_ANSWER} bytes") from None
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
@@ -116,6 +118,7 @@ async def listen(path: str, handler: Handler) -> asyncio.Server:
                 answer = await handler(request)
             except ValueError as exc:
                 answer = Refused(f"bad control request: {exc}")
+                logger.warning("control channel: %s", answer.error)  # a local process speaking nonsense
             writer.write(protocol.encode_control(answer))
             await writer.drain()
         except (TimeoutError, ConnectionError) as exc:

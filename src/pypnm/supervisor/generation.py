@@ -469,11 +469,12 @@ class Generation:
             await asyncio.wait([w.exited for w in workers], timeout=AFTER_KILL)
         return closed
 
-    async def retire(self, worker: WorkerProcess, timeout: float) -> bool:
+    async def retire(self, worker: WorkerProcess) -> bool:
         """Drain one worker (recycled: its replacement already accepts) and forget it; True when it left in time.
 
         The same steps as `drain` for one worker: it stops accepting, finishes what is in
-        flight (uvicorn's graceful shutdown, at most `timeout`), and is killed only if late.
+        flight (uvicorn's graceful shutdown, at most the generation's `graceful_timeout`), and is
+        killed only if late.
         StopAccepting alone starts that shutdown; SIGTERM only goes to a worker that did not
         answer it, so that one that drained says "exit code 0" (uvicorn re-raises a SIGTERM
         it caught once it is done, and the worker would end "killed by SIGTERM").
@@ -482,6 +483,7 @@ class Generation:
         await asyncio.wait([worker.stopped_accepting], timeout=STOP_ACCEPTING)
         if not worker.stopped_accepting.done():
             worker.signal(signal.SIGTERM)
+        timeout = self.spec.graceful_timeout
         done, _ = await asyncio.wait([worker.exited], timeout=timeout)
         if not done:
             logger.warning(
@@ -492,8 +494,15 @@ class Generation:
         self.forget(worker)
         return bool(done)
 
-    async def drain(self, timeout: float) -> bool:
-        """Stop accepting, finish in-flight requests and leave; True when every worker left in time."""
+    async def drain(self) -> bool:
+        """Stop accepting, finish in-flight requests and leave; True when every worker left in time.
+
+        Within the `graceful_timeout` the generation was started with, not the one in force now:
+        that is the time its workers' uvicorn gives their requests, so a killed worker is always
+        one that uvicorn would have let run on. A changed value applies to the generations started
+        after it.
+        """
+        timeout = self.spec.graceful_timeout
         if not self.stopped_accepting:
             await self.stop_accepting()
         workers = self.live_workers()

@@ -288,7 +288,7 @@ class Generations:
         self._spawn_task(self._drain(generation))
 
     async def _drain(self, generation: Generation) -> None:
-        clean = await generation.drain(self._settings().graceful_timeout)
+        clean = await generation.drain()
         self.draining.discard(generation)
         generation.stop_zygote()
         self.release(generation.snapshot)
@@ -503,7 +503,7 @@ class Generations:
 
     async def _retire(self, generation: Generation, worker: WorkerProcess, reason: str) -> None:
         """Drain a recycled worker (its replacement already accepts); its end goes in `worker_exits`."""
-        await generation.retire(worker, self._settings().graceful_timeout)
+        await generation.retire(worker)
         self._record_exit(worker, "recycle", f"{reason}, {await worker.ended()}")
 
     async def _replace_hung(
@@ -549,10 +549,10 @@ class Generations:
         for generation in self.all():
             generation.kill()
 
-    async def shutdown(self, timeout: float) -> None:
+    async def shutdown(self) -> None:
         """Drain every generation (the master is stopping: nothing is respawned)."""
         self.standby.stop()
         generations = self.all()
-        await asyncio.gather(*(g.drain(timeout) for g in generations))
+        await asyncio.gather(*(g.drain() for g in generations))
         for generation in generations:
             generation.stop_zygote()

@@ -127,6 +127,8 @@ class Master:
             self.systemd,
             activated=activated,
             serving=self.generations.serving_number,
+            numbered=lambda: self._next_generation - 1,
+            reloads=self.queue,
             on_handed_over=self._handed_over,
             spawn_task=self._spawn_task,
         )
@@ -188,9 +190,15 @@ class Master:
                 self.successor.failed(f"the new master's generation failed: {first.reason}")
             self.exit_code = 1
             self._stop.set()
+        elif (
+            first.outcome == ReloadOutcome.SUCCEEDED
+            and self.successor
+            and not await self.successor.took_over(self.generations.serving_number(), self._stop)
+        ):
+            self.exit_code = 1  # the old master serves on: this one claims nothing and stops
+            self._stop.set()
         elif first.outcome == ReloadOutcome.SUCCEEDED:
             if self.successor:
-                await self.successor.took_over(self.generations.serving_number())
                 try:
                     self._write_pid_file(self.settings.pid_file)
                 except PidFileError as exc:  # the old master is gone: serve on, and say so
@@ -198,6 +206,8 @@ class Master:
                 self.systemd.became_main(
                     self.generations.serving_number(), f"upgraded from pid {self.successor.offer.pid}"
                 )
+                if (held := self.successor.forwarded) is not None:  # asked of the old master meanwhile
+                    self.queue.adopt(held.id, held.source, held.requested_at, held.coalesced)
             status.log_serving(self.settings, self.app, self.listeners, self.files.route_file)
             status.log_access(self.settings)
             self._spawn_task(self.files.run())
@@ -250,7 +260,7 @@ class Master:
             task.cancel()
         for sock in self.listeners:
             sock.close()  # with the workers' copies closed too, new connections are refused
-        await self.generations.shutdown(self.settings.graceful_timeout)
+        await self.generations.shutdown()
         self.rollback.stop()
         await self.template.stop()
         logger.info("stopped")
@@ -375,7 +385,7 @@ class Master:
         except BaseException:  # CancelledError too: a stop during the reload
             self.generations.discard()
             raise
-        self._apply(settings, number)  # only now: a reload that failed changed nothing in the master
+        self._apply(settings, number, record)  # only now: a reload that failed changed nothing in the master
         old = await self.generations.swap(record.id)
         for warning in record.warnings:
             logger.warning("reload %s: %s", record.id, warning)
@@ -424,13 +434,19 @@ class Master:
             logger.warning("cannot read the import graph of %s: %s", snapshot.directory, exc)
             return None
 
-    def _apply(self, settings: Settings, number: int) -> None:
-        """The master takes on the settings of the generation that now serves, and stamps its lines with it."""
+    def _apply(self, settings: Settings, number: int, record: ReloadRecord) -> None:
+        """The master takes on the settings of the generation that now serves, and stamps its lines with it.
+
+        A `pid_file` it cannot write is the one setting that can fail here, after validation: the
+        reload still succeeds (the code serves), with a warning, and the old file stays in force, so
+        that the next reload tries the new one again.
+        """
         if settings.pid_file != self.settings.pid_file:  # reloadable: the new file is written, ours removed
             try:
                 self._write_pid_file(settings.pid_file)
             except PidFileError as exc:
-                logger.error("%s", exc)
+                record.warnings.append(f"{exc}; {self.settings.pid_file or 'no pid file'} stays in force")
+                settings = settings.model_copy(update={"pid_file": self.settings.pid_file})
         self.settings = settings
         set_level(settings.log_level)
         set_generation(number)

@@ -69,10 +69,23 @@ PROTOCOL_VERSION = 1
 # The oldest version this code still reads; raise it only when dropping support for old peers.
 MIN_PROTOCOL_VERSION = 1
 VERSION_KEY = "v"
-# Larger than any message (a spawn request carries the worker spec; a status answer, 20 reloads).
+# Larger than any message but a status answer (a spawn request carries the worker spec).
 MAX_MESSAGE = 64 * 1024
+# A status answer (20 reloads, each with its reason) may be longer; only the master sends one.
+MAX_ANSWER = 1024 * 1024
+# The longest reason a message carries (why a generation, a spawn or an upgrade failed): an app's
+# error can be of any size (an exception holding a megabyte of text), a message cannot. The whole
+# reason is in the log of the process that met it.
+MAX_REASON = 4096
 
 Channel = Literal["fork template", "worker", "control", "handover"]
+
+
+def cut_reason(reason: str) -> str:
+    """`reason` as a message carries it: at most MAX_REASON characters, and then how many more there were."""
+    if len(reason) <= MAX_REASON:
+        return reason
+    return f"{reason[:MAX_REASON]} … ({len(reason) - MAX_REASON} more characters: the whole reason is in the log)"
 
 
 class ProtocolError(ValueError):
@@ -258,7 +271,7 @@ def encode_template(message: TemplateMessage) -> bytes:
             if cpu_ms is not None:
                 body["cpu_ms"] = cpu_ms
         case ZygoteFailed(reason=reason):
-            body = {"zygote_failed": reason}
+            body = {"zygote_failed": cut_reason(reason)}
         case StandbyRequest(drop=drop, nice=nice):
             body = {"cmd": "standby", "drop": drop, "nice": nice}
         case StandbyReady(pid=pid, took_ms=took_ms):
@@ -268,7 +281,7 @@ def encode_template(message: TemplateMessage) -> bytes:
         case Spawned(pid=pid):
             body = {"pid": pid}
         case SpawnRefused(error=error):
-            body = {"error": error}
+            body = {"error": cut_reason(error)}
         case WorkerExited(pid=pid, status=status):
             body = {"exited": pid, "status": status}
     return _dump(body)
@@ -449,7 +462,7 @@ def encode_worker(message: WorkerMessage) -> bytes:
             if heartbeat:  # left out when False: exactly version 1's "ready" of before
                 body["heartbeat"] = True
         case WorkerFailed(reason=reason):
-            body = {"event": "failed", "reason": reason}
+            body = {"event": "failed", "reason": cut_reason(reason)}
         case WorkerAccepting():
             body = {"event": "serving"}
         case WorkerStoppedAccepting():
@@ -577,7 +590,7 @@ def encode_control(message: ControlMessage) -> bytes:
         case StatusAnswer(status=status):
             body = dict(status)
         case Refused(error=error):
-            body = {"error": error}
+            body = {"error": cut_reason(error)}
     return _dump(body) + b"\n"
 
 
@@ -650,8 +663,24 @@ class HandoverFailed:
 
 
 @dataclass(frozen=True)
+class ForwardedReload:
+    """A reload the old master was asked for while the upgrade ran (it held it): the new master runs it."""
+
+    id: str
+    source: str
+    requested_at: str
+    coalesced: int = 0
+
+
+@dataclass(frozen=True)
 class HandoverComplete:
-    """old -> new: systemd was told the new main pid, and the old master stops accepting now."""
+    """old -> new: systemd was told the new main pid, and the old master stops accepting now.
+
+    `reload`: the reload it was asked for meanwhile, for the new master to run (an older master
+    sends none: that reload was then its own, and ran there).
+    """
+
+    reload: ForwardedReload | None = None
 
 
 HandoverMessage = HandoverOffer | HandoverServing | HandoverFailed | HandoverComplete
@@ -665,9 +694,9 @@ def encode_handover(message: HandoverMessage) -> bytes:
         case HandoverServing(pid=pid, version=version):
             body = {"handover": "serving", "pid": pid, "version": version}
         case HandoverFailed(reason=reason):
-            body = {"handover": "failed", "reason": reason}
-        case HandoverComplete():
-            body = {"handover": "complete"}
+            body = {"handover": "failed", "reason": cut_reason(reason)}
+        case HandoverComplete(reload=reload):
+            body = {"handover": "complete"} if reload is None else {"handover": "complete", "reload": asdict(reload)}
     return _dump(body)
 
 
@@ -692,11 +721,25 @@ def decode_handover(data: bytes) -> HandoverMessage:
     if kind == "failed":
         return HandoverFailed(_get(body, "reason", str, channel))
     if kind == "complete":
-        return HandoverComplete()
+        return HandoverComplete(_forwarded(body.get("reload"), channel))
     raise ProtocolError(channel, f"unknown message {kind!r}")
 
 
 # ----- framing and fields ------------------------------------------------------------------------
+
+
+def _forwarded(value: object, channel: Channel) -> ForwardedReload | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(channel, f"field 'reload' is {type(value).__name__}, not an object")
+    coalesced = value.get("coalesced", 0)
+    return ForwardedReload(
+        _get(value, "id", str, channel),
+        _get(value, "source", str, channel),
+        _get(value, "requested_at", str, channel),
+        coalesced if _is_count(coalesced) else 0,
+    )
 
 
 def _dump(body: dict[str, Any]) -> bytes:
@@ -708,6 +751,8 @@ def _load(data: bytes, channel: Channel) -> dict[str, Any]:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise ProtocolError(channel, f"not JSON ({exc}): {data[:80]!r}") from None
+    except RecursionError:  # arrays or objects nested thousands deep: no message of ours is
+        raise ProtocolError(channel, f"nested too deep to be a message: {data[:80]!r}") from None
     if not isinstance(body, dict):
         raise ProtocolError(channel, f"a message is a JSON object, not {type(body).__name__}")
     version = body.get(VERSION_KEY, 1)

@@ -5,7 +5,9 @@ of triggers builds at most two generations: the one running and one follow-up. T
 one starts no sooner than `reload_min_interval` after the previous one started. An automatic
 rollback (rollback.py) is a reload too, queued in a slot of its own: it never joins an ordinary
 reload (that one builds from what is on disk, which may be the code that crashed), and it runs
-before one that is queued. A request
+before one that is queued. While a self-upgrade runs the queue is held (`hold`): a reload asked
+for waits, and is handed to the new master when it takes over (`forward`), or run here when the
+upgrade fails (`release`), so that the two masters never number two generations alike. A request
 carrying a deadline (from the control channel) that is read after it is dropped: its
 caller has already answered "not started", and a retry must not reload twice.
 
@@ -152,6 +154,7 @@ class ReloadQueue:
         self.rollback: ReloadRecord | None = None  # a queued rollback: it runs before `pending`
         self.current: ReloadRecord | None = None
         self.history: list[ReloadRecord] = []
+        self.held = False  # a self-upgrade runs: `pending` waits (a rollback does not)
         self._last_started = -1e9
         self._wanted = asyncio.Event()
 
@@ -185,6 +188,37 @@ class ReloadQueue:
         self._wanted.set()
         return self.rollback
 
+    def hold(self) -> None:
+        """A self-upgrade began: a reload asked for from now on waits for its end (a running one runs on)."""
+        self.held = True
+
+    def release(self) -> None:
+        """The upgrade failed: the reload that waited runs here."""
+        self.held = False
+        self._wanted.set()
+
+    def forward(self) -> ReloadRecord | None:
+        """The upgrade succeeded: the reload that waited, taken out of this queue for the new master to run."""
+        record, self.pending = self.pending, None
+        if record is not None:
+            logger.info("reload %s: handed to the new master, which runs it once it serves", record.id)
+        return record
+
+    def adopt(self, reload_id: str, source: str, requested_at: str, coalesced: int) -> ReloadRecord:
+        """Queue a reload that the old master was asked for during the upgrade that started this one, by its id.
+
+        Under its id, so that `pypnm reload --wait`, which asked the old master, finds its outcome
+        here. One queued here already takes it in (coalesced), as it would any trigger.
+        """
+        if self.pending is not None:
+            self.pending.coalesced += 1 + coalesced
+            logger.info("reload %s of the old master: coalesced into queued reload %s", reload_id, self.pending.id)
+            return self.pending
+        self.pending = ReloadRecord(source=source, id=reload_id, requested_at=requested_at, coalesced=coalesced)
+        logger.info("reload requested by %s of the old master during the upgrade: reload %s queued", source, reload_id)
+        self._wanted.set()
+        return self.pending
+
     def withdraw_rollback(self) -> ReloadRecord | None:
         """Take back a queued rollback that is not needed any more (never started: nothing to record)."""
         record, self.rollback = self.rollback, None
@@ -193,23 +227,37 @@ class ReloadQueue:
     async def next(self) -> ReloadRecord:
         """Wait for a queued reload and for `min_interval` since the previous start; it is `current` then.
 
-        A queued rollback goes first. One withdrawn during the wait leaves nothing to take: wait again.
+        A queued rollback goes first, and without waiting out `min_interval`: it undoes a generation
+        whose workers keep crashing, and the interval may be that generation's own setting. One that
+        comes while a reload waits out the interval ends that wait. One withdrawn during the wait
+        leaves nothing to take: wait again.
         """
-        record: ReloadRecord | None = None
-        while record is None:
-            while self.pending is None and self.rollback is None:
+        while True:
+            while self.rollback is None and (self.pending is None or self.held):
                 self._wanted.clear()
                 await self._wanted.wait()
-            delay = self._last_started + self._min_interval() - self._clock()
-            if delay > 0:
-                await self._sleep(delay)  # triggers arriving now join self.pending
             if self.rollback is not None:
                 record, self.rollback = self.rollback, None
-            else:
+                break
+            delay = self._last_started + self._min_interval() - self._clock()
+            if delay <= 0 and self.pending is not None and not self.held:
                 record, self.pending = self.pending, None
+                break
+            await self._sleep_unless_rollback(delay)  # triggers arriving now join self.pending
         self._last_started = self._clock()
         self.current = record
         return record
+
+    async def _sleep_unless_rollback(self, delay: float) -> None:
+        """Sleep `delay` seconds, or less if a rollback is queued meanwhile (`request_rollback` wakes it)."""
+        self._wanted.clear()
+        sleeping = asyncio.ensure_future(self._sleep(delay))
+        woken = asyncio.ensure_future(self._wanted.wait())
+        try:
+            await asyncio.wait({sleeping, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            woken.cancel()
 
     async def run(
         self,

@@ -59,6 +59,7 @@ def status_view(
         "reload_state": reload_state(queue, bool(generations.draining)),
         "last_reload": queue.history[-1].as_dict() if queue.history else None,
         "pending_reload": queue.pending.id if queue.pending else None,
+        "pending_rollback": queue.rollback.id if queue.rollback else None,  # queued behind the running reload
         "reloads": [r.as_dict() for r in reversed(queue.records())],
         "upgrade": upgrade,  # the running self-upgrade, else the last one (upgrade.py)
         "rollback_watch": rollback,  # the generation in its rollback_window (rollback.py), else None

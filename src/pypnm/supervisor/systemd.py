@@ -73,6 +73,9 @@ logger = logging.getLogger("pypnm.supervisor.systemd")
 NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: systemd passes its sockets from fd 3 on
+# The most listening sockets a master serves on: a self-upgrade hands them all over in one
+# message, whose room for descriptors is fixed before it is read (upgrade.py). Far more than anyone configures.
+MAX_LISTENERS = 64
 # systemd drops a whole datagram of PIPE_BUF (4096) bytes or more; the other fields need < 100.
 STATUS_MAX_BYTES = 2048
 RETRY_INTERVAL = 0.05  # seconds between tries to send a state change the receiver had no room for
@@ -319,6 +322,11 @@ def activated_listeners() -> list[socket.socket] | None:
             f"passed as fds {LISTEN_FDS_START}, {LISTEN_FDS_START + 1}, ...)"
         )
     count = int(listen_fds)
+    if count > MAX_LISTENERS:
+        raise ActivationError(
+            f"socket activation: LISTEN_FDS={count}: pypnm serves on at most {MAX_LISTENERS} sockets "
+            "(a self-upgrade hands them over in one message); list fewer ListenStream= lines"
+        )
     names = (env["LISTEN_FDNAMES"] or "").split(":")
     listeners = [_listener(fd) for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + count)]
     for index, sock in enumerate(listeners):

@@ -58,19 +58,20 @@ from pypnm.settings import Settings
 from pypnm.supervisor import protocol
 from pypnm.supervisor.generation import signal_name
 from pypnm.supervisor.protocol import (
+    ForwardedReload,
     HandoverComplete,
     HandoverFailed,
     HandoverOffer,
     HandoverServing,
 )
-from pypnm.supervisor.systemd import Notifier
+from pypnm.supervisor.reloads import ReloadQueue
+from pypnm.supervisor.systemd import MAX_LISTENERS, Notifier
 from pypnm.supervisor.timeouts import AFTER_KILL, HANDOVER_ANSWER, UPGRADE_START
 
 logger = logging.getLogger("pypnm.supervisor.master")
 
 HANDOVER_ENV = "PYPNM_HANDOVER_FD"  # the new master's end of the handover channel; taken out of the environment
 BOOTSTRAP_ENV = "PYPNM_HANDOVER_BOOTSTRAP"  # BOOTSTRAP, run by a one-line `-c` (keeps `ps` readable)
-MAX_LISTENERS = 16  # systemd may pass several sockets; far more than anyone configures
 
 # The new master's entry point: `python -m pypnm ARGS`, plus one thing the new install cannot do for
 # itself when it is broken: report the exception that kills it (say a SyntaxError in a module it
@@ -156,6 +157,8 @@ class Upgrades:
         *,
         activated: bool,
         serving: Callable[[], int | None],
+        numbered: Callable[[], int],
+        reloads: ReloadQueue,
         on_handed_over: Callable[[], None],
         spawn_task: Callable[[Any], asyncio.Task[Any]],
     ) -> None:
@@ -165,6 +168,8 @@ class Upgrades:
         self.notifier = notifier
         self.activated = activated
         self._serving = serving  # the serving generation's number (None: nothing to hand over yet)
+        self._numbered = numbered  # the highest generation number given (a running reload's, if any)
+        self._reloads = reloads  # held while an upgrade runs (reloads.py)
         self._on_handed_over = on_handed_over
         self._spawn_task = spawn_task
         self.current: UpgradeRecord | None = None
@@ -185,6 +190,7 @@ class Upgrades:
         record = UpgradeRecord(source, os.getpid(), pypnm.__version__)
         self.current = self.last = record
         logger.info("upgrade %s requested by %s: starting a new master", record.id, source)
+        self._reloads.hold()
         self._spawn_task(self._run(record))
         return record
 
@@ -219,15 +225,17 @@ class Upgrades:
                 host=self._settings().host,
                 port=self._settings().port,
                 activated=self.activated,
-                generation=self._serving() or 0,
+                generation=self._numbered(),  # the new master numbers its generations from the next one
             )
             socket.send_fds(ours, [protocol.encode_handover(offer)], [sock.fileno() for sock in self.listeners])
             timeout = self._settings().reload_timeout + UPGRADE_START
             answer = await self._answer(ours, process, timeout)
-            if isinstance(answer, HandoverServing):
+            if isinstance(answer, HandoverServing) and _peer_open(ours):
                 record.to_version = answer.version
                 self._hand_over(record, ours, answer)
                 return
+            if isinstance(answer, HandoverServing):  # it gave up waiting for us (Successor.took_over) and stops
+                answer = "the new master left before the handover completed (it waited too long for this one)"
             await self._stop(process)
             self._failed(record, answer)
         except OSError as exc:  # the interpreter cannot be started, or the channel broke
@@ -237,6 +245,8 @@ class Upgrades:
         finally:
             ours.close()
             self.current = None
+            if not self.handed_over:
+                self._reloads.release()  # a reload asked for meanwhile runs here
 
     def _start(self, channel: socket.socket) -> subprocess.Popen[bytes]:
         env = {
@@ -302,8 +312,12 @@ class Upgrades:
         record.finish("succeeded")
         # Before HandoverComplete: the new master notifies systemd only once it is the main pid.
         self.notifier.handed_over(serving.pid, f"upgraded: pid {serving.pid} (pypnm {serving.version}) serving")
+        waited = self._reloads.forward()
+        forwarded = None
+        if waited is not None:
+            forwarded = ForwardedReload(waited.id, waited.source, waited.requested_at, waited.coalesced)
         with contextlib.suppress(OSError):
-            channel.send(protocol.encode_handover(HandoverComplete()))
+            channel.send(protocol.encode_handover(HandoverComplete(forwarded)))
         logger.info(
             "upgrade %s succeeded: new master pid=%d (pypnm %s) serving; pid=%d (pypnm %s) stops accepting and drains",
             record.id,
@@ -326,6 +340,19 @@ class Upgrades:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
         await _wait_exit(process, self._settings().graceful_timeout + AFTER_KILL)
+
+
+def _peer_open(channel: socket.socket) -> bool:
+    """Whether the new master still holds its end: it closes it when it stops waiting for HandoverComplete.
+
+    Asked just before systemd is told the new main pid, which cannot be taken back.
+    """
+    try:
+        return channel.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True  # open, and nothing more said
+    except OSError:
+        return False
 
 
 async def _wait_exit(process: subprocess.Popen[bytes], timeout: float, *, kill: bool = True) -> int | None:
@@ -362,6 +389,7 @@ class Successor:
             offer.source, offer.pid, offer.version, id=offer.upgrade_id, requested_at=offer.requested_at
         )
         self.record.to_pid, self.record.to_version = os.getpid(), pypnm.__version__
+        self.forwarded: ForwardedReload | None = None  # a reload the old master held for this one (took_over)
 
     @classmethod
     def take(cls) -> Successor | None:
@@ -373,16 +401,25 @@ class Successor:
             channel = socket.socket(fileno=int(raw))
             channel.set_inheritable(False)
             channel.settimeout(HANDOVER_ANSWER)
-            data, fds, _, _ = socket.recv_fds(channel, protocol.MAX_MESSAGE, MAX_LISTENERS)
+            data, fds, flags, _ = socket.recv_fds(channel, protocol.MAX_MESSAGE, MAX_LISTENERS)
         except (ValueError, OSError) as exc:
             raise HandoverError(f"{HANDOVER_ENV}={raw}: no handover from an old master: {exc}") from None
         inherited = [socket.socket(fileno=fd) for fd in fds]
         try:
-            offer = protocol.decode_handover(data)
-        except protocol.ProtocolError as exc:
-            raise HandoverError(str(exc)) from None
-        if not isinstance(offer, HandoverOffer) or not inherited:
-            raise HandoverError(f"expected an offer with the listening sockets, got {type(offer).__name__}")
+            if flags & socket.MSG_CTRUNC:  # sockets beyond the room: serving on the rest would lose some silently
+                raise HandoverError(f"the old master passed more than {MAX_LISTENERS} listening sockets")
+            try:
+                offer = protocol.decode_handover(data)
+            except protocol.ProtocolError as exc:
+                raise HandoverError(str(exc)) from None
+            if not isinstance(offer, HandoverOffer) or not inherited:
+                raise HandoverError(f"expected an offer with the listening sockets, got {type(offer).__name__}")
+        except HandoverError as exc:  # the old master records this reason, not only "exit code 2"
+            with contextlib.suppress(OSError):
+                channel.send(protocol.encode_handover(HandoverFailed(f"the new master cannot take over: {exc}")))
+            for sock in inherited:
+                sock.close()
+            raise
         return cls(channel, offer, inherited)
 
     def announce(self) -> None:
@@ -413,21 +450,36 @@ class Successor:
         with contextlib.suppress(OSError):
             self.channel.send(protocol.encode_handover(HandoverFailed(reason)))
 
-    async def took_over(self, generation: int | None) -> None:
-        """The first generation serves: say so, and wait (bounded) until the old master has let go."""
+    async def took_over(self, generation: int | None, stopping: asyncio.Event) -> bool:
+        """The first generation serves: say so, and wait (bounded) for the old master to let go.
+
+        True when this master serves on: the old master confirmed (`HandoverComplete`), or it is
+        gone (this process has another parent now). False when the old master is alive but did
+        not confirm, which is how it refuses (an answer it could not read, its timeout, its own
+        stop: it keeps serving and stops this master), or when this master is told to stop
+        meanwhile: then it claims nothing (the pid file, systemd's main pid) and stops.
+        """
         loop = asyncio.get_running_loop()
         self.channel.setblocking(False)
+        answer: protocol.HandoverMessage | None = None
         try:
             await loop.sock_sendall(
                 self.channel, protocol.encode_handover(HandoverServing(os.getpid(), pypnm.__version__))
             )
-            data = await asyncio.wait_for(loop.sock_recv(self.channel, protocol.MAX_MESSAGE), HANDOVER_ANSWER)
-            answer = protocol.decode_handover(data) if data else None
-        except (OSError, TimeoutError, protocol.ProtocolError) as exc:
-            answer = None
-            logger.warning("upgrade %s: no word from the old master (%s); serving on", self.offer.upgrade_id, exc)
+            answer, problem = await self._answer(stopping)
+        except (OSError, protocol.ProtocolError) as exc:
+            problem = str(exc)
         finally:
             self.channel.close()
+        confirmed = isinstance(answer, HandoverComplete)
+        if isinstance(answer, HandoverComplete):
+            self.forwarded = answer.reload
+        old_gone = os.getppid() != self.offer.pid  # the old master started this one: its child until it dies
+        if not confirmed and (stopping.is_set() or not old_gone):
+            reason = f"the old master pid={self.offer.pid} did not let go ({problem or 'no confirmation'})"
+            self.record.finish("failed", reason)
+            logger.error("upgrade %s: %s; it serves on, and this master stops", self.offer.upgrade_id, reason)
+            return False
         self.record.finish("succeeded")
         logger.info(
             "upgrade %s: generation %s serving; master pid=%d (pypnm %s) took over from pid=%d (pypnm %s)%s",
@@ -437,8 +489,25 @@ class Successor:
             pypnm.__version__,
             self.offer.pid,
             self.offer.version,
-            "" if isinstance(answer, HandoverComplete) else " (the old master did not confirm)",
+            "" if confirmed else f" (the old master is gone without confirming: {problem})",
         )
+        return True
+
+    async def _answer(self, stopping: asyncio.Event) -> tuple[protocol.HandoverMessage | None, str]:
+        """The old master's answer to HandoverServing, or None and why there is none."""
+        receive = asyncio.ensure_future(asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE))
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            done, _ = await asyncio.wait({receive, stop}, timeout=HANDOVER_ANSWER, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            receive.cancel()
+            stop.cancel()
+        if receive in done:
+            data = receive.result()
+            return (protocol.decode_handover(data), "") if data else (None, "it closed the handover channel")
+        if stop in done:
+            return None, "this master was told to stop"
+        return None, f"no answer within {HANDOVER_ANSWER:g}s"
 
 
 # ----- pid_file ------------------------------------------------------------------------------------
