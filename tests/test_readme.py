@@ -8,7 +8,7 @@ or `(other.md#anchor)` whose heading was renamed or moved, and a setting without
 import re
 from pathlib import Path
 
-from pypnm.cli import CACERT_ENV, TOKEN_ENV
+from pypnm.clients import CACERT_ENV, TOKEN_ENV
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings
 from pypnm.supervisor.upgrade import BOOTSTRAP_ENV
 

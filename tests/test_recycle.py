@@ -33,7 +33,7 @@ from conftest import (
     worker_pids,
 )
 from pypnm import profile
-from pypnm.cli import _format_profile
+from pypnm.clients import _format_profile
 from pypnm.profile import GIB, MIB, auto_workers
 from pypnm.settings import SettingsError, load_settings, setting_source
 from pypnm.supervisor import protocol
