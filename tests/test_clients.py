@@ -118,6 +118,18 @@ def test_settings_that_cannot_be_read_are_said_not_stepped_over(tmp_path: Path) 
         assert "8000" not in result.stderr
 
 
+def test_the_settings_name_the_instance_without_reading_the_tokens_file(
+    fake: Callable[[dict[str, Answer]], FakeService], tmp_path: Path
+) -> None:
+    """Only where the service listens is needed: a tokens file the client's user cannot read does not matter."""
+    service = fake({STATUS_PATH: json_answer(supervised())})
+    config = tmp_path / "pypnm.toml"
+    config.write_text(f'port = {service.server_address[1]}\napi_tokens_file = "{tmp_path / "not-readable-here"}"\n')
+    result = run_cli("status", "--config", str(config), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert service.asked[STATUS_PATH] == 1
+
+
 def test_each_instance_once_however_it_was_named(fake: Callable[[dict[str, Answer]], FakeService]) -> None:
     service = fake({STATUS_PATH: json_answer(supervised())})
     port = service.server_address[1]
@@ -125,6 +137,10 @@ def test_each_instance_once_however_it_was_named(fake: Callable[[dict[str, Answe
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(service.url) == 1, result.stdout
     assert service.asked[STATUS_PATH] == 1
+    # A scheme's default port named or not: one instance (port 80 refuses here: one error row).
+    result = run_cli("status", "--url", "http://127.0.0.1", "--url", "http://127.0.0.1:80", timeout=30)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("http://127.0.0.1")]
+    assert len(rows) == 1, result.stdout
 
 
 def test_dns_takes_a_port_that_is_its_scheme_s_default() -> None:

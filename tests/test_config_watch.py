@@ -24,8 +24,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from watchfiles import Change
 
 from conftest import RELOAD_PATH, REPO, STATUS_PATH, Service, StartService, base_env, pypnm_command, wait_until
+from pypnm.supervisor.config_watch import names_a_file
 
 WEBUI = "http://webui.example:3000"
 TOKEN = "ci-" + secrets.token_urlsafe(24)
@@ -202,6 +204,17 @@ def test_a_log_file_beside_the_settings_file_is_passed_over(tmp_path: Path, serv
     os.utime(config)  # an event that names the file, with the same content: read, and said
     wait_until(lambda: log.read_text().count(UNCHANGED) >= 1, timeout=30.0)
     assert status(service)["generation"] == 1
+
+
+def test_events_that_name_a_link_on_the_way_to_the_file_count(tmp_path: Path) -> None:
+    """pypnm.toml -> current.toml -> v3.toml: retargeting current.toml changes what pypnm.toml holds."""
+    (tmp_path / "v3.toml").write_text("")
+    os.symlink("v3.toml", tmp_path / "current.toml")
+    os.symlink("current.toml", tmp_path / "pypnm.toml")
+    files = [tmp_path / "pypnm.toml"]
+    for name in ("pypnm.toml", "current.toml", "v3.toml", "..data"):
+        assert names_a_file({(Change.modified, str(tmp_path / name))}, files), name
+    assert not names_a_file({(Change.modified, str(tmp_path / "pypnm.log"))}, files)
 
 
 def test_tokens_secret_update_is_applied_in_place(tmp_path: Path, serve: Callable[..., Service]) -> None:

@@ -344,6 +344,46 @@ def test_compaction_folds_dead_processes_and_keeps_every_total(directory: Path) 
     assert master_metrics.compact(directory) == 0
 
 
+def test_an_app_s_gauges_show_after_compaction_what_they_showed_before(directory: Path) -> None:
+    """min, max, sum and mostrecent gauges count their dead processes too: folded as a scrape merges them.
+    A gauge in mode `all` is a series per process: a dead process's is dropped, or they would pile up."""
+    dead = [dead_pid() for _ in range(3)]
+    own = os.getpid()
+    values = {dead[0]: (3.0, 10.0), dead[1]: (9.0, 30.0), dead[2]: (5.0, 20.0), own: (4.0, 25.0)}
+    for pid, (value, stamp) in values.items():
+        for mode in ("all", "min", "max", "sum", "mostrecent"):
+            data = MmapedDict(str(directory / f"gauge_{mode}_{pid}.db"))
+            try:
+                data.write_value(mmap_key(f"app_{mode}", f"app_{mode}", [], [], "help"), value, stamp)
+            finally:
+                data.close()
+    before = totals(directory)
+    assert before[("app_max", frozenset())] == 9 and before[("app_min", frozenset())] == 3
+    assert before[("app_sum", frozenset())] == 21 and before[("app_mostrecent", frozenset())] == 9  # t=30
+
+    assert master_metrics.compact(directory) == 15  # 5 files of each dead process
+
+    after = totals(directory)
+    assert {key: value for key, value in after.items() if key[0] != "app_all"} == {
+        key: value for key, value in before.items() if key[0] != "app_all"
+    }
+    assert {key: value for key, value in after.items() if key[0] == "app_all"} == {
+        ("app_all", frozenset({("pid", str(own))})): 4.0
+    }
+    archives = sorted(path.name for path in directory.iterdir() if "archive" in path.name)
+    assert archives == [f"gauge_{mode}_archive.db" for mode in ("max", "min", "mostrecent", "sum")]
+
+    # A later death adds to the archives as a scrape would have merged it.
+    later = dead_pid()
+    data = MmapedDict(str(directory / f"gauge_max_{later}.db"))
+    try:
+        data.write_value(mmap_key("app_max", "app_max", [], [], "help"), 12.0, 40.0)
+    finally:
+        data.close()
+    assert master_metrics.compact(directory) == 1
+    assert totals(directory)[("app_max", frozenset())] == 12
+
+
 def test_a_file_whose_process_died_before_sizing_it_is_skipped_and_folded_away(directory: Path) -> None:
     # A worker killed (os._exit, SIGKILL) between creating its file and sizing it leaves it empty:
     # prometheus-client's reader fails on it, which failed every scrape and every compaction.

@@ -243,3 +243,10 @@ def test_a_protocol_error_names_its_channel() -> None:
 def test_a_bad_deadline_never_expires() -> None:
     # As version 1 masters read it: a deadline that is not a number is no deadline.
     assert protocol.decode_control(b'{"cmd": "reload", "deadline": "soon"}') == ReloadRequest(deadline=None)
+
+
+@pytest.mark.parametrize(("graceful", "seconds"), [(0.5, 1), (1.0, 1), (4.2, 5), (30.0, 30)])
+def test_a_worker_is_given_whole_seconds_to_drain_and_never_fewer(graceful: float, seconds: int) -> None:
+    """uvicorn takes whole seconds; the master kills a stopping worker only once that time is over."""
+    spec = WorkerSpec("app:app", 1, "/snap", [], {}, graceful_timeout=graceful)
+    assert spec.drain_seconds() == seconds

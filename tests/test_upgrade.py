@@ -487,10 +487,13 @@ def test_a_master_stopped_during_its_upgrade_takes_the_new_master_with_it(
     wait_until(lambda: masters.leftovers() == [], timeout=30)
 
 
+@pytest.mark.parametrize("takes_reload", [True, False], ids=["new-master-takes-it", "older-new-master"])
 def test_a_reload_asked_for_during_an_upgrade_is_run_by_the_new_master_under_its_id(
-    start_service: StartService, pypnm_copy: Path, masters: Masters, tmp_path: Path
+    start_service: StartService, pypnm_copy: Path, masters: Masters, tmp_path: Path, takes_reload: bool
 ) -> None:
-    """Held by the old master, handed over with HandoverComplete: no two generations share a number."""
+    """Held by the old master, handed over with HandoverComplete: no two generations share a number.
+    A new master that does not say it takes such a reload (an older pypnm) gets none: the old master
+    records it as failed, in so many words, rather than dropping it unsaid."""
     service = serve_pypnm(
         start_service, "--graceful-timeout", "10", PYTHONPATH=str(pypnm_copy), PYPNM_RELOAD_MIN_INTERVAL="0"
     )
@@ -503,6 +506,8 @@ def test_a_reload_asked_for_during_an_upgrade_is_run_by_the_new_master_under_its
         f"for _ in range(1200):\n    if _os.path.exists({str(gate)!r}):\n        break\n    _time.sleep(0.05)\n"
     )
     rewrite(pypnm_copy / "pypnm" / "api" / "health.py", future, future + wait)
+    if not takes_reload:
+        rewrite(pypnm_copy / "pypnm" / "supervisor" / "upgrade.py", "takes_reload=True", "takes_reload=False")
     service.signal(signal.SIGUSR2)
     started = wait_until(lambda: (upgrade_record(service) or {}).get("to"), timeout=30)
     masters.track(int(started["pid"]))
@@ -516,6 +521,12 @@ def test_a_reload_asked_for_during_an_upgrade_is_run_by_the_new_master_under_its
     status = wait_handed_over(service, old)
     new = status["master"]["pid"]
     masters.track(new)
+    if not takes_reload:
+        assert f"reload {reload_id} failed: asked for during upgrade" in service.output()
+        assert all(r["id"] != reload_id for r in service.status()["reloads"])
+        masters.stop(new)
+        assert masters.leftovers() == []
+        return
 
     def ran() -> dict[str, Any] | None:
         record = next((r for r in service.status()["reloads"] if r["id"] == reload_id), None)
@@ -561,6 +572,33 @@ def test_a_new_master_the_old_one_refuses_claims_nothing_and_stops(
     assert "took over from" not in output
     assert pid_file.read_text() == f"{old}\n"  # never rewritten, nor removed by the new master's stop
     assert service.status()["master"]["pid"] == old and service.get("/health").status_code == 200
+    assert service.stop() == 0
+    assert masters.leftovers() == []
+
+
+def test_an_old_master_that_answers_after_the_new_one_gave_up_keeps_serving(
+    start_service: StartService, pypnm_copy: Path, masters: Masters
+) -> None:
+    """The old master is stopped (SIGSTOP) past the new one's wait for its confirmation: the new one
+    gives up and stops; the old one, let go on, sees it gone and must not hand over to it."""
+    service = serve_pypnm(start_service, "--graceful-timeout", "10", PYTHONPATH=str(pypnm_copy))
+    old = service.proc.pid
+    masters.track(old)
+    service.signal(signal.SIGUSR2)
+    wait_until(lambda: "taking over from master" in service.output(), timeout=60)
+    os.kill(old, signal.SIGSTOP)
+    try:
+        wait_until(lambda: "did not let go (no answer within" in service.output(), timeout=120, interval=0.2)
+    finally:
+        os.kill(old, signal.SIGCONT)
+    record: dict[str, Any] = wait_until(
+        lambda: (r := upgrade_record(service)) and r["outcome"] and r, timeout=60, interval=0.2
+    )
+    masters.track(int(record["to"]["pid"]))
+    assert record["outcome"] == "failed" and "left before the handover completed" in record["reason"], record
+    wait_until(lambda: not pid_alive(int(record["to"]["pid"])), timeout=60)
+    assert service.status()["master"]["pid"] == old and service.get("/health").status_code == 200
+    assert "stops accepting and drains" not in service.output()
     assert service.stop() == 0
     assert masters.leftovers() == []
 

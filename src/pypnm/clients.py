@@ -59,7 +59,7 @@ def _base_url(args: argparse.Namespace) -> str:
     be another instance on the same host, which would then be the one reloaded.
     """
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config, read_tokens=False)  # a client user may not read the tokens file
     except SettingsError as exc:
         raise Unanswered(f"{exc} (the settings name the instance to talk to: fix them, or give --url)", 2) from None
     host = settings.host
@@ -175,10 +175,18 @@ def _targets(args: argparse.Namespace) -> list[_Target]:
         found = [_Target(_checked_url(_base_url(args), "--url"))]
     if not found:
         raise Unanswered("no instance to talk to: the --targets files and --dns names gave none", 2)
-    unique: dict[str, _Target] = {}  # each instance once, by its URL, as it was first named
+    unique: dict[tuple[str, str, int], _Target] = {}  # each instance once, as it was first named
     for target in found:
-        unique.setdefault(target.url, target)
+        unique.setdefault(_instance(target.url), target)
     return list(unique.values())
+
+
+def _instance(url: str) -> tuple[str, str, int]:
+    """What tells instances apart: `http://10.0.0.1` and `http://10.0.0.1:80` are one."""
+    import httpx  # here, not at the top: the server's master never needs it (memory)
+
+    parsed = httpx.URL(url)
+    return parsed.scheme, parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
 def _checked_url(text: str, where: str) -> str:

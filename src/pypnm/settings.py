@@ -466,15 +466,22 @@ def setting_source(
     return "default", None
 
 
-def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
-    """Build the settings from overrides, the environment and the TOML file, or raise SettingsError."""
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None, *, read_tokens: bool = True, **overrides: Any
+) -> Settings:
+    """Build the settings from overrides, the environment and the TOML file, or raise SettingsError.
+
+    `read_tokens`: read the `api_tokens_file` too (a broken one is a settings error, found now rather
+    than per request); a client that needs only where the service listens may not be able to read it.
+    """
     path = config_path(config_file)
     if path is not None:
         _check_file(path)
     token = _config_file.set(path)
     try:
         settings = Settings(**overrides)
-        settings.tokens()  # a broken tokens file is a settings error, found now rather than per request
+        if read_tokens:
+            settings.tokens()
         return settings
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc, path)) from None

@@ -18,8 +18,8 @@ Why it works this way:
   directory of the path as given, not recursive (a mount point, or `/etc`, holds much else),
   and on the directory of the file the path leads to now, which catches an edit in place of a
   symlink's target elsewhere; the watch is set up again when that directory changes.
-- An event that names a watched file (by its name as given or the name it leads to) or an
-  entry of the kubelet's (`..data`, `..2026_…`) makes the files be read again; events that
+- An event that names a watched file (by its name as given, a symlink on its way, or the file
+  it leads to) or an entry of the kubelet's (`..data`, `..2026_…`) makes the files be read again; events that
   name only other files of the directory (a log file written there, many times a second) are
   passed over, and the files are then read at most every few seconds. A reload is asked for
   only when a file's content (SHA-256, read through its symlinks) differs from what the last
@@ -69,9 +69,22 @@ def content_digest(path: Path) -> str:
 
 
 def names_a_file(changes: Iterable[tuple[object, str]], files: list[Path]) -> bool:
-    """Whether a batch of watchfiles changes names one of `files` (as given or as it leads to) or a kubelet entry."""
-    names = {name for path in files for name in (path.name, Path(os.path.realpath(path)).name)}
+    """Whether a batch of watchfiles changes names one of `files` (or a link on its way) or a kubelet entry."""
+    names = {name for path in files for name in _names_on_the_way(path)}
     return any((name := Path(changed).name) in names or name.startswith("..") for _, changed in changes)
+
+
+def _names_on_the_way(path: Path) -> set[str]:
+    """The name of `path`, of each symlink it leads through, and of the file it leads to."""
+    names, current = {path.name}, path
+    for _ in range(40):  # as many links as the kernel follows
+        try:
+            current = current.parent / os.readlink(current)
+        except OSError:  # not a link (any more), or gone
+            break
+        names.add(current.name)
+    names.add(Path(os.path.realpath(path)).name)
+    return names
 
 
 def directories_to_watch(files: list[Path]) -> list[Path]:

@@ -483,7 +483,7 @@ class Generation:
         await asyncio.wait([worker.stopped_accepting], timeout=STOP_ACCEPTING)
         if not worker.stopped_accepting.done():
             worker.signal(signal.SIGTERM)
-        timeout = self.spec.graceful_timeout
+        timeout = self.spec.drain_seconds()
         done, _ = await asyncio.wait([worker.exited], timeout=timeout)
         if not done:
             logger.warning(
@@ -498,11 +498,11 @@ class Generation:
         """Stop accepting, finish in-flight requests and leave; True when every worker left in time.
 
         Within the `graceful_timeout` the generation was started with, not the one in force now:
-        that is the time its workers' uvicorn gives their requests, so a killed worker is always
-        one that uvicorn would have let run on. A changed value applies to the generations started
-        after it.
+        that is the time its workers' uvicorn gives their requests (`drain_seconds`), so a worker is
+        killed only once uvicorn would have given up too. A changed value applies to the
+        generations started after it.
         """
-        timeout = self.spec.graceful_timeout
+        timeout = self.spec.drain_seconds()
         if not self.stopped_accepting:
             await self.stop_accepting()
         workers = self.live_workers()

@@ -18,8 +18,14 @@ directory and the scrape time grow with every worker ever started (two files per
 the room it reserved as it started: pypnm.metrics, and the README). `compact` folds the files
 of dead processes into one archive per type. Hand-written, because no maintained library does it (the
 prometheus-client maintainers leave it to applications; talisker and skypilot wrote their own
-the same way): the merge is a sum per key of prometheus-client's own file format, read and
-written with its `MmapedDict`. The new archive is built beside the old one, then swapped in
+the same way): the merge is per key of prometheus-client's own file format, read and written
+with its `MmapedDict`, and it keeps what a scrape would have shown: a sum for counters,
+histograms and `sum` gauges, the least and the greatest value for `min` and `max` gauges, the
+latest for `mostrecent` ones (their archives are `gauge_<mode>_archive.db`; a scrape drops
+their pid label anyway). An app's gauge in prometheus-client's default mode, `all`, is a series
+per process, dead ones included: with processes replaced at every reload that would grow
+without bound, so a dead process's `all` file is deleted, as its `live*` files are. The new
+archive is built beside the old one, then swapped in
 and the folded files removed under the exclusive lock that every scrape takes shared
 (pypnm.metrics.reading), so a scrape sees either the old files or the new archive, never both
 or neither. A pid counts as dead only when no process has it; a pid reused by then keeps its
@@ -74,6 +80,9 @@ LOCK_WAIT = 1.0
 # The files a process writes: `counter_<pid>.db`, `histogram_<pid>.db`, `gauge_<mode>_<pid>.db`.
 _SUMMED_FILE = re.compile(r"(?P<type>counter|histogram|summary)_(?P<pid>\d+)\.db")
 _GAUGE_FILE = re.compile(r"gauge_(?P<mode>[a-z]+)_(?P<pid>\d+)\.db")
+# Gauge modes whose dead processes' values still count, and so are folded: how each one merges.
+_FOLDED_GAUGES = {"sum": "sum", "min": "min", "max": "max", "mostrecent": "latest"}
+Fold = tuple[float, float]  # a value and its timestamp (prometheus-client's, for `mostrecent`)
 
 
 class MasterMetrics:
@@ -164,7 +173,7 @@ def _alive(pid: int) -> bool:
 
 
 def compact(path: Path) -> int:
-    """Fold the counter and histogram files of dead processes into `<type>_archive.db`; returns how many.
+    """Fold the files of dead processes into `<kind>_archive.db` (or delete them); returns how many.
 
     Safe against concurrent scrapes (see the module doc). When the lock cannot be had within
     LOCK_WAIT, or a pid comes back to life meanwhile, nothing changes and the next call retries.
@@ -172,7 +181,8 @@ def compact(path: Path) -> int:
     from prometheus_client.mmap_dict import MmapedDict
     from prometheus_client.multiprocess import mark_process_dead
 
-    dead: dict[str, list[Path]] = {}  # type -> files of dead processes
+    dead: dict[str, list[Path]] = {}  # kind (`counter`, `gauge_max`, ...) -> files of dead processes
+    dropped: list[Path] = []  # `gauge_all_<pid>.db` of dead processes
     pids: set[int] = set()
     for entry in os.scandir(path):
         summed = _SUMMED_FILE.fullmatch(entry.name)
@@ -180,31 +190,37 @@ def compact(path: Path) -> int:
         match = summed or gauge
         if match is None or _alive(int(match["pid"])):
             continue
-        if gauge is not None:
+        if gauge is not None and gauge["mode"] == "all":
+            dropped.append(Path(entry.path))
+        elif gauge is not None and gauge["mode"] in _FOLDED_GAUGES:
+            dead.setdefault(f"gauge_{gauge['mode']}", []).append(Path(entry.path))
+        elif gauge is not None:
             mark_process_dead(int(gauge["pid"]), str(path))  # missed by worker_gone (e.g. a respawn race)
             continue
-        dead.setdefault(match["type"], []).append(Path(entry.path))
+        else:
+            dead.setdefault(match["type"], []).append(Path(entry.path))
         pids.add(int(match["pid"]))
-    if not dead:
+    if not dead and not dropped:
         return 0
 
     staged: dict[Path, Path] = {}  # new archive (built aside) -> the archive it replaces
     try:
         for kind, files in dead.items():
             archive = path / f"{kind}_{ARCHIVE}.db"
-            totals: dict[str, float] = {}
+            merged: dict[str, Fold] = {}
+            how = _FOLDED_GAUGES.get(kind.removeprefix("gauge_"), "sum")
             for source in ([archive] if archive.exists() else []) + files:
                 if source.stat().st_size < FILE_HEADER:  # its process died before it sized it: nothing in it
                     continue
-                for key, value, *_ in MmapedDict.read_all_values_from_file(str(source)):
-                    totals[key] = totals.get(key, 0.0) + value
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(source)):
+                    merged[key] = _fold(how, merged.get(key), (value, timestamp))
             staging = archive.with_name(archive.name + ".new")  # not `*.db`: no scrape reads it
             staging.unlink(missing_ok=True)  # left by a compaction that was cut short
-            reserve(staging, _archive_size(totals))  # a full file system: OSError here, not SIGBUS below
+            reserve(staging, _archive_size(merged))  # a full file system: OSError here, not SIGBUS below
             new = MmapedDict(str(staging))
             try:
-                for key, value in totals.items():
-                    new.write_value(key, value, 0.0)
+                for key, (value, timestamp) in merged.items():
+                    new.write_value(key, value, timestamp)
             finally:
                 new.close()
             staged[staging] = archive
@@ -214,18 +230,30 @@ def compact(path: Path) -> int:
             for staging, archive in staged.items():
                 os.replace(staging, archive)
             staged.clear()
-            for files in dead.values():
-                for file in files:
-                    file.unlink(missing_ok=True)
+            for file in [*dropped, *(file for files in dead.values() for file in files)]:
+                file.unlink(missing_ok=True)
     finally:
         for staging in staged:
             staging.unlink(missing_ok=True)
-    return sum(len(files) for files in dead.values())
+    return len(dropped) + sum(len(files) for files in dead.values())
 
 
-def _archive_size(totals: dict[str, float]) -> int:
+def _fold(how: str, kept: Fold | None, new: Fold) -> Fold:
+    """One more process's value for a key, merged as a scrape merges the processes of that kind."""
+    if kept is None:
+        return new
+    if how == "min":
+        return min(kept, new, key=lambda fold: fold[0])
+    if how == "max":
+        return max(kept, new, key=lambda fold: fold[0])
+    if how == "latest":
+        return max(kept, new, key=lambda fold: fold[1])
+    return kept[0] + new[0], 0.0
+
+
+def _archive_size(merged: dict[str, Fold]) -> int:
     """Room for an archive of these values in prometheus-client's format (a little more), in whole pages."""
-    entries = sum(4 + len(key.encode()) + 8 + 16 for key in totals)  # length, padded key, value, timestamp
+    entries = sum(4 + len(key.encode()) + 8 + 16 for key in merged)  # length, padded key, value, timestamp
     return max(RESERVED, round_up(FILE_HEADER + entries, mmap.PAGESIZE))
 
 

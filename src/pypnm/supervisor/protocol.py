@@ -62,6 +62,7 @@ worker, and a few explicit field checks cost nothing there.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
@@ -124,6 +125,11 @@ class WorkerSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def drain_seconds(self) -> int:
+        """The seconds a stopping worker gives its requests: uvicorn takes whole ones, so `graceful_timeout` rounded
+        up; the master kills a worker only after this long, never sooner than its uvicorn would give up."""
+        return max(1, math.ceil(self.graceful_timeout))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], channel: Channel = "fork template") -> WorkerSpec:
@@ -649,10 +655,15 @@ class HandoverOffer:
 
 @dataclass(frozen=True)
 class HandoverServing:
-    """new -> old: its first generation serves; the old master may stop accepting and leave."""
+    """new -> old: its first generation serves; the old master may stop accepting and leave.
+
+    `takes_reload`: it runs a reload the old master held for it (`HandoverComplete.reload`); a new
+    master of an older pypnm does not say so, and would drop it.
+    """
 
     pid: int
     version: str
+    takes_reload: bool = False
 
 
 @dataclass(frozen=True)
@@ -691,8 +702,8 @@ def encode_handover(message: HandoverMessage) -> bytes:
     match message:
         case HandoverOffer():
             body: dict[str, Any] = {"handover": "offer", **asdict(message)}
-        case HandoverServing(pid=pid, version=version):
-            body = {"handover": "serving", "pid": pid, "version": version}
+        case HandoverServing(pid=pid, version=version, takes_reload=takes_reload):
+            body = {"handover": "serving", "pid": pid, "version": version, "takes_reload": takes_reload}
         case HandoverFailed(reason=reason):
             body = {"handover": "failed", "reason": cut_reason(reason)}
         case HandoverComplete(reload=reload):
@@ -717,7 +728,9 @@ def decode_handover(data: bytes) -> HandoverMessage:
             generation=body["generation"] if type(body.get("generation")) is int else 0,
         )
     if kind == "serving":
-        return HandoverServing(_get(body, "pid", int, channel), _get(body, "version", str, channel))
+        return HandoverServing(
+            _get(body, "pid", int, channel), _get(body, "version", str, channel), body.get("takes_reload") is True
+        )
     if kind == "failed":
         return HandoverFailed(_get(body, "reason", str, channel))
     if kind == "complete":

@@ -7,7 +7,8 @@ rollback (rollback.py) is a reload too, queued in a slot of its own: it never jo
 reload (that one builds from what is on disk, which may be the code that crashed), and it runs
 before one that is queued. While a self-upgrade runs the queue is held (`hold`): a reload asked
 for waits, and is handed to the new master when it takes over (`forward`), or run here when the
-upgrade fails (`release`), so that the two masters never number two generations alike. A request
+upgrade fails (`release`), so that the two masters do not number two generations alike (a
+rollback, which is not held, may). A request
 carrying a deadline (from the control channel) that is read after it is dropped: its
 caller has already answered "not started", and a retry must not reload twice.
 
@@ -200,9 +201,13 @@ class ReloadQueue:
     def forward(self) -> ReloadRecord | None:
         """The upgrade succeeded: the reload that waited, taken out of this queue for the new master to run."""
         record, self.pending = self.pending, None
-        if record is not None:
-            logger.info("reload %s: handed to the new master, which runs it once it serves", record.id)
         return record
+
+    def give_up(self, record: ReloadRecord, reason: str) -> None:
+        """A reload taken out (`forward`) that no master will run: recorded as failed, for a waiting client."""
+        record.finish(ReloadOutcome.FAILED, reason)
+        self.history = [*self.history, record][-HISTORY:]
+        logger.error("reload %s failed: %s", record.id, reason)
 
     def adopt(self, reload_id: str, source: str, requested_at: str, coalesced: int) -> ReloadRecord:
         """Queue a reload that the old master was asked for during the upgrade that started this one, by its id.

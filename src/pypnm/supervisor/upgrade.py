@@ -90,7 +90,7 @@ except (SystemExit, KeyboardInterrupt):
     raise
 except BaseException as exc:
     if report is not None:
-        body = dict({_FAILED!r}, reason=f"the new master died: {{type(exc).__name__}}: {{exc}}")
+        body = dict({_FAILED!r}, reason=f"the new master died: {{type(exc).__name__}}: {{exc}}"[:{protocol.MAX_REASON}])
         try:
             os.write(report, json.dumps(body).encode())
         except OSError:
@@ -208,8 +208,9 @@ class Upgrades:
 
     async def _run(self, record: UpgradeRecord) -> None:
         self._process = None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours: socket.socket | None = None
         try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 process = self._start(theirs)
             finally:
@@ -230,7 +231,7 @@ class Upgrades:
             socket.send_fds(ours, [protocol.encode_handover(offer)], [sock.fileno() for sock in self.listeners])
             timeout = self._settings().reload_timeout + UPGRADE_START
             answer = await self._answer(ours, process, timeout)
-            if isinstance(answer, HandoverServing) and _peer_open(ours):
+            if isinstance(answer, HandoverServing) and _peer_open(ours) and not self._aborted:
                 record.to_version = answer.version
                 self._hand_over(record, ours, answer)
                 return
@@ -243,7 +244,8 @@ class Upgrades:
             if self._process is not None:
                 await self._stop(self._process)
         finally:
-            ours.close()
+            if ours is not None:
+                ours.close()
             self.current = None
             if not self.handed_over:
                 self._reloads.release()  # a reload asked for meanwhile runs here
@@ -314,10 +316,21 @@ class Upgrades:
         self.notifier.handed_over(serving.pid, f"upgraded: pid {serving.pid} (pypnm {serving.version}) serving")
         waited = self._reloads.forward()
         forwarded = None
-        if waited is not None:
+        if waited is not None and serving.takes_reload:
             forwarded = ForwardedReload(waited.id, waited.source, waited.requested_at, waited.coalesced)
-        with contextlib.suppress(OSError):
+        try:
             channel.send(protocol.encode_handover(HandoverComplete(forwarded)))
+        except OSError as exc:  # it has left since _peer_open looked: this master stops all the same (systemd was told)
+            logger.error("upgrade %s: cannot confirm the handover to pid=%d: %s", record.id, serving.pid, exc)
+            forwarded = None
+        if forwarded is not None:
+            logger.info("reload %s: handed to the new master, which runs it once it serves", forwarded.id)
+        elif waited is not None:  # an older new master, or one gone: no master will run it
+            self._reloads.give_up(
+                waited,
+                f"asked for during upgrade {record.id}, whose new master (pypnm {serving.version}) could not take "
+                "it over: reload again",
+            )
         logger.info(
             "upgrade %s succeeded: new master pid=%d (pypnm %s) serving; pid=%d (pypnm %s) stops accepting and drains",
             record.id,
@@ -453,30 +466,32 @@ class Successor:
     async def took_over(self, generation: int | None, stopping: asyncio.Event) -> bool:
         """The first generation serves: say so, and wait (bounded) for the old master to let go.
 
-        True when this master serves on: the old master confirmed (`HandoverComplete`), or it is
-        gone (this process has another parent now). False when the old master is alive but did
-        not confirm, which is how it refuses (an answer it could not read, its timeout, its own
-        stop: it keeps serving and stops this master), or when this master is told to stop
-        meanwhile: then it claims nothing (the pid file, systemd's main pid) and stops.
+        True when this master serves on: the old master confirmed, or it is gone (this process
+        has another parent now). The old master writes on the channel only as it lets go, so any
+        answer is its confirmation, even one this master cannot read. False when the old master is
+        alive but did not confirm, which is how it refuses (an answer it could not read, its
+        timeout, its own stop: it keeps serving and stops this master), or when this master is
+        told to stop meanwhile: then it claims nothing (the pid file, systemd's main pid) and stops.
         """
         loop = asyncio.get_running_loop()
         self.channel.setblocking(False)
-        answer: protocol.HandoverMessage | None = None
+        let_go, problem = False, "this master was told to stop"
         try:
-            await loop.sock_sendall(
-                self.channel, protocol.encode_handover(HandoverServing(os.getpid(), pypnm.__version__))
-            )
-            answer, problem = await self._answer(stopping)
-        except (OSError, protocol.ProtocolError) as exc:
+            if not stopping.is_set():
+                serving = HandoverServing(os.getpid(), pypnm.__version__, takes_reload=True)
+                await loop.sock_sendall(self.channel, protocol.encode_handover(serving))
+                let_go, problem = await self._answer(stopping)
+        except OSError as exc:
             problem = str(exc)
         finally:
+            with contextlib.suppress(OSError):
+                # The socket's end, not only this descriptor: the bootstrap holds a copy of it, and the
+                # old master must see at once that this one no longer waits (`_peer_open`).
+                self.channel.shutdown(socket.SHUT_RDWR)
             self.channel.close()
-        confirmed = isinstance(answer, HandoverComplete)
-        if isinstance(answer, HandoverComplete):
-            self.forwarded = answer.reload
         old_gone = os.getppid() != self.offer.pid  # the old master started this one: its child until it dies
-        if not confirmed and (stopping.is_set() or not old_gone):
-            reason = f"the old master pid={self.offer.pid} did not let go ({problem or 'no confirmation'})"
+        if not let_go and (stopping.is_set() or not old_gone):
+            reason = f"the old master pid={self.offer.pid} did not let go ({problem})"
             self.record.finish("failed", reason)
             logger.error("upgrade %s: %s; it serves on, and this master stops", self.offer.upgrade_id, reason)
             return False
@@ -489,12 +504,12 @@ class Successor:
             pypnm.__version__,
             self.offer.pid,
             self.offer.version,
-            "" if confirmed else f" (the old master is gone without confirming: {problem})",
+            "" if let_go else f" (the old master is gone without confirming: {problem})",
         )
         return True
 
-    async def _answer(self, stopping: asyncio.Event) -> tuple[protocol.HandoverMessage | None, str]:
-        """The old master's answer to HandoverServing, or None and why there is none."""
+    async def _answer(self, stopping: asyncio.Event) -> tuple[bool, str]:
+        """Whether the old master let go (it answered HandoverServing), and if not, why not."""
         receive = asyncio.ensure_future(asyncio.get_running_loop().sock_recv(self.channel, protocol.MAX_MESSAGE))
         stop = asyncio.ensure_future(stopping.wait())
         try:
@@ -502,12 +517,30 @@ class Successor:
         finally:
             receive.cancel()
             stop.cancel()
+        data = receive.result() if receive in done else self._last_word()
+        if data:
+            self._confirmation(data)
+            return True, ""
         if receive in done:
-            data = receive.result()
-            return (protocol.decode_handover(data), "") if data else (None, "it closed the handover channel")
-        if stop in done:
-            return None, "this master was told to stop"
-        return None, f"no answer within {HANDOVER_ANSWER:g}s"
+            return False, "it closed the handover channel"
+        return False, "this master was told to stop" if stop in done else f"no answer within {HANDOVER_ANSWER:g}s"
+
+    def _last_word(self) -> bytes:
+        """An answer that came just as the wait ended, if any."""
+        try:
+            return self.channel.recv(protocol.MAX_MESSAGE)
+        except (BlockingIOError, InterruptedError):
+            return b""
+
+    def _confirmation(self, data: bytes) -> None:
+        """Read what came with the old master's confirmation: a reload it held for this master."""
+        try:
+            answer = protocol.decode_handover(data)
+        except protocol.ProtocolError as exc:
+            logger.warning("upgrade %s: the old master's confirmation cannot be read (%s)", self.offer.upgrade_id, exc)
+            return
+        if isinstance(answer, HandoverComplete):
+            self.forwarded = answer.reload
 
 
 # ----- pid_file ------------------------------------------------------------------------------------

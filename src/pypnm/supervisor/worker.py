@@ -538,7 +538,7 @@ def make_server(spec: WorkerSpec, channel: MasterChannel | None, app: Any = None
         log_config=None,
         access_log=False,  # pypnm's own middleware writes the request line
         proxy_headers=False,  # the client address is decided by pypnm's trusted-proxy setting
-        timeout_graceful_shutdown=int(spec.graceful_timeout) or 1,
+        timeout_graceful_shutdown=spec.drain_seconds(),
         # uvicorn answers 503 once the open connections, the requesting one included, reach its
         # limit; one more makes limit_concurrency the number of connections that are served.
         limit_concurrency=spec.limit_concurrency + 1,
