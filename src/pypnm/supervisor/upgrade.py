@@ -233,9 +233,11 @@ class Upgrades:
             answer = await self._answer(ours, process, timeout)
             if isinstance(answer, HandoverServing) and _peer_open(ours) and not self._aborted:
                 record.to_version = answer.version
-                self._hand_over(record, ours, answer)
-                return
-            if isinstance(answer, HandoverServing):  # it gave up waiting for us (Successor.took_over) and stops
+                unconfirmed = self._hand_over(record, ours, answer)
+                if unconfirmed is None:
+                    return
+                answer = unconfirmed
+            elif isinstance(answer, HandoverServing):  # it gave up waiting for us (Successor.took_over) and stops
                 answer = "the new master left before the handover completed (it waited too long for this one)"
             await self._stop(process)
             self._failed(record, answer)
@@ -309,23 +311,24 @@ class Upgrades:
             return message.reason
         return f"the new master sent {type(message).__name__} instead of an answer"
 
-    def _hand_over(self, record: UpgradeRecord, channel: socket.socket, serving: HandoverServing) -> None:
-        self.handed_over = True
-        record.finish("succeeded")
+    def _hand_over(self, record: UpgradeRecord, channel: socket.socket, serving: HandoverServing) -> str | None:
+        """Confirm to the new master and let go; None, or why it could not be confirmed (this master serves on)."""
         # Before HandoverComplete: the new master notifies systemd only once it is the main pid.
         self.notifier.handed_over(serving.pid, f"upgraded: pid {serving.pid} (pypnm {serving.version}) serving")
-        waited = self._reloads.forward()
+        waited = self._reloads.pending
         forwarded = None
         if waited is not None and serving.takes_reload:
             forwarded = ForwardedReload(waited.id, waited.source, waited.requested_at, waited.coalesced)
         try:
             channel.send(protocol.encode_handover(HandoverComplete(forwarded)))
-        except OSError as exc:  # it has left since _peer_open looked: this master stops all the same (systemd was told)
-            logger.error("upgrade %s: cannot confirm the handover to pid=%d: %s", record.id, serving.pid, exc)
-            forwarded = None
+        except OSError as exc:  # it left since _peer_open looked (under systemd, told the new main pid, the unit ends)
+            return f"the new master left as this one confirmed the handover ({exc.strerror or exc})"
+        self.handed_over = True
+        record.finish("succeeded")
+        self._reloads.forward()  # taken out of this queue: the new master runs it, or no one
         if forwarded is not None:
             logger.info("reload %s: handed to the new master, which runs it once it serves", forwarded.id)
-        elif waited is not None:  # an older new master, or one gone: no master will run it
+        elif waited is not None:  # an older new master: no master will run it
             self._reloads.give_up(
                 waited,
                 f"asked for during upgrade {record.id}, whose new master (pypnm {serving.version}) could not take "
@@ -340,6 +343,7 @@ class Upgrades:
             pypnm.__version__,
         )
         self._on_handed_over()
+        return None
 
     def _failed(self, record: UpgradeRecord, reason: str) -> None:
         if self._aborted:
