@@ -22,6 +22,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import sys
@@ -50,6 +51,7 @@ UPGRADE_GONE = 3.0  # seconds of refused connections after which `upgrade --wait
 STATUS_CONCURRENCY = 8  # instances `pypnm status` asks at once: a large fleet answers in seconds, not minutes
 INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C, as a shell gives it
 REQUEST_TIMEOUT = 10.0  # seconds one HTTP request of a client waits for its answer
+STOP_CHECK = 0.1  # seconds between a rolling reload's looks at whether Ctrl-C stopped it
 
 
 def _base_url(args: argparse.Namespace) -> str:
@@ -587,7 +589,10 @@ class _Console:
 def _rolling_reload(args: argparse.Namespace, targets: list[_Target], verify: ssl.SSLContext | bool) -> int:
     """Reload the instances in order, at most --parallel at once, starting none after the first failure.
 
-    Reloads in flight when one fails still run to their outcome, and are reported.
+    Reloads in flight when one fails still run to their outcome, and are reported. Ctrl-C stops
+    the roll: the threads stop polling, and the summary says whose outcome is unknown. It is
+    taken as a signal that sets `stop` (`_stop_on_sigint`), not as a KeyboardInterrupt, which
+    Python may raise in the middle of the thread pool's own locking and leave the roll stuck.
     """
     console = _Console(sys.stdout)
     stop = threading.Event()
@@ -597,33 +602,39 @@ def _rolling_reload(args: argparse.Namespace, targets: list[_Target], verify: ss
         clients = {target.url: stack.enter_context(_client(args, target, verify)) for target in targets}
         waiting = list(clients)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=args.parallel, thread_name_prefix="reload"))
+        stack.enter_context(_stop_on_sigint(stop))
         running: dict[Future[_Outcome], str] = {}
-        try:
-            while waiting or running:
-                failed = any(outcome.code for outcome in outcomes.values())
-                while waiting and len(running) < args.parallel and not failed:
-                    url = waiting.pop(0)
-                    future = pool.submit(
-                        _reload_instance, clients[url], url, args.timeout, console, stop, args.wait_stable
-                    )
-                    running[future] = url
-                if not running:
-                    break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    url = running.pop(future)
-                    outcome = outcomes[url] = future.result()
-                    console.finish(url, [f"{url}: {line}" for line in (outcome.message, *outcome.warnings)])
-        except KeyboardInterrupt:
-            stop.set()  # the threads stop polling and say so (a request under way first ends)
-            for future, url in running.items():
-                outcomes[url] = future.result()
-            console.finish("")
-            sys.stdout.write(_roll_summary(list(clients), outcomes, waiting))
-            return INTERRUPTED
+        while (waiting or running) and not stop.is_set():
+            failed = any(outcome.code for outcome in outcomes.values())
+            while waiting and len(running) < args.parallel and not failed:
+                url = waiting.pop(0)
+                future = pool.submit(_reload_instance, clients[url], url, args.timeout, console, stop, args.wait_stable)
+                running[future] = url
+            if not running:
+                break
+            done, _ = wait(running, timeout=STOP_CHECK, return_when=FIRST_COMPLETED)
+            for future in done:
+                url = running.pop(future)
+                outcome = outcomes[url] = future.result()
+                console.finish(url, [f"{url}: {line}" for line in (outcome.message, *outcome.warnings)])
+        for future, url in running.items():  # stopped: each says it was interrupted (a request under way first ends)
+            outcomes[url] = future.result()
+        console.finish("")
     sys.stdout.write(_roll_summary(list(clients), outcomes, waiting))
+    if stop.is_set():
+        return INTERRUPTED
     codes = {outcome.code for outcome in outcomes.values()}
     return 1 if 1 in codes else max(codes, default=0)
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(stop: threading.Event) -> Iterator[None]:
+    """While the roll runs, Ctrl-C (SIGINT) sets `stop` instead of raising KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _reload_instance(
