@@ -207,6 +207,15 @@ class Load:
                 self.count += 1
 
 
+def serve_old_master(
+    start_service: StartService, pypnm_copy: Path, masters: Masters, *flags: str, graceful: str = "10", **env: str
+) -> tuple[Service, int]:
+    """pypnm serving `pypnm_copy`, the package a test changes for the new master; the service and its pid, tracked."""
+    service = serve_pypnm(start_service, "--graceful-timeout", graceful, *flags, PYTHONPATH=str(pypnm_copy), **env)
+    masters.track(service.proc.pid)
+    return service, service.proc.pid
+
+
 def upgrade_record(service: Service) -> dict[str, Any] | None:
     record = service.status().get("upgrade")
     return dict(record) if record else None
@@ -317,9 +326,7 @@ def test_pypnm_upgrade_wait_serves_a_newly_installed_version(
 def test_a_broken_install_fails_the_upgrade_and_the_old_master_serves_on(
     start_service: StartService, pypnm_copy: Path, masters: Masters
 ) -> None:
-    service = serve_pypnm(start_service, "--graceful-timeout", "10", PYTHONPATH=str(pypnm_copy))
-    old = service.proc.pid
-    masters.track(old)
+    service, old = serve_old_master(start_service, pypnm_copy, masters)
 
     # A module the new master imports (after the CLI started) no longer compiles.
     lifecycle = pypnm_copy / "pypnm" / "supervisor" / "lifecycle.py"
@@ -467,9 +474,7 @@ def test_under_systemd_the_old_master_names_the_new_main_pid_and_the_activated_s
 def test_a_master_stopped_during_its_upgrade_takes_the_new_master_with_it(
     start_service: StartService, pypnm_copy: Path, masters: Masters
 ) -> None:
-    service = serve_pypnm(start_service, "--graceful-timeout", "5", PYTHONPATH=str(pypnm_copy))
-    old = service.proc.pid
-    masters.track(old)
+    service, _ = serve_old_master(start_service, pypnm_copy, masters, graceful="5")
     # The new master's workers take long to import the app: the upgrade is still running when the stop comes.
     health = pypnm_copy / "pypnm" / "api" / "health.py"
     future = "from __future__ import annotations\n"
@@ -494,11 +499,7 @@ def test_a_reload_asked_for_during_an_upgrade_is_run_by_the_new_master_under_its
     """Held by the old master, handed over with HandoverComplete: no two generations share a number.
     A new master that does not say it takes such a reload (an older pypnm) gets none: the old master
     records it as failed, in so many words, rather than dropping it unsaid."""
-    service = serve_pypnm(
-        start_service, "--graceful-timeout", "10", PYTHONPATH=str(pypnm_copy), PYPNM_RELOAD_MIN_INTERVAL="0"
-    )
-    old = service.proc.pid
-    masters.track(old)
+    service, old = serve_old_master(start_service, pypnm_copy, masters, PYPNM_RELOAD_MIN_INTERVAL="0")
     gate = tmp_path / "gate"  # the new master's first generation imports until it exists
     future = "from __future__ import annotations\n"
     wait = (
@@ -550,11 +551,7 @@ def test_a_new_master_the_old_one_refuses_claims_nothing_and_stops(
     """The old master cannot read HandoverServing (a protocol version it does not speak): it serves on,
     and the new master, whose workers already accept, must neither take the pid file nor stay."""
     pid_file = tmp_path / "pypnm.pid"
-    service = serve_pypnm(
-        start_service, "--graceful-timeout", "10", "--pid-file", str(pid_file), PYTHONPATH=str(pypnm_copy)
-    )
-    old = service.proc.pid
-    masters.track(old)
+    service, old = serve_old_master(start_service, pypnm_copy, masters, "--pid-file", str(pid_file))
     rewrite(pypnm_copy / "pypnm" / "supervisor" / "protocol.py", "PROTOCOL_VERSION = 1\n", "PROTOCOL_VERSION = 2\n")
     service.signal(signal.SIGUSR2)
 
@@ -581,9 +578,7 @@ def test_an_old_master_that_answers_after_the_new_one_gave_up_keeps_serving(
 ) -> None:
     """The old master is stopped (SIGSTOP) past the new one's wait for its confirmation: the new one
     gives up and stops; the old one, let go on, sees it gone and must not hand over to it."""
-    service = serve_pypnm(start_service, "--graceful-timeout", "10", PYTHONPATH=str(pypnm_copy))
-    old = service.proc.pid
-    masters.track(old)
+    service, old = serve_old_master(start_service, pypnm_copy, masters)
     service.signal(signal.SIGUSR2)
     wait_until(lambda: "taking over from master" in service.output(), timeout=60)
     os.kill(old, signal.SIGSTOP)
@@ -607,9 +602,7 @@ def test_a_new_master_that_cannot_read_the_offer_says_why(
     start_service: StartService, pypnm_copy: Path, masters: Masters
 ) -> None:
     """A new pypnm that dropped the old master's protocol version: the upgrade's reason says so."""
-    service = serve_pypnm(start_service, "--graceful-timeout", "10", PYTHONPATH=str(pypnm_copy))
-    old = service.proc.pid
-    masters.track(old)
+    service, old = serve_old_master(start_service, pypnm_copy, masters)
     protocol_file = pypnm_copy / "pypnm" / "supervisor" / "protocol.py"
     rewrite(protocol_file, "PROTOCOL_VERSION = 1\n", "PROTOCOL_VERSION = 2\n")
     rewrite(protocol_file, "MIN_PROTOCOL_VERSION = 1\n", "MIN_PROTOCOL_VERSION = 2\n")

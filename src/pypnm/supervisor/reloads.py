@@ -206,7 +206,7 @@ class ReloadQueue:
     def give_up(self, record: ReloadRecord, reason: str) -> None:
         """A reload taken out (`forward`) that no master will run: recorded as failed, for a waiting client."""
         record.finish(ReloadOutcome.FAILED, reason)
-        self.history = [*self.history, record][-HISTORY:]
+        self._remember(record)
         logger.error("reload %s failed: %s", record.id, reason)
 
     def adopt(self, reload_id: str, source: str, requested_at: str, coalesced: int) -> ReloadRecord:
@@ -293,6 +293,10 @@ class ReloadQueue:
         if record.outcome is None:
             record.finish(ReloadOutcome.FAILED, "interrupted: pypnm is stopping")
         self.current = None
+        self._remember(record)
+
+    def _remember(self, record: ReloadRecord) -> None:
+        """A finished reload joins the history, which keeps the last HISTORY."""
         self.history = [*self.history, record][-HISTORY:]
 
     def current_id(self) -> str | None:

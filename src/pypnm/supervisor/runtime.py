@@ -123,23 +123,21 @@ def _pin(directory: Path) -> int | None:
     The cleanup holds its own lock only while it looks into the directory: waited for, a little.
     Without the lock pypnm runs all the same, and says what it risks.
     """
+    reason = "it stays locked"
+    fd: int | None = None
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for _ in range(PIN_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                time.sleep(0.05)
     except OSError as exc:
-        logger.warning("cannot hold the runtime directory %s against age-based cleanup: %s", directory, _why(exc))
-        return None
-    for _ in range(PIN_TRIES):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            time.sleep(0.05)
-        except OSError as exc:
-            logger.warning("cannot hold the runtime directory %s against age-based cleanup: %s", directory, _why(exc))
-            break
-    else:
-        logger.warning("cannot hold the runtime directory %s against age-based cleanup: it stays locked", directory)
-    os.close(fd)
+        reason = _why(exc)
+    if fd is not None:
+        os.close(fd)
+    logger.warning("cannot hold the runtime directory %s against age-based cleanup: %s", directory, reason)
     return None
 
 
