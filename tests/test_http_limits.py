@@ -169,6 +169,26 @@ def test_heads_under_the_limits_keep_alive_and_pipelining_still_work(start_servi
     service.trigger_reload()  # the documented 200 answer, on a connection of its own
 
 
+def test_a_head_pipelined_behind_a_body_in_the_same_write_is_measured_too(start_service: StartService) -> None:
+    service = serve(start_service)
+    body = b'{"a": 1}\r\n\r\nGET /not-a-request HTTP/1.1\r\n\r\n'  # looks like a head: only the length says it is not
+    post = b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    with connect(service) as sock:
+        # Under the limits: the body, then a request behind it, in one write.
+        received = bytearray()
+        sock.sendall(post + request("/ready"))
+        assert read_response(sock, received)[0] == 405
+        assert read_response(sock, received)[0] == 200
+    # Over the line limit behind a body, on a new connection (so that it all comes in one read,
+    # where it can): refused as it would be alone, never served. The refusal is written at once,
+    # so it may come before the POST's own answer.
+    with connect(service) as sock:
+        sock.sendall(post + request("/ready", **{"X-Big": "e" * (100 * KiB)}))
+        answer = read_until_closed(sock)
+    assert b"HTTP/1.1 431 " in answer, answer[:300]
+    assert b"limit_request_line_size" in answer and b'"ready"' not in answer, answer[:300]
+
+
 # ----- head time: 408 / close ------------------------------------------------------------------
 
 

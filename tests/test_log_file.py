@@ -123,6 +123,19 @@ def test_a_renamed_file_is_followed_at_the_next_line(tmp_path: Path) -> None:
     assert path.read_text() == "two\n"
 
 
+def test_a_new_or_rotated_file_is_not_readable_by_other_users_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "private.log"
+    old_umask = os.umask(0o022)  # the usual umask of a terminal or a plain container
+    try:
+        file = LogFile(path, max_bytes=100, backups=1)
+        for number in range(10):
+            file.write(f"line {number:03d} {'z' * 20}\n".encode())
+    finally:
+        os.umask(old_umask)
+    for log in (path, path.with_name("private.log.1")):
+        assert oct(log.stat().st_mode & 0o777) == oct(0o640), log
+
+
 # ----- the formats, through setup_logging ---------------------------------------------------------------
 
 

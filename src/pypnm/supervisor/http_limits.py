@@ -16,8 +16,11 @@ Hand-written because neither uvicorn nor httptools offers either for this protoc
 hooks only `data_received` and the parser callbacks that mark where a head starts and
 ends; the rest is uvicorn's. The head is fed to the parser in pieces that end at short
 lines (where a head may end), so the parser itself says exactly where each head ends
-and the next one begins; a body is fed whole. The one inexact case is a request
-pipelined behind a body in the same read: its bytes in that read are not counted.
+and the next one begins. A body of known length (`Content-Length`) is fed up to its last
+byte, so a request pipelined behind it in the same read is measured like any other. A
+chunked body is fed whole: only where one ends can the parser tell, so the head of a
+request pipelined behind a chunked body in the same read is not counted (at most one read
+beyond the limits; from the next read on it is measured again).
 The trailer fields of a chunked body, which httptools buffers like headers, are held to
 the head's total size too (counted per read, after parsing: at most one read more).
 
@@ -58,6 +61,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.limits = limits
         self._head_size: int | None = 0  # bytes of the head read so far; None while a head is not being read
         self._line_size = 0  # bytes of the head's current, unfinished line
+        self._body_left: int | None = None  # bytes of a Content-Length body still to come; None for chunked or none
         self._head_timer: asyncio.TimerHandle | None = None
         self._trailer_size: int | None = None  # bytes after a chunk header with no chunk data yet (trailers)
         self._chunk_events = 0  # chunk headers, chunk data and chunk ends seen: tells a trailer-only read
@@ -83,21 +87,29 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_size is not None and self._head_timer is None and self._idle():
             self._start_head_clock()  # the first bytes of the next request on a keep-alive connection
         start = 0
-        while start < len(data) and self._head_size is not None:
-            end = self._head_piece_end(data, start)
-            if end is None:
-                return  # refused
-            self._head_size += end - start
-            super().data_received(data[start:end])
+        while start < len(data):
+            if self._head_size is not None:
+                end = self._head_piece_end(data, start)
+                if end is None:
+                    return  # refused
+                self._head_size += end - start
+                super().data_received(data[start:end])
+            else:
+                end = self._body_piece_end(data, start)
+                piece = data[start:end] if start or end < len(data) else data
+                trailer, events = self._trailer_size, self._chunk_events
+                super().data_received(piece)
+                if trailer is not None and events == self._chunk_events and not self.transport.is_closing():
+                    self._count_trailer(trailer + len(piece))
             if self.transport.is_closing() or self.parser.should_upgrade():
                 return  # a bad request (400) or an upgrade: uvicorn does not read on either
             start = end
-        if start < len(data):
-            rest = data[start:] if start else data
-            trailer, events = self._trailer_size, self._chunk_events
-            super().data_received(rest)
-            if trailer is not None and events == self._chunk_events and not self.transport.is_closing():
-                self._count_trailer(trailer + len(rest))
+
+    def _body_piece_end(self, data: bytes, start: int) -> int:
+        """Where the next piece of a body to feed ends: its last byte when its length is known, else the read's end."""
+        if self._body_left:
+            return min(len(data), start + self._body_left)
+        return len(data)  # chunked (or a state the parser ends on its own): the whole read, as uvicorn would
 
     def _head_piece_end(self, data: bytes, start: int) -> int | None:
         """Where the next piece of the head to feed ends: after a short line, where the head may end.
@@ -133,12 +145,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_size = None
+        self._body_left = _content_length(self.headers)
         self._stop_head_clock()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._head_size = 0  # what follows is the next request's head
         self._line_size = 0
+        self._body_left = None
         self._trailer_size = None
         super().on_message_complete()
 
@@ -149,6 +163,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         self._chunk_events += 1
         self._trailer_size = None
+        if self._body_left is not None:
+            self._body_left -= len(body)
         super().on_body(body)
 
     def on_chunk_complete(self) -> None:
@@ -236,3 +252,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body's length when the head gives it and the body is not chunked (httptools has checked the value)."""
+    length = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return None  # chunked: the chunks say where the body ends, not a length
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+    return length

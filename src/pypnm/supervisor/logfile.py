@@ -129,7 +129,7 @@ class LogFile:
     # ----- under self._lock ---------------------------------------------------------------
 
     def _reopen(self) -> None:
-        fd = os.open(self.path, _OPEN_FLAGS, 0o666)
+        fd = os.open(self.path, _OPEN_FLAGS, 0o640)  # the audit trail and client addresses: not for every local user
         status = os.fstat(fd)
         if self._fd is not None:
             os.close(self._fd)
