@@ -507,6 +507,52 @@ def test_incremental_falls_back_to_clean_when_it_cannot_vouch_or_fails(
     assert values(service)["registry"] == ["plugin1", "strict"]
 
 
+def test_incremental_imports_clean_when_a_kept_module_outside_the_package_changed(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """A module the app imports from beside its package (as a top-level main.py's neighbours are) is no snapshot's."""
+    service = serve_app(start_service, tmp_path, 2, PYPNM_RELOAD_IMPORT="incremental")
+    package, side = tmp_path / "zyg", tmp_path / "side"
+    serving_workers(service, 1, 2)
+    side.mkdir()
+    (side / "__init__.py").write_text("")
+    (side / "version.py").write_text('VALUE = "side1"\n')
+    (package / "leaf.py").write_text("from side.version import VALUE\n")
+    assert reload_ok(service, 2)["import"] == {"mode": "incremental", "reimported": 2}  # zyg.leaf and zyg.main
+    assert values(service)["leaf"] == "side1"
+
+    reason = f"the incremental import failed: {side / 'version.py'} changed, and it is not in the app's package"
+    # Stamped by the incremental import that imported it first, then by the clean one that imported it again.
+    for generation, value in ((3, "side2"), (4, "side3")):
+        (side / "version.py").write_text(f'VALUE = "{value}"  # {generation}\n')
+        record = reload_ok(service, generation)
+        assert record["import"]["mode"] == "clean", record
+        assert record["import"]["reason"] == f"{reason}: its module would be kept"
+        assert values(service)["leaf"] == value
+    assert reload_ok(service, 5)["import"] == {"mode": "incremental", "reimported": 0}  # nothing changed since
+
+
+def test_incremental_imports_clean_when_the_app_object_outlives_the_reimport(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """The app made in a module that imports none of the changed ones: re-imported routes would add to it again."""
+    package = write_app(tmp_path)
+    (package / "core.py").write_text("from fastapi import FastAPI\n\napp = FastAPI()\n" + STATUS_ROUTES)
+    routes = 'from zyg.core import app\n\n\n@app.get("/v")\nasync def v() -> dict[str, int]:\n    return {"v": 1}\n'
+    (package / "routes.py").write_text(routes)
+    (package / "front.py").write_text('import zyg.routes\nfrom zyg.core import app\n\n__all__ = ["app"]\n')
+    env = base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_RELOAD_IMPORT="incremental")
+    command = pypnm_command("--app", "zyg.front:app", "--port", "{port}", "--workers", "2")
+    service = start_service(command, cwd=tmp_path, env=env)
+    serving_workers(service, 1, 2)
+
+    rewrite(package / "routes.py", '{"v": 1}', '{"v": 2}')
+    record = reload_ok(service, 2)
+    assert record["import"]["mode"] == "clean", record
+    assert "the app object (zyg.front:app) is the previous generation's" in record["import"]["reason"]
+    assert service.get("/v").json() == {"v": 2}
+
+
 # A route module holding 32 MiB of data (real pages, not zeroes) that each reload changes; the app imports it.
 BLOB = '''"""A module with a large table, and a route that reads it."""
 

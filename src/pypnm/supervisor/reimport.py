@@ -60,6 +60,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import logging
+import os
 import sys
 import typing
 from collections.abc import Collection, Iterable, MutableMapping, Sequence
@@ -295,6 +296,44 @@ def project_modules(packages: list[str]) -> set[str]:
     """The names of the project's modules imported in this process now."""
     tops = set(packages)
     return {name for name in list(sys.modules) if name.partition(".")[0] in tops}
+
+
+Stamps = dict[str, tuple[int, int]]  # a module's file: its mtime (ns) and size as the module was imported
+
+
+def stamp_files(names: Iterable[str]) -> Stamps:
+    """The files of the modules `names` that have one, with their mtime and size now.
+
+    Why: an incremental import keeps every module that is not the snapshot's (its import graph
+    knows only the snapshot's packages), so a module the app imported from elsewhere (a sibling
+    package of a top-level `main.py`, a library the app imports itself, which the fork template
+    does not hold) would be kept after its file changed, and the reload would serve the old code.
+    The next incremental zygote compares these stamps (`changed_file`) and, on any difference,
+    leaves the reload to a clean import.
+    """
+    stamps: Stamps = {}
+    for name in names:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if not isinstance(path, str):
+            continue  # a namespace package, a built-in or frozen module: no file to change
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue
+        stamps[path] = (status.st_mtime_ns, status.st_size)
+    return stamps
+
+
+def changed_file(stamps: Stamps) -> str | None:
+    """The first of the stamped files that changed or went away since, or None."""
+    for path, stamp in stamps.items():
+        try:
+            status = os.stat(path)
+        except OSError:
+            return path
+        if (status.st_mtime_ns, status.st_size) != stamp:
+            return path
+    return None
 
 
 def _moved(path: object, old: str, new: str) -> object:

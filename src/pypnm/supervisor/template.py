@@ -89,7 +89,8 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -158,6 +159,7 @@ class Imported:
     spec: WorkerSpec
     app: Any
     frozen: reimport.Frozen = reimport.NOTHING_FROZEN  # what the collector skips (reimport.py, "Freezing what is kept")
+    outside: reimport.Stamps = field(default_factory=dict)  # the files of modules kept that are not the snapshot's
 
 
 @dataclass
@@ -266,18 +268,21 @@ def run_zygote(child: ZygoteChild) -> int | Child:
     took = Stopwatch()
     if request.drop is None or previous is None:
         field_adapters.begin()
+        before = set(sys.modules)  # the fork template's
         try:
             app = worker.load_app(spec)
         except worker.AppLoadError as exc:
             return import_failed(channel, spec, exc)
         took.lap("import")
-        return serve_generation(channel, Imported(spec, app), nice, None, took)
-    packages, old_snapshot, frozen = previous.spec.packages, previous.spec.snapshot_dir, previous.frozen
+        outside = reimport.stamp_files(set(sys.modules) - before - reimport.project_modules(spec.packages))
+        return serve_generation(channel, Imported(spec, app, outside=outside), nice, None, took)
+    packages, old_snapshot = previous.spec.packages, previous.spec.snapshot_dir
+    was = Was(previous)
     previous = None  # nothing here may hold the previous app while the release collects it
     kept = reimport.drop(packages, request.drop)
     reimport.move(packages, old_snapshot, spec.snapshot_dir)
     took.lap("drop")
-    dropped = release(packages, frozen, request.drop, kept, took)
+    dropped = release(packages, was, request.drop, kept, took)
     return import_again(channel, spec, dropped, nice, took)
 
 
@@ -303,11 +308,12 @@ def run_standby(child: StandbyChild) -> int | Child:
     setup_logging("zygote", previous.spec.log_level)
     nice = priority.lower(request.nice)
     took = Stopwatch()
-    packages, old_snapshot, frozen = previous.spec.packages, previous.spec.snapshot_dir, previous.frozen
+    packages, old_snapshot = previous.spec.packages, previous.spec.snapshot_dir
+    was = Was(previous)
     previous = None  # nothing here may hold the previous app while the release collects it
     kept = reimport.drop(packages, request.drop)
     took.lap("drop")
-    dropped = release(packages, frozen, request.drop, kept, took)
+    dropped = release(packages, was, request.drop, kept, took)
     try:
         channel.sendall(protocol.encode_template(StandbyReady(os.getpid(), dict(took.laps))))
     except OSError:  # the master closed the channel meanwhile: it stops, or no longer wants this standby
@@ -348,6 +354,22 @@ def wait_for_reload(channel: socket.socket, request: StandbyRequest) -> ZygoteRe
     return message
 
 
+class Was:
+    """What an incremental zygote needs of the previous generation's `Imported`, without holding its app.
+
+    The app only by a weak reference: a release must be able to free it (reimport.release), and
+    when it was not freed, because it outlived the drop, `import_again` must see that.
+    """
+
+    def __init__(self, previous: Imported) -> None:
+        self.frozen = previous.frozen
+        self.outside = previous.outside
+        try:
+            self.app: weakref.ref[Any] | None = weakref.ref(previous.app)
+        except TypeError:  # an app object that takes no weak reference: that check is skipped
+            self.app = None
+
+
 @dataclass
 class Dropped:
     """What an incremental zygote kept, after it dropped and released: ready to import the rest again."""
@@ -355,22 +377,35 @@ class Dropped:
     kept: reimport.KeptSubmodules
     present: set[str]  # the project's modules still imported: what is not here after the import was imported
     frozen: reimport.Frozen
+    was: Was
+    dropped_any: bool
 
 
-def release(
-    packages: list[str], frozen: reimport.Frozen, drop: list[str], kept: reimport.KeptSubmodules, took: Stopwatch
-) -> Dropped:
+def release(packages: list[str], was: Was, drop: list[str], kept: reimport.KeptSubmodules, took: Stopwatch) -> Dropped:
     """Collect what the dropped modules held (reimport.release); the caller holds the previous app no more."""
     present = reimport.project_modules(packages)
+    frozen = was.frozen
     if drop:  # nothing dropped: nothing to free
         frozen = reimport.release(frozen, drop, present)
         took.lap("full release" if frozen.walked_all else "release")
-    return Dropped(kept, present, frozen)
+    return Dropped(kept, present, frozen, was, bool(drop))
 
 
 def import_again(channel: socket.socket, spec: WorkerSpec, dropped: Dropped, nice: int, took: Stopwatch) -> int | Child:
-    """Import what was dropped from the new snapshot (the app's import reaches it), then serve the generation."""
+    """Import what was dropped from the new snapshot (the app's import reaches it), then serve the generation.
+
+    Or leave the reload to a clean import (`cannot_vouch`) when a kept module's file outside the
+    snapshot changed, or when the app object is the previous generation's although modules were
+    dropped: it is made in a module that imports none of the changed ones, and the changed ones
+    that add routes to it have added them again, behind the old ones.
+    """
+    changed = reimport.changed_file(dropped.was.outside)
+    if changed is not None:
+        dropped.kept.remove()
+        reason = f"{changed} changed, and it is not in the app's package: its module would be kept"
+        return cannot_vouch(channel, spec, reason)
     field_adapters.begin()
+    before = set(sys.modules)
     try:
         app = worker.find_app(spec)
     except worker.AppLoadError as exc:
@@ -378,13 +413,29 @@ def import_again(channel: socket.socket, spec: WorkerSpec, dropped: Dropped, nic
     finally:
         dropped.kept.remove()
     took.lap("import")
-    reimported = len(reimport.project_modules(spec.packages) - dropped.present)
-    return serve_generation(channel, Imported(spec, app, dropped.frozen), nice, reimported, took)
+    if dropped.dropped_any and dropped.was.app is not None and app is dropped.was.app():
+        return cannot_vouch(
+            channel,
+            spec,
+            f"the app object ({spec.app}) is the previous generation's: the module that makes it imports none of "
+            "the changed modules, so what they add to it (routes) would be added again beside the old",
+        )
+    project = reimport.project_modules(spec.packages)
+    outside = dropped.was.outside | reimport.stamp_files(set(sys.modules) - before - project)
+    reimported = len(project - dropped.present)
+    return serve_generation(channel, Imported(spec, app, dropped.frozen, outside), nice, reimported, took)
 
 
 def import_failed(channel: socket.socket, spec: WorkerSpec, exc: worker.AppLoadError | str) -> int:
     logger.error("generation %d cannot serve: %s", spec.generation, exc)
     channel.sendall(protocol.encode_template(ZygoteFailed(str(exc))))
+    return 1
+
+
+def cannot_vouch(channel: socket.socket, spec: WorkerSpec, reason: str) -> int:
+    """End an incremental zygote whose import cannot be trusted; the master tries the reload clean."""
+    logger.info("generation %d: not imported incrementally: %s", spec.generation, reason)
+    channel.sendall(protocol.encode_template(ZygoteFailed(reason)))
     return 1
 
 
