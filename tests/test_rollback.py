@@ -186,6 +186,50 @@ def test_a_generation_that_crashes_after_serving_is_rolled_back(
     assert re.search(rf"reload {rollback_id}: rolled back in \d+ms: generation 3 serves generation 1's code", output)
 
 
+def test_wait_follows_the_reload_that_replaced_its_generation_into_that_ones_rollback(
+    start_service: StartService, pypnm_copy: Path, tmp_path: Path
+) -> None:
+    """A later reload (here a SIGHUP; a renewed certificate's, say) builds the same code again and replaces the
+    generation within its window: when that one is rolled back, the code `--wait` was started for did not stay up."""
+    service = serve_pypnm(
+        start_service,
+        "--graceful-timeout",
+        "2",
+        PYTHONPATH=str(pypnm_copy),
+        PYPNM_RELOAD_MIN_INTERVAL="0",
+        PYPNM_ROLLBACK_CRASHES="2",
+    )
+    rewrite(pypnm_copy / "pypnm" / "__init__.py", '__version__ = "0.1.0"', '__version__ = "0.2.0-crashing"')
+    late_crash = CRASH_AFTER_SERVING.replace("Timer(3.0", "Timer(6.0")  # after the second reload's swap
+    (pypnm_copy / "pypnm" / "main.py").write_text((pypnm_copy / "pypnm" / "main.py").read_text() + late_crash)
+
+    waiting = subprocess.Popen(
+        pypnm_command("reload", "--url", service.base_url, "--wait", "--timeout", "60"),
+        env=base_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        status_when(service, lambda s: s["generation"] == 2 and s["reload_state"] == "idle", timeout=60)
+        service.signal(signal.SIGHUP)  # the same code from disk again: generation 3 replaces generation 2
+        output, _ = waiting.communicate(timeout=120)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait(10)
+    assert waiting.returncode == 1, output
+    found = re.search(r"reload (\w+) succeeded, but its generation 2 was replaced by reload (\w+) within", output)
+    assert found, output
+    assert re.search(rf"and then: reload {found.group(2)} rolled back \(by reload \w+\): generation 3", output), output
+    status = status_when(
+        service, lambda s: s["last_reload"]["outcome"] == "rolled_back" and s["reload_state"] == "idle"
+    )
+    assert record(status, found.group(1))["replaced_by"] == found.group(2)
+    assert service.get("/health").json()["version"] == "0.1.0", "the rollback went back past both"
+
+
 def test_a_rollback_is_a_reload_for_systemd_and_for_the_status(
     start_service: StartService, marker_app: Path, notify_socket: NotifySocket
 ) -> None:

@@ -366,7 +366,10 @@ def _await_outcome(
     With `stable`, a reload that succeeded is waited on while the service watches its generation
     (`stability` "watching", for the record's `rollback_window`), so that a rollback in that time is
     reported as the failure it is. A service that does not watch (an older pypnm, rollback_window = 0)
-    has no "watching": its outcome is final at once.
+    has no "watching": its outcome is final at once. A generation replaced within its window by a
+    later reload (`replaced_by`: one that the settings watch started, say, which built the same code
+    from disk again) is followed into that reload's window: if that one is rolled back, the code this
+    reload brought did not stay up either (the rollback goes back past both).
 
     Raises Unanswered when the status is refused, when no outcome comes within `timeout` (and the
     window after it), and when `stop` is set (the command was interrupted).
@@ -375,23 +378,29 @@ def _await_outcome(
     poll = _StatusPoll(client, f"reload {reload_id}", timeout, 0.1, stop)
     watching_since: float | None = None
     rolling_back = False
+    first: dict[str, Any] | None = None  # this reload's record, once a later one replaced its generation
+    following = reload_id  # this reload, or the one that replaced its generation (and so on)
     for info in poll.answers():
         with _expected(client.base_url):
             if info is None:
                 continue
-            record = next((r for r in info.get("reloads", []) if r.get("id") == reload_id), None)
+            record = next((r for r in info.get("reloads", []) if r.get("id") == following), None)
+            if record is not None and stable and record.get("stability") == "replaced" and record.get("replaced_by"):
+                first = first or record
+                following, watching_since, rolling_back = record["replaced_by"], None, False
+                continue
             watching = record is not None and stable and record.get("stability") == "watching"
             if record is not None and record.get("outcome") and not watching:
-                return _ended(reload_id, record)
+                return _ended(reload_id, record) if first is None else _ended_replaced(reload_id, first, record)
             if watching and watching_since is None:
                 watching_since = time.monotonic()
                 window = float(record.get("rollback_window") or 0) if record else 0.0
                 poll.extend(watching_since + window + STABLE_MARGIN)
             watch = info.get("rollback_watch") or {}
-            if watching and watch.get("reload") == reload_id and watch.get("rollback") and not rolling_back:
+            if watching and watch.get("reload") == following and watch.get("rollback") and not rolling_back:
                 rolling_back = True  # the rollback is a reload of its own: it gets the same time again
                 poll.extend(time.monotonic() + timeout)
-            show(_phase(reload_id, info, record, time.monotonic() - poll.began))
+            show(_phase(following, info, record, time.monotonic() - poll.began))
     if stop.is_set():
         raise Unanswered(f"reload {reload_id}: interrupted before its outcome", INTERRUPTED)
     if watching_since is not None:
@@ -536,6 +545,19 @@ def _ended(reload_id: str, record: dict[str, Any]) -> _Outcome:
         serving += f", {record.get('stability_detail')}"
     warnings = [f"warning: {warning}" for warning in record.get("warnings", [])]
     return _Outcome(0, f"reload {reload_id} succeeded: {serving}", warnings)
+
+
+def _ended_replaced(reload_id: str, first: dict[str, Any], last: dict[str, Any]) -> _Outcome:
+    """The outcome of a reload whose generation a later one replaced within its window, once that one (`last`)
+    settled: a rollback of it went back past this reload's code too."""
+    if last.get("stability") in ("rolled_back", "unstable"):
+        ended = _ended(str(last.get("id")), last)
+        return _Outcome(
+            1,
+            f"reload {reload_id} succeeded, but its generation {first.get('generation')} was "
+            f"{first.get('stability_detail')}, and then: {ended.message}",
+        )
+    return _ended(reload_id, first)
 
 
 class _Console:

@@ -82,6 +82,7 @@ class ReloadRecord:
     stability: Stability | None = None
     stability_detail: str | None = None  # the crashes, when rolled_back or unstable; who replaced it
     rolled_back_by: str | None = None  # the id of the rollback that undid it
+    replaced_by: str | None = None  # the id of the reload that replaced its generation within its window
     rolls_back: str | None = None  # on a rollback's record: the id of the reload it undoes
     # How the candidate's code was imported: {"mode": "incremental", "reimported": N} or
     # {"mode": "clean"} (with "reason" when incremental was asked for); shown as "import".
@@ -126,10 +127,14 @@ class ReloadRecord:
         self.stability = "watching"
 
     def settle(self, stability: Stability, detail: str | None = None, by: str | None = None) -> None:
-        """The end of its watch (rollback.py): see `Stability`."""
+        """The end of its watch (rollback.py): see `Stability`; `by` is the rollback that undid it, or the reload
+        that replaced it."""
         self.stability = stability
         self.stability_detail = detail
-        self.rolled_back_by = by
+        if stability == "replaced":
+            self.replaced_by = by
+        else:
+            self.rolled_back_by = by
 
     def as_dict(self) -> dict[str, Any]:
         shown = {k.rstrip("_"): v for k, v in self.__dict__.items() if not k.startswith("_")}

@@ -100,7 +100,7 @@ class Rollback:
         previous = replaced if self.proven or self.previous is None else self.previous
         earlier = self.watch
         if earlier is not None:
-            self._end(earlier, "replaced", f"replaced by reload {record.id} within its rollback_window")
+            self._end(earlier, "replaced", f"replaced by reload {record.id} within its rollback_window", by=record.id)
             if earlier.rollback is not None and self.queue.withdraw_rollback() is not None:
                 logger.info(
                     "rollback of generation %d withdrawn: reload %s replaced it first", earlier.generation, record.id
