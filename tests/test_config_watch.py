@@ -60,10 +60,14 @@ class KubeletVolume:
         return name
 
     def update(self, files: dict[str, str]) -> None:
-        """The kubelet's sequence: new directory, `..data_tmp` symlink, rename over `..data`, old directory gone."""
+        """The kubelet's sequence: new directory, `..data_tmp` symlink, rename over `..data`, a link for
+        each new key, old directory gone."""
         old, self.current = self.current, self._write(files)
         os.symlink(self.current, self.directory / "..data_tmp")
         os.rename(self.directory / "..data_tmp", self.directory / "..data")
+        for name in files:
+            if not os.path.lexists(self.directory / name):
+                os.symlink(f"..data/{name}", self.directory / name)
         shutil.rmtree(self.directory / old)
 
 
@@ -249,6 +253,72 @@ def test_tokens_secret_update_is_applied_in_place(tmp_path: Path, serve: Callabl
     assert get(service, STATUS_PATH, NEW_TOKEN).status_code == 200
     assert get(service, "/ready").status_code == 200
     assert status(service, PROBE)["generation"] == now["generation"]
+
+
+def test_a_secret_arriving_after_the_configmap_that_names_it_is_applied(
+    tmp_path: Path, serve: Callable[..., Service]
+) -> None:
+    """One `kubectl apply` names a new key of the Secret in the ConfigMap and adds it to the Secret;
+    the kubelet updates the two volumes independently, and here the ConfigMap lands first."""
+    secret = KubeletVolume(tmp_path / "pypnm-tokens", {"tokens": f"ci:{TOKEN}\n"})
+    tokens, new = secret.path("tokens"), secret.path("tokens-v2")
+    settings = 'trusted_networks = []\napi_tokens_file = "{}"\n[api_tokens]\nprobe = "{}"\n'
+    volume = KubeletVolume(tmp_path / "pypnm-config", {"pypnm.toml": settings.format(tokens, PROBE)})
+    config = volume.path("pypnm.toml")
+    service = serve(config)
+    start = status(service, PROBE)
+    master, seen = start["master"]["pid"], reload_ids(service, PROBE)
+
+    # The ConfigMap first: its reload fails (the tokens file it names is not there yet), the old
+    # tokens stay in force, and the watch now follows the file the new settings name.
+    volume.update({"pypnm.toml": settings.format(new, PROBE)})
+    record = finished_reload(service, seen, PROBE)
+    assert record["outcome"] == "failed", record
+    assert f"api_tokens_file {str(new)!r}: cannot read it" in record["reason"], record["reason"]
+    assert get(service, STATUS_PATH, TOKEN).status_code == 200
+    assert get(service, "/ready").status_code == 200
+    assert status(service, PROBE)["master"]["watching_config"] == [str(config), str(new)]
+
+    # Then the Secret: the new key's arrival reloads by itself, and the new settings serve.
+    seen = reload_ids(service, PROBE)
+    secret.update({"tokens": f"ci:{TOKEN}\n", "tokens-v2": f"ops:{NEW_TOKEN}\n"})
+    record = finished_reload(service, seen, PROBE)
+    assert record["outcome"] == "succeeded", record
+    assert record["source"] == f"file change: {new}"
+    assert get(service, STATUS_PATH, NEW_TOKEN).status_code == 200
+    assert get(service, STATUS_PATH, TOKEN).status_code == 401
+    assert status(service, PROBE)["master"]["pid"] == master
+
+
+def test_a_settings_file_that_does_not_parse_keeps_the_watch_on_the_files_in_force(
+    tmp_path: Path, serve: Callable[..., Service]
+) -> None:
+    """Nothing new to follow: the settings file and the tokens file in force stay watched, and fixing
+    the settings file reloads."""
+    secret = KubeletVolume(tmp_path / "pypnm-tokens", {"tokens": f"ci:{TOKEN}\n"})
+    tokens = secret.path("tokens")
+    settings = f'trusted_networks = []\napi_tokens_file = "{tokens}"\n[api_tokens]\nprobe = "{PROBE}"\n'
+    volume = KubeletVolume(tmp_path / "pypnm-config", {"pypnm.toml": settings})
+    config = volume.path("pypnm.toml")
+    service = serve(config)
+    seen = reload_ids(service, PROBE)
+
+    volume.update({"pypnm.toml": settings + "not toml [\n"})
+    record = finished_reload(service, seen, PROBE)
+    assert record["outcome"] == "failed" and "not valid TOML" in record["reason"], record
+    assert status(service, PROBE)["master"]["watching_config"] == [str(config), str(tokens)]
+
+    seen = reload_ids(service, PROBE)
+    secret.update({"tokens": f"ops:{NEW_TOKEN}\n"})
+    record = finished_reload(service, seen, PROBE)
+    assert record["outcome"] == "failed", record  # the settings file still does not parse
+    assert get(service, STATUS_PATH, TOKEN).status_code == 200
+
+    seen = reload_ids(service, PROBE)
+    volume.update({"pypnm.toml": settings})
+    record = finished_reload(service, seen, PROBE)
+    assert record["outcome"] == "succeeded", record
+    assert get(service, STATUS_PATH, NEW_TOKEN).status_code == 200
 
 
 def test_watch_config_off_and_a_manual_reload_after_the_old_directory_is_gone(

@@ -8,7 +8,7 @@ settings) — the master applies a new generation's settings only once it serves
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from pypnm.identity import SUPERVISOR_ENV
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
@@ -70,8 +70,15 @@ def supervised_spec(
     return generation_spec(app, number, snapshot, settings, env)
 
 
-def settings_for(snapshot: Snapshot, running: Settings, overrides: dict[str, Any]) -> Settings:
-    """The settings a new generation runs with, as far as the master applies them itself.
+class ReloadSettings(NamedTuple):
+    """What a reload takes from the settings file."""
+
+    generation: Settings  # what the new generation runs with, as far as the master applies it
+    watch: Settings  # whose files the settings watch follows from now on (ConfigWatch.read_by_reload)
+
+
+def settings_for(snapshot: Snapshot, running: Settings, overrides: dict[str, Any]) -> ReloadSettings:
+    """The settings a new generation runs with, as far as the master applies them itself, and those to watch.
 
     The candidate's own code is the judge of the settings file; when this (older) code
     cannot read it, the running settings stay in force here and the candidate decides.
@@ -81,10 +88,18 @@ def settings_for(snapshot: Snapshot, running: Settings, overrides: dict[str, Any
     try:
         fresh = load_settings(snapshot.config_file, **overrides)
     except SettingsError:
-        return running
+        try:
+            # A file that parses but names a tokens file that cannot be read (yet): a ConfigMap that
+            # names a new key of a Secret lands before the Secret does, the kubelet updating each
+            # volume on its own. Its arrival must reload, so the watch follows the file named there.
+            named = load_settings(snapshot.config_file, read_tokens=False, **overrides)
+        except SettingsError:  # nothing new to follow: the files in force stay watched
+            named = running
+        return ReloadSettings(running, named)
     if fresh.api_tokens_file is not None:
         snapshot.add_file(TOKENS_FILE, fresh.api_tokens_file)
-    return fresh.model_copy(update={name: getattr(running, name) for name in RESTART_ONLY})
+    settings = fresh.model_copy(update={name: getattr(running, name) for name in RESTART_ONLY})
+    return ReloadSettings(settings, settings)
 
 
 def freeze_tls(snapshot: Snapshot, settings: Settings) -> list[str]:

@@ -1,9 +1,10 @@
 """The master's watch on the settings files: a reload when their content changes.
 
 Owns which settings files are watched (the settings file given by `--config`, kept as given,
-and the `api_tokens_file` and, with `ssl`, the `ssl_certfile` and `ssl_keyfile` of the latest
-settings a reload read: a renewed certificate is served without a hand), the content each had when a
-reload last read it, and the watch itself. It is one of the master's triggers (triggers.py
+and the `api_tokens_file` and, with `ssl`, the `ssl_certfile` and `ssl_keyfile` that the settings
+file the latest reload read names, even when that tokens file could not be read yet: a renewed
+certificate, or a Secret landing after the ConfigMap that names it, is served without a hand), the
+content each had when a reload last read it, and the watch itself. It is one of the master's triggers (triggers.py
 has the others) and hands the reload queue its source ("file change: <path>"). The master
 calls it at three points: `run` once the first generation serves, `read_by_reload` each
 time a reload's build has frozen the files into its snapshot (`Master._build`), and
@@ -112,11 +113,12 @@ class ConfigWatch:
         return [str(path) for path in self._files]
 
     def read_by_reload(self, snapshot: Snapshot, settings: Settings) -> None:
-        """A reload has frozen the settings files into `snapshot` and runs with `settings`.
+        """A reload has frozen the settings files into `snapshot`; `settings` are those its settings file names.
 
         Their content is now the one to compare with; the tokens file and TLS pair to watch are the
-        ones these settings name (the running ones when the new file could not be read), as is
-        `watch_config`.
+        ones these settings name, as is `watch_config`: the new file's even when the tokens file it
+        names cannot be read (yet), so that its arrival reloads; the running ones when the new file
+        itself cannot be read (build.settings_for).
         """
         named = {  # the files these settings name, by their role in the snapshot
             TOKENS_FILE: settings.api_tokens_file,
@@ -124,15 +126,22 @@ class ConfigWatch:
             TLS_KEY_FILE: settings.ssl_keyfile if settings.ssl else None,
         }
         given = {CONFIG_FILE: self.config_file} | named
+        frozen: set[Path] = set()
         for role, digest in snapshot.file_digests.items():  # hashed as the snapshot copied them
             original = given.get(role)
             if original is not None:
+                frozen.add(as_given(original))
                 self._known[as_given(original)] = digest.hex()  # as content_digest() says it
         files: dict[Path, str] = {}
         if self.config_file is not None and (settings.watch_config or self._always):
             files[self.config_file] = SETTINGS_FILE
         if settings.watch_config:
             files |= {as_given(path): FILE_SETTING[role] for role, path in named.items() if path is not None}
+        for path in files.keys() - self._files.keys() - frozen:
+            # First named by this reload, which just tried to read it (a tokens file it could not read
+            # is not in the snapshot): known as it is now, not when the watch first looks, so that a
+            # file arriving in between still reloads.
+            self._known[path] = content_digest(path)
         if files != self._files:
             self._files = files
             self._rearm.set()

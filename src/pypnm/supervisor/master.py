@@ -409,8 +409,8 @@ class Master:
             serving.snapshot if serving is not None else None,
             await self.next_snapshot.take(),
         )
-        settings = build.settings_for(snapshot, self.settings, self.overrides)
-        self.config_watch.read_by_reload(snapshot, settings)  # the content this reload read is the one to compare
+        settings, watch = build.settings_for(snapshot, self.settings, self.overrides)
+        self.config_watch.read_by_reload(snapshot, watch)  # the content this reload read is the one to compare
         try:
             tls_warnings = build.freeze_tls(snapshot, settings)
         except (TLSError, SnapshotError):
