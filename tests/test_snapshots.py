@@ -32,6 +32,7 @@ from conftest import (
     wait_until,
     write_app_package,
 )
+from pypnm.settings import Settings
 from pypnm.supervisor import next_snapshot
 from pypnm.supervisor import snapshot as snapshot_module
 from pypnm.supervisor.snapshot import (
@@ -235,6 +236,33 @@ def test_a_link_loop_in_the_project_is_copied_once(project: Path, tmp_path: Path
     assert "pkg/sub/leaf.py" in made.manifest
     assert not any(name.startswith("pkg/sub/again/sub/again") for name in made.manifest)
     shutil.rmtree(made.directory)
+
+
+def test_what_reload_excludes_names_and_links_to_nothing_are_left_out(project: Path, tmp_path: Path) -> None:
+    """An editor's files: Emacs's lock file (a link to nothing) and backup, vim's swap file; a VCS directory."""
+    (project / ".#util.py").symlink_to("user@host.4242:1700000000")
+    (project / "sub" / "gone").symlink_to(tmp_path / "nowhere")  # not excluded by name: a link to nothing
+    write_tree(project, {"util.py~": "VALUE = 0\n", "sub/.leaf.py.swp": "swap", ".git/HEAD": "ref\n"})
+    write_tree(project, {"templates/page.html": "<p>\n", "static/app.js": "1\n"})  # data files are copied
+    excludes = Settings.model_fields["reload_excludes"].get_default(call_default_factory=True)  # .*, *~, …
+    made = take_snapshot({"pkg": project}, tmp_path / "gen-1", None, excludes=excludes)
+    files, _ = tree(made.directory)
+    expected = {"__init__.py", "main.py", "util.py", "sub/__init__.py", "sub/leaf.py", "data.json"}
+    expected |= {"templates/page.html", "static/app.js"}
+    assert set(made.manifest) == {f"pkg/{name}" for name in expected}
+    assert {name for name in files if "__pycache__" not in name} == set(made.manifest)
+
+    # A file that becomes a link to nothing is gone from the next snapshot, with nothing left in its place.
+    (project / "sub" / "leaf.py").unlink()
+    (project / "sub" / "leaf.py").symlink_to("nowhere.py")
+    again = take_snapshot({"pkg": project}, tmp_path / "gen-2", None, previous=made, excludes=excludes)
+    assert again.changes == SnapshotChanges(removed=frozenset({"pkg.sub.leaf"}))
+    assert not (again.directory / "pkg" / "sub" / "leaf.py").exists()
+
+    # Without any pattern the editor's regular files are copied, but a link to nothing still is not.
+    every = take_snapshot({"pkg": project}, tmp_path / "gen-3", None)
+    assert {"pkg/util.py~", "pkg/sub/.leaf.py.swp", "pkg/.git/HEAD"} <= set(every.manifest)
+    assert not {"pkg/.#util.py", "pkg/sub/gone", "pkg/sub/leaf.py"} & set(every.manifest)
 
 
 # ----- links made ahead (prepare_next) ------------------------------------------------------------

@@ -553,6 +553,25 @@ def test_incremental_imports_clean_when_the_app_object_outlives_the_reimport(
     assert service.get("/v").json() == {"v": 2}
 
 
+def test_editor_files_the_watcher_ignores_are_not_code_to_a_reload(start_service: StartService, tmp_path: Path) -> None:
+    """Emacs's lock file (a link to nothing) and backup beside an edited module: reloads stay incremental."""
+    service = serve_app(start_service, tmp_path, 1, "--reload")
+    package = tmp_path / "zyg"
+    serving_workers(service, 1, 1)
+    wait_until(lambda: "watching" in service.output(), timeout=10)
+    (package / ".#leaf.py").symlink_to("user@host.4242:1700000000")  # made as a buffer is first modified
+    (package / "leaf.py~").write_text('VALUE = "leaf0"\n')  # the backup, made at the first save
+    (package / ".leaf.py.swp").write_bytes(b"b0VIM 9.0")
+    for generation in (2, 3):
+        (package / "leaf.py").write_text(f'VALUE = "leaf{generation}"\n')
+        record = reload_finished(service, generation - 1)["last_reload"]
+        assert record["outcome"] == "succeeded", record  # was: cannot copy the code: …/.#leaf.py
+        assert record["import"] == {"mode": "incremental", "reimported": 2}, record  # zyg.leaf and zyg.main
+        serving_workers(service, generation, 1)
+        assert values(service)["leaf"] == f"leaf{generation}"
+        (package / "leaf.py~").write_text(f'VALUE = "leaf{generation}"\n')  # the next save's backup
+
+
 # A route module holding 32 MiB of data (real pages, not zeroes) that each reload changes; the app imports it.
 BLOB = '''"""A module with a large table, and a route that reads it."""
 

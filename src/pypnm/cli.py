@@ -327,7 +327,10 @@ def check(args: argparse.Namespace) -> int:
         return _fail(f"check failed: {exc}")
     try:
         try:
-            snapshot = take_snapshot(find_project_sources(args.app), runtime.path / "gen", config_path(args.config))
+            sources = find_project_sources(args.app)
+            snapshot = take_snapshot(
+                sources, runtime.path / "gen", config_path(args.config), excludes=settings.reload_excludes
+            )
             for warning in freeze_tls(snapshot, settings):  # the certificate check a reload makes
                 sys.stderr.write(f"pypnm: warning: {warning}\n")
         except (SnapshotError, TLSError) as exc:

@@ -408,6 +408,7 @@ class Master:
             self.compiler,
             serving.snapshot if serving is not None else None,
             await self.next_snapshot.take(),
+            self.settings.reload_excludes,  # the watcher's (serving) patterns: what it ignores is not code
         )
         settings, watch = build.settings_for(snapshot, self.settings, self.overrides)
         self.config_watch.read_by_reload(snapshot, watch)  # the content this reload read is the one to compare

@@ -16,6 +16,9 @@ Where hard links are refused (another file system, a file system without them, a
 permission), files are copied instead. `Snapshot.changes` says which modules changed
 (`SnapshotChanges.between`, the one comparison of two snapshots' files: import_graph.py's
 plan compares with it too), and `module_name` is the one reading of a file path as a module.
+What a snapshot leaves out of the tree: compiled bytecode, every path with a part that matches
+`reload_excludes` (`excluded`, the one reading of those patterns, which the `--reload` watcher
+uses too: an editor's backup, swap and lock files), and symbolic links that lead nowhere.
 
 The master only reads and compiles these files; it never imports them. Where the
 project's sources are is asked again before each snapshot (`SourceLocator`), so a reload
@@ -36,8 +39,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from stat import S_ISREG
@@ -145,6 +149,16 @@ def module_name(relative: str, suffixes: Iterable[str] = (".py",)) -> str | None
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts) if parts and all(part.isidentifier() for part in parts) else None
+
+
+def excluded(name: str, patterns: Iterable[str]) -> bool:
+    """Whether `name`, one part of a path (a file or directory name), matches one of `patterns` (`reload_excludes`).
+
+    The `--reload` watcher ignores a change when a part of its path matches (triggers.py), and a
+    snapshot leaves out a file when a part of its path below the project's directory does (`_walk`):
+    a file whose changes do not trigger a reload must not change what a reload imports either.
+    """
+    return any(fnmatch(name, pattern) for pattern in patterns)
 
 
 def code_digests(manifest: Mapping[str, FileRecord]) -> dict[str, bytes]:
@@ -433,11 +447,13 @@ def take_snapshot(
     compiler: Compiler | None = None,
     previous: Snapshot | None = None,
     prepared: Prepared | None = None,
+    excludes: Sequence[str] = (),
 ) -> Snapshot:
     """Freeze `sources` into `directory`, sharing with `previous` (the serving generation's) what did not change.
 
     `prepared`: the links of `previous`'s files made ahead (`prepare_next`); the snapshot takes its
     directory over (renamed to `directory`), or removes it when it was made from another snapshot.
+    `excludes`: the `reload_excludes` patterns; a path below a package with a part that matches one is left out.
     """
     started = time.perf_counter()
     compiler = compiler or Compiler()
@@ -455,7 +471,7 @@ def take_snapshot(
         for top, source in sources.items():
             if source.is_dir():
                 target = directory / top
-                for original, relative in _walk(source):
+                for original, relative in _walk(source, excludes):
                     freezer.freeze(original, f"{top}/{relative}")
                 package_version = code_version_of(
                     (relative.removeprefix(f"{top}/"), record.digest)
@@ -491,7 +507,7 @@ def take_snapshot(
         shutil.rmtree(directory, ignore_errors=True)
         if prelinked is not None:  # or a path the links made ahead stand in the way of (a file now a directory)
             logger.debug("snapshot %s made again without its links made ahead: %s", directory, exc)
-            return take_snapshot(sources, directory, config_file, compiler, previous)
+            return take_snapshot(sources, directory, config_file, compiler, previous, excludes=excludes)
         raise SnapshotError(_copy_problem(exc)) from None
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
@@ -519,12 +535,15 @@ def _take_over(prepared: Prepared | None, previous: Snapshot | None, directory: 
     return None
 
 
-def _walk(source: Path) -> Iterator[tuple[str, str]]:
-    """Every file below `source` but compiled bytecode, in a stable order: (its path, its path relative to `source`).
+def _walk(source: Path, excludes: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """Every file below `source` but compiled bytecode and `excluded` paths, in a stable order: (its path, its
+    path relative to `source`).
 
     Symbolic links are followed, as a copy would (a linked directory is copied as a directory);
-    a directory met again through a link is not entered twice, so a link loop ends. Strings, not
-    Path objects: this runs for every file of the tree at every reload.
+    a directory met again through a link is not entered twice, so a link loop ends. A link that
+    leads nowhere is yielded like a file: the freezer leaves it out (it stats every file anyway).
+    An excluded directory is not entered, so each part of a path is matched once, as it is met.
+    Strings, not Path objects: this runs for every file of the tree at every reload.
     """
     seen: set[tuple[int, int]] = set()
 
@@ -537,10 +556,10 @@ def _walk(source: Path) -> Iterator[tuple[str, str]]:
             dirs[:] = []
             continue
         seen.add((info.st_dev, info.st_ino))
-        dirs[:] = sorted(name for name in dirs if name != "__pycache__")
+        dirs[:] = sorted(name for name in dirs if name != "__pycache__" and not excluded(name, excludes))
         prefix = Path(root).relative_to(source).as_posix()
         for name in sorted(files):
-            if not name.endswith(".pyc"):
+            if not name.endswith(".pyc") and not excluded(name, excludes):
                 yield os.path.join(root, name), name if prefix == "." else f"{prefix}/{name}"
 
 
@@ -568,9 +587,19 @@ class _Freezer:
         self._prelinked = prelinked
 
     def freeze(self, original: str, relative: str) -> None:
+        """Put `original` into the snapshot as `relative`; nothing when it is a symbolic link that leads nowhere."""
+        try:
+            stat = os.stat(original)  # before reading: a write after this changes the stat seen next time
+        except OSError as exc:
+            # A link to nothing (Emacs's lock file `.#name.py` while a buffer is modified, a link to a
+            # file removed since) holds no code: left out, as a copy of the tree could not hold it either.
+            # A file that vanished is still an error: the tree is being written, the reload fails.
+            if exc.errno in (errno.ENOENT, errno.ELOOP) and os.path.islink(original):
+                logger.debug("snapshot: %s left out: a symbolic link that leads nowhere", original)
+                return
+            raise
         target = os.path.join(self.directory, relative)
-        _make_parent(target, self._made)
-        stat = os.stat(original)  # before reading: a write after this changes the stat seen next time
+        _make_parent(target, self._made)  # after the stat: a directory of links to nothing is not made
         if not S_ISREG(stat.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", original)
         key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)

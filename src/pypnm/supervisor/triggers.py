@@ -34,6 +34,7 @@ from pypnm.supervisor import control, protocol
 from pypnm.supervisor.build import DEFAULT_APP
 from pypnm.supervisor.logfile import reopen_log_files
 from pypnm.supervisor.reloads import ReloadDropped, ReloadQueue
+from pypnm.supervisor.snapshot import excluded
 from pypnm.supervisor.upgrade import UpgradeRecord, UpgradeRefused
 
 logger = logging.getLogger("pypnm.supervisor.master")
@@ -175,8 +176,8 @@ class FileWatch:
         if not self.watch or (change == watchfiles.Change.deleted and candidate.suffix != ".py"):
             return False
         settings = self._settings()
-        if any(fnmatch(part, pattern) for part in candidate.parts for pattern in settings.reload_excludes):
-            return False
+        if any(excluded(part, settings.reload_excludes) for part in candidate.parts):
+            return False  # the snapshot leaves the same paths out (snapshot.excluded)
         return any(fnmatch(candidate.name, pattern) for pattern in settings.reload_includes)
 
     def _route_file(self) -> Path:
