@@ -111,6 +111,40 @@ def test_what_the_graph_cannot_vouch_for_is_a_clean_import(tmp_path: Path) -> No
     assert plan(config, snapshots.scan(APP, config="workers = 3\n"), "app.main") == Plan([])
 
 
+@pytest.mark.parametrize(
+    ("source", "line"),
+    [
+        # import_module and __import__ under another name, or passed on.
+        ('from importlib import import_module as load\nBETA = load("app.plugins." + "beta")\n', 2),
+        ('import importlib as il\n\nBETA = il.import_module(f"app.{NAME}")\n', 3),
+        ("import importlib\nload = importlib.import_module\n", 2),
+        ("from importlib import import_module\nPLUGINS = list(map(import_module, NAMES))\n", 2),
+        ("import builtins\nload = builtins.__import__\n", 2),
+        ("from importlib import reload as again\nagain(MODULE)\n", 2),
+        # Loading by file path, or running a module: any use of the loaders, whatever their arguments.
+        (
+            "import importlib.util\n\n"
+            'spec = importlib.util.spec_from_file_location("gamma", PATH)\n'
+            "mod = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(mod)\n",
+            3,
+        ),
+        ('from importlib.machinery import SourceFileLoader as Loader\nmod = Loader("gamma", PATH).load_module()\n', 1),
+        ('import runpy\nGLOBALS = runpy.run_path("plugins/gamma.py")\n', 2),
+        ('def run():\n    import runpy\n    runpy.run_module("app.tools")\n', 3),
+    ],
+)
+def test_dynamic_imports_under_other_names_and_loads_by_path_are_seen(source: str, line: int) -> None:
+    assert read_imports("app.main", False, source.encode()).dynamic == line
+
+
+def test_an_aliased_import_function_with_a_literal_is_an_edge() -> None:
+    facts = read_imports("app.main", False, b'from importlib import import_module as load\nX = load("app.models")\n')
+    assert facts == import_graph.ModuleFacts(frozenset({"importlib", "importlib.import_module", "app.models"}), None)
+    # A method that happens to be called `reload`, used but not called, is not an import.
+    assert read_imports("app.main", False, b"callback = config.reload\n").dynamic is None
+
+
 def test_a_file_no_import_can_name_is_not_a_module_to_the_snapshot_nor_to_the_plan(tmp_path: Path) -> None:
     snapshots = Snapshots(tmp_path)
     old = snapshots.scan({**APP, "app/run-me.py": "A = 1\n"})

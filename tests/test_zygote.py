@@ -572,6 +572,70 @@ def test_editor_files_the_watcher_ignores_are_not_code_to_a_reload(start_service
         (package / "leaf.py~").write_text(f'VALUE = "leaf{generation}"\n')  # the next save's backup
 
 
+# Plugins no import statement names: one imported by a computed name through an aliased import_module,
+# one loaded from its file. Each loader module is kept by an incremental import unless it changed itself.
+PLUGIN_MAIN = (
+    """from fastapi import FastAPI
+
+from plug import by_name, by_path
+
+app = FastAPI()
+
+
+@app.get("/plugins")
+async def plugins() -> dict[str, str]:
+    return {"beta": by_name.BETA.VALUE, "gamma": by_path.GAMMA.VALUE}
+"""
+    + STATUS_ROUTES
+)
+BY_NAME = """from importlib import import_module as load
+
+BETA = load("plug.plugins." + "beta")
+"""
+BY_PATH = """import importlib.util
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("gamma", Path(__file__).parent / "plugins" / "gamma.py")
+assert spec is not None and spec.loader is not None
+GAMMA = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(GAMMA)
+"""
+
+
+def test_plugins_loaded_by_an_aliased_import_module_or_by_path_are_imported_clean(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    package = write_app_package(tmp_path, "plug", PLUGIN_MAIN).parent
+    (package / "by_name.py").write_text(BY_NAME)
+    (package / "by_path.py").write_text(BY_PATH)
+    write_app_package(package, "plugins", "")
+    (package / "plugins" / "beta.py").write_text('VALUE = "beta1"\n')
+    (package / "plugins" / "gamma.py").write_text('VALUE = "gamma1"\n')
+    command = pypnm_command("--app", "plug.main:app", "--port", "{port}", "--workers", "1")
+    env = base_env(PYPNM_RELOAD_IMPORT="incremental", PYPNM_RELOAD_MIN_INTERVAL="0")
+    service = start_service(command, cwd=tmp_path, env=env)
+    assert service.get("/plugins").json() == {"beta": "beta1", "gamma": "gamma1"}
+
+    # The plugin loaded from its file changed (and the other loader, which is then imported again anyway).
+    (package / "plugins" / "gamma.py").write_text('VALUE = "gamma2"\n')
+    (package / "by_name.py").write_text(BY_NAME + "# changed\n")
+    record = reload_by_sighup(service, 1)["last_reload"]
+    reason = "a dynamic import in plug/by_path.py, line 4, which the import graph cannot follow"
+    assert (record["outcome"], record["import"]) == ("succeeded", {"mode": "clean", "reason": reason}), record
+    serving_workers(service, 2, 1)
+    assert service.get("/plugins").json() == {"beta": "beta1", "gamma": "gamma2"}
+    assert f"generation 2: clean import: {reason}" in service.output()
+
+    # The plugin imported through the aliased import_module changed (and the loader by path).
+    (package / "plugins" / "beta.py").write_text('VALUE = "beta2"\n')
+    (package / "by_path.py").write_text(BY_PATH + "# changed\n")
+    record = reload_by_sighup(service, 2)["last_reload"]
+    reason = "a dynamic import in plug/by_name.py, line 3, which the import graph cannot follow"
+    assert (record["outcome"], record["import"]) == ("succeeded", {"mode": "clean", "reason": reason}), record
+    serving_workers(service, 3, 1)
+    assert service.get("/plugins").json() == {"beta": "beta2", "gamma": "gamma2"}
+
+
 # A route module holding 32 MiB of data (real pages, not zeroes) that each reload changes; the app imports it.
 BLOB = '''"""A module with a large table, and a route that reads it."""
 

@@ -18,9 +18,13 @@ What the graph cannot vouch for makes the reload a clean import, with the reason
 
 - a changed file that is not a `.py` module: a C extension, a data file read at import, the
   settings file (the app reads its settings as it is built);
-- a dynamic import (`importlib.import_module`, `__import__`, `importlib.reload` of anything but a
-  string literal) in a module the app imports and the incremental import keeps: it may hold a
-  module the graph does not know it holds;
+- a dynamic import in a module the app imports and the incremental import keeps: it may hold a
+  module the graph does not know it holds. That is a call of `importlib.import_module`,
+  `__import__` or `importlib.reload` with anything but a string literal, under whatever name it
+  was imported (`from importlib import import_module as load`) or passed on (`load =
+  importlib.import_module`); and any use at all of what loads a module by its file or runs one
+  (`spec_from_file_location`, `exec_module`, `load_module`, `SourceFileLoader`, `runpy.run_path`
+  and the like: `_LOADERS`), which no import statement names;
 - a different environment or `--app` for the workers.
 
 What it cannot see either is state: a kept module that a dropped one wrote into as it was
@@ -37,8 +41,27 @@ from pathlib import Path
 from pypnm.supervisor.snapshot import Snapshot, SnapshotChanges
 from pypnm.supervisor.snapshot import module_name as module_name  # a path's module: the snapshot's reading, here too
 
-# Calls that import a module named by their first argument.
-_DYNAMIC_FUNCTIONS = {"import_module", "__import__", "reload"}
+# Calls that import a module named by their first argument: a string literal is an edge, anything else dynamic.
+_DYNAMIC_FUNCTIONS = frozenset({"import_module", "__import__", "reload"})
+# Those of them whose name means nothing else: used other than called (`load = importlib.import_module`,
+# `map(import_module, names)`), the calls cannot be followed. (`reload` is also an ordinary method's name.)
+_UNAMBIGUOUS_FUNCTIONS = frozenset({"import_module", "__import__"})
+# What loads or runs a module by its file, or by a spec made from one: no import names the module it
+# gives, so any use of these names (a call, an alias, a subclass of a loader) is a dynamic import.
+_LOADERS = frozenset(
+    {
+        "spec_from_file_location",
+        "spec_from_loader",
+        "module_from_spec",
+        "exec_module",
+        "load_module",
+        "load_source",  # imp's
+        "SourceFileLoader",
+        "SourcelessFileLoader",
+        "run_path",
+        "run_module",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -111,7 +134,17 @@ def read_imports(module: str, is_package: bool, source: bytes) -> ModuleFacts:
     tree = ast.parse(source)  # the snapshot compiled it already: a syntax error failed the reload there
     package = module if is_package else module.rpartition(".")[0]
     names: set[str] = set()
-    dynamic: int | None = None
+    dynamic: list[int] = []
+    # The names the import functions were imported under here (`from importlib import import_module as load`).
+    functions = set(_DYNAMIC_FUNCTIONS)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if alias.name in _DYNAMIC_FUNCTIONS and alias.asname is not None:
+                    functions.add(alias.asname)
+                elif alias.name in _LOADERS:
+                    dynamic.append(node.lineno)
+    called: set[int] = set()  # the id() of each function node of a call checked below, not a use of its own
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -124,14 +157,19 @@ def read_imports(module: str, is_package: bool, source: bytes) -> ModuleFacts:
                 continue
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
-        elif isinstance(node, ast.Call) and _is_dynamic_import(node.func):
+        elif isinstance(node, ast.Call) and _called_name(node.func) in functions:
+            called.add(id(node.func))
             first = node.args[0] if node.args else None
             if isinstance(first, ast.Constant) and isinstance(first.value, str) and not first.value.startswith("."):
                 names.add(first.value)
-            elif dynamic is None:
-                dynamic = node.lineno
+            else:
+                dynamic.append(node.lineno)
+        elif isinstance(node, ast.Name | ast.Attribute) and id(node) not in called:
+            name = _called_name(node)
+            if name in _LOADERS or name in _UNAMBIGUOUS_FUNCTIONS:
+                dynamic.append(node.lineno)
     # `from a.b import c` runs `a` first too, but holds only `a.b` and `c`: a new `a` does not concern it.
-    return ModuleFacts(frozenset(names), dynamic)
+    return ModuleFacts(frozenset(names), min(dynamic, default=None))
 
 
 def _resolve(name: str, level: int, package: str) -> str | None:
@@ -144,10 +182,11 @@ def _resolve(name: str, level: int, package: str) -> str | None:
     return ".".join([*base, name] if name else base) or None
 
 
-def _is_dynamic_import(func: ast.expr) -> bool:
+def _called_name(func: ast.expr) -> str | None:
+    """The name a call goes by: `f` of `f(…)` and of `a.b.f(…)`; None for anything else (`f()(…)`, `x[0](…)`)."""
     if isinstance(func, ast.Name):
-        return func.id in _DYNAMIC_FUNCTIONS
-    return isinstance(func, ast.Attribute) and func.attr in _DYNAMIC_FUNCTIONS
+        return func.id
+    return func.attr if isinstance(func, ast.Attribute) else None
 
 
 def plan(previous: CodeScan, current: CodeScan, app_module: str) -> Plan:
