@@ -553,6 +553,19 @@ def test_incremental_imports_clean_when_the_app_object_outlives_the_reimport(
     assert service.get("/v").json() == {"v": 2}
 
 
+def test_a_project_under_a_hidden_directory_reloads_on_an_edit(start_service: StartService, tmp_path: Path) -> None:
+    """reload_excludes (`.*` among them) are matched below the watched directory, not along the whole path."""
+    root = tmp_path / ".projects"  # as under ~/.local/src, or a package installed in a .venv
+    service = serve_app(start_service, root, 1, "--reload")
+    serving_workers(service, 1, 1)
+    wait_until(lambda: "watching" in service.output(), timeout=10)
+    (root / "zyg" / "leaf.py").write_text('VALUE = "leaf2"\n')
+    record = reload_finished(service, 1)["last_reload"]
+    assert record["outcome"] == "succeeded" and record["source"].startswith("file change: "), record
+    serving_workers(service, 2, 1)
+    assert values(service)["leaf"] == "leaf2"
+
+
 def test_editor_files_the_watcher_ignores_are_not_code_to_a_reload(start_service: StartService, tmp_path: Path) -> None:
     """Emacs's lock file (a link to nothing) and backup beside an edited module: reloads stay incremental."""
     service = serve_app(start_service, tmp_path, 1, "--reload")

@@ -176,9 +176,15 @@ class FileWatch:
         if not self.watch or (change == watchfiles.Change.deleted and candidate.suffix != ".py"):
             return False
         settings = self._settings()
-        if any(excluded(part, settings.reload_excludes) for part in candidate.parts):
+        if any(excluded(part, settings.reload_excludes) for part in self._below_root(candidate)):
             return False  # the snapshot leaves the same paths out (snapshot.excluded)
         return any(fnmatch(candidate.name, pattern) for pattern in settings.reload_includes)
+
+    def _below_root(self, path: Path) -> tuple[str, ...]:
+        """The parts of `path` below the watched directory it is in: where the project lives is not the
+        patterns' business (a project under `~/.local/src`, or one installed in a `.venv`, still reloads)."""
+        roots = [root for root in self._watched if path.is_relative_to(root)]
+        return path.relative_to(max(roots, key=lambda root: len(root.parts))).parts if roots else path.parts
 
     def _route_file(self) -> Path:
         """The file whose touch triggers a reload: the seed's route module, or the module of --app."""
