@@ -138,6 +138,14 @@ def serve_app(start_service: StartService, root: Path, workers: int, *flags: str
     )
 
 
+def serve_watching(start_service: StartService, root: Path) -> Any:
+    """`pypnm --reload` (one worker): the test app, once its first generation serves and its files are watched."""
+    service = serve_app(start_service, root, 1, "--reload")
+    serving_workers(service, 1, 1)
+    wait_until(lambda: "watching" in service.output(), timeout=10)
+    return service
+
+
 def imports(root: Path) -> list[int]:
     return [int(line) for line in (root / "imports.log").read_text().split()]
 
@@ -556,9 +564,7 @@ def test_incremental_imports_clean_when_the_app_object_outlives_the_reimport(
 def test_a_project_under_a_hidden_directory_reloads_on_an_edit(start_service: StartService, tmp_path: Path) -> None:
     """reload_excludes (`.*` among them) are matched below the watched directory, not along the whole path."""
     root = tmp_path / ".projects"  # as under ~/.local/src, or a package installed in a .venv
-    service = serve_app(start_service, root, 1, "--reload")
-    serving_workers(service, 1, 1)
-    wait_until(lambda: "watching" in service.output(), timeout=10)
+    service = serve_watching(start_service, root)
     (root / "zyg" / "leaf.py").write_text('VALUE = "leaf2"\n')
     record = reload_finished(service, 1)["last_reload"]
     assert record["outcome"] == "succeeded" and record["source"].startswith("file change: "), record
@@ -568,10 +574,8 @@ def test_a_project_under_a_hidden_directory_reloads_on_an_edit(start_service: St
 
 def test_editor_files_the_watcher_ignores_are_not_code_to_a_reload(start_service: StartService, tmp_path: Path) -> None:
     """Emacs's lock file (a link to nothing) and backup beside an edited module: reloads stay incremental."""
-    service = serve_app(start_service, tmp_path, 1, "--reload")
+    service = serve_watching(start_service, tmp_path)
     package = tmp_path / "zyg"
-    serving_workers(service, 1, 1)
-    wait_until(lambda: "watching" in service.output(), timeout=10)
     (package / ".#leaf.py").symlink_to("user@host.4242:1700000000")  # made as a buffer is first modified
     (package / "leaf.py~").write_text('VALUE = "leaf0"\n')  # the backup, made at the first save
     (package / ".leaf.py.swp").write_bytes(b"b0VIM 9.0")
@@ -1154,10 +1158,8 @@ def test_by_default_a_standby_is_forked_as_the_reload_begins(start_service: Star
 
 def test_with_reload_a_standby_waits_ahead_of_the_next_edit(start_service: StartService, tmp_path: Path) -> None:
     """`--reload` (development, where the file edited last is edited again) forks the standby ahead by default."""
-    service = serve_app(start_service, tmp_path, 1, "--reload")
+    service = serve_watching(start_service, tmp_path)
     package = tmp_path / "zyg"
-    serving_workers(service, 1, 1)
-    wait_until(lambda: "watching" in service.output(), timeout=10)
     (package / "leaf.py").write_text('VALUE = "leaf2"\n')
     zygote = serving_workers(service, 2, 1)["master"]["zygote_pids"][0]
     standby = standing_by(service, zygote)
