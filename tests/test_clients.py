@@ -214,6 +214,15 @@ def test_a_status_that_never_comes_says_why_at_the_end(fake: Callable[[dict[str,
     assert_one_line_error(result, 2, f"reload {RELOAD_ID} had no outcome within 1s", "answered 503")
 
 
+def test_a_404_is_a_service_that_is_not_pypnm_not_a_refusal(fake: Callable[[dict[str, Answer]], FakeService]) -> None:
+    """Another app on the port (FastAPI's own 404 for a path it lacks), or the wrong path prefix: exit 2."""
+    service = fake({})  # every path: FastAPI's {"detail": "Not Found"}, 404
+    for command in (["reload"], ["reload", "--wait"], ["status"], ["upgrade"]):
+        result = run_cli(*command, "--url", service.url, timeout=30)
+        line = assert_one_line_error(result, 2, service.url, "does not serve pypnm's System Operations (404")
+        assert "refused" not in line and "path prefix" in line, line
+
+
 NOT_PYPNM = [
     pytest.param(Answer(200, b"<html>proxy login</html>", {"Content-Type": "text/html"}), id="html"),
     pytest.param(json_answer(["a", "list"]), id="a-list"),

@@ -295,6 +295,14 @@ def _get(client: httpx.Client, path: str, what: str) -> httpx.Response:
     if response.is_redirect:  # a proxy or another service: pypnm never redirects these paths
         where = response.headers.get("location", "nowhere")
         raise Unanswered(f"{what} refused ({response.status_code}): redirected to {where}; give that URL", 1)
+    if response.status_code == 404:
+        # pypnm serves these paths whenever it runs (an instance without a supervisor included): a 404
+        # is another service on the port, or a URL whose path prefix is not the one pypnm is mounted at.
+        raise Unanswered(
+            f"{client.base_url} does not serve pypnm's System Operations (404 for {path}): is this a pypnm "
+            "instance, and is the URL's path prefix right?",
+            2,
+        )
     if response.status_code != 200:
         raise Unanswered(f"{what} refused ({response.status_code}): {_detail(response)}", 1)
     return response
