@@ -292,3 +292,19 @@ def test_an_interrupted_roll_says_what_it_did(fake: Callable[[dict[str, Answer]]
     assert f"interrupted, outcome unknown (1): {first.url}" in stdout, stdout
     assert f"not attempted (1): {second.url}" in stdout, stdout
     assert second.asked == {}
+
+
+def test_a_reload_that_timed_out_is_not_called_failed(fake: Callable[[dict[str, Answer]], FakeService]) -> None:
+    """No outcome within --timeout: the reload may still be running and succeed, so it is filed as unknown."""
+    first = fake({RELOAD_PATH: TRIGGERED, STATUS_PATH: json_answer(supervised())})  # no outcome, ever
+    second = fake({RELOAD_PATH: TRIGGERED})
+    result = run_cli("reload", "--url", first.url, "--url", second.url, "--timeout", "1", timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"rolling reload stopped at {first.url}: reload {RELOAD_ID} had no outcome within 1s" in lines, lines
+    assert "failed (0): -" in lines, lines
+    unknown = next(line for line in lines if line.startswith("timed out, outcome unknown"))
+    assert unknown.endswith(f"(1): {first.url}") and "pypnm status" in unknown, unknown
+    assert f"not attempted (1): {second.url}" in lines, lines
+    assert second.asked == {}

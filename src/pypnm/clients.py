@@ -265,11 +265,13 @@ def _detail(response: httpx.Response) -> str:
 
 class Unanswered(Exception):
     """The command cannot do its work: `code` is its exit code (2 unreachable, unreadable or bad input;
-    1 refused; 130 interrupted), the message its one line (cli.py prints it)."""
+    1 refused; 130 interrupted), the message its one line (cli.py prints it). `unknown`: what was
+    asked for may have started and may still succeed (no answer, or no outcome, in time)."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, *, unknown: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.unknown = unknown
 
 
 def _get(client: httpx.Client, path: str, what: str) -> httpx.Response:
@@ -282,6 +284,7 @@ def _get(client: httpx.Client, path: str, what: str) -> httpx.Response:
             f"{client.base_url}: no answer to the {what} request within {client.timeout.read:g}s (it was sent: "
             f"the {what} may have started; ask 'pypnm status')",
             2,
+            unknown=True,
         ) from None
     except httpx.HTTPError as exc:
         certificate = _certificate_problem(exc)
@@ -358,6 +361,7 @@ class _Outcome:
     code: int
     message: str
     warnings: list[str] = field(default_factory=list)
+    unknown: bool = False  # triggered (or maybe), no outcome seen in time: it may still succeed
 
 
 def _await_outcome(
@@ -490,7 +494,7 @@ class _StatusPoll:
     def ran_out(self, what: str) -> Unanswered:
         """The end of a wait that saw no outcome: `what` happened, and why the status last did not come."""
         failure = f" (the status last failed: {self.last_failure})" if self.last_failure else ""
-        return Unanswered(f"{what}{failure}", 2)
+        return Unanswered(f"{what}{failure}", 2, unknown=True)
 
 
 @contextlib.contextmanager
@@ -678,15 +682,19 @@ def _reload_instance(
             client, reload_id, timeout, lambda text: console.progress(url, f"{url}: {text}"), stop, stable=stable
         )
     except Unanswered as exc:
-        return _Outcome(exc.code, str(exc))
+        return _Outcome(exc.code, str(exc), unknown=exc.unknown)
 
 
 def _roll_summary(urls: list[str], outcomes: dict[str, _Outcome], not_attempted: list[str]) -> str:
     reloaded = [url for url in urls if url in outcomes and outcomes[url].code == 0]
-    failed = [url for url, outcome in outcomes.items() if outcome.code not in (0, INTERRUPTED)]
+    # A reload whose outcome the wait did not see (timed out) is not filed as failed: it may still
+    # be running and succeed. Like an interrupted one, its instance's status tells how it ended.
+    unknown = [url for url, outcome in outcomes.items() if outcome.unknown and outcome.code != INTERRUPTED]
+    failed = [url for url, outcome in outcomes.items() if outcome.code not in (0, INTERRUPTED) and url not in unknown]
     interrupted = [url for url, outcome in outcomes.items() if outcome.code == INTERRUPTED]
-    if failed:
-        head = f"rolling reload stopped at {failed[0]}: {outcomes[failed[0]].message}"
+    if failed or unknown:
+        first = next(url for url in outcomes if url in failed or url in unknown)
+        head = f"rolling reload stopped at {first}: {outcomes[first].message}"
     elif interrupted:
         head = f"rolling reload interrupted: {len(reloaded)} of {len(urls)} instances reloaded"
     else:
@@ -695,6 +703,8 @@ def _roll_summary(urls: list[str], outcomes: dict[str, _Outcome], not_attempted:
     groups = [("reloaded", reloaded), ("failed", failed), ("not attempted", not_attempted)]
     if interrupted:  # triggered, outcome not seen: `pypnm status` tells how they ended
         groups.insert(2, ("interrupted, outcome unknown", interrupted))
+    if unknown:
+        groups.insert(2, ("timed out, outcome unknown (may still be running: see pypnm status --url URL)", unknown))
     for label, group in groups:
         lines.append(f"{label} ({len(group)}): {', '.join(group) or '-'}")
     return "\n".join(lines) + "\n"
