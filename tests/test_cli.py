@@ -119,6 +119,30 @@ def test_check_fails_on_a_bad_config_value(tmp_path: Path) -> None:
     assert line.startswith("pypnm: check failed: ")
 
 
+def test_check_fails_on_a_log_file_or_pid_file_that_serve_would_stop_at(tmp_path: Path) -> None:
+    """Valid values that `pypnm serve` cannot use at start: a check that passed them would pass a
+    reload too, and every later start would fail. A usable pair leaves no file behind."""
+    config = tmp_path / "settings.toml"
+    unusable = [
+        ('log_file = "/proc/nonexistent/pypnm.log"\n', "cannot open log_file '/proc/nonexistent/pypnm.log'"),
+        (f'pid_file = "{tmp_path / "missing" / "pypnm.pid"}"\n', f"cannot write pid_file {tmp_path / 'missing'}"),
+    ]
+    for text, reason in unusable:
+        config.write_text(text)
+        result = run_cli("check", "--config", str(config), cwd=tmp_path, timeout=60)
+        line = assert_one_line_error(result, 1, "check failed", reason, "No such file or directory")
+        assert line.startswith("pypnm: check failed: ") and result.stdout == ""
+
+        serve = run_cli("serve", "--config", str(config), "--port", "0", cwd=tmp_path, timeout=60)
+        assert_one_line_error(serve, 2, reason)  # what the check said is what a start stops at
+
+    before = sorted(tmp_path.iterdir())
+    config.write_text(f'log_file = "{tmp_path / "pypnm.log"}"\npid_file = "{tmp_path / "pypnm.pid"}"\n')
+    result = run_cli("check", "--config", str(config), cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorted(tmp_path.iterdir()) == before  # neither file, nor the pid file's temporary one
+
+
 def test_check_fails_on_an_app_with_a_syntax_error(marker_app: Path) -> None:
     ok = run_cli("check", "--app", "markerpkg.main:app", cwd=marker_app, timeout=60)
     assert ok.returncode == 0, ok.stderr

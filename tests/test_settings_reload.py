@@ -178,6 +178,30 @@ def test_restart_only_changes_are_reported_not_applied(configured: Callable[...,
     assert f"reload {record['id']}: setting 'log_file_backups' changed" in service.output()
 
 
+def test_a_log_file_the_next_start_cannot_open_is_said_in_the_warning(
+    tmp_path: Path, configured: Callable[..., tuple[Service, Path]]
+) -> None:
+    """A restart-only log_file passes the reload, but a start stops at a file it cannot open: say so now."""
+    service, config = configured(INITIAL)
+    unusable = "/proc/nonexistent/pypnm.log"
+    config.write_text(f'log_file = "{unusable}"\n' + INITIAL)
+    record = service.reload_and_settle()
+    assert record["outcome"] == "succeeded", record
+    assert record["warnings"] == [
+        f"setting 'log_file' changed (None -> {unusable!r}) but needs a restart; still using None; the next start "
+        f"with these settings would fail: cannot open log_file {unusable!r}: No such file or directory: create its "
+        "directory or fix the setting"
+    ], record
+
+    usable = tmp_path / "pypnm.log"
+    config.write_text(f'log_file = "{usable}"\n' + INITIAL)
+    record = service.reload_and_settle()
+    assert record["warnings"] == [
+        f"setting 'log_file' changed (None -> {str(usable)!r}) but needs a restart; still using None"
+    ], record
+    assert not usable.exists()  # tried, and not left behind
+
+
 def test_a_pid_file_moved_where_it_cannot_be_written_is_a_warning_and_tried_again(
     tmp_path: Path, configured: Callable[..., tuple[Service, Path]]
 ) -> None:
@@ -189,7 +213,10 @@ def test_a_pid_file_moved_where_it_cannot_be_written_is_a_warning_and_tried_agai
     config.write_text(f'pid_file = "{second}"\n' + INITIAL)  # its directory does not exist
     record = service.reload_and_settle()
     assert record["outcome"] == "succeeded", record  # the code serves: only the pid file could not move
-    assert record["warnings"] == [f"cannot write pid_file {second}: No such file or directory; {first} stays in force"]
+    assert record["warnings"] == [
+        f"cannot write pid_file {second}: No such file or directory; {first} stays in force, and the next start "
+        "with these settings would fail: create its directory or fix the setting"
+    ]
     assert first.read_text().strip() == master
 
     second.parent.mkdir()

@@ -311,15 +311,26 @@ def serve(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     from pypnm.supervisor.build import freeze_tls, generation_spec
+    from pypnm.supervisor.logfile import LogFileError, check_can_open
     from pypnm.supervisor.runtime import RuntimeDir, RuntimeDirError
     from pypnm.supervisor.snapshot import SnapshotError, find_project_sources, take_snapshot
     from pypnm.supervisor.tls import TLSError
+    from pypnm.supervisor.upgrade import PidFileError, check_pid_file
     from pypnm.supervisor.worker import check as check_generation
 
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:
         return _fail(f"check failed: {exc}")  # exit 2 like every settings error; 1 is for the app
+    try:
+        # What `pypnm serve` stops at before anything starts, checked the same way: a valid value
+        # that cannot be used here would pass a reload, and fail every later start.
+        if settings.log_file is not None:
+            check_can_open(settings.log_file.absolute())
+        if settings.pid_file is not None:
+            check_pid_file(settings.pid_file)
+    except (LogFileError, PidFileError) as exc:
+        return _fail(f"check failed: {exc}", 1)
     sys.path.insert(0, os.getcwd())
     try:
         runtime = RuntimeDir.create(settings.runtime_dir)  # where the master would put it, swept the same way

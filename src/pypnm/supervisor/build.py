@@ -1,17 +1,21 @@
 """What a generation is built from: its snapshot and settings, turned into the spec its workers run.
 
-Pure functions of their arguments: nothing here changes the master (its log level, its
-settings) — the master applies a new generation's settings only once it serves (master.py).
+Functions of their arguments: nothing here changes the master (its log level, its settings) —
+the master applies a new generation's settings only once it serves (master.py). The one look
+outside is at a changed `log_file`, opened as the next start would open it (and removed again
+if that created it), so that the reload's warning says when that start would fail.
 `pypnm check` builds its spec here too, so a check validates exactly what a reload would.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from pypnm.identity import SUPERVISOR_ENV
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
+from pypnm.supervisor.logfile import LogFileError, check_can_open
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
 from pypnm.supervisor.snapshot import TLS_CERT_FILE, TLS_KEY_FILE, TOKENS_FILE, Snapshot
 from pypnm.supervisor.tls import check_pair
@@ -127,6 +131,22 @@ def restart_only_changes(running: Settings, ready: list[WorkerReady]) -> list[st
     return [
         f"setting {name!r} changed ({current.get(name)!r} -> {value!r}) but needs a restart"
         f"{UPGRADE_APPLIES if name in ('host', 'port') else ''}; still using {current.get(name)!r}"
+        f"{_unusable_at_start(name, value)}"
         for name, value in seen.items()
         if name in current and current[name] != value
     ]
+
+
+def _unusable_at_start(name: str, value: Any) -> str:
+    """Why the next start would stop at this restart-only value, said after its warning; "" when it would not.
+
+    A `log_file` that cannot be opened passes a reload (the running processes keep the old one)
+    but ends `pypnm serve` with exit 2: every new instance would fail while these ones look healthy.
+    """
+    if name != "log_file" or not value:
+        return ""
+    try:
+        check_can_open(Path(value).absolute())  # the master's directory, as LogOutput.from_settings takes it
+    except LogFileError as exc:
+        return f"; the next start with these settings would fail: {exc}: create its directory or fix the setting"
+    return ""

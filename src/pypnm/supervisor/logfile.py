@@ -194,6 +194,25 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def check_can_open(path: Path) -> None:
+    """LogFileError when `path` cannot be opened for appending: what `pypnm serve` would stop at.
+
+    For `pypnm check` and a reload that changes `log_file` (which only a restart applies): the
+    file is opened as every process opens it (LogFile.open), and removed again if this created
+    it, so that a check leaves behind no file it did not find.
+    """
+    existed = os.path.lexists(path)
+    file = LogFile(path)
+    file.open()
+    identity = file._identity
+    file.close()
+    if not existed:
+        with contextlib.suppress(OSError):
+            status = os.lstat(path)
+            if (status.st_dev, status.st_ino) == identity:  # still the one this made, not someone else's since
+                os.unlink(path)
+
+
 class LogFileHandler(logging.Handler):
     """A logging handler writing each record as one line (or one block) to a LogFile.
 

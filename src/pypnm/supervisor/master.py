@@ -446,7 +446,10 @@ class Master:
             try:
                 self._write_pid_file(settings.pid_file)
             except PidFileError as exc:
-                record.warnings.append(f"{exc}; {self.settings.pid_file or 'no pid file'} stays in force")
+                record.warnings.append(
+                    f"{exc}; {self.settings.pid_file or 'no pid file'} stays in force, and the next start with "
+                    "these settings would fail: create its directory or fix the setting"
+                )
                 settings = settings.model_copy(update={"pid_file": self.settings.pid_file})
         self.settings = settings
         set_level(settings.log_level)

@@ -564,14 +564,9 @@ class PidFile:
         would make the master overwrite whatever file the link points to.
         """
         if path is not None:
-            temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+            temporary = _pid_beside(path)
             try:
-                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-                with os.fdopen(fd, "w") as file:
-                    file.write(f"{os.getpid()}\n")
                 os.replace(temporary, path)
-            except FileExistsError:
-                raise  # not ours to remove
             except OSError:
                 temporary.unlink(missing_ok=True)
                 raise
@@ -587,3 +582,32 @@ class PidFile:
             if int(self.path.read_text().strip()) == os.getpid():
                 self.path.unlink()
         self.path = None
+
+
+def _pid_beside(path: Path) -> Path:
+    """A new file beside `path`, under a name no one can guess, holding this process's pid; OSError."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as file:
+            file.write(f"{os.getpid()}\n")
+    except FileExistsError:
+        raise  # not ours to remove
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def check_pid_file(path: Path) -> None:
+    """PidFileError when a master could not write `path` (as PidFile.write would fail at start).
+
+    For `pypnm check`: the temporary file a write starts with is made beside it and removed
+    again; the pid file itself (perhaps a running master's) is not touched.
+    """
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        _pid_beside(path).unlink()
+    except OSError as exc:
+        raise PidFileError(f"cannot write pid_file {path}: {exc.strerror or exc}") from None
