@@ -238,6 +238,23 @@ def test_probe_paths_are_routes_of_the_app(clean_env: None) -> None:
         assert not path.startswith("/pypnm/system/"), f"{kind} path {path} needs a token"
 
 
+def test_the_scheme_is_set_beside_the_probes_never_in_the_configmap() -> None:
+    """A reload applies `ssl` in place: set in the ConfigMap, it would switch every pod's scheme at once
+    under probes that keep theirs (every pod unready, then restarted in a loop). It belongs in the
+    Deployment's arguments, rolled out with the probes' scheme, and the ConfigMap says why."""
+    in_configmap = {"ssl", "ssl_certfile", "ssl_keyfile"} & set(config())
+    assert not in_configmap, f"the ConfigMap sets {sorted(in_configmap)}: give --ssl --cert --key as arguments"
+    comments = " ".join(line.strip().lstrip("#") for line in (BASE / "configmap.yaml").read_text().splitlines())
+    assert re.search(r"Never set ssl, ssl_certfile or ssl_keyfile here.*--ssl --cert FILE --key FILE", comments), (
+        "configmap.yaml must say that ssl belongs in the Deployment's arguments, and why"
+    )
+    args = container().get("args", [])
+    https = "--ssl" in args or ("--cert" in args and "--key" in args)
+    for kind in ("readinessProbe", "livenessProbe"):
+        scheme = container()[kind]["httpGet"].get("scheme", "HTTP")
+        assert scheme == ("HTTPS" if https else "HTTP"), f"{kind} probes {scheme} of a pod serving {args}"
+
+
 def test_liveness_cannot_kill_a_pod_in_the_middle_of_a_reload() -> None:
     liveness = container()["livenessProbe"]
     tolerated = liveness["periodSeconds"] * liveness["failureThreshold"]

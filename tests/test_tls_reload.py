@@ -113,6 +113,23 @@ def test_new_certificate_paths_are_served_after_a_reload(
     assert served_certificate(service.port) == der_of(second)
 
 
+def test_switching_ssl_by_a_reload_warns_that_the_old_scheme_now_fails(
+    tmp_path: Path, tls_service: Callable[..., tuple[Service, Path]]
+) -> None:
+    """The switch applies in place; whoever still speaks the old scheme (a Kubernetes probe) now fails."""
+    service, config = tls_service(certificate(tmp_path / "cert"))
+    config.write_text("ssl = false\n")
+    reload_id = service.trigger_reload()
+    service.base_url, service.verify = f"http://127.0.0.1:{service.port}", True  # plain HTTP once it swapped
+    record = wait_until(lambda: service.reload_record(reload_id), timeout=60)
+    assert record["outcome"] == "succeeded", record
+    assert record["warnings"] == [
+        "setting 'ssl' changed (True -> False): the service now answers http:// only; clients and health checks "
+        "that used https:// now fail (a Kubernetes probe needs scheme: HTTP); change them too, or set ssl back "
+        "and reload"
+    ], record
+
+
 def test_a_renewed_certificate_is_served_without_a_reload_by_hand(
     tmp_path: Path, tls_service: Callable[..., tuple[Service, Path]]
 ) -> None:

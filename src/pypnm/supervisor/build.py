@@ -150,3 +150,16 @@ def _unusable_at_start(name: str, value: Any) -> str:
     except LogFileError as exc:
         return f"; the next start with these settings would fail: {exc}: create its directory or fix the setting"
     return ""
+
+
+def scheme_change(running: Settings, new: Settings) -> list[str]:
+    """A warning when the new generation serves the other scheme: it applies in place, and whoever
+    still speaks the old one (clients, load balancers, a Kubernetes probe's `scheme`) now fails."""
+    if running.ssl == new.ssl:
+        return []
+    old, now = ("https", "http") if running.ssl else ("http", "https")
+    return [
+        f"setting 'ssl' changed ({running.ssl!r} -> {new.ssl!r}): the service now answers {now}:// only; clients "
+        f"and health checks that used {old}:// now fail (a Kubernetes probe needs scheme: {now.upper()}); "
+        "change them too, or set ssl back and reload"
+    ]

@@ -376,7 +376,11 @@ class Master:
             finally:
                 candidate = self.generations.candidate
                 record.import_ = candidate.imported if candidate is not None else None
-            record.warnings = warnings + build.restart_only_changes(self.settings, ready)
+            record.warnings = (
+                warnings
+                + build.scheme_change(self.settings, settings)
+                + build.restart_only_changes(self.settings, ready)
+            )
             record.validated()
             logger.info(
                 "reload %s: generation %d validated (code_version %s)", record.id, number, snapshot.code_version
