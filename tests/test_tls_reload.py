@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import (
+    SLOW_IMPORT_APP,
     Certificate,
     Service,
     StartService,
@@ -31,7 +33,9 @@ from conftest import (
     pypnm_command,
     run_cli,
     serve_pypnm,
+    supervisor_status,
     wait_until,
+    write_app_package,
 )
 from pypnm.supervisor.tls import TLSError, check_pair
 
@@ -148,6 +152,48 @@ def test_a_renewed_certificate_is_served_without_a_reload_by_hand(
     record = service.status()["last_reload"]
     assert record["generation"] > generation and record["outcome"] == "succeeded", record
     assert record["source"].startswith("file change: ") and str(first.cert) in record["source"], record
+
+
+def test_a_pair_renewed_while_the_first_generation_imports_is_served(
+    tmp_path: Path, start_service: StartService
+) -> None:
+    """The watch compares with the pair the start copied, not with what it finds once the first generation serves."""
+    first, renewed = certificate(tmp_path / "first"), certificate(tmp_path / "renewed", days=180)
+    write_app_package(tmp_path / "app", "slowapp", SLOW_IMPORT_APP)
+    config = tmp_path / "pypnm.toml"
+    config.write_text(settings_text(first))
+    (tmp_path / "slow").touch()  # the first import waits for `go`
+    env = base_env(PYPNM_RELOAD_MIN_INTERVAL="0", SLOW_DIR=str(tmp_path))
+    command = pypnm_command("--app", "slowapp.main:app", "--config", str(config), "--port", "{port}", "--workers", "1")
+    service = start_service(command, cwd=tmp_path / "app", env=env, wait=False)
+    wait_until(lambda: (tmp_path / "importing").exists(), timeout=30)
+    for source, target in ((renewed.key, first.key), (renewed.cert, first.cert)):  # certbot, meanwhile
+        os.replace(source, target)
+    (tmp_path / "slow").unlink()  # the reload's import does not wait
+    (tmp_path / "go").touch()
+    service.base_url, service.verify = f"https://127.0.0.1:{service.port}", False
+    service.wait_ready()
+    wait_until(lambda: served_certificate(service.port) == der_of_file(first.cert), timeout=30)
+    assert supervisor_status(service)["last_reload"]["source"].startswith("file change: ")
+
+
+def test_a_tls_handshake_is_held_to_the_request_head_timeout(tmp_path: Path, start_service: StartService) -> None:
+    """A connection that never completes its handshake is closed after timeout_request_header (asyncio: 60 s)."""
+    config = tmp_path / "pypnm.toml"
+    config.write_text(settings_text(certificate(tmp_path / "cert")))
+    command = pypnm_command("--config", str(config), "--port", "{port}", "--workers", "1")
+    service = start_service(command, env=base_env(PYPNM_TIMEOUT_REQUEST_HEADER="1"), wait=False)
+    service.base_url, service.verify = f"https://127.0.0.1:{service.port}", False
+    service.wait_ready()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as silent:
+        began = time.monotonic()
+        try:
+            data = silent.recv(1024)  # nothing sent: no ClientHello
+        except ConnectionResetError:
+            data = b""
+        waited = time.monotonic() - began
+    assert data == b"" and waited < 10, (data, waited)
+    assert service.get("/health").status_code == 200
 
 
 def test_bad_pairs_fail_the_reload_and_the_old_certificate_keeps_serving(

@@ -415,12 +415,15 @@ class Master:
             self.settings.reload_excludes,  # the watcher's (serving) patterns: what it ignores is not code
         )
         settings, watch = build.settings_for(snapshot, self.settings, self.overrides)
-        self.config_watch.read_by_reload(snapshot, watch)  # the content this reload read is the one to compare
         try:
             tls_warnings = build.freeze_tls(snapshot, settings)
         except (TLSError, SnapshotError):
             snapshot.remove()  # no candidate owns it yet, so no discard() would
             raise
+        finally:
+            # The content this reload read (the TLS pair as frozen: a renewal from here on differs) is
+            # the one to compare with, whether or not the pair passed.
+            self.config_watch.read_by_reload(snapshot, watch)
         return snapshot, settings, tls_warnings
 
     async def _scan(self, snapshot: Snapshot, settings: Settings) -> CodeScan | None:

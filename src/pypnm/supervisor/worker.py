@@ -330,9 +330,16 @@ class GenerationServer(uvicorn.Server):
 
         # Validated at the candidates' lower priority; serves at the normal one, from its first connection on.
         priority.restore()
+        # A TLS handshake comes before the protocol sees the connection, so before the head's clock
+        # (http_limits) starts: it gets the same time of its own, instead of asyncio's 60 s.
+        handshake = self.head_limits.timeout if self.config.ssl else None
         self.servers = [
             await loop.create_server(
-                lambda: self._protocol(self.server_state), sock=sock, ssl=self.config.ssl, backlog=self.config.backlog
+                lambda: self._protocol(self.server_state),
+                sock=sock,
+                ssl=self.config.ssl,
+                backlog=self.config.backlog,
+                ssl_handshake_timeout=handshake,
             )
             for sock in sockets or []
         ]
