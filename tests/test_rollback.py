@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import os
 import re
 import signal
 import subprocess
@@ -22,6 +24,7 @@ from conftest import (
     Service,
     StartService,
     base_env,
+    make_certificate,
     metric,
     pypnm_command,
     rewrite,
@@ -33,6 +36,7 @@ from conftest import (
     wait_until,
 )
 from pypnm.supervisor.reloads import ReloadQueue
+from test_tls_reload import der_of_file, served_certificate
 
 # ----- the queue -------------------------------------------------------------------------------------
 
@@ -228,6 +232,37 @@ def test_wait_follows_the_reload_that_replaced_its_generation_into_that_ones_rol
     )
     assert record(status, found.group(1))["replaced_by"] == found.group(2)
     assert service.get("/health").json()["version"] == "0.1.0", "the rollback went back past both"
+
+
+def test_a_rollback_serves_the_pair_renewed_since_not_the_one_kept_with_its_code(
+    start_service: StartService, pypnm_copy: Path, tmp_path: Path
+) -> None:
+    """Certificates are renewed apart from code: rolling the code back must not undo a renewal."""
+    first = make_certificate(tmp_path / "first", ip="127.0.0.1")
+    renewed = make_certificate(tmp_path / "renewed", ip="127.0.0.1", not_after=datetime.timedelta(days=180))
+    config = tmp_path / "pypnm.toml"
+    config.write_text(f'ssl = true\nssl_certfile = "{first.cert}"\nssl_keyfile = "{first.key}"\nwatch_config = false\n')
+    env = base_env(PYTHONPATH=str(pypnm_copy), PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_ROLLBACK_CRASHES="2")
+    command = pypnm_command("--config", str(config), "--port", "{port}", "--graceful-timeout", "2")
+    service = start_service(command, env=env, wait=False)
+    service.base_url, service.verify = f"https://127.0.0.1:{service.port}", False
+    service.wait_ready()
+    kept = der_of_file(first.cert)
+    assert served_certificate(service.port) == kept
+
+    # A crashing version deployed, and the pair renewed in place before its reload (which serves the renewal).
+    rewrite(pypnm_copy / "pypnm" / "__init__.py", '__version__ = "0.1.0"', '__version__ = "0.2.0-crashing"')
+    (pypnm_copy / "pypnm" / "main.py").write_text((pypnm_copy / "pypnm" / "main.py").read_text() + CRASH_AFTER_SERVING)
+    for source, target in ((renewed.key, first.key), (renewed.cert, first.cert)):
+        os.replace(source, target)
+    service.trigger_reload()
+    status = status_when(
+        service, lambda s: s["last_reload"]["outcome"] == "rolled_back" and s["reload_state"] == "idle"
+    )
+    assert service.get("/health").json()["version"] == "0.1.0", "the old code serves again"
+    served = served_certificate(service.port)
+    assert served == der_of_file(first.cert) and served != kept, "the renewed pair, not the one kept with the code"
+    assert status["last_reload"]["warnings"] == [], status["last_reload"]
 
 
 def test_a_rollback_is_a_reload_for_systemd_and_for_the_status(

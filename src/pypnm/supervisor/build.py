@@ -17,8 +17,8 @@ from pypnm.identity import SUPERVISOR_ENV
 from pypnm.settings import CONFIG_ENV, ENV_PREFIX, RESTART_ONLY, Settings, SettingsError, load_settings
 from pypnm.supervisor.logfile import LogFileError, check_can_open
 from pypnm.supervisor.protocol import WorkerReady, WorkerSpec
-from pypnm.supervisor.snapshot import TLS_CERT_FILE, TLS_KEY_FILE, TOKENS_FILE, Snapshot
-from pypnm.supervisor.tls import check_pair
+from pypnm.supervisor.snapshot import TLS_CERT_FILE, TLS_KEY_FILE, TOKENS_FILE, Snapshot, SnapshotError
+from pypnm.supervisor.tls import TLSError, check_pair
 
 DEFAULT_APP = "pypnm.main:app"
 DEFAULT_CHECK_PATHS = ["/health", "/openapi.json"]
@@ -117,6 +117,38 @@ def freeze_tls(snapshot: Snapshot, settings: Settings) -> list[str]:
     cert = snapshot.add_file(TLS_CERT_FILE, settings.ssl_certfile)
     key = snapshot.add_file(TLS_KEY_FILE, settings.ssl_keyfile)
     return check_pair(cert, key, shown_cert=str(settings.ssl_certfile), shown_key=str(settings.ssl_keyfile))
+
+
+def refreeze_tls(snapshot: Snapshot, settings: Settings, tag: str) -> list[str]:
+    """For a rollback to `snapshot`: the pair its settings name as it is on disk now, when that passes the check,
+    else the copies frozen with it, when those still do; warnings, or TLSError when neither passes.
+
+    Why: a rollback undoes code and settings, but certificates are renewed apart from them. The
+    kept copies may be older than a renewal made since (serving them would undo it, and the watch,
+    which knows the renewed content, would never bring it back), or have expired meanwhile. The
+    files on disk are copied under new names (`tag`), so the kept copies stay as they were until
+    the new ones have passed.
+    """
+    if not settings.ssl or settings.ssl_certfile is None or settings.ssl_keyfile is None:
+        return []
+    shown_cert, shown_key = str(settings.ssl_certfile), str(settings.ssl_keyfile)
+    try:
+        cert = snapshot.add_file(f"{TLS_CERT_FILE}.{tag}", settings.ssl_certfile)
+        key = snapshot.add_file(f"{TLS_KEY_FILE}.{tag}", settings.ssl_keyfile)
+        warnings = check_pair(cert, key, shown_cert=shown_cert, shown_key=shown_key)
+    except (TLSError, SnapshotError) as exc:
+        on_disk = str(exc)
+    else:
+        snapshot.files[TLS_CERT_FILE], snapshot.files[TLS_KEY_FILE] = cert, key
+        return warnings
+    kept_cert, kept_key = snapshot.files.get(TLS_CERT_FILE), snapshot.files.get(TLS_KEY_FILE)
+    if kept_cert is None or kept_key is None:
+        raise TLSError(on_disk)
+    try:
+        kept = check_pair(kept_cert, kept_key, shown_cert=shown_cert, shown_key=shown_key)
+    except TLSError as exc:
+        raise TLSError(f"{on_disk}; and the pair kept with the code to roll back to: {exc}") from None
+    return [f"the TLS pair on disk was refused ({on_disk}): the rollback serves the pair kept with its code", *kept]
 
 
 UPGRADE_APPLIES = " or a self-upgrade (pypnm upgrade, SIGUSR2)"  # a new master binds anew (upgrade.py)

@@ -335,7 +335,8 @@ class Master:
             good.generation,
         )
         try:
-            old = await self._swap_in(record, number, good.snapshot, good.settings, [])
+            tls_warnings = build.refreeze_tls(good.snapshot, good.settings, f"gen-{number}")
+            old = await self._swap_in(record, number, good.snapshot, good.settings, tls_warnings)
         except Exception as exc:
             self._failed(record, number, exc)
             self.rollback.rollback_failed(record)
