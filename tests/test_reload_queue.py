@@ -168,6 +168,7 @@ def test_the_records_view_is_the_documented_one() -> None:
         "stability",
         "stability_detail",
         "rolled_back_by",
+        "replaced_by",
         "rolls_back",
         "import",
     ]
