@@ -31,6 +31,7 @@ from conftest import (
     base_env,
     make_certificate,
     pypnm_command,
+    reload_by_sighup,
     run_cli,
     serve_pypnm,
     supervisor_status,
@@ -175,6 +176,48 @@ def test_a_pair_renewed_while_the_first_generation_imports_is_served(
     service.wait_ready()
     wait_until(lambda: served_certificate(service.port) == der_of_file(first.cert), timeout=30)
     assert supervisor_status(service)["last_reload"]["source"].startswith("file change: ")
+
+
+def test_a_reload_by_hand_that_served_a_renewal_is_not_followed_by_a_second_one(
+    tmp_path: Path, start_service: StartService
+) -> None:
+    """The watch compares the TLS pair with the copy the last reload serves, not with what it read before that."""
+    # The pair is reached through a directory symlink outside the watched directories, so that the
+    # switch below sends no event: the watch sees it only at its next comparison, after the reload.
+    store = tmp_path / "store"
+    first, renewed = certificate(store / "v1"), certificate(store / "v2", days=180)
+    (store / "current").symlink_to("v1")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("cert.pem", "key.pem"):
+        (live / name).symlink_to(Path("..") / "store" / "current" / name)
+    etc = tmp_path / "etc"  # away from the service's log, which the test's directory holds
+    etc.mkdir()
+    config = etc / "pypnm.toml"
+    config.write_text(settings_text(Certificate(live / "cert.pem", live / "key.pem")) + "watch_config = true\n")
+    command = pypnm_command("--config", str(config), "--port", "{port}", "--workers", "1")
+    service = start_service(command, env=base_env(PYPNM_RELOAD_MIN_INTERVAL="0"), wait=False)
+    service.base_url, service.verify = f"https://127.0.0.1:{service.port}", False
+    service.wait_ready()
+    wait_until(lambda: "watching the content of" in service.output(), timeout=30)
+    assert served_certificate(service.port) == der_of(first)
+
+    # An event naming the certificate makes the watch compare now, and not again for 5 s.
+    os.utime(live / "cert.pem", follow_symlinks=False)
+    time.sleep(0.5)
+    (store / "next").symlink_to("v2")
+    os.replace(store / "next", store / "current")  # the renewal, and at once a reload by hand
+    status = reload_by_sighup(service, 1)
+    assert status["last_reload"]["source"] == "SIGHUP" and status["last_reload"]["outcome"] == "succeeded"
+    assert served_certificate(service.port) == der_of(renewed)
+
+    # The next comparison: the watch now follows the file in v2 and says so once it has compared.
+    after = len(service.output())
+    os.utime(live / "cert.pem", follow_symlinks=False)
+    wait_until(lambda: str(store / "v2") in service.output()[after:], timeout=15)
+    time.sleep(1)
+    assert "reload requested by file change" not in service.output()[after:], service.output()[after:]
+    assert supervisor_status(service)["generation"] == 2
 
 
 def test_a_tls_handshake_is_held_to_the_request_head_timeout(tmp_path: Path, start_service: StartService) -> None:
