@@ -31,17 +31,18 @@ def test_a_copy_error_fails_the_reload_and_later_reloads_still_run(
 ) -> None:
     service = serve_marker(start_service, marker_app, graceful_timeout=5)
     before = supervisor_status(service)
-    dangling = marker_app / "markerpkg" / "gone.py"
-    dangling.symlink_to(marker_app / "markerpkg" / "no-such-file.py")
+    # A file the snapshot cannot copy: a named pipe. (A link to nothing is left out: snapshot.py.)
+    pipe = marker_app / "markerpkg" / "pipe.py"
+    os.mkfifo(pipe)
 
     failed = reload_by_sighup(service, before["generation"])["last_reload"]
     assert failed["outcome"] == "failed"
-    assert failed["reason"].startswith(f"cannot copy the code: {dangling}: "), failed["reason"]
-    assert "No such file or directory" in failed["reason"]
+    assert failed["reason"].startswith(f"cannot copy the code: {pipe}: "), failed["reason"]
+    assert "not a regular file" in failed["reason"]
     assert supervisor_status(service)["generation"] == before["generation"]  # the old one still serves
     assert service.get("/marker").status_code == 200
 
-    dangling.unlink()
+    pipe.unlink()
     fixed = reload_by_sighup(service, failed["generation"])["last_reload"]
     assert fixed["outcome"] == "succeeded", fixed  # the reloader survived the failure
 
