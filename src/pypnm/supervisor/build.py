@@ -106,16 +106,17 @@ def settings_for(snapshot: Snapshot, running: Settings, overrides: dict[str, Any
     return ReloadSettings(settings, settings)
 
 
-def freeze_tls(snapshot: Snapshot, settings: Settings) -> list[str]:
+def freeze_tls(snapshot: Snapshot, settings: Settings, tag: str = "") -> list[str]:
     """Freeze the certificate and key into the snapshot and check the copies; warnings, or TLSError/SnapshotError.
 
     Frozen like the tokens file: a respawned worker serves the pair this reload checked,
-    whatever has been written over the files since.
+    whatever has been written over the files since. With `tag`, the copies are made under
+    names of their own (`refreeze_tls`), and the snapshot's pair is left as it was.
     """
     if not settings.ssl or settings.ssl_certfile is None or settings.ssl_keyfile is None:
         return []
-    cert = snapshot.add_file(TLS_CERT_FILE, settings.ssl_certfile)
-    key = snapshot.add_file(TLS_KEY_FILE, settings.ssl_keyfile)
+    cert = snapshot.add_file(TLS_CERT_FILE + tag, settings.ssl_certfile)
+    key = snapshot.add_file(TLS_KEY_FILE + tag, settings.ssl_keyfile)
     return check_pair(cert, key, shown_cert=str(settings.ssl_certfile), shown_key=str(settings.ssl_keyfile))
 
 
@@ -131,21 +132,21 @@ def refreeze_tls(snapshot: Snapshot, settings: Settings, tag: str) -> list[str]:
     """
     if not settings.ssl or settings.ssl_certfile is None or settings.ssl_keyfile is None:
         return []
-    shown_cert, shown_key = str(settings.ssl_certfile), str(settings.ssl_keyfile)
     try:
-        cert = snapshot.add_file(f"{TLS_CERT_FILE}.{tag}", settings.ssl_certfile)
-        key = snapshot.add_file(f"{TLS_KEY_FILE}.{tag}", settings.ssl_keyfile)
-        warnings = check_pair(cert, key, shown_cert=shown_cert, shown_key=shown_key)
+        warnings = freeze_tls(snapshot, settings, f".{tag}")
     except (TLSError, SnapshotError) as exc:
         on_disk = str(exc)
     else:
-        snapshot.files[TLS_CERT_FILE], snapshot.files[TLS_KEY_FILE] = cert, key
+        for role in (TLS_CERT_FILE, TLS_KEY_FILE):
+            snapshot.files[role] = snapshot.files[f"{role}.{tag}"]
         return warnings
     kept_cert, kept_key = snapshot.files.get(TLS_CERT_FILE), snapshot.files.get(TLS_KEY_FILE)
     if kept_cert is None or kept_key is None:
         raise TLSError(on_disk)
     try:
-        kept = check_pair(kept_cert, kept_key, shown_cert=shown_cert, shown_key=shown_key)
+        kept = check_pair(
+            kept_cert, kept_key, shown_cert=str(settings.ssl_certfile), shown_key=str(settings.ssl_keyfile)
+        )
     except TLSError as exc:
         raise TLSError(f"{on_disk}; and the pair kept with the code to roll back to: {exc}") from None
     return [f"the TLS pair on disk was refused ({on_disk}): the rollback serves the pair kept with its code", *kept]

@@ -314,26 +314,25 @@ def stamp_files(names: Iterable[str]) -> Stamps:
     stamps: Stamps = {}
     for name in names:
         path = getattr(sys.modules.get(name), "__file__", None)
-        if not isinstance(path, str):
-            continue  # a namespace package, a built-in or frozen module: no file to change
-        try:
-            status = os.stat(path)
-        except OSError:
-            continue
-        stamps[path] = (status.st_mtime_ns, status.st_size)
+        if isinstance(path, str):  # not a namespace package, a built-in or frozen module: a file that can change
+            stamp = _stamp(path)
+            if stamp is not None:
+                stamps[path] = stamp
     return stamps
 
 
 def changed_file(stamps: Stamps) -> str | None:
     """The first of the stamped files that changed or went away since, or None."""
-    for path, stamp in stamps.items():
-        try:
-            status = os.stat(path)
-        except OSError:
-            return path
-        if (status.st_mtime_ns, status.st_size) != stamp:
-            return path
-    return None
+    return next((path for path, stamp in stamps.items() if _stamp(path) != stamp), None)
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    """A file's modification time (ns) and size; None when it cannot be read."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size
 
 
 def _moved(path: object, old: str, new: str) -> object:
