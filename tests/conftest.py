@@ -214,6 +214,22 @@ def run_cli(
     )
 
 
+def start_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[str]:
+    """`python -m pypnm ARGS` started, not waited for (the test acts meanwhile): output captured as text.
+
+    The caller ends it: `communicate(timeout=...)`, and a kill in a `finally` if it is still running.
+    """
+    return subprocess.Popen(
+        pypnm_command(*args),
+        env=env or base_env(),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *names: str) -> str:
     """Exit `code`, exactly one line on stderr naming each of `names`, and no traceback anywhere."""
     returncode, stdout, stderr = result.returncode, result.stdout, result.stderr

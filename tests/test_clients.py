@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,10 +22,9 @@ from conftest import (
     RELOAD_PATH,
     STATUS_PATH,
     assert_one_line_error,
-    base_env,
     free_port,
-    pypnm_command,
     run_cli,
+    start_cli,
     wait_until,
 )
 
@@ -270,14 +268,7 @@ def test_an_interrupted_roll_says_what_it_did(fake: Callable[[dict[str, Answer]]
     """Ctrl-C while the first instance's outcome is awaited: which were triggered, which were not."""
     first = fake({RELOAD_PATH: TRIGGERED, STATUS_PATH: json_answer(supervised())})  # no outcome, ever
     second = fake({RELOAD_PATH: TRIGGERED})
-    process = subprocess.Popen(
-        pypnm_command("reload", "--url", first.url, "--url", second.url, "--timeout", "60"),
-        env=base_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli("reload", "--url", first.url, "--url", second.url, "--timeout", "60")
     try:
         wait_until(lambda: first.asked.get(STATUS_PATH, 0) >= 2, timeout=30)  # it is waiting for the outcome
         process.send_signal(signal.SIGINT)

@@ -45,6 +45,7 @@ from conftest import (
     make_certificate,
     pypnm_command,
     run_cli,
+    start_cli,
     wait_until,
 )
 
@@ -512,15 +513,7 @@ def test_wait_without_a_terminal_prints_one_line(
     before = instance.settled()
     gate = tmp_path / "gate"
     with gated(instance, gate):
-        proc = subprocess.Popen(
-            pypnm_command("reload", "--url", instance.url, "--wait", "--timeout", "30"),
-            env=cli_env(),
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
+        proc = start_cli("reload", "--url", instance.url, "--wait", "--timeout", "30", env=cli_env(), cwd=tmp_path)
         try:
             # The CLI polls the whole time the candidate validates: nothing may come of it on stdout.
             wait_until(lambda: instance.status()["reload_state"] == "validating", timeout=20)

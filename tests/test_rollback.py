@@ -13,7 +13,6 @@ import datetime
 import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from conftest import (
     serve_marker,
     serve_pypnm,
     set_marker,
+    start_cli,
     supervisor_status,
     wait_until,
 )
@@ -207,18 +207,12 @@ def test_wait_follows_the_reload_that_replaced_its_generation_into_that_ones_rol
     late_crash = CRASH_AFTER_SERVING.replace("Timer(3.0", "Timer(6.0")  # after the second reload's swap
     (pypnm_copy / "pypnm" / "main.py").write_text((pypnm_copy / "pypnm" / "main.py").read_text() + late_crash)
 
-    waiting = subprocess.Popen(
-        pypnm_command("reload", "--url", service.base_url, "--wait", "--timeout", "60"),
-        env=base_env(),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    waiting = start_cli("reload", "--url", service.base_url, "--wait", "--timeout", "60", cwd=tmp_path)
     try:
         status_when(service, lambda s: s["generation"] == 2 and s["reload_state"] == "idle", timeout=60)
         service.signal(signal.SIGHUP)  # the same code from disk again: generation 3 replaces generation 2
-        output, _ = waiting.communicate(timeout=120)
+        output, errors = waiting.communicate(timeout=120)
+        output += errors
     finally:
         if waiting.poll() is None:
             waiting.kill()
@@ -311,15 +305,7 @@ def test_a_stable_generation_is_kept_and_its_predecessors_snapshot_removed_after
     snapshots = runtime_dir(service)
     rewrite(pypnm_copy / "pypnm" / "__init__.py", '__version__ = "0.1.0"', '__version__ = "0.2.0"')
 
-    waiting = subprocess.Popen(
-        pypnm_command("reload", "--url", service.base_url, "--wait", "--timeout", "30"),
-        env=base_env(),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
+    waiting = start_cli("reload", "--url", service.base_url, "--wait", "--timeout", "30", cwd=tmp_path)
     try:
         watched = status_when(service, lambda s: s["generation"] == 2 and s["rollback_watch"] is not None)
         assert watched["rollback_watch"]["kept_generation"] == 1 and watched["rollback_watch"]["crashes"] == []
