@@ -304,7 +304,7 @@ def test_the_zygote_line_says_how_much_of_its_steps_it_ran_on_the_cpu(
 
 def cpu_share(line: str) -> tuple[int, int, int]:
     """A clean zygote line's import time, CPU time and the sum of its steps, which the line says its share is of."""
-    adapters = r"(?:; field adapters: \d+ reused, \d+ built)?"
+    adapters = r"(?:; field adapters: \d+ reused, \d+ built)?(?:; route contexts: \d+ reused, \d+ built)?"
     found = re.search(rf": import (\d+)ms, routes (\d+)ms{adapters}; CPU (\d+)ms of (\d+)ms \((\d+) %\)$", line)
     assert found, line
     import_ms, routes_ms, cpu_ms, took_ms, percent = (int(group) for group in found.groups())

@@ -157,7 +157,7 @@ def forget(dropped: Collection[str]) -> None:
     for key, kept in list(_reuse.adapters.items()):
         if kept.names is None:
             kept.names = _names(key)
-        if not all(_still_named(value, gone, verdicts, 0) for value in kept.names):
+        if not all(still_named(value, gone, verdicts, 0) for value in kept.names):
             del _reuse.adapters[key]
             _reuse.used.discard(key)
 
@@ -240,8 +240,11 @@ def _names(key: Hashable) -> list[Any]:
     return list(found.values())
 
 
-def _still_named(value: Any, gone: frozenset[str], verdicts: dict[int, bool], depth: int) -> bool:
-    """Whether the kept modules still hold `value` by name (see `forget`); remembered in `verdicts` by id."""
+def still_named(value: Any, gone: frozenset[str], verdicts: dict[int, bool], depth: int = 0) -> bool:
+    """Whether the kept modules still hold `value` by name (see `forget`); remembered in `verdicts` by id.
+
+    Also route_contexts.forget's test of what a kept route context holds.
+    """
     if type(value) in _NAMES_NOTHING:
         return True
     known = verdicts.get(id(value))
@@ -263,7 +266,7 @@ def _held_by_name(value: Any, gone: frozenset[str], verdicts: dict[int, bool], d
         parts = (value.__func__, value.__self__)
     elif isinstance(value, types.BuiltinFunctionType):  # made in C; a bound one (`TABLE.get`) holds its object
         owner = value.__self__
-        return owner is None or isinstance(owner, types.ModuleType) or _still_named(owner, gone, verdicts, depth + 1)
+        return owner is None or isinstance(owner, types.ModuleType) or still_named(owner, gone, verdicts, depth + 1)
     elif isinstance(value, type):
         # Made in C (NoneType, int): holds no Python code of anyone's.
         return not value.__flags__ & _HEAP_TYPE or _found_by_name(value)
@@ -271,7 +274,7 @@ def _held_by_name(value: Any, gone: frozenset[str], verdicts: dict[int, bool], d
         return _found_by_name(value)
     else:  # an instance: of a class held by name, holding only what is (a nested `Field(...)` holds its callables)
         parts = (type(value), *_state(value))
-    return all(_still_named(part, gone, verdicts, depth + 1) for part in parts)
+    return all(still_named(part, gone, verdicts, depth + 1) for part in parts)
 
 
 def _state(value: Any) -> Iterable[Any]:

@@ -323,6 +323,8 @@ class Generation:
         parts = [", ".join(f"{step} {ms}ms" for step, ms in took.items())] if took else []
         if self.zygote.adapters is not None:
             parts.append("field adapters: {} reused, {} built".format(*self.zygote.adapters))
+        if self.zygote.contexts is not None:
+            parts.append("route contexts: {} reused, {} built".format(*self.zygote.contexts))
         if cpu is not None and took:  # None: a zygote of an older pypnm leaves it out
             parts.append(_cpu_part(cpu, sum(took.values())))
         steps = "; ".join(parts)

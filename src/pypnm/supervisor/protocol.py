@@ -205,6 +205,8 @@ class ZygoteReady:
     # The CPU time it used over those steps: far below their sum, it waited for the CPU (priority.py);
     # a zygote of an older pypnm leaves it out: None.
     cpu_ms: int | None = None
+    # (reused, built): FastAPI's route contexts (route_contexts.py); None where not reused, or an older pypnm.
+    contexts: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -268,14 +270,16 @@ def encode_template(message: TemplateMessage) -> bytes:
             body = {"cmd": "zygote", "spec": spec.as_dict(), "nice": nice}
             if drop is not None:
                 body["drop"] = drop
-        case ZygoteReady(pid=pid, nice=nice, reimported=reimported, took_ms=took_ms, adapters=adapters, cpu_ms=cpu_ms):
+        case ZygoteReady(pid=pid, nice=nice, reimported=reimported, took_ms=took_ms, cpu_ms=cpu_ms):
             body = {"zygote": pid, "nice": nice, "reimported": reimported}
             if took_ms:
                 body["took_ms"] = took_ms
-            if adapters is not None:
-                body["adapters"] = list(adapters)
+            if message.adapters is not None:
+                body["adapters"] = list(message.adapters)
             if cpu_ms is not None:
                 body["cpu_ms"] = cpu_ms
+            if message.contexts is not None:
+                body["contexts"] = list(message.contexts)
         case ZygoteFailed(reason=reason):
             body = {"zygote_failed": cut_reason(reason)}
         case StandbyRequest(drop=drop, nice=nice):
@@ -316,11 +320,6 @@ def decode_template(data: bytes) -> TemplateMessage:
         if reimported is not None and not isinstance(reimported, int):
             raise ProtocolError(channel, "field 'reimported' must be an integer or null")
         took_ms = _milliseconds(body.get("took_ms", {}), channel)
-        adapters = body.get("adapters")
-        if adapters is not None and not (
-            isinstance(adapters, list) and len(adapters) == 2 and all(_is_count(n) for n in adapters)
-        ):
-            raise ProtocolError(channel, "field 'adapters' must be two counts [reused, built]")
         cpu_ms = body.get("cpu_ms")
         if cpu_ms is not None and not _is_count(cpu_ms):
             raise ProtocolError(channel, "field 'cpu_ms' must be a count of milliseconds, null or absent")
@@ -329,8 +328,9 @@ def decode_template(data: bytes) -> TemplateMessage:
             _get(body, "nice", int, channel),
             reimported,
             took_ms,
-            None if adapters is None else (adapters[0], adapters[1]),
+            _reused_built(body, "adapters", channel),
             cpu_ms,
+            _reused_built(body, "contexts", channel),
         )
     if "standby" in body:
         return StandbyReady(_get(body, "standby", int, channel), _milliseconds(body.get("took_ms", {}), channel))
@@ -357,6 +357,15 @@ def _milliseconds(value: object, channel: Channel) -> dict[str, int]:
     if isinstance(value, dict) and all(_is_count(ms) for ms in value.values()):
         return {str(step): int(ms) for step, ms in value.items()}
     raise ProtocolError(channel, "field 'took_ms' must map step names to milliseconds or be absent")
+
+
+def _reused_built(body: dict[str, Any], name: str, channel: Channel) -> tuple[int, int] | None:
+    counts = body.get(name)
+    if counts is None:
+        return None
+    if isinstance(counts, list) and len(counts) == 2 and all(_is_count(n) for n in counts):
+        return counts[0], counts[1]
+    raise ProtocolError(channel, f"field '{name}' must be two counts [reused, built], null or absent")
 
 
 # ----- worker channel ----------------------------------------------------------------------------

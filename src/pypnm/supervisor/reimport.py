@@ -70,7 +70,7 @@ from importlib.machinery import ModuleSpec
 from types import FunctionType, ModuleType
 from typing import Any
 
-from pypnm.supervisor import field_adapters
+from pypnm.supervisor import field_adapters, route_contexts
 
 logger = logging.getLogger("pypnm.supervisor.reimport")
 
@@ -208,6 +208,7 @@ def release(frozen: Frozen, drop: Collection[str], kept: Collection[str]) -> Fro
     """
     full = frozen.needs_full_collection(drop)
     field_adapters.forget(drop)  # the adapters of the dropped modules' fields hold their classes
+    route_contexts.forget(drop)  # and the route contexts of their routes, their endpoints
     forget_generic_models(frozenset(drop))
     for name, module in list(sys.modules.items()):
         if name.partition(".")[0] in FRAMEWORK_CACHES and isinstance(module, ModuleType):

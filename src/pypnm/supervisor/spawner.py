@@ -319,6 +319,7 @@ class Zygote(ForkChannel):
         self.took_ms: dict[str, int] = {}  # how long its steps took (ZygoteReady.took_ms)
         self.adapters: tuple[int, int] | None = None  # field adapters (reused, built) (ZygoteReady.adapters)
         self.cpu_ms: int | None = None  # the CPU time it used over its steps (ZygoteReady.cpu_ms)
+        self.contexts: tuple[int, int] | None = None  # route contexts (reused, built) (ZygoteReady.contexts)
 
     @property
     def name(self) -> str:
@@ -379,7 +380,7 @@ class Zygote(ForkChannel):
             self.kill()
             raise SpawnError(f"the zygote pid={self.pid} said {hello} instead of hello")
         self.nice, self.reimported, self.took_ms = hello.nice, hello.reimported, hello.took_ms
-        self.adapters, self.cpu_ms = hello.adapters, hello.cpu_ms
+        self.adapters, self.cpu_ms, self.contexts = hello.adapters, hello.cpu_ms, hello.contexts
         self._start_reading()
         return self
 

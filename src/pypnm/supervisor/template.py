@@ -96,7 +96,7 @@ from typing import Any, NoReturn
 
 from pypnm import metrics
 from pypnm.logs import set_generation, setup_logging
-from pypnm.supervisor import field_adapters, priority, protocol, reimport, runtime, worker
+from pypnm.supervisor import field_adapters, priority, protocol, reimport, route_contexts, runtime, worker
 from pypnm.supervisor.protocol import (
     Spawned,
     SpawnRefused,
@@ -268,6 +268,7 @@ def run_zygote(child: ZygoteChild) -> int | Child:
     took = Stopwatch()
     if request.drop is None or previous is None:
         field_adapters.begin()
+        route_contexts.begin()  # nothing kept: what a clean import builds, for the next generation's
         before = set(sys.modules)  # the fork template's
         try:
             app = worker.load_app(spec)
@@ -405,6 +406,7 @@ def import_again(channel: socket.socket, spec: WorkerSpec, dropped: Dropped, nic
         reason = f"{changed} changed, and it is not in the app's package: its module would be kept"
         return cannot_vouch(channel, spec, reason)
     field_adapters.begin()
+    route_contexts.begin()
     before = set(sys.modules)
     try:
         app = worker.find_app(spec)
@@ -458,8 +460,10 @@ def serve_generation(
     worker.build_routes(imported.app)  # what the first request would build in each worker (worker.build_routes)
     took.lap("routes")
     adapters = field_adapters.end()  # the workers build their own (field_adapters.py)
+    contexts = route_contexts.end()
     exit_with_parent(None)  # from here on its loop reads the channel (see the module docstring)
-    ready = ZygoteReady(os.getpid(), nice, reimported, took.laps, adapters=adapters, cpu_ms=took.cpu_ms())
+    cpu_ms = took.cpu_ms()
+    ready = ZygoteReady(os.getpid(), nice, reimported, took.laps, adapters=adapters, cpu_ms=cpu_ms, contexts=contexts)
     return serve_forks(channel, ready, imported) or 0
 
 
@@ -615,6 +619,9 @@ def main() -> None:
         not_reused = field_adapters.install()
         if not_reused is not None:
             logger.info("field adapters are not reused: %s", not_reused)
+        not_reused = route_contexts.install()
+        if not_reused is not None:
+            logger.info("route contexts are not reused: %s", not_reused)
         gc.freeze()  # see the module docstring, "Garbage collection"
         become_subreaper()
         renice = priority.start()
