@@ -19,10 +19,12 @@ replaced one of them makes the route build anew), and the inclusion's values but
 later inclusion of the same route whose values are equal (`==`: functions and classes by
 identity, so a dependency a re-imported module defines again is another one) takes a copy of
 it. The copy gets the new app, and a request handler the route builds for it, as FastAPI
-builds one (`get_route_handler`, under FastAPI's context variable): no handler, and nothing
-kept here, holds a previous app. A context whose dependant's call is not its endpoint after it
-was built (an integration that wraps the call while the handler is built) is not kept: built
-twice, it would be wrapped twice.
+builds one (`get_route_handler`, under FastAPI's context variable), so no handler holds a
+previous app. What is kept is the serving app's contexts themselves (no copies, no memory of
+their own); the next zygote, a fork, takes that app and its handlers out of them as its
+release begins (`forget`), before the collection that frees the app. A context whose
+dependant's call is not its endpoint after it was built (an integration that wraps the call
+while the handler is built) is not kept: built twice, it would be wrapped twice.
 
 When. Only while a zygote imports and builds its routes (`begin` to `end`, like the field
 adapters), and only what the zygote it was forked from kept: an incremental import. A clean
@@ -60,9 +62,9 @@ _ROUTER = "included_router"  # the inclusion's field that is the router included
 class _Kept:
     route: Any  # the APIRoute, held: its id is part of the key
     router: Any  # the router that holds it, as the inclusion names it
-    state: dict[str, Any]  # the route's attributes when its context was built
+    state: tuple[tuple[str, ...], tuple[Any, ...]]  # the route's attribute names and values when it was built
     inclusion: tuple[Any, ...]  # the inclusion's values but the app and the router
-    context: Any  # a copy of the context without the app and without a handler
+    context: Any  # the serving app's context; the next zygote's `forget` takes the app and handler out of it
 
 
 @dataclasses.dataclass
@@ -75,6 +77,7 @@ class _Reuse:
     active: bool = False
     kept: dict[tuple[int, int, bool], list[_Kept]] = dataclasses.field(default_factory=dict)
     used: set[int] = dataclasses.field(default_factory=set)  # ids of the _Kept this import took or made
+    names: dict[tuple[str, ...], tuple[str, ...]] = dataclasses.field(default_factory=dict)
     reused: int = 0
     built: int = 0
 
@@ -115,7 +118,7 @@ def install() -> str | None:
     except Exception as exc:  # any other shape: FastAPI's own way
         failed = f"{type(exc).__name__}: {exc}"
     finally:
-        _reuse.kept, _reuse.used, _reuse.active = {}, set(), False
+        _reuse.kept, _reuse.used, _reuse.names, _reuse.active = {}, set(), {}, False
         if collecting:
             gc.enable()
         gc.collect(0)  # or the template would freeze them (gc.freeze) in every process it forks
@@ -152,11 +155,17 @@ def forget(dropped: Collection[str]) -> None:
 
     The endpoint as field_adapters.still_named finds a function; the router (an instance that
     holds every route) among its endpoint's module's names; the inclusion's values (its
-    dependencies, responses, classes) each as still_named finds it.
+    dependencies, responses, classes) each as still_named finds it. And take the previous app
+    and its handler out of those kept: in this process (a zygote forked from the one that
+    serves it) that app is what the release frees, and nothing serves with these contexts.
     """
     gone = frozenset(dropped)
     verdicts: dict[int, bool] = {}  # by id: the same dependencies and classes recur in many inclusions
     _keep_only(lambda kept: _still_held(kept, gone, verdicts))
+    for entries in _reuse.kept.values():
+        for kept in entries:
+            setattr(kept.context, _BY_APP, None)
+            kept.context.app = None
 
 
 def _keep_only(keep: Callable[[_Kept], bool]) -> None:
@@ -185,7 +194,7 @@ def _from_api_route(cls: Any, *, original_route: Any, include_context: Any) -> A
         return build(cls, original_route=original_route, include_context=include_context)
     app, router = getattr(include_context, _BY_APP), getattr(include_context, _ROUTER)
     key = (id(original_route), id(router), app is None)
-    state = dict(vars(original_route))
+    state = _state(original_route)
     inclusion = tuple(
         getattr(include_context, name) for name in _field_names(type(include_context)) if name not in (_BY_APP, _ROUTER)
     )
@@ -193,18 +202,25 @@ def _from_api_route(cls: Any, *, original_route: Any, include_context: Any) -> A
         if kept.route is original_route and kept.router is router and _equal(kept, state, inclusion):
             _reuse.reused += 1
             _reuse.used.add(id(kept))
-            return _for_app(kept.context, app, original_route)
+            kept.context = _for_app(kept.context, app, original_route)  # the previous one is garbage now
+            return kept.context
     context = build(cls, original_route=original_route, include_context=include_context)
     _reuse.built += 1
     # An integration that wraps the dependant's call while the handler is built would wrap a copy's twice.
     if getattr(context.dependant, "call", None) is context.endpoint:
-        kept = _Kept(original_route, router, state, inclusion, _copy(context, None))
+        kept = _Kept(original_route, router, state, inclusion, context)
         _reuse.kept.setdefault(key, []).append(kept)
         _reuse.used.add(id(kept))
     return context
 
 
-def _equal(kept: _Kept, state: dict[str, Any], inclusion: tuple[Any, ...]) -> bool:
+def _state(route: Any) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """The route's attribute names (one tuple shared by every route with the same ones) and values."""
+    names = tuple(vars(route))
+    return _reuse.names.setdefault(names, names), tuple(vars(route).values())
+
+
+def _equal(kept: _Kept, state: tuple[tuple[str, ...], tuple[Any, ...]], inclusion: tuple[Any, ...]) -> bool:
     try:
         return bool(kept.state == state and kept.inclusion == inclusion)
     except Exception:  # an attribute whose __eq__ raises (or answers an array): built anew
