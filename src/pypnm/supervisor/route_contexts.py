@@ -193,13 +193,13 @@ def _from_api_route(cls: Any, *, original_route: Any, include_context: Any) -> A
     if not _reuse.active:
         return build(cls, original_route=original_route, include_context=include_context)
     app, router = getattr(include_context, _BY_APP), getattr(include_context, _ROUTER)
-    key = (id(original_route), id(router), app is None)
+    key = (id(original_route), id(router), app is None)  # ids of objects the entries hold: not reused meanwhile
     state = _state(original_route)
     inclusion = tuple(
         getattr(include_context, name) for name in _field_names(type(include_context)) if name not in (_BY_APP, _ROUTER)
     )
     for kept in _reuse.kept.get(key, ()):
-        if kept.route is original_route and kept.router is router and _equal(kept, state, inclusion):
+        if _equal(kept, state, inclusion):
             _reuse.reused += 1
             _reuse.used.add(id(kept))
             kept.context = _for_app(kept.context, app, original_route)  # the previous one is garbage now
