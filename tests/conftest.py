@@ -26,6 +26,7 @@ import sys
 import sysconfig
 import threading
 import time
+import types
 import uuid
 import warnings
 from collections.abc import Callable, Generator, Iterator, Mapping
@@ -835,6 +836,14 @@ def write_app_package(directory: Path, name: str, main: str) -> Path:
     (package / "__init__.py").write_text("")
     (package / "main.py").write_text(main)
     return (package / "main.py").resolve()
+
+
+def module_from_source(name: str, source: str) -> types.ModuleType:
+    """A module `name` run from `source` and put in sys.modules, as if imported from a file (the test removes it)."""
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    exec(source, module.__dict__)
+    return module
 
 
 def rewrite(path: Path, old: str, new: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import sys
-import types
 import weakref
 from collections.abc import Iterator
 from decimal import Decimal
@@ -29,6 +28,7 @@ from conftest import (
     StartService,
     asgi_request,
     base_env,
+    module_from_source,
     pypnm_command,
     reload_by_sighup,
     rewrite,
@@ -172,9 +172,7 @@ async def table(q: Annotated[str, BeforeValidator(TABLE.get), Query()] = "a") ->
 @pytest.mark.parametrize("dropped", [True, False])
 def test_a_release_forgets_the_dropped_modules_adapters_and_so_frees_their_classes(reuse: None, dropped: bool) -> None:
     name = "fieldadapters_dropped"
-    module = types.ModuleType(name)
-    sys.modules[name] = module
-    exec(DROPPED, module.__dict__)
+    module = module_from_source(name, DROPPED)
     app = FastAPI()
     app.include_router(module.router)
     app.include_router(router_with("kept", most=10))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import sys
-import types
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from conftest import (
     StartService,
     asgi_request,
     base_env,
+    module_from_source,
     pypnm_command,
     reload_by_sighup,
     rewrite,
@@ -218,9 +218,7 @@ async def dropped(ok: bool = Depends(verified)) -> bool:
 @pytest.mark.parametrize("dropped", [True, False])
 def test_a_release_forgets_the_dropped_modules_contexts_and_so_frees_their_code(reuse: None, dropped: bool) -> None:
     name = "routecontexts_dropped"
-    module = types.ModuleType(name)
-    sys.modules[name] = module
-    exec(DROPPED, module.__dict__)
+    module = module_from_source(name, DROPPED)
     closures = readings_router()
     app, _ = built_app(including(module.router, closures))
     gone, previous_app = weakref.ref(module.dropped), weakref.ref(app)
