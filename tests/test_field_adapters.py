@@ -198,6 +198,23 @@ def test_a_release_forgets_the_dropped_modules_adapters_and_so_frees_their_class
     assert counts is not None and counts[0] > 0 and counts[1] == 0, counts  # the kept router's fields: all kept
 
 
+def test_an_import_that_built_no_field_keeps_the_adapters_for_the_next(reuse: None) -> None:
+    """A reload where nothing changed imports nothing: the next one still takes what the one before built."""
+    app = FastAPI()
+    app.include_router(router_with("a", most=10))
+    build_routes(app)
+    field_adapters.end()
+    field_adapters.begin()
+    build_routes(app)  # the same app, its routes built: no field is made
+    assert field_adapters.end() == (0, 0)
+    field_adapters.begin()
+    again = FastAPI()
+    again.include_router(router_with("a", most=10))
+    build_routes(again)
+    counts = field_adapters.end()
+    assert counts is not None and counts[0] > 0 and counts[1] == 0, counts
+
+
 def test_what_an_import_did_not_use_is_not_kept(reuse: None) -> None:
     """Fields never equal to a later one (a model FastAPI makes per app, a pattern constraint) do not pile up."""
     router = APIRouter()

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from conftest import (
     STATUS_ROUTES,
+    Service,
     StartService,
     asgi_request,
     base_env,
@@ -148,6 +149,33 @@ def test_what_changed_builds_its_contexts_anew(reuse: None, change: str) -> None
         app, counts = built_app(lambda app: app.include_router(router, prefix="/v1", dependencies=[Depends(a_fake)]))
         assert app.openapi()["paths"]["/v1/readings/{channel}"]["get"]["summary"] == "One reading"
     assert counts is not None and counts[1] == (1 if change == "a route attribute replaced" else 2), counts
+
+
+def modem_event() -> None:
+    """What a modem's poll calls back: the endpoint a callback route documents."""
+
+
+def test_a_callback_route_made_again_builds_anew(reuse: None) -> None:
+    """Another route with the same path, endpoint and methods (Starlette's `==`) is another callback."""
+    router = APIRouter()
+
+    @router.post("/modems/{mac}/poll")
+    async def poll(mac: str) -> dict[str, str]:
+        return {"mac": mac}
+
+    def with_callback(summary: str) -> Callable[[FastAPI], None]:
+        callbacks = APIRouter()  # what a re-imported app module makes again, around a kept endpoint
+        callbacks.add_api_route("{$callback_url}/event", modem_event, methods=["POST"], summary=summary)
+        return lambda app: app.include_router(router, callbacks=callbacks.routes)
+
+    def summary_of(app: FastAPI) -> str:
+        (callback,) = app.openapi()["paths"]["/modems/{mac}/poll"]["post"]["callbacks"].values()
+        return str(callback["{$callback_url}/event"]["post"]["summary"])
+
+    first, _ = built_app(with_callback("Modem event v1"))
+    second, counts = built_app(with_callback("Modem event v2"))
+    assert counts == (0, 1)
+    assert (summary_of(first), summary_of(second)) == ("Modem event v1", "Modem event v2")
 
 
 class CountingRoute(APIRoute):
@@ -288,3 +316,36 @@ def test_an_incremental_reload_takes_the_kept_modules_contexts_with_the_new_apps
     found = re.search(r"route contexts: (\d+) reused, (\d+) built", line.group(0))
     assert found is not None, line.group(0)
     assert int(found.group(1)) == 1, line.group(0)  # the kept module's one route
+
+
+def contexts_of(service: Service, generation: int) -> tuple[int, int]:
+    """(reused, built) in the line of the zygote of `generation`."""
+    line = wait_until(lambda: re.search(rf"zygote imported pid=\d+ generation={generation} .*", service.output()))
+    found = re.search(r"route contexts: (\d+) reused, (\d+) built", line.group(0))
+    assert found is not None, line.group(0)
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_a_reload_where_nothing_changed_keeps_the_contexts_for_the_next_one(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    main = MAIN.replace("from shop import items", "from shop import config, items")
+    main = main.replace('SOURCE = "the database"', "SOURCE = config.SOURCE")
+    package = write_app_package(tmp_path, "shop", main).parent
+    (package / "items.py").write_text(ITEMS)
+    (package / "config.py").write_text('SOURCE = "zero"\n')
+    env = base_env(PYPNM_RELOAD_IMPORT="incremental", PYPNM_RELOAD_MIN_INTERVAL="0")
+    service = start_service(
+        pypnm_command("--app", "shop.main:app", "--port", "{port}", "--workers", "1"), cwd=tmp_path, env=env
+    )
+    generation = supervisor_status(service)["generation"]
+    for source in ("one", None, "two"):  # None: a reload where nothing changed, between two that change config
+        if source is not None:
+            rewrite(package / "config.py", "SOURCE = ", f'SOURCE = "{source}"  # was ')
+        status = reload_by_sighup(service, generation)
+        generation = status["last_reload"]["generation"]
+        if source is None:
+            assert status["last_reload"]["import"] == {"mode": "incremental", "reimported": 0}
+            continue
+        assert service.get("/shop/item/1").json() == {"number": 1, "source": source}
+        assert contexts_of(service, generation) == (1, 0)  # the kept module's one route: taken, also after the no-op

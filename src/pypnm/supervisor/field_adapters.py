@@ -133,12 +133,14 @@ def end() -> tuple[int, int] | None:
     """Stop handing them out and keep only what this import used; (reused, built), or None when not installed.
 
     An adapter this import did not use is one of a field that is gone (a route removed, a model
-    FastAPI makes anew for each app): no later import would find it either.
+    FastAPI makes anew for each app): no later import would find it either. An import that
+    built no field (a reload where nothing changed) keeps them all, for the next.
     """
     _reuse.active = False
     if _reuse.original is None:
         return None
-    _reuse.adapters = {key: kept for key, kept in _reuse.adapters.items() if key in _reuse.used}
+    if _reuse.reused or _reuse.built:
+        _reuse.adapters = {key: kept for key, kept in _reuse.adapters.items() if key in _reuse.used}
     _reuse.used = set()
     return _reuse.reused, _reuse.built
 

@@ -16,9 +16,9 @@ include's prefix, dependencies, responses, tags, classes...: FastAPI's `_RouterI
 and of the app whose `dependency_overrides` it consults. So a context is kept with the route
 (the same object: its module was kept), its attributes as they were (a re-imported module that
 replaced one of them makes the route build anew), and the inclusion's values but the app; a
-later inclusion of the same route whose values are equal (`==`: functions and classes by
-identity, so a dependency a re-imported module defines again is another one) takes a copy of
-it. The copy gets the new app, and a request handler the route builds for it, as FastAPI
+later inclusion of the same route whose values are equal (`_same`: functions, classes and
+callback routes by identity, so a dependency a re-imported module defines again is another
+one) takes a copy of it. The copy gets the new app, and a request handler the route builds for it, as FastAPI
 builds one (`get_route_handler`, under FastAPI's context variable), so no handler holds a
 previous app. What is kept is the serving app's contexts themselves (no copies, no memory of
 their own); the next zygote, a fork, takes that app and its handlers out of them as its
@@ -51,6 +51,8 @@ import inspect
 import sys
 from collections.abc import Callable, Collection
 from typing import Any
+
+from starlette.routing import BaseRoute
 
 from pypnm.supervisor import field_adapters, worker
 
@@ -140,12 +142,14 @@ def end() -> tuple[int, int] | None:
     """Stop handing them out and keep only what this import used; (reused, built), or None when not installed.
 
     A context this import did not use is one of a route that is gone, or of an inclusion that
-    changed: no later import would find it either.
+    changed: no later import would find it either. An import that took and built none (a
+    reload where nothing changed: the same app, its contexts built) keeps them all, for the next.
     """
     _reuse.active = False
     if _reuse.original is None:
         return None
-    _keep_only(lambda kept: id(kept) in _reuse.used)
+    if _reuse.reused or _reuse.built:
+        _keep_only(lambda kept: id(kept) in _reuse.used)
     _reuse.used = set()
     return _reuse.reused, _reuse.built
 
@@ -199,7 +203,7 @@ def _from_api_route(cls: Any, *, original_route: Any, include_context: Any) -> A
         getattr(include_context, name) for name in _field_names(type(include_context)) if name not in (_BY_APP, _ROUTER)
     )
     for kept in _reuse.kept.get(key, ()):
-        if _equal(kept, state, inclusion):
+        if kept.state[0] is state[0] and _same_state(kept.state[1], state[1]) and _same(kept.inclusion, inclusion):
             _reuse.reused += 1
             _reuse.used.add(id(kept))
             kept.context = _for_app(kept.context, app, original_route)  # the previous one is garbage now
@@ -220,10 +224,34 @@ def _state(route: Any) -> tuple[tuple[str, ...], tuple[Any, ...]]:
     return _reuse.names.setdefault(names, names), tuple(vars(route).values())
 
 
-def _equal(kept: _Kept, state: tuple[tuple[str, ...], tuple[Any, ...]], inclusion: tuple[Any, ...]) -> bool:
+def _same_state(kept: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+    """The route's attributes are the same objects: one replaced since (even by an equal one) builds anew."""
+    return len(kept) == len(now) and all(before is after for before, after in zip(kept, now, strict=True))
+
+
+def _same(kept: Any, now: Any, depth: int = 0) -> bool:
+    """Whether an inclusion's value is what a kept one was: containers and dataclasses part by part.
+
+    A route (a callback) by identity: a Starlette route's `==` compares only its path, endpoint
+    and methods, not its summary or models. Anything else by its own `==`: a `Depends(check)`
+    that a re-imported module makes again is equal when `check` is the same function, a class
+    or function only to itself.
+    """
+    if kept is now:
+        return True
+    if type(kept) is not type(now) or depth > field_adapters.MAX_DEPTH or isinstance(now, BaseRoute):
+        return False
+    if isinstance(now, list | tuple):
+        return len(kept) == len(now) and all(_same(a, b, depth + 1) for a, b in zip(kept, now, strict=True))
+    if isinstance(now, dict):
+        return list(kept) == list(now) and all(_same(kept[key], now[key], depth + 1) for key in now)
+    if dataclasses.is_dataclass(now) and not isinstance(now, type):
+        return all(
+            _same(getattr(kept, field.name), getattr(now, field.name), depth + 1) for field in dataclasses.fields(now)
+        )
     try:
-        return bool(kept.state == state and kept.inclusion == inclusion)
-    except Exception:  # an attribute whose __eq__ raises (or answers an array): built anew
+        return bool(kept == now)
+    except Exception:  # an `==` that raises (or answers an array): built anew
         return False
 
 
