@@ -267,6 +267,48 @@ def test_a_release_forgets_the_dropped_modules_contexts_and_so_frees_their_code(
         sys.modules.pop(name, None)
 
 
+# Two kept modules: a router, and an app of its own including it, whose contexts are built as the zygote imports.
+ROUTES = """from fastapi import APIRouter
+
+router = APIRouter()
+
+
+@router.get("/readings/{channel}")
+async def one(channel: int) -> dict[str, int]:
+    return {"channel": channel}
+"""
+
+ADMIN = """from fastapi import FastAPI
+
+from routecontexts_routes import router
+
+admin_app = FastAPI()
+admin_app.include_router(router, prefix="/x")
+LINK = admin_app.url_path_for("one", channel=1)  # builds admin_app's contexts at import
+"""
+
+
+def test_a_kept_modules_own_app_still_answers_after_a_release(reuse: None) -> None:
+    """The release keeps copies of what it keeps: the contexts themselves may serve another app than the previous."""
+
+    def import_main(app: FastAPI) -> None:  # the app module: imports the kept modules (the first time), mounts
+        if "routecontexts_admin" not in sys.modules:
+            module_from_source("routecontexts_routes", ROUTES)
+            module_from_source("routecontexts_admin", ADMIN)
+        app.mount("/admin", sys.modules["routecontexts_admin"].admin_app)
+
+    try:
+        for generation in (1, 2):
+            if generation == 2:  # what the next zygote does first: only the app module changed
+                reimport.release(reimport.NOTHING_FROZEN, ["routecontexts_main"], [])
+            app, _ = built_app(import_main)
+            answer = asgi_request(app, "GET", "/admin/x/readings/3")
+            assert answer.json() == {"channel": 3}, (generation, answer.text)
+    finally:
+        sys.modules.pop("routecontexts_routes", None)
+        sys.modules.pop("routecontexts_admin", None)
+
+
 ITEMS = """from fastapi import APIRouter, Depends
 
 router = APIRouter()

@@ -21,8 +21,8 @@ callback routes by identity, so a dependency a re-imported module defines again 
 one) takes a copy of it. The copy gets the new app, and a request handler the route builds for it, as FastAPI
 builds one (`get_route_handler`, under FastAPI's context variable), so no handler holds a
 previous app. What is kept is the serving app's contexts themselves (no copies, no memory of
-their own); the next zygote, a fork, takes that app and its handlers out of them as its
-release begins (`forget`), before the collection that frees the app. A context whose
+their own); the next zygote, a fork, keeps copies of them without that app and its handlers
+as its release begins (`forget`), before the collection that frees the app. A context whose
 dependant's call is not its endpoint after it was built (an integration that wraps the call
 while the handler is built) is not kept: built twice, it would be wrapped twice.
 
@@ -66,7 +66,7 @@ class _Kept:
     router: Any  # the router that holds it, as the inclusion names it
     state: tuple[tuple[str, ...], tuple[Any, ...]]  # the route's attribute names and values when it was built
     inclusion: tuple[Any, ...]  # the inclusion's values but the app and the router
-    context: Any  # the serving app's context; the next zygote's `forget` takes the app and handler out of it
+    context: Any  # the serving app's context; in the next zygote (`forget`), a copy without the app and handler
 
 
 @dataclasses.dataclass
@@ -159,17 +159,16 @@ def forget(dropped: Collection[str]) -> None:
 
     The endpoint as field_adapters.still_named finds a function; the router (an instance that
     holds every route) among its endpoint's module's names; the inclusion's values (its
-    dependencies, responses, classes) each as still_named finds it. And take the previous app
-    and its handler out of those kept: in this process (a zygote forked from the one that
-    serves it) that app is what the release frees, and nothing serves with these contexts.
+    dependencies, responses, classes) each as still_named finds it. And keep of those a copy
+    without the app and the handler: the previous app is what the release frees. A copy, not the
+    context itself: another app that a kept module holds (a sub-app it mounts) serves its own.
     """
     gone = frozenset(dropped)
     verdicts: dict[int, bool] = {}  # by id: the same dependencies and classes recur in many inclusions
     _keep_only(lambda kept: _still_held(kept, gone, verdicts))
     for entries in _reuse.kept.values():
         for kept in entries:
-            setattr(kept.context, _BY_APP, None)
-            kept.context.app = None
+            kept.context = _copy(kept.context, None)
 
 
 def _keep_only(keep: Callable[[_Kept], bool]) -> None:
