@@ -270,16 +270,24 @@ def encode_template(message: TemplateMessage) -> bytes:
             body = {"cmd": "zygote", "spec": spec.as_dict(), "nice": nice}
             if drop is not None:
                 body["drop"] = drop
-        case ZygoteReady(pid=pid, nice=nice, reimported=reimported, took_ms=took_ms, cpu_ms=cpu_ms):
+        case ZygoteReady(
+            pid=pid,
+            nice=nice,
+            reimported=reimported,
+            took_ms=took_ms,
+            adapters=adapters,
+            cpu_ms=cpu_ms,
+            contexts=contexts,
+        ):
             body = {"zygote": pid, "nice": nice, "reimported": reimported}
             if took_ms:
                 body["took_ms"] = took_ms
-            if message.adapters is not None:
-                body["adapters"] = list(message.adapters)
+            if adapters is not None:
+                body["adapters"] = list(adapters)
             if cpu_ms is not None:
                 body["cpu_ms"] = cpu_ms
-            if message.contexts is not None:
-                body["contexts"] = list(message.contexts)
+            if contexts is not None:
+                body["contexts"] = list(contexts)
         case ZygoteFailed(reason=reason):
             body = {"zygote_failed": cut_reason(reason)}
         case StandbyRequest(drop=drop, nice=nice):
