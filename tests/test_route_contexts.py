@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
 from fastapi import routing as fastapi_routing
+from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
@@ -149,6 +150,21 @@ def test_what_changed_builds_its_contexts_anew(reuse: None, change: str) -> None
         app, counts = built_app(lambda app: app.include_router(router, prefix="/v1", dependencies=[Depends(a_fake)]))
         assert app.openapi()["paths"]["/v1/readings/{channel}"]["get"]["summary"] == "One reading"
     assert counts is not None and counts[1] == (1 if change == "a route attribute replaced" else 2), counts
+
+
+def test_a_router_attribute_set_since_builds_its_contexts_anew(reuse: None) -> None:
+    """FastAPI reads the router's default response class into the context: a re-imported module may set it."""
+    router = APIRouter()
+
+    @router.get("/text")
+    async def text() -> str:
+        return "plain"
+
+    built_app(lambda app: app.include_router(router))
+    router.default_response_class = PlainTextResponse  # the app module, edited, sets it on the kept router
+    app, counts = built_app(lambda app: app.include_router(router))
+    answer = asgi_request(app, "GET", "/text")
+    assert (counts, answer.text, answer.headers["content-type"]) == ((0, 1), "plain", "text/plain; charset=utf-8")
 
 
 def modem_event() -> None:

@@ -14,8 +14,8 @@ fifth of that.
 What is reused. A context is a function of the route object and of the inclusion (the
 include's prefix, dependencies, responses, tags, classes...: FastAPI's `_RouterIncludeContext`)
 and of the app whose `dependency_overrides` it consults. So a context is kept with the route
-(the same object: its module was kept), its attributes as they were (a re-imported module that
-replaced one of them makes the route build anew), and the inclusion's values but the app; a
+(the same object: its module was kept), its and its router's attributes as they were (a
+re-imported module that replaced one of them makes the route build anew), and the inclusion's values but the app; a
 later inclusion of the same route whose values are equal (`_same`: functions, classes and
 callback routes by identity, so a dependency a re-imported module defines again is another
 one) takes a copy of it. The copy gets the new app, and a request handler the route builds for it, as FastAPI
@@ -64,7 +64,7 @@ _ROUTER = "included_router"  # the inclusion's field that is the router included
 class _Kept:
     route: Any  # the APIRoute, held: its id is part of the key
     router: Any  # the router that holds it, as the inclusion names it
-    state: tuple[tuple[str, ...], tuple[Any, ...]]  # the route's attribute names and values when it was built
+    state: tuple[tuple[str, ...], tuple[Any, ...]]  # the route's and the router's attributes when it was built
     inclusion: tuple[Any, ...]  # the inclusion's values but the app and the router
     context: Any  # the serving app's context; in the next zygote (`forget`), a copy without the app and handler
 
@@ -197,7 +197,7 @@ def _from_api_route(cls: Any, *, original_route: Any, include_context: Any) -> A
         return build(cls, original_route=original_route, include_context=include_context)
     app, router = getattr(include_context, _BY_APP), getattr(include_context, _ROUTER)
     key = (id(original_route), id(router), app is None)  # ids of objects the entries hold: not reused meanwhile
-    state = _state(original_route)
+    state = _state(original_route, router)
     inclusion = tuple(
         getattr(include_context, name) for name in _field_names(type(include_context)) if name not in (_BY_APP, _ROUTER)
     )
@@ -217,14 +217,18 @@ def _from_api_route(cls: Any, *, original_route: Any, include_context: Any) -> A
     return context
 
 
-def _state(route: Any) -> tuple[tuple[str, ...], tuple[Any, ...]]:
-    """The route's attribute names (one tuple shared by every route with the same ones) and values."""
-    names = tuple(vars(route))
-    return _reuse.names.setdefault(names, names), tuple(vars(route).values())
+def _state(route: Any, router: Any) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """The route's and its router's attribute names (one tuple shared by all alike) and values.
+
+    The router's too: FastAPI reads some of them into the context (its default response class,
+    its operation ids' function), and a re-imported module may set them on a kept router.
+    """
+    names = (*vars(route), "", *vars(router))
+    return _reuse.names.setdefault(names, names), (*vars(route).values(), *vars(router).values())
 
 
 def _same_state(kept: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
-    """The route's attributes are the same objects: one replaced since (even by an equal one) builds anew."""
+    """The attributes are the same objects: one replaced since (even by an equal one) builds anew."""
     return len(kept) == len(now) and all(before is after for before, after in zip(kept, now, strict=True))
 
 
