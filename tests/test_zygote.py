@@ -561,6 +561,31 @@ def test_incremental_imports_clean_when_the_app_object_outlives_the_reimport(
     assert service.get("/v").json() == {"v": 2}
 
 
+def test_incremental_imports_clean_when_a_kept_router_holds_the_previous_modules_routes(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """The app module adds a route to a kept module's router: imported again, it adds it again, behind the old one."""
+    package = write_app(tmp_path)
+    (package / "shelf.py").write_text("from fastapi import APIRouter\n\nrouter = APIRouter()\n")
+    (package / "conf.py").write_text("V = 1\n")  # edited, not the app module: the master watches that one
+    front = (
+        "from fastapi import FastAPI\n\nfrom zyg import conf, shelf\n\napp = FastAPI()\n\n\n"
+        'async def extra() -> dict[str, int]:\n    return {"v": conf.V}\n\n\n'
+        'shelf.router.add_api_route("/v", extra)\napp.include_router(shelf.router)\n'
+    )
+    (package / "front.py").write_text(front + STATUS_ROUTES)
+    env = base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_RELOAD_IMPORT="incremental")
+    command = pypnm_command("--app", "zyg.front:app", "--port", "{port}", "--workers", "2")
+    service = start_service(command, cwd=tmp_path, env=env)
+    serving_workers(service, 1, 2)
+
+    rewrite(package / "conf.py", "V = 1", "V = 2")
+    record = reload_ok(service, 2)
+    assert record["import"]["mode"] == "clean", record
+    assert "the app still routes to the previous zyg.front.extra" in record["import"]["reason"], record
+    assert service.get("/v").json() == {"v": 2}
+
+
 def test_a_project_under_a_hidden_directory_reloads_on_an_edit(start_service: StartService, tmp_path: Path) -> None:
     """reload_excludes (`.*` among them) are matched below the watched directory, not along the whole path."""
     root = tmp_path / ".projects"  # as under ~/.local/src, or a package installed in a .venv

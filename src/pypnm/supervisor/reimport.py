@@ -336,6 +336,43 @@ def _stamp(path: str) -> tuple[int, int] | None:
     return status.st_mtime_ns, status.st_size
 
 
+MAX_ROUTE_WALK = 100_000  # routes, routers and mounted apps `stale_endpoint` looks at, at most
+
+
+def stale_endpoint(app: Any, dropped: Collection[str]) -> str | None:
+    """A route of the app whose endpoint is a dropped module's previous code, named; None when there is none.
+
+    Why: a module imported again that adds routes to a router of a kept module (the app module
+    calling `kept.router.add_api_route(...)`) adds them again at each incremental import, beside
+    the previous ones, which the kept router still holds and which answer first. The endpoint
+    of such a route is a function whose module was dropped and whose globals are not the module
+    imported again (a function made anew, even inside a function, has the new module's). Walks
+    the app's routes, the routers it includes and the apps it mounts, duck-typed (`routes`,
+    `router`, `original_router`, `app`), as FastAPI and Starlette hold them.
+    """
+    gone = frozenset(dropped)
+    pending: list[Any] = [app]
+    seen: set[int] = set()
+    while pending and len(seen) < MAX_ROUTE_WALK:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        endpoint = getattr(item, "endpoint", None)
+        if isinstance(endpoint, FunctionType) and endpoint.__module__ in gone:
+            module = sys.modules.get(endpoint.__module__)
+            if module is None or endpoint.__globals__ is not vars(module):
+                return f"{endpoint.__module__}.{endpoint.__qualname__}"
+        for name in ("router", "original_router", "app"):
+            child = getattr(item, name, None)
+            if child is not None and not isinstance(child, FunctionType):
+                pending.append(child)
+        routes = getattr(item, "routes", None)
+        if isinstance(routes, list):
+            pending.extend(routes)
+    return None
+
+
 def _moved(path: object, old: str, new: str) -> object:
     if isinstance(path, str) and (path == old or path.startswith(old + "/")):
         return new + path[len(old) :]

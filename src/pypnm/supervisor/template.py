@@ -379,7 +379,7 @@ class Dropped:
     present: set[str]  # the project's modules still imported: what is not here after the import was imported
     frozen: reimport.Frozen
     was: Was
-    dropped_any: bool
+    names: frozenset[str]  # the modules dropped
 
 
 def release(packages: list[str], was: Was, drop: list[str], kept: reimport.KeptSubmodules, took: Stopwatch) -> Dropped:
@@ -389,7 +389,7 @@ def release(packages: list[str], was: Was, drop: list[str], kept: reimport.KeptS
     if drop:  # nothing dropped: nothing to free
         frozen = reimport.release(frozen, drop, present)
         took.lap("full release" if frozen.walked_all else "release")
-    return Dropped(kept, present, frozen, was, bool(drop))
+    return Dropped(kept, present, frozen, was, frozenset(drop))
 
 
 def import_again(channel: socket.socket, spec: WorkerSpec, dropped: Dropped, nice: int, took: Stopwatch) -> int | Child:
@@ -398,7 +398,9 @@ def import_again(channel: socket.socket, spec: WorkerSpec, dropped: Dropped, nic
     Or leave the reload to a clean import (`cannot_vouch`) when a kept module's file outside the
     snapshot changed, or when the app object is the previous generation's although modules were
     dropped: it is made in a module that imports none of the changed ones, and the changed ones
-    that add routes to it have added them again, behind the old ones.
+    that add routes to it have added them again, behind the old ones. Or when the app still
+    routes to a dropped module's previous code: the same, on a kept module's router
+    (reimport.stale_endpoint).
     """
     changed = reimport.changed_file(dropped.was.outside)
     if changed is not None:
@@ -415,12 +417,20 @@ def import_again(channel: socket.socket, spec: WorkerSpec, dropped: Dropped, nic
     finally:
         dropped.kept.remove()
     took.lap("import")
-    if dropped.dropped_any and dropped.was.app is not None and app is dropped.was.app():
+    if dropped.names and dropped.was.app is not None and app is dropped.was.app():
         return cannot_vouch(
             channel,
             spec,
             f"the app object ({spec.app}) is the previous generation's: the module that makes it imports none of "
             "the changed modules, so what they add to it (routes) would be added again beside the old",
+        )
+    stale = reimport.stale_endpoint(app, dropped.names) if dropped.names else None
+    if stale is not None:
+        return cannot_vouch(
+            channel,
+            spec,
+            f"the app still routes to the previous {stale}: a module imported again added its routes to a router "
+            "of a kept module, which holds the previous ones too",
         )
     project = reimport.project_modules(spec.packages)
     outside = dropped.was.outside | reimport.stamp_files(set(sys.modules) - before - project)
