@@ -15,16 +15,17 @@ What is reused. A context is a function of the route object and of the inclusion
 include's prefix, dependencies, responses, tags, classes...: FastAPI's `_RouterIncludeContext`)
 and of the app whose `dependency_overrides` it consults. So a context is kept with the route
 (the same object: its module was kept), its and its router's attributes as they were (a
-re-imported module that replaced one of them makes the route build anew), and the inclusion's values but the app; a
-later inclusion of the same route whose values are equal (`_same`: functions, classes and
-callback routes by identity, so a dependency a re-imported module defines again is another
-one) takes a copy of it. The copy gets the new app, and a request handler the route builds for it, as FastAPI
-builds one (`get_route_handler`, under FastAPI's context variable), so no handler holds a
-previous app. What is kept is the serving app's contexts themselves (no copies, no memory of
-their own); the next zygote, a fork, keeps copies of them without that app and its handlers
-as its release begins (`forget`), before the collection that frees the app. A context whose
-dependant's call is not its endpoint after it was built (an integration that wraps the call
-while the handler is built) is not kept: built twice, it would be wrapped twice.
+re-imported module that replaced one of them makes the route build anew), and the
+inclusion's values but the app; a later inclusion of the same route whose values are equal
+(`_same`: functions, classes and callback routes by identity, so a dependency a re-imported
+module defines again is another one) takes a copy of it. The copy gets the new app, and a
+request handler the route builds for it, as FastAPI builds one (`get_route_handler`, under
+FastAPI's context variable), so no handler holds a previous app. What is kept is the serving
+app's contexts themselves (no copies, no memory of their own); the next zygote, a fork, keeps
+copies of them without that app and its handlers as its release begins (`forget`), before the
+collection that frees the app. A context whose dependant's call is not its endpoint after it
+was built (an integration that wraps the call while the handler is built) is not kept: built
+twice, it would be wrapped twice.
 
 When. Only while a zygote imports and builds its routes (`begin` to `end`, like the field
 adapters), and only what the zygote it was forked from kept: an incremental import. A clean
