@@ -540,6 +540,15 @@ def test_incremental_imports_clean_when_a_kept_module_outside_the_package_change
     assert reload_ok(service, 5)["import"] == {"mode": "incremental", "reimported": 0}  # nothing changed since
 
 
+def serve_front(start_service: StartService, root: Path) -> Any:
+    """`zyg.front:app` from `root`, 2 workers, incremental imports; returned once generation 1 serves."""
+    env = base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_RELOAD_IMPORT="incremental")
+    command = pypnm_command("--app", "zyg.front:app", "--port", "{port}", "--workers", "2")
+    service = start_service(command, cwd=root, env=env)
+    serving_workers(service, 1, 2)
+    return service
+
+
 def test_incremental_imports_clean_when_the_app_object_outlives_the_reimport(
     start_service: StartService, tmp_path: Path
 ) -> None:
@@ -549,10 +558,7 @@ def test_incremental_imports_clean_when_the_app_object_outlives_the_reimport(
     routes = 'from zyg.core import app\n\n\n@app.get("/v")\nasync def v() -> dict[str, int]:\n    return {"v": 1}\n'
     (package / "routes.py").write_text(routes)
     (package / "front.py").write_text('import zyg.routes\nfrom zyg.core import app\n\n__all__ = ["app"]\n')
-    env = base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_RELOAD_IMPORT="incremental")
-    command = pypnm_command("--app", "zyg.front:app", "--port", "{port}", "--workers", "2")
-    service = start_service(command, cwd=tmp_path, env=env)
-    serving_workers(service, 1, 2)
+    service = serve_front(start_service, tmp_path)
 
     rewrite(package / "routes.py", '{"v": 1}', '{"v": 2}')
     record = reload_ok(service, 2)
@@ -574,10 +580,7 @@ def test_incremental_imports_clean_when_a_kept_router_holds_the_previous_modules
         'shelf.router.add_api_route("/v", extra)\napp.include_router(shelf.router)\n'
     )
     (package / "front.py").write_text(front + STATUS_ROUTES)
-    env = base_env(PYPNM_RELOAD_MIN_INTERVAL="0", PYPNM_RELOAD_IMPORT="incremental")
-    command = pypnm_command("--app", "zyg.front:app", "--port", "{port}", "--workers", "2")
-    service = start_service(command, cwd=tmp_path, env=env)
-    serving_workers(service, 1, 2)
+    service = serve_front(start_service, tmp_path)
 
     rewrite(package / "conf.py", "V = 1", "V = 2")
     record = reload_ok(service, 2)
