@@ -77,6 +77,7 @@ class _Reuse:
     original: Callable[..., Any] | None = None
     context_var: Any = None  # FastAPI's variable that tells a route's `get_route_handler` the context
     wrap: Callable[[Any, Any], Any] | None = None  # (route handler, max body size) -> the context's ASGI app
+    inclusion: tuple[str, ...] = ()  # the inclusion's fields compared, in their order: all but the app and the router
     active: bool = False
     kept: dict[tuple[int, int, bool], list[_Kept]] = dataclasses.field(default_factory=dict)
     used: set[int] = dataclasses.field(default_factory=set)  # ids of the _Kept this import took or made
@@ -100,7 +101,8 @@ def install() -> str | None:
     builder = getattr(context_class, "__dict__", {}).get("from_api_route")
     context_var = getattr(routing, "_effective_route_context_var", None)
     respond, limit = getattr(routing, "request_response", None), getattr(routing, "wrap_app_with_body_limit", None)
-    inclusion_fields = _field_names(getattr(routing, "_RouterIncludeContext", None))
+    inclusion_class = getattr(routing, "_RouterIncludeContext", None)
+    inclusion_fields = _field_names(inclusion_class)
     if not (
         isinstance(builder, classmethod)
         and context_var is not None
@@ -113,6 +115,8 @@ def install() -> str | None:
         return "FastAPI builds its route contexts otherwise than the version pypnm knows"
     _reuse.original, _reuse.context_var = builder.__func__, context_var
     _reuse.wrap = lambda handler, most: limit(respond(handler), most)
+    fields = dataclasses.fields(inclusion_class)  # type: ignore[arg-type]
+    _reuse.inclusion = tuple(field.name for field in fields if field.name not in (_BY_APP, _ROUTER))
     context_class.from_api_route = classmethod(_from_api_route)  # type: ignore[union-attr]
     collecting = gc.isenabled()
     gc.disable()  # the probe's apps stay in the youngest generation: one cheap collection frees them after
@@ -199,9 +203,7 @@ def _from_api_route(cls: Any, *, original_route: Any, include_context: Any) -> A
     app, router = getattr(include_context, _BY_APP), getattr(include_context, _ROUTER)
     key = (id(original_route), id(router), app is None)  # ids of objects the entries hold: not reused meanwhile
     state = _state(original_route, router)
-    inclusion = tuple(
-        getattr(include_context, name) for name in _field_names(type(include_context)) if name not in (_BY_APP, _ROUTER)
-    )
+    inclusion = tuple(getattr(include_context, name) for name in _reuse.inclusion)
     for kept in _reuse.kept.get(key, ()):
         if kept.state[0] is state[0] and _same_state(kept.state[1], state[1]) and _same(kept.inclusion, inclusion):
             _reuse.reused += 1
