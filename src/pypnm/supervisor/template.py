@@ -96,7 +96,16 @@ from typing import Any, NoReturn
 
 from pypnm import metrics
 from pypnm.logs import set_generation, setup_logging
-from pypnm.supervisor import field_adapters, priority, protocol, reimport, route_contexts, runtime, worker
+from pypnm.supervisor import (
+    factory_signatures,
+    field_adapters,
+    priority,
+    protocol,
+    reimport,
+    route_contexts,
+    runtime,
+    worker,
+)
 from pypnm.supervisor.protocol import (
     Spawned,
     SpawnRefused,
@@ -632,6 +641,9 @@ def main() -> None:
         not_reused = route_contexts.install()
         if not_reused is not None:
             logger.info("route contexts are not reused: %s", not_reused)
+        not_kept = factory_signatures.install()
+        if not_kept is not None:
+            logger.info("default factories' signatures are not kept: %s", not_kept)
         gc.freeze()  # see the module docstring, "Garbage collection"
         become_subreaper()
         renice = priority.start()
