@@ -1,20 +1,24 @@
 """pydantic reads the signature of a class built into C once per process; of anything else, each time.
 
 In this process, with real pydantic: `factory_signatures` installed for each test and taken out
-after it, as the fork template installs it for every zygote and worker it forks.
+after it. Under the real server: the fork template installs it, and its workers have it.
 """
 
 from __future__ import annotations
 
+import _io
 import inspect
+import io
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic._internal import _fields, _typing_extra
 
+from conftest import STATUS_ROUTES, StartService, base_env, pypnm_command, write_app_package
 from pypnm.supervisor import factory_signatures
 
 
@@ -36,7 +40,7 @@ def test_a_built_in_class_is_read_once_and_each_field_still_gets_its_own_value(k
     class Channels(BaseModel):
         ids: list[int] = Field(default_factory=list, max_length=4)
 
-    assert {list, Decimal} <= set(factory_signatures.kept())
+    assert list in factory_signatures.kept()
     read = _typing_extra.signature_no_eval
     assert read(list) is read(list)  # one Signature handed out, not parsed again
     assert read(list) == inspect.signature(list)
@@ -112,3 +116,73 @@ def test_install_leaves_alone_a_pydantic_that_reads_signatures_another_way(monke
     assert reason is not None and "pydantic" in reason
     assert _typing_extra.signature_no_eval is original  # put back
     assert factory_signatures.kept() == []
+
+
+def test_a_built_in_class_whose_text_names_a_default_is_read_each_time(
+    kept: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read = _typing_extra.signature_no_eval
+    size = read(io.BufferedReader).parameters["buffer_size"].default
+    monkeypatch.setattr(_io, "DEFAULT_BUFFER_SIZE", size * 2)  # `inspect` looks the name up in the module
+    assert read(io.BufferedReader).parameters["buffer_size"].default == size * 2
+    assert io.BufferedReader not in factory_signatures.kept()
+
+
+@pytest.mark.parametrize("shape", ["missing", "wrapped"])
+def test_install_leaves_alone_a_pydantic_without_the_function_or_with_another_librarys_wrapper(
+    monkeypatch: pytest.MonkeyPatch, shape: str
+) -> None:
+    monkeypatch.setattr(factory_signatures, "_original", None)
+    monkeypatch.setattr(factory_signatures, "_kept", {})
+    if shape == "missing":  # an older pydantic
+        monkeypatch.delattr(_typing_extra, "signature_no_eval")
+    else:
+        original = _typing_extra.signature_no_eval
+
+        def wrapper(f: Callable[..., Any]) -> inspect.Signature:  # another library's, whose answers may change
+            return original(f)
+
+        monkeypatch.setattr(_typing_extra, "signature_no_eval", wrapper)
+    reason = factory_signatures.install()
+    assert reason is not None and "pydantic" in reason
+    assert getattr(_typing_extra, "signature_no_eval", None) is (None if shape == "missing" else wrapper)
+    assert factory_signatures.kept() == []
+
+
+APP = (
+    """from fastapi import FastAPI
+from pydantic import BaseModel, Field
+from pydantic._internal import _typing_extra
+
+from pypnm.supervisor import factory_signatures
+
+
+class Tags(BaseModel):
+    names: list[str] = Field(default_factory=list)
+
+
+app = FastAPI()
+
+
+@app.get("/hook")
+def hook() -> dict[str, object]:
+    return {
+        "reader": _typing_extra.signature_no_eval.__module__,
+        "kept": [cls.__name__ for cls in factory_signatures.kept()],
+        "fresh": [Tags().names, Tags().names is not Tags().names],
+    }
+"""
+    + STATUS_ROUTES
+)
+
+
+def test_the_fork_templates_workers_read_built_in_signatures_through_the_hook(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    write_app_package(tmp_path, "tagged", APP)
+    service = start_service(pypnm_command("--app", "tagged.main:app", "--port", "{port}"), cwd=tmp_path, env=base_env())
+    answer = service.get("/hook").json()
+    assert answer["reader"] == factory_signatures.__name__  # the template installed it; the worker inherited it
+    assert "list" in answer["kept"]
+    assert answer["fresh"] == [[], True]
+    assert "default factories' signatures are not kept" not in service.output()

@@ -634,6 +634,10 @@ def main() -> None:
     runtime.adopt(int(lock_fd), Path(runtime_dir))
     setup_logging("template", log_level)
     try:
+        # Before the preloads, which may declare pydantic models of their own.
+        not_kept = factory_signatures.install()
+        if not_kept is not None:
+            logger.info("default factories' signatures are not kept: %s", not_kept)
         preload([*PRELOADED, *extra])
         not_reused = field_adapters.install()
         if not_reused is not None:
@@ -641,9 +645,6 @@ def main() -> None:
         not_reused = route_contexts.install()
         if not_reused is not None:
             logger.info("route contexts are not reused: %s", not_reused)
-        not_kept = factory_signatures.install()
-        if not_kept is not None:
-            logger.info("default factories' signatures are not kept: %s", not_kept)
         gc.freeze()  # see the module docstring, "Garbage collection"
         become_subreaper()
         renice = priority.start()
